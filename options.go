@@ -1,0 +1,253 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path"
+	"strings"
+	"time"
+)
+
+// Option configures a Handler. Options are applied in order by NewHandler,
+// which validates the result once and panics with a "pubsub: " message on a
+// value out of range.
+type Option func(*config)
+
+// Defaults, one place for every documented default.
+const (
+	DefaultPath              = "/ws"
+	DefaultMaxMessageBytes   = 64 << 10
+	DefaultMaxRooms          = 100
+	DefaultMaxRoomNameLength = 128
+	DefaultRateLimit         = 20
+	DefaultRateBurst         = 50
+	DefaultWriteTimeout      = 10 * time.Second
+	DefaultHeartbeatInterval = 25 * time.Second
+	DefaultHeartbeatTimeout  = 10 * time.Second
+	DefaultQueueMessages     = 1024
+	DefaultQueueBytes        = 4 << 20
+)
+
+type config struct {
+	logger *slog.Logger
+
+	authenticate func(*http.Request) (Identity, error)
+	authorize    func(context.Context, Client, Action, string) error
+	onConnect    func(ConnectEvent)
+	onDisconnect func(DisconnectEvent)
+	onMessage    func(context.Context, *ClientMessage) error
+
+	clientPublish      bool
+	originPatterns     []string
+	insecureSkipOrigin bool
+	path               string
+	roomValidator      func(string) error
+
+	maxMessageBytes int64
+	maxRooms        int
+	rateLimit       float64
+	rateBurst       int
+	writeTimeout    time.Duration
+	heartbeat       time.Duration
+	heartbeatWait   time.Duration
+	queueMessages   int
+	queueBytes      int
+
+	broker Broker
+}
+
+func defaultConfig() config {
+	return config{
+		path:            DefaultPath,
+		maxMessageBytes: DefaultMaxMessageBytes,
+		maxRooms:        DefaultMaxRooms,
+		rateLimit:       DefaultRateLimit,
+		rateBurst:       DefaultRateBurst,
+		writeTimeout:    DefaultWriteTimeout,
+		heartbeat:       DefaultHeartbeatInterval,
+		heartbeatWait:   DefaultHeartbeatTimeout,
+		queueMessages:   DefaultQueueMessages,
+		queueBytes:      DefaultQueueBytes,
+	}
+}
+
+// validate panics on the first value out of range. It runs once, in NewHandler.
+func (c *config) validate() {
+	bad := func(format string, args ...any) {
+		panic("pubsub: " + fmt.Sprintf(format, args...))
+	}
+	if c.logger == nil {
+		c.logger = slog.Default()
+	}
+	if c.roomValidator == nil {
+		c.roomValidator = ValidRoomName
+	}
+	if c.broker == nil {
+		c.broker = NewMemoryBroker()
+	}
+	if !strings.HasPrefix(c.path, "/") || path.Clean(c.path) != c.path {
+		bad("WithPath(%q): the path must be clean and start with /", c.path)
+	}
+	for _, p := range c.originPatterns {
+		if _, err := path.Match(p, ""); err != nil {
+			bad("WithOriginPatterns(%q): %v", p, err)
+		}
+	}
+	if c.maxMessageBytes < 1 || c.maxMessageBytes > 64<<20 {
+		bad("WithMaxMessageBytes(%d): want 1 to 64 MiB", c.maxMessageBytes)
+	}
+	if c.maxRooms < 1 || c.maxRooms > 1_000_000 {
+		bad("WithMaxRooms(%d): want 1 to 1,000,000", c.maxRooms)
+	}
+	if c.rateLimit <= 0 || c.rateBurst < 1 {
+		bad("WithRateLimit(%v, %d): want a positive rate and a burst of at least 1", c.rateLimit, c.rateBurst)
+	}
+	if c.writeTimeout < 10*time.Millisecond {
+		bad("WithWriteTimeout(%v): want at least 10ms", c.writeTimeout)
+	}
+	if c.heartbeat < 10*time.Millisecond || c.heartbeatWait < 10*time.Millisecond {
+		bad("WithHeartbeat(%v, %v): want both at least 10ms", c.heartbeat, c.heartbeatWait)
+	}
+	if c.queueMessages < 1 || c.queueBytes < 1 {
+		bad("WithQueueLimits(%d, %d): want at least 1 message and 1 byte", c.queueMessages, c.queueBytes)
+	}
+}
+
+// WithLogger sets the logger. Default: slog.Default(). Connection lifecycle
+// and client mistakes log at Debug, slow consumers at Warn, broker failures
+// and hook panics at Error; nothing is logged per message.
+func WithLogger(l *slog.Logger) Option {
+	return func(c *config) { c.logger = l }
+}
+
+// WithAuthenticate sets the hook that identifies a client from its upgrade
+// request (cookies, headers, a token in the query), before any WebSocket
+// resource is spent. A nil error accepts the client with the returned
+// Identity. An error refuses the upgrade with 401 Unauthorized, or with 403
+// Forbidden when it wraps ErrForbidden; the error's text is logged at Debug,
+// never sent to the client. Default: every client is accepted anonymously
+// (empty UserID).
+func WithAuthenticate(f func(r *http.Request) (Identity, error)) Option {
+	return func(c *config) { c.authenticate = f }
+}
+
+// WithAuthorize sets the hook consulted before each subscribe and each client
+// publish, per room. A nil error allows the action; any error denies it (the
+// client gets the "forbidden" error code in protocol mode, 403 before the
+// upgrade or close code 1008 in raw mode). When set, it decides client
+// publishes too, whatever WithClientPublish says. Default: subscribing is
+// allowed, publishing follows WithClientPublish.
+func WithAuthorize(f func(ctx context.Context, c Client, a Action, room string) error) Option {
+	return func(c *config) { c.authorize = f }
+}
+
+// WithClientPublish lets clients publish into rooms when no authorize hook is
+// set. Default: false, clients only listen and the backend publishes.
+func WithClientPublish(allow bool) Option {
+	return func(c *config) { c.clientPublish = allow }
+}
+
+// WithOnConnect sets a callback run after a client's upgrade, before it is
+// sent anything. Default: none.
+func WithOnConnect(f func(ConnectEvent)) Option {
+	return func(c *config) { c.onConnect = f }
+}
+
+// WithOnDisconnect sets a callback run once per connection after it closed,
+// with the close code and reason. Default: none.
+func WithOnDisconnect(f func(DisconnectEvent)) Option {
+	return func(c *config) { c.onDisconnect = f }
+}
+
+// WithOnMessage sets the server-side handler for client messages addressed
+// to the server: every frame of a raw-mode client (which then is not
+// published automatically) and every "send" envelope in protocol mode. It
+// runs on the connection's reader goroutine, so one client's messages are
+// handled in order. In protocol mode a nil error is acknowledged and an
+// error is answered with the "rejected" error code (its text is not sent).
+// Default: none.
+func WithOnMessage(f func(ctx context.Context, m *ClientMessage) error) Option {
+	return func(c *config) { c.onMessage = f }
+}
+
+// WithOriginPatterns allows cross-origin upgrades from browsers whose Origin
+// host matches one of the patterns (path.Match syntax, case-insensitive; a
+// pattern with "://" is matched against "scheme://host"). Default: only the
+// request's own host. Requests without an Origin header (non-browser
+// clients) are always allowed, since no browser can omit it.
+func WithOriginPatterns(patterns ...string) Option {
+	return func(c *config) { c.originPatterns = append(c.originPatterns, patterns...) }
+}
+
+// WithInsecureSkipOriginCheck turns the origin check off: any web page can
+// then open a connection with its visitors' cookies. Use it only when
+// authentication does not rely on ambient credentials. Default: off.
+func WithInsecureSkipOriginCheck() Option {
+	return func(c *config) { c.insecureSkipOrigin = true }
+}
+
+// WithPath sets the path the Handler is mounted at. Middleware serves the
+// WebSocket endpoint there, and a raw-mode client may name its room as the
+// path below it ("/ws/lobby"). Default: "/ws".
+func WithPath(p string) Option {
+	return func(c *config) { c.path = p }
+}
+
+// WithRoomValidator replaces the room-name check applied to every room a
+// client or the backend names. Default: ValidRoomName.
+func WithRoomValidator(f func(room string) error) Option {
+	return func(c *config) { c.roomValidator = f }
+}
+
+// WithMaxMessageBytes bounds one inbound WebSocket message. A larger message
+// closes the connection with 1009. Default: 64 KiB; range 1 byte to 64 MiB.
+func WithMaxMessageBytes(n int64) Option {
+	return func(c *config) { c.maxMessageBytes = n }
+}
+
+// WithMaxRooms bounds the rooms one protocol-mode connection may join; one
+// more is answered with "too_many_rooms". Default: 100; range 1 to 1,000,000.
+func WithMaxRooms(n int) Option {
+	return func(c *config) { c.maxRooms = n }
+}
+
+// WithRateLimit bounds the messages one client may send (heartbeats aside)
+// with a token bucket: perSecond sustained, burst at once. Past it a
+// protocol-mode message is answered with "rate_limited" and dropped; a
+// raw-mode client is closed with 4004. Default: 20 per second, burst 50.
+func WithRateLimit(perSecond float64, burst int) Option {
+	return func(c *config) { c.rateLimit, c.rateBurst = perSecond, burst }
+}
+
+// WithWriteTimeout bounds how long one write of queued messages to a socket
+// may take; past it the connection is closed. Default: 10s; at least 10ms.
+func WithWriteTimeout(d time.Duration) Option {
+	return func(c *config) { c.writeTimeout = d }
+}
+
+// WithHeartbeat sets how often the server checks a connection's liveness and
+// how long it waits for an answer. A protocol-mode client gets a "ping"
+// envelope every interval and must show life (any message, "pong" included)
+// within interval+timeout; a raw-mode client that sent nothing for an
+// interval gets a WebSocket ping and must answer it within timeout. A dead
+// peer is closed with 4001. Default: 25s and 10s; each at least 10ms.
+func WithHeartbeat(interval, timeout time.Duration) Option {
+	return func(c *config) { c.heartbeat, c.heartbeatWait = interval, timeout }
+}
+
+// WithQueueLimits bounds each connection's outbound queue, in messages and
+// in bytes. A consumer whose queue would pass either bound is disconnected
+// with 4002 "slow consumer" and counted in Stats. A Publish larger than the
+// byte bound fails with ErrTooLarge, since no connection could take it.
+// Default: 1024 messages and 4 MiB.
+func WithQueueLimits(messages, bytes int) Option {
+	return func(c *config) { c.queueMessages, c.queueBytes = messages, bytes }
+}
+
+// WithBroker sets the broker that carries publishes between nodes. One
+// broker serves one Handler. Default: NewMemoryBroker(), a single node.
+func WithBroker(b Broker) Option {
+	return func(c *config) { c.broker = b }
+}

@@ -1,0 +1,291 @@
+package pubsub
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"unicode/utf8"
+)
+
+// Subprotocol is the WebSocket subprotocol of protocol mode. A client that
+// offers it speaks JSON envelopes (see PROTOCOL.md); a client that offers no
+// subprotocol is in raw mode.
+const Subprotocol = "roomcast.v1"
+
+// Error codes sent in protocol-mode "error" envelopes. PROTOCOL.md lists when
+// each is sent.
+const (
+	CodeBadRequest   = "bad_request"    // malformed JSON, missing or mistyped field
+	CodeUnknownType  = "unknown_type"   // a "type" this version does not know
+	CodeInvalidRoom  = "invalid_room"   // the room name fails validation
+	CodeForbidden    = "forbidden"      // the authorize hook (or the default policy) denied it
+	CodeTooManyRooms = "too_many_rooms" // one more room than WithMaxRooms
+	CodeRateLimited  = "rate_limited"   // past WithRateLimit; the message was dropped
+	CodeNotJoined    = "not_subscribed" // unsubscribe from a room not joined
+	CodeNotSupported = "not_supported"  // "send" with no server-side message handler
+	CodeRejected     = "rejected"       // the server-side message handler returned an error
+	CodeUnavailable  = "unavailable"    // the broker failed; retrying later may succeed
+	CodeInternal     = "internal"       // a hook panicked; the server logged it
+)
+
+const maxRequestID = 64
+
+// inbound is one client envelope as decoded; only the fields its type uses
+// are set.
+type inbound struct {
+	Type   string          `json:"type"`
+	ID     string          `json:"id"`
+	Room   string          `json:"room"`
+	Data   json.RawMessage `json:"data"`
+	Text   *string         `json:"text"`
+	Binary *string         `json:"binary"`
+
+	payload []byte // the decoded payload of publish and send
+}
+
+// protoError is an error answered to the client with a code and a message
+// written for the client (never internal error text).
+type protoError struct {
+	code, msg string
+}
+
+func (e *protoError) Error() string { return e.code + ": " + e.msg }
+
+func badRequest(msg string) *protoError { return &protoError{CodeBadRequest, msg} }
+
+// decodeInbound parses one protocol-mode text frame. It never panics, and it
+// fills in.payload for the types that carry one. On error the returned
+// envelope still carries whatever id could be read, so the error can be
+// matched to its request.
+func decodeInbound(b []byte) (inbound, *protoError) {
+	var in inbound
+	if err := json.Unmarshal(b, &in); err != nil {
+		// Salvage the id, if any, so the client can match the error.
+		var probe struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(b, &probe) == nil && len(probe.ID) <= maxRequestID {
+			in.ID = probe.ID
+		} else {
+			in.ID = ""
+		}
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return in, badRequest("field " + strconv.Quote(typeErr.Field) + " has the wrong type")
+		}
+		return in, badRequest("the message is not a JSON object")
+	}
+	if len(in.ID) > maxRequestID {
+		in.ID = ""
+		return in, badRequest("id is longer than 64 bytes")
+	}
+	switch in.Type {
+	case "":
+		return in, badRequest(`"type" is required`)
+	case "ping", "pong":
+		return in, nil
+	case "subscribe", "unsubscribe":
+		if in.Room == "" {
+			return in, badRequest(`"room" is required`)
+		}
+		return in, nil
+	case "publish", "send":
+		if in.Type == "publish" && in.Room == "" {
+			return in, badRequest(`"room" is required`)
+		}
+		p, err := in.decodePayload()
+		if err != nil {
+			return in, err
+		}
+		in.payload = p
+		return in, nil
+	default:
+		return in, &protoError{CodeUnknownType, "unknown type " + strconv.Quote(in.Type)}
+	}
+}
+
+func (in *inbound) decodePayload() ([]byte, *protoError) {
+	n := 0
+	if in.Data != nil {
+		n++
+	}
+	if in.Text != nil {
+		n++
+	}
+	if in.Binary != nil {
+		n++
+	}
+	if n != 1 {
+		return nil, badRequest(`exactly one of "data", "text" or "binary" is required`)
+	}
+	switch {
+	case in.Data != nil:
+		return bytes.Clone(in.Data), nil
+	case in.Text != nil:
+		return []byte(*in.Text), nil
+	default:
+		p, err := base64.StdEncoding.DecodeString(*in.Binary)
+		if err != nil {
+			return nil, badRequest(`"binary" is not standard base64`)
+		}
+		return p, nil
+	}
+}
+
+// payloadKind says how a payload travels: as JSON in "data", as a string in
+// "text", or base64 in "binary". Raw mode sends the first two as text frames
+// and the last as a binary frame.
+type payloadKind uint8
+
+const (
+	kindJSON payloadKind = iota
+	kindText
+	kindBinary
+)
+
+func classify(p []byte) payloadKind {
+	switch {
+	case json.Valid(p):
+		return kindJSON
+	case utf8.Valid(p):
+		return kindText
+	default:
+		return kindBinary
+	}
+}
+
+// appendPayload appends the payload field ("data", "text" or "binary") of
+// an envelope.
+func appendPayload(b []byte, p []byte, kind payloadKind) []byte {
+	switch kind {
+	case kindJSON:
+		b = append(b, `"data":`...)
+		return append(b, p...)
+	case kindText:
+		b = append(b, `"text":`...)
+		return appendJSONString(b, p)
+	default:
+		b = append(b, `"binary":"`...)
+		b = base64.StdEncoding.AppendEncode(b, p)
+		return append(b, '"')
+	}
+}
+
+// encodeMessage is the envelope of a room message, built once per publish.
+func encodeMessage(m Message, kind payloadKind) []byte {
+	b := make([]byte, 0, 64+len(m.Room)+len(m.Epoch)+len(m.Data)*4/3)
+	b = append(b, `{"type":"message","room":`...)
+	b = appendJSONString(b, []byte(m.Room))
+	b = append(b, `,"epoch":`...)
+	b = appendJSONString(b, []byte(m.Epoch))
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendUint(b, m.Seq, 10)
+	b = append(b, ',')
+	b = appendPayload(b, m.Data, kind)
+	return append(b, '}')
+}
+
+// encodeDirect is the envelope of a message sent to one connection or user.
+func encodeDirect(p []byte, kind payloadKind) []byte {
+	b := make([]byte, 0, 24+len(p)*4/3)
+	b = append(b, `{"type":"direct",`...)
+	b = appendPayload(b, p, kind)
+	return append(b, '}')
+}
+
+func encodeAck(id string) []byte {
+	b := append([]byte(nil), `{"type":"ack","id":`...)
+	b = appendJSONString(b, []byte(id))
+	return append(b, '}')
+}
+
+func encodeError(id string, e *protoError) []byte {
+	b := append([]byte(nil), `{"type":"error",`...)
+	if id != "" {
+		b = append(b, `"id":`...)
+		b = appendJSONString(b, []byte(id))
+		b = append(b, ',')
+	}
+	b = append(b, `"code":`...)
+	b = appendJSONString(b, []byte(e.code))
+	b = append(b, `,"message":`...)
+	b = appendJSONString(b, []byte(e.msg))
+	return append(b, '}')
+}
+
+type welcome struct {
+	Type            string `json:"type"`
+	Protocol        string `json:"protocol"`
+	ConnID          string `json:"conn_id"`
+	UserID          string `json:"user_id,omitempty"`
+	HeartbeatMS     int64  `json:"heartbeat_ms"`
+	TimeoutMS       int64  `json:"timeout_ms"`
+	MaxMessageBytes int64  `json:"max_message_bytes"`
+	MaxRooms        int    `json:"max_rooms"`
+}
+
+func encodeWelcome(w welcome) []byte {
+	w.Type, w.Protocol = "welcome", Subprotocol
+	b, _ := json.Marshal(w) // a struct of strings and numbers cannot fail
+	return b
+}
+
+var (
+	pingEnvelope = []byte(`{"type":"ping"}`)
+	pongEnvelope = []byte(`{"type":"pong"}`)
+)
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD,
+// as encoding/json does.
+func appendJSONString(b []byte, s []byte) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRune(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i++
+			start = i
+			continue
+		}
+		// U+2028 and U+2029 are valid JSON but break JavaScript eval; escape them.
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}

@@ -1,0 +1,680 @@
+package pubsub
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"path"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/google/uuid"
+)
+
+// Sentinel errors, checked with errors.Is.
+var (
+	// ErrClosed: the Handler (or its broker) is shutting down or closed.
+	ErrClosed = errors.New("pubsub: handler closed")
+	// ErrInvalidRoom: the room name fails the room validator.
+	ErrInvalidRoom = errors.New("pubsub: invalid room name")
+	// ErrTooLarge: the payload is larger than a connection's queue may hold.
+	ErrTooLarge = errors.New("pubsub: payload larger than the per-connection queue bound")
+	// ErrConnNotFound: no open connection on this node has that id (or user).
+	ErrConnNotFound = errors.New("pubsub: connection not found")
+	// ErrUnauthorized, returned by an authenticate hook, answers 401.
+	ErrUnauthorized = errors.New("pubsub: unauthorized")
+	// ErrForbidden, returned by an authenticate hook, answers 403; returned
+	// by an authorize hook, it denies the action.
+	ErrForbidden = errors.New("pubsub: forbidden")
+)
+
+// errHookPanicked is what a hook call returns when the hook panicked.
+var errHookPanicked = errors.New("pubsub: hook panicked")
+
+// Close codes the server sends, beside the standard ones. PROTOCOL.md says
+// when each is used.
+const (
+	CloseNormal           = 1000 // the client's own close, echoed
+	CloseGoingAway        = 1001 // Shutdown or Close: reconnect elsewhere or later
+	CloseUnsupportedData  = 1003 // a binary frame in protocol mode
+	CloseInvalidPayload   = 1007 // a text frame that is not UTF-8
+	ClosePolicyViolation  = 1008 // raw mode: publish not allowed, or rejected by the message hook
+	CloseMessageTooBig    = 1009 // a message over WithMaxMessageBytes
+	CloseInternalError    = 1011 // a hook panicked (raw mode)
+	CloseTryAgainLater    = 1013 // raw mode: the broker failed a publish
+	CloseHeartbeatTimeout = 4001 // the peer showed no life within the heartbeat timeout
+	CloseSlowConsumer     = 4002 // the outbound queue passed its bound
+	CloseDisconnected     = 4003 // the server called Disconnect or DisconnectUser
+	CloseRateLimited      = 4004 // raw mode: past WithRateLimit
+)
+
+// Mode is how a connection talks: raw frames or protocol envelopes.
+type Mode uint8
+
+const (
+	ModeRaw      Mode = iota // no subprotocol: one room, payloads verbatim
+	ModeProtocol             // subprotocol roomcast.v1: JSON envelopes, many rooms
+)
+
+func (m Mode) String() string {
+	if m == ModeProtocol {
+		return "protocol"
+	}
+	return "raw"
+}
+
+// Action is what an authorize hook is asked about.
+type Action string
+
+const (
+	ActionSubscribe Action = "subscribe"
+	ActionPublish   Action = "publish"
+)
+
+// Identity is what an authenticate hook says about a client.
+type Identity struct {
+	// UserID groups a user's connections (tabs, devices) for PublishToUser
+	// and DisconnectUser. Empty means anonymous.
+	UserID string
+}
+
+// Client describes one connection to hooks and to the server API.
+type Client struct {
+	ID         string // a random UUID, unique per connection
+	UserID     string // from the authenticate hook; empty when anonymous
+	Mode       Mode
+	RemoteAddr string // the upgrade request's RemoteAddr
+}
+
+// ConnectEvent is passed to the WithOnConnect callback.
+type ConnectEvent struct {
+	Client Client
+}
+
+// DisconnectEvent is passed to the WithOnDisconnect callback.
+type DisconnectEvent struct {
+	Client Client
+	Code   int    // the close code, 1006 when the connection was lost without one
+	Reason string // the close reason
+}
+
+// ClientMessage is a message a client addressed to the server, passed to
+// the WithOnMessage handler.
+type ClientMessage struct {
+	Client Client
+	Room   string // raw mode: the connection's room; protocol mode: the optional "room" field
+	Data   []byte // the payload; valid until the handler returns
+	Binary bool   // raw mode: it came in a binary frame
+
+	c *conn
+}
+
+// Reply sends data to the connection the message came from, as a
+// direct message. It never blocks.
+func (m *ClientMessage) Reply(data []byte) error {
+	if !m.c.enqueue(newDirectFrame(bytes.Clone(data))) {
+		return ErrConnNotFound
+	}
+	return nil
+}
+
+// Stats is a snapshot of a Handler's counters.
+type Stats struct {
+	Connections   int    // open connections
+	Rooms         int    // rooms with at least one subscriber on this node
+	MessagesIn    uint64 // data messages received from clients (heartbeats aside)
+	MessagesOut   uint64 // room and direct messages written to clients
+	Published     uint64 // messages published into rooms, by the server and clients
+	SlowConsumers uint64 // connections closed because their queue overflowed
+	RateLimited   uint64 // client messages refused by the rate limit
+	Refused       uint64 // upgrades refused (origin, authentication, room, shutdown)
+	HookPanics    uint64 // panics recovered from hooks
+}
+
+type counters struct {
+	messagesIn, messagesOut, published, slowConsumers,
+	rateLimited, refused, hookPanics atomic.Uint64
+}
+
+// Handler serves WebSocket clients and publishes into rooms. Create it with
+// NewHandler; it is safe for concurrent use.
+type Handler struct {
+	cfg   config
+	log   *slog.Logger
+	rooms *registry
+	stats counters
+
+	ctx    context.Context // every connection's context derives from it
+	cancel context.CancelFunc
+
+	mu      sync.Mutex
+	closing bool
+	conns   map[string]*conn
+	users   map[string]map[*conn]struct{}
+	serving sync.WaitGroup // running ServeHTTP calls
+
+	closeBroker sync.Once
+	brokerErr   error
+}
+
+// NewHandler returns a Handler configured by opts. It starts no goroutine
+// and panics with a "pubsub: " message on an option out of range.
+func NewHandler(opts ...Option) *Handler {
+	cfg := defaultConfig()
+	for _, o := range opts {
+		o(&cfg)
+	}
+	cfg.validate()
+	h := &Handler{
+		cfg:   cfg,
+		log:   cfg.logger,
+		conns: make(map[string]*conn),
+		users: make(map[string]map[*conn]struct{}),
+	}
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+	h.rooms = newRegistry(cfg.broker, h.brokerFailed)
+	cfg.broker.Bind(h.rooms.deliver)
+	return h
+}
+
+func (h *Handler) brokerFailed(op, room string, err error) {
+	h.log.Error("pubsub: broker "+op+" failed", "room", room, "err", err)
+}
+
+// refuse answers an upgrade request with an HTTP error before any
+// WebSocket resource is spent.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, msg string) {
+	h.stats.refused.Add(1)
+	h.log.Debug("pubsub: upgrade refused", "status", status, "reason", msg, "remote", r.RemoteAddr)
+	http.Error(w, "roomcast: "+msg, status)
+}
+
+// ServeHTTP upgrades the request to a WebSocket and serves it until it
+// closes. A request that offers subprotocol roomcast.v1 is in protocol
+// mode; one that offers none is in raw mode. Refusals are answered before
+// the upgrade: 503 while shutting down, 426 for a request that is not a
+// WebSocket upgrade, 400 for a foreign subprotocol or a bad room, 403 for a
+// foreign origin or a denied room, 401/403 from the authenticate hook.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !h.enter() {
+		h.refuse(w, r, http.StatusServiceUnavailable, "the server is shutting down")
+		return
+	}
+	defer h.serving.Done()
+
+	if !isUpgrade(r) {
+		w.Header().Set("Upgrade", "websocket")
+		h.refuse(w, r, http.StatusUpgradeRequired, "this endpoint accepts WebSocket connections only")
+		return
+	}
+	mode, ok := selectMode(r)
+	if !ok {
+		h.refuse(w, r, http.StatusBadRequest, "unsupported subprotocol; this server speaks "+Subprotocol+" or none (raw mode)")
+		return
+	}
+	if !h.originAllowed(r) {
+		h.refuse(w, r, http.StatusForbidden, "origin not allowed")
+		return
+	}
+	id, err := h.callAuthenticate(r)
+	if err != nil {
+		switch {
+		case errors.Is(err, errHookPanicked):
+			h.refuse(w, r, http.StatusInternalServerError, "internal error")
+		case errors.Is(err, ErrForbidden):
+			h.refuse(w, r, http.StatusForbidden, "forbidden")
+		default:
+			h.log.Debug("pubsub: authentication failed", "err", err)
+			h.refuse(w, r, http.StatusUnauthorized, "unauthorized")
+		}
+		return
+	}
+	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr})
+	defer c.cancel()
+
+	if mode == ModeRaw {
+		room, err := h.rawRoom(r)
+		if err != nil {
+			h.refuse(w, r, http.StatusBadRequest, err.Error())
+			return
+		}
+		if room != "" {
+			if perr := c.authorize(ActionSubscribe, room); perr != nil {
+				status := http.StatusForbidden
+				if perr.code == CodeInternal {
+					status = http.StatusInternalServerError
+				}
+				h.refuse(w, r, status, perr.msg)
+				return
+			}
+			// Join before the upgrade, so a broker failure can still be a 503.
+			rm, err := h.rooms.join(c.ctx, room, c)
+			if err != nil {
+				h.brokerFailed("subscribe", room, err)
+				h.refuse(w, r, http.StatusServiceUnavailable, "could not join the room; try again later")
+				return
+			}
+			c.rooms[room], c.rawRoom = rm, room
+		}
+	}
+	defer c.leaveAll()
+
+	opts := &websocket.AcceptOptions{
+		InsecureSkipVerify: true, // originAllowed already checked, before authentication
+		OnPongReceived: func(context.Context, []byte) {
+			c.lastSeen.Store(time.Now().UnixNano())
+		},
+	}
+	if mode == ModeProtocol {
+		opts.Subprotocols = []string{Subprotocol}
+	}
+	ws, err := websocket.Accept(w, r, opts)
+	if err != nil {
+		h.log.Debug("pubsub: upgrade failed", "err", err, "remote", r.RemoteAddr)
+		return // Accept answered the request
+	}
+	ws.SetReadLimit(h.cfg.maxMessageBytes)
+	c.ws = ws
+	if !h.register(c) {
+		_ = ws.Close(CloseGoingAway, "server shutting down")
+		return
+	}
+	h.log.Debug("pubsub: connected", "conn_id", c.client.ID, "user_id", c.client.UserID, "mode", mode.String())
+	if c.proto {
+		c.enqueue(newControlFrame(encodeWelcome(welcome{
+			ConnID:          c.client.ID,
+			UserID:          c.client.UserID,
+			HeartbeatMS:     h.cfg.heartbeat.Milliseconds(),
+			TimeoutMS:       h.cfg.heartbeatWait.Milliseconds(),
+			MaxMessageBytes: h.cfg.maxMessageBytes,
+			MaxRooms:        h.cfg.maxRooms,
+		})))
+	}
+	if h.cfg.onConnect != nil {
+		h.callHook("on_connect", c.client, func() error { h.cfg.onConnect(ConnectEvent{Client: c.client}); return nil })
+	}
+
+	c.wg.Go(c.writeLoop)
+	c.readLoop()
+	c.wg.Wait()
+
+	h.unregister(c)
+	code, reason := c.closeStatus()
+	h.log.Debug("pubsub: disconnected", "conn_id", c.client.ID, "user_id", c.client.UserID, "code", code, "reason", reason)
+	if h.cfg.onDisconnect != nil {
+		h.callHook("on_disconnect", c.client, func() error {
+			h.cfg.onDisconnect(DisconnectEvent{Client: c.client, Code: code, Reason: reason})
+			return nil
+		})
+	}
+}
+
+// enter counts a ServeHTTP call, unless the Handler is closing.
+func (h *Handler) enter() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closing {
+		return false
+	}
+	h.serving.Add(1)
+	return true
+}
+
+func (h *Handler) register(c *conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closing {
+		return false
+	}
+	h.conns[c.client.ID] = c
+	if uid := c.client.UserID; uid != "" {
+		set := h.users[uid]
+		if set == nil {
+			set = make(map[*conn]struct{})
+			h.users[uid] = set
+		}
+		set[c] = struct{}{}
+	}
+	return true
+}
+
+func (h *Handler) unregister(c *conn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.conns, c.client.ID)
+	if uid := c.client.UserID; uid != "" {
+		delete(h.users[uid], c)
+		if len(h.users[uid]) == 0 {
+			delete(h.users, uid)
+		}
+	}
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Method == http.MethodGet &&
+		headerHasToken(r.Header, "Connection", "upgrade") &&
+		headerHasToken(r.Header, "Upgrade", "websocket")
+}
+
+func headerHasToken(h http.Header, key, token string) bool {
+	for _, v := range h.Values(key) {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// selectMode reads the offered subprotocols: ours means protocol mode,
+// none means raw mode, and only foreign ones are refused.
+func selectMode(r *http.Request) (Mode, bool) {
+	offered := false
+	for _, v := range r.Header.Values("Sec-WebSocket-Protocol") {
+		for t := range strings.SplitSeq(v, ",") {
+			t = strings.TrimSpace(t)
+			if t == Subprotocol {
+				return ModeProtocol, true
+			}
+			if t != "" {
+				offered = true
+			}
+		}
+	}
+	return ModeRaw, !offered
+}
+
+// originAllowed applies the origin policy: no Origin header (not a
+// browser), the request's own host, or a WithOriginPatterns match.
+func (h *Handler) originAllowed(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" || h.cfg.insecureSkipOrigin {
+		return true
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return false
+	}
+	if strings.EqualFold(u.Host, r.Host) {
+		return true
+	}
+	for _, p := range h.cfg.originPatterns {
+		target := u.Host
+		if strings.Contains(p, "://") {
+			target = u.Scheme + "://" + u.Host
+		}
+		if ok, _ := path.Match(strings.ToLower(p), strings.ToLower(target)); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// rawRoom finds a raw-mode client's room: the "room" query parameter, else
+// a {room...} path wildcard of the route, else the path below WithPath.
+// No room at all is allowed: the client then only gets direct messages.
+func (h *Handler) rawRoom(r *http.Request) (string, error) {
+	room := ""
+	q := r.URL.Query()
+	switch {
+	case q.Has("room"):
+		room = q.Get("room")
+		if room == "" {
+			return "", errors.New("the room query parameter is empty")
+		}
+	case r.PathValue("room") != "":
+		room = r.PathValue("room")
+	default:
+		rest, ok := strings.CutPrefix(r.URL.Path, h.cfg.path+"/")
+		if !ok || rest == "" {
+			return "", nil
+		}
+		room = rest
+	}
+	if err := h.cfg.roomValidator(room); err != nil {
+		return "", fmt.Errorf("invalid room: %v", err)
+	}
+	return room, nil
+}
+
+// Publish publishes data into room. Every subscriber, on every node, gets
+// it in the room's order. Publish copies data and never blocks on a
+// subscriber; it fails with ErrInvalidRoom, ErrTooLarge, ErrClosed, or the
+// broker's error.
+func (h *Handler) Publish(ctx context.Context, room string, data []byte) error {
+	if err := h.publish(ctx, room, data); err != nil {
+		return fmt.Errorf("pubsub: publish to room %q: %w", room, err)
+	}
+	return nil
+}
+
+func (h *Handler) publish(ctx context.Context, room string, data []byte) error {
+	if h.isClosing() {
+		return ErrClosed
+	}
+	if err := h.cfg.roomValidator(room); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalidRoom, err)
+	}
+	if len(data) > h.cfg.queueBytes {
+		return ErrTooLarge
+	}
+	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data)); err != nil {
+		return err
+	}
+	h.stats.published.Add(1)
+	return nil
+}
+
+// publishFromClient publishes a client's message, turning failures into
+// the client's error codes.
+func (h *Handler) publishFromClient(ctx context.Context, room string, data []byte) *protoError {
+	err := h.publish(ctx, room, data)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrTooLarge):
+		return badRequest("the payload is larger than the server's queue bound")
+	case errors.Is(err, ErrClosed):
+		return &protoError{CodeUnavailable, "the server is shutting down"}
+	default:
+		h.brokerFailed("publish", room, err)
+		return &protoError{CodeUnavailable, "could not publish; try again later"}
+	}
+}
+
+func (h *Handler) isClosing() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.closing
+}
+
+// PublishToConn sends data to one connection on this node as a direct
+// message. It never blocks; it fails with ErrConnNotFound when no open
+// connection has that id.
+func (h *Handler) PublishToConn(ctx context.Context, connID string, data []byte) error {
+	h.mu.Lock()
+	c := h.conns[connID]
+	h.mu.Unlock()
+	if c == nil || !c.enqueue(newDirectFrame(bytes.Clone(data))) {
+		return fmt.Errorf("pubsub: publish to connection %q: %w", connID, ErrConnNotFound)
+	}
+	return nil
+}
+
+// PublishToUser sends data to every connection of userID on this node as
+// a direct message. It fails with ErrConnNotFound when the user has no
+// open connection.
+func (h *Handler) PublishToUser(ctx context.Context, userID string, data []byte) error {
+	f := newDirectFrame(bytes.Clone(data))
+	sent := 0
+	for _, c := range h.userConns(userID) {
+		if c.enqueue(f) {
+			sent++
+		}
+	}
+	if sent == 0 {
+		return fmt.Errorf("pubsub: publish to user %q: %w", userID, ErrConnNotFound)
+	}
+	return nil
+}
+
+func (h *Handler) userConns(userID string) []*conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if userID == "" {
+		return nil
+	}
+	out := make([]*conn, 0, len(h.users[userID]))
+	for c := range h.users[userID] {
+		out = append(out, c)
+	}
+	return out
+}
+
+// Connections lists the connections on this node subscribed to room.
+func (h *Handler) Connections(room string) []Client {
+	return h.rooms.clients(room)
+}
+
+// Disconnect closes one connection with close code 4003 and reason
+// (at most 123 bytes are sent). It fails with ErrConnNotFound.
+func (h *Handler) Disconnect(connID, reason string) error {
+	h.mu.Lock()
+	c := h.conns[connID]
+	h.mu.Unlock()
+	if c == nil {
+		return fmt.Errorf("pubsub: disconnect %q: %w", connID, ErrConnNotFound)
+	}
+	c.beginClose(CloseDisconnected, reason, false)
+	return nil
+}
+
+// DisconnectUser closes every connection of userID on this node with close
+// code 4003 and reason, and returns how many it closed.
+func (h *Handler) DisconnectUser(userID, reason string) int {
+	cs := h.userConns(userID)
+	for _, c := range cs {
+		c.beginClose(CloseDisconnected, reason, false)
+	}
+	return len(cs)
+}
+
+// Stats returns a snapshot of the Handler's counters.
+func (h *Handler) Stats() Stats {
+	h.mu.Lock()
+	n := len(h.conns)
+	h.mu.Unlock()
+	return Stats{
+		Connections:   n,
+		Rooms:         h.rooms.count(),
+		MessagesIn:    h.stats.messagesIn.Load(),
+		MessagesOut:   h.stats.messagesOut.Load(),
+		Published:     h.stats.published.Load(),
+		SlowConsumers: h.stats.slowConsumers.Load(),
+		RateLimited:   h.stats.rateLimited.Load(),
+		Refused:       h.stats.refused.Load(),
+		HookPanics:    h.stats.hookPanics.Load(),
+	}
+}
+
+// Shutdown drains the Handler: new upgrades get 503, every connection is
+// sent what it has queued and then closed with 1001 "going away", and
+// Shutdown waits for every connection's goroutines to end, then closes the
+// broker. If ctx ends first, the remaining connections are closed at once
+// and ctx's error is returned. Calling it again (or Close) is safe.
+//
+// http.Server.Shutdown does not close hijacked connections such as
+// WebSockets; call this beside it (see the package example).
+func (h *Handler) Shutdown(ctx context.Context) error {
+	conns := h.beginShutdown()
+	for _, c := range conns {
+		c.beginClose(CloseGoingAway, "server shutting down", true)
+	}
+	done := make(chan struct{})
+	go func() { h.serving.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		for _, c := range conns {
+			_ = c.ws.CloseNow()
+		}
+		<-done
+	}
+	h.cancel()
+	return errors.Join(err, h.closeBrokerOnce())
+}
+
+// Close closes every connection at once, without flushing queues or
+// waiting for close handshakes, waits for their goroutines to end, and
+// closes the broker. Calling it again (or Shutdown) is safe.
+func (h *Handler) Close() error {
+	conns := h.beginShutdown()
+	for _, c := range conns {
+		c.beginClose(CloseGoingAway, "server shutting down", false)
+		_ = c.ws.CloseNow()
+	}
+	h.cancel()
+	h.serving.Wait()
+	return h.closeBrokerOnce()
+}
+
+func (h *Handler) beginShutdown() []*conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closing = true
+	out := make([]*conn, 0, len(h.conns))
+	for _, c := range h.conns {
+		out = append(out, c)
+	}
+	return out
+}
+
+func (h *Handler) closeBrokerOnce() error {
+	h.closeBroker.Do(func() { h.brokerErr = h.cfg.broker.Close() })
+	return h.brokerErr
+}
+
+// callHook runs a hook, turning a panic into errHookPanicked: a hook's bug
+// costs its request, never the server.
+func (h *Handler) callHook(name string, cl Client, f func() error) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			h.stats.hookPanics.Add(1)
+			h.log.Error("pubsub: hook panicked", "hook", name, "conn_id", cl.ID, "user_id", cl.UserID,
+				"err", fmt.Errorf("%v", p), "stack", string(debug.Stack()))
+			err = errHookPanicked
+		}
+	}()
+	return f()
+}
+
+func (h *Handler) callAuthenticate(r *http.Request) (id Identity, err error) {
+	if h.cfg.authenticate == nil {
+		return Identity{}, nil
+	}
+	err = h.callHook("authenticate", Client{RemoteAddr: r.RemoteAddr}, func() error {
+		var err error
+		id, err = h.cfg.authenticate(r)
+		return err
+	})
+	return id, err
+}
+
+func (h *Handler) callAuthorize(ctx context.Context, cl Client, a Action, room string) error {
+	return h.callHook("authorize", cl, func() error { return h.cfg.authorize(ctx, cl, a, room) })
+}
+
+func (h *Handler) callOnMessage(ctx context.Context, m *ClientMessage) error {
+	return h.callHook("on_message", m.Client, func() error { return h.cfg.onMessage(ctx, m) })
+}
