@@ -1,0 +1,111 @@
+// Package pubsub adds real-time rooms to any net/http app, over WebSocket.
+//
+// NewHandler returns an http.Handler. Mount it, point clients at it, and
+// publish into rooms from your backend code:
+//
+//	ps := pubsub.NewHandler()
+//	defer ps.Close()
+//	mux.Handle("/ws", ps)                         // clients connect here
+//	ps.Publish(ctx, "orders:42", []byte(`{"status":"shipped"}`)) // from any backend code
+//
+// # Two ways to talk to it
+//
+// Raw mode is for any WebSocket client with no library: a browser's bare
+// new WebSocket(url), wscat, websocat. The client offers no subprotocol
+// and names one room: "/ws?room=lobby", or the path below the mount point
+// ("/ws/lobby", where WithPath matches the mount, or a route pattern with a
+// {room...} wildcard). Every message of the room reaches it verbatim, as a
+// text frame when the payload is valid UTF-8 and as a binary frame
+// otherwise. Each frame it sends is published to its room, when the host
+// allows client publishing (WithClientPublish, WithAuthorize), or handed to
+// the WithOnMessage handler when one is set. A raw client may also name no
+// room at all and only get direct messages (PublishToConn, PublishToUser,
+// ClientMessage.Reply).
+//
+// Protocol mode is for clients that offer the subprotocol "roomcast.v1":
+// JSON envelopes over one connection with many rooms, subscribe,
+// unsubscribe and publish with acknowledgements, coded errors and
+// heartbeats. PROTOCOL.md at the repository root specifies it.
+//
+// # Payloads
+//
+// A payload is bytes; the server stores no type for it. Raw clients get the
+// bytes verbatim. Protocol clients get them in the field that fits: valid
+// JSON in "data" (embedded as JSON), other valid UTF-8 in "text" (a JSON
+// string), anything else in "binary" (standard base64). So a text payload
+// that is itself valid JSON, such as "42", arrives as data 42.
+//
+// # Hooks
+//
+// WithAuthenticate identifies a client from its upgrade request and can
+// refuse it (401, or 403 with ErrForbidden) before any WebSocket resource
+// is spent. WithAuthorize decides each subscribe and each client publish
+// per room. WithOnConnect and WithOnDisconnect observe connections.
+// WithOnMessage handles messages addressed to the server. A hook that
+// panics costs only its request: the panic is recovered, logged, counted in
+// Stats.HookPanics, and answered with 500, "internal" or close code 1011.
+//
+// # Secure defaults
+//
+// Cross-origin browser upgrades are refused unless WithOriginPatterns
+// allows them. Clients may not publish until the host says so. Every
+// client input is bounded: message size (WithMaxMessageBytes), rooms per
+// connection (WithMaxRooms), room names (ValidRoomName), message rate
+// (WithRateLimit). Each With function documents its default.
+//
+// # Close codes
+//
+// Besides the standard codes (1000 normal, 1001 going away, 1003 binary in
+// protocol mode, 1007 invalid UTF-8, 1008 policy violation, 1009 message too
+// big, 1011 internal error, 1013 try again later), the server closes with:
+//
+//	4001  heartbeat timeout: the peer showed no life in time
+//	4002  slow consumer: the connection's outbound queue overflowed
+//	4003  disconnected by the server (Disconnect, DisconnectUser)
+//	4004  rate limited (raw mode; protocol mode gets an error envelope)
+//
+// # Guarantees
+//
+//   - Within a room, messages carry a strictly increasing sequence number
+//     (from 1) and the epoch of the room's current life; every subscriber
+//     receives them in that order. Live delivery is at most once per
+//     connection.
+//   - Nothing grows without bound: each connection's outbound queue is
+//     bounded in messages and bytes (WithQueueLimits). A consumer that
+//     cannot keep up is closed with 4002 and counted in Stats; it never
+//     slows the publisher or other subscribers, and its messages are never
+//     dropped silently while it stays connected.
+//   - Publish encodes a message once, whatever the number of subscribers,
+//     and never blocks on a subscriber's socket.
+//   - Bad input (malformed JSON, unknown types, oversized or binary frames
+//     where text is expected, invalid room names, floods) gets a documented
+//     error code or close code and never affects other connections.
+//   - Shutdown drains: new upgrades get 503, each connection is sent what it
+//     had queued and then closed with 1001, and every goroutine the Handler
+//     started has ended when Shutdown returns.
+//
+// # Goroutines
+//
+// NewHandler starts none. Each connection runs its reader on the goroutine
+// that called ServeHTTP and one writer goroutine; ServeHTTP returns once
+// both have ended. Hooks run on the connection's reader goroutine (or on
+// the request's goroutine, before the upgrade).
+//
+// # Shutdown
+//
+// http.Server.Shutdown does not close hijacked connections such as
+// WebSockets, and does not wait for them. Drain both, with one deadline:
+//
+//	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+//	defer cancel()
+//	srv.Shutdown(ctx) // stop accepting; finish plain HTTP requests
+//	ps.Shutdown(ctx)  // flush and close every WebSocket with 1001
+//
+// Close is the immediate variant: no flush, no close handshake.
+//
+// # More than one node
+//
+// A Broker carries publishes between nodes and owns each room's sequence.
+// The default, NewMemoryBroker, serves a single process; adapters for
+// other engines live in their own modules.
+package pubsub

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every check and every test of every Go module in this repository.
+# It is the README's test command and what CI runs (.ci/run calls it).
+#
+#   bash scripts/test-all.sh            # everything, fuzzers for 10s each
+#   FUZZTIME=1m bash scripts/test-all.sh
+#
+# It installs and starts whatever real component a module's tests need,
+# so it works on a fresh machine; see the "needs" section below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+fuzztime=${FUZZTIME:-10s}
+
+step() { printf '\n== %s\n' "$*"; }
+
+# Every module: the root one first, then each go.mod below it.
+modules=(.)
+while IFS= read -r mod; do
+  modules+=("$(dirname "$mod")")
+done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' | sort)
+
+step "gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+  echo "gofmt would change:"; echo "$unformatted"; exit 1
+fi
+
+for mod in "${modules[@]}"; do
+  cd "$root/$mod"
+  step "module $mod: go mod tidy leaves go.mod and go.sum unchanged"
+  cp go.mod /tmp/roomcast-go.mod.$$; cp go.sum /tmp/roomcast-go.sum.$$ 2>/dev/null || : > /tmp/roomcast-go.sum.$$
+  go mod tidy
+  if ! cmp -s go.mod /tmp/roomcast-go.mod.$$ || ! cmp -s go.sum /tmp/roomcast-go.sum.$$; then
+    echo "go mod tidy changed go.mod or go.sum in $mod; run it and commit the result"
+    cp /tmp/roomcast-go.mod.$$ go.mod; cp /tmp/roomcast-go.sum.$$ go.sum
+    exit 1
+  fi
+  rm -f /tmp/roomcast-go.mod.$$ /tmp/roomcast-go.sum.$$
+
+  step "module $mod: go vet"
+  go vet ./...
+
+  step "module $mod: go test -race"
+  go test -race -count=1 -timeout 20m ./...
+
+  # Each fuzz target runs for a bounded time; a crash fails the run and
+  # leaves its input under testdata/fuzz to become a named regression row.
+  for pkg in $(go list ./...); do
+    for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
+      step "module $mod: fuzz $pkg $target for $fuzztime"
+      go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg"
+    done
+  done
+done
+
+step "all checks and tests passed"
