@@ -1,77 +1,186 @@
 package pubsub
 
 import (
+	"container/heap"
 	"context"
+	"encoding/json"
+	"sort"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 )
 
+// MessageKind tells a room message from a presence event.
+type MessageKind uint8
+
+const (
+	KindMessage MessageKind = iota // a published payload, sequenced and kept in history
+	KindJoin                       // a member joined the room (presence)
+	KindLeave                      // a member left the room (presence)
+)
+
 // Message is one message of a room, as a Broker carries it between nodes.
 type Message struct {
-	// Room the message was published to.
+	Kind MessageKind
+	// Room the message belongs to.
 	Room string
-	// Epoch names one lifetime of the room's sequence. It changes when the
-	// room's state is lost (for the memory broker: when the room is
-	// reclaimed), so a (Epoch, Seq) pair never names two messages.
+	// ID is unique across rooms and nodes (a UUID for the memory broker).
+	ID string
+	// Epoch names one life of the room's sequence. It changes when the
+	// room's state is lost (the room was reclaimed, the engine lost its
+	// data), so a (Room, Epoch, Seq) triple never names two messages.
 	Epoch string
-	// Seq is the room's sequence number, strictly increasing within an epoch,
-	// starting at 1.
+	// Seq is the room's sequence number: 1 for an epoch's first message,
+	// then strictly increasing by 1. Presence events carry no Seq.
 	Seq uint64
-	// Data is the payload, delivered verbatim. Receivers must not modify it:
-	// it is shared by every subscriber.
+	// Time is when the broker sequenced the message.
+	Time time.Time
+	// Data is the payload, delivered verbatim. Receivers must not modify
+	// it: every subscriber shares it.
 	Data []byte
+	// Member is who joined or left, for KindJoin and KindLeave.
+	Member Member
 }
 
-// Broker connects a Handler (a node) to the cluster. It assigns each
-// message of a room its place in the room's order and delivers it to every
-// node interested in the room, this one included.
+// Member is one connection's presence in a room.
+type Member struct {
+	ConnID string
+	UserID string          // empty for an anonymous connection
+	Info   json.RawMessage // from the Identity or the client's subscribe; may be empty
+}
+
+// key is the presence key: a user is one member whatever the number of
+// its connections; an anonymous connection is a member of its own.
+func (m Member) key() string {
+	if m.UserID != "" {
+		return "u:" + m.UserID
+	}
+	return "c:" + m.ConnID
+}
+
+// PresenceMember is one member of a room: a user with all its connections
+// (tabs, devices), or one anonymous connection.
+type PresenceMember struct {
+	UserID string          // empty for an anonymous member
+	Conns  []string        // connection ids, sorted
+	Info   json.RawMessage // the info of the member's first connection
+}
+
+// Presence is a room's membership, cluster-wide.
+type Presence struct {
+	Count       int              // members
+	Connections int              // connections of all members
+	Members     []PresenceMember // sorted by UserID then first connection; nil when counts only
+}
+
+// HistoryOptions bounds a room's history; Publish applies them.
+type HistoryOptions struct {
+	Size int           // messages kept; 0 keeps none
+	TTL  time.Duration // how long a message is kept, and how long an idle room's state outlives its last message
+}
+
+// HistoryQuery selects messages from a room's history.
+type HistoryQuery struct {
+	Since  uint64 // only messages with Seq greater than Since
+	Limit  int    // at most this many; 0 returns none, only the position
+	Latest bool   // the newest Limit messages instead of the oldest
+}
+
+// HistoryResult is a room's position and the messages a query selected,
+// oldest first.
+type HistoryResult struct {
+	Epoch    string
+	Top      uint64 // the Seq of the room's newest message; 0 before the first
+	Messages []Message
+}
+
+// Broker connects a Handler (a node) to the cluster. It owns each room's
+// sequence, history and presence, and delivers each message to every node
+// interested in the room, this one included.
 //
 // The Handler guarantees, for one room, that Subscribe and Unsubscribe
-// alternate (Subscribe first) and are never called concurrently; Publish may
-// be called at any time from any goroutine. Every method that blocks takes a
-// context.
+// alternate (Subscribe first) and are never called concurrently, and that
+// it calls Join and Leave only between them; Publish and History may be
+// called at any time from any goroutine. Every method that blocks takes a
+// context. BrokerConformance (in brokertest) checks an implementation.
 type Broker interface {
 	// Bind is called once, by NewHandler, before any other method. The
-	// broker calls deliver for each message of a room this node subscribed
-	// to: one room's messages in sequence order, never two of one room at
-	// once. deliver only enqueues; it never blocks on a socket.
+	// broker calls deliver for each message and presence event of a room
+	// this node subscribed to: one room's in order, never two of one room
+	// at once. deliver only enqueues; it never blocks on a socket.
 	Bind(deliver func(Message))
-	// Publish assigns data its sequence number in room and delivers it to
-	// every interested node. A room no node is subscribed to may drop it,
-	// returning the zero Message and a nil error. Publish must not retain
-	// data beyond the delivered Message.
-	Publish(ctx context.Context, room string, data []byte) (Message, error)
+	// Publish assigns data the room's next sequence number and a unique
+	// ID, appends it to the room's history (bounded by h), and delivers it
+	// to every interested node, atomically with respect to other publishes
+	// and History calls on the room. A room with no history and no
+	// interested node may drop it, returning the zero Message and a nil
+	// error. Publish must not retain data beyond the Message.
+	Publish(ctx context.Context, room string, data []byte, h HistoryOptions) (Message, error)
+	// History returns the room's epoch, newest Seq and the messages q
+	// selects among those still kept.
+	History(ctx context.Context, room string, q HistoryQuery) (HistoryResult, error)
 	// Subscribe registers this node's interest in room.
 	Subscribe(ctx context.Context, room string) error
 	// Unsubscribe withdraws this node's interest in room.
 	Unsubscribe(ctx context.Context, room string) error
+	// Join adds a connection to the room's presence. With events, a
+	// member's first connection is announced to every interested node as
+	// a KindJoin message.
+	Join(ctx context.Context, room string, m Member, events bool) error
+	// Leave removes a connection from the room's presence. With events, a
+	// member's last connection leaving is announced as KindLeave.
+	Leave(ctx context.Context, room string, m Member, events bool) error
+	// Presence lists the room's members; with countsOnly, only the counts.
+	Presence(ctx context.Context, room string, countsOnly bool) (Presence, error)
 	// Close releases the broker's resources and stops its goroutines.
 	Close() error
 }
 
 // NewMemoryBroker returns the in-process broker, the default: one node, no
-// goroutines. A room's sequence lives while this node is subscribed to it;
-// when the room is reclaimed its next life starts a new epoch.
+// goroutines. A room's state (epoch, sequence, history, presence) lives
+// while this node is subscribed to it or its history holds a message
+// younger than its TTL; then it is reclaimed, lazily, by later calls, and
+// the room's next life starts a new epoch.
 func NewMemoryBroker() Broker {
-	return &memoryBroker{rooms: make(map[string]*memoryRoom)}
+	return &memoryBroker{rooms: make(map[string]*memoryRoom), now: time.Now}
 }
 
 var _ Broker = (*memoryBroker)(nil)
 
 type memoryBroker struct {
 	deliver func(Message)
+	now     func() time.Time
 
-	mu     sync.Mutex
+	mu     sync.Mutex // guards rooms, idle and closed; taken before a room's mu
 	rooms  map[string]*memoryRoom
+	idle   idleHeap // rooms with no interest, by when their state expires
 	closed bool
 }
 
 type memoryRoom struct {
-	mu    sync.Mutex // orders the room: held from sequence assignment to delivery
-	epoch string
-	seq   uint64
+	name string
+
+	mu       sync.Mutex // orders the room: held from sequence assignment to delivery
+	dead     bool       // reclaimed: look the room up again
+	epoch    string
+	seq      uint64
+	hist     []Message // oldest first
+	interest bool
+	members  map[string]map[string]Member // member key -> conn id -> member
+	conns    int
+	ttl      time.Duration // the history TTL the last publish applied
+	expires  time.Time     // when an idle room's state may be reclaimed
+
+	// Guarded by the broker's mu: the heap never reads the room's own
+	// fields. idleAt may be early (a publish moved expires on); the sweep
+	// then puts the room back.
+	idleAt    time.Time
+	idleIndex int // position in the idle heap, -1 when not in it
 }
+
+// sweepBatch bounds the reclamation work one call does.
+const sweepBatch = 8
 
 func (b *memoryBroker) Bind(deliver func(Message)) {
 	if b.deliver != nil {
@@ -80,42 +189,270 @@ func (b *memoryBroker) Bind(deliver func(Message)) {
 	b.deliver = deliver
 }
 
-func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte) (Message, error) {
-	b.mu.Lock()
-	if b.closed {
+// room returns the room's state, creating it when create is set. It
+// returns it locked, or nil.
+func (b *memoryBroker) room(name string, create bool) (*memoryRoom, error) {
+	for {
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			return nil, ErrClosed
+		}
+		b.sweepLocked(b.now())
+		r := b.rooms[name]
+		if r == nil {
+			if !create {
+				b.mu.Unlock()
+				return nil, nil
+			}
+			r = &memoryRoom{name: name, epoch: uuid.NewString(), idleIndex: -1}
+			b.rooms[name] = r
+		}
 		b.mu.Unlock()
-		return Message{}, ErrClosed
+		r.mu.Lock()
+		if !r.dead {
+			return r, nil
+		}
+		r.mu.Unlock() // reclaimed meanwhile: try again
 	}
-	r := b.rooms[room]
-	b.mu.Unlock()
-	if r == nil {
-		return Message{}, nil
+}
+
+// sweepLocked reclaims up to sweepBatch expired idle rooms.
+func (b *memoryBroker) sweepLocked(now time.Time) {
+	for i := 0; i < sweepBatch && len(b.idle) > 0 && !b.idle[0].idleAt.After(now); i++ {
+		r := heap.Pop(&b.idle).(*memoryRoom)
+		r.mu.Lock()
+		switch {
+		case r.interest || r.conns > 0:
+			// Busy again; it returns to the heap when it next goes idle.
+		case r.expires.After(now):
+			r.idleAt = r.expires // published to since: not yet
+			heap.Push(&b.idle, r)
+		default:
+			r.dead = true
+			delete(b.rooms, r.name)
+		}
+		r.mu.Unlock()
 	}
+}
+
+// settle is called with r unlocked after a change: an idle room joins the
+// heap (or is dropped at once when it keeps nothing).
+func (b *memoryBroker) settle(r *memoryRoom) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.dead || r.interest || r.conns > 0 {
+		return
+	}
+	if len(r.hist) == 0 || !r.expires.After(b.now()) {
+		r.dead = true
+		delete(b.rooms, r.name)
+		if r.idleIndex >= 0 {
+			heap.Remove(&b.idle, r.idleIndex)
+		}
+		return
+	}
+	r.idleAt = r.expires
+	if r.idleIndex < 0 {
+		heap.Push(&b.idle, r)
+	} else {
+		heap.Fix(&b.idle, r.idleIndex)
+	}
+}
+
+func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, h HistoryOptions) (Message, error) {
+	r, err := b.room(room, h.Size > 0)
+	if r == nil {
+		return Message{}, err
+	}
+	if !r.interest && h.Size == 0 {
+		// Nobody listens and nothing is kept: the message goes nowhere.
+		r.mu.Unlock()
+		return Message{}, nil
+	}
+	now := b.now()
 	r.seq++
-	m := Message{Room: room, Epoch: r.epoch, Seq: r.seq, Data: data}
-	b.deliver(m)
+	m := Message{Kind: KindMessage, Room: room, ID: uuid.NewString(), Epoch: r.epoch, Seq: r.seq, Time: now, Data: data}
+	if h.Size > 0 {
+		r.hist = append(r.hist, m)
+		r.ttl = h.TTL
+		r.trim(h.Size, now)
+		r.expires = now.Add(h.TTL)
+	} else {
+		r.hist = nil
+	}
+	if r.interest {
+		b.deliver(m)
+	}
+	idle := !r.interest
+	r.mu.Unlock()
+	if idle {
+		b.settle(r)
+	}
 	return m, nil
 }
 
+// trim drops what the room's history no longer keeps: the oldest past
+// size, and any older than the TTL.
+func (r *memoryRoom) trim(size int, now time.Time) {
+	drop := 0
+	if over := len(r.hist) - size; over > 0 {
+		drop = over
+	}
+	cutoff := now.Add(-r.ttl)
+	for drop < len(r.hist) && r.hist[drop].Time.Before(cutoff) {
+		drop++
+	}
+	if drop == 0 {
+		return
+	}
+	clear(r.hist[:drop])
+	r.hist = r.hist[drop:]
+	if cap(r.hist) > 2*size+16 { // reallocate rather than grow the dead prefix forever
+		r.hist = append([]Message(nil), r.hist...)
+	}
+}
+
+func (b *memoryBroker) History(ctx context.Context, room string, q HistoryQuery) (HistoryResult, error) {
+	// History of an unknown room creates it: its epoch must be stable from
+	// the moment a client learns it.
+	r, err := b.room(room, true)
+	if r == nil {
+		return HistoryResult{}, err
+	}
+	defer b.settleLater(r)
+	res := HistoryResult{Epoch: r.epoch, Top: r.seq}
+	if q.Limit <= 0 {
+		return res, nil
+	}
+	r.trim(len(r.hist), b.now()) // age out what expired since the last publish
+	var kept []Message
+	for i, m := range r.hist {
+		if m.Seq > q.Since {
+			kept = r.hist[i:]
+			break
+		}
+	}
+	if len(kept) > q.Limit {
+		if q.Latest {
+			kept = kept[len(kept)-q.Limit:]
+		} else {
+			kept = kept[:q.Limit]
+		}
+	}
+	res.Messages = append([]Message(nil), kept...)
+	return res, nil
+}
+
+// settleLater unlocks r and lets an idle room be reclaimed or scheduled.
+func (b *memoryBroker) settleLater(r *memoryRoom) {
+	idle := !r.interest && r.conns == 0
+	r.mu.Unlock()
+	if idle {
+		b.settle(r)
+	}
+}
+
 func (b *memoryBroker) Subscribe(ctx context.Context, room string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return ErrClosed
+	r, err := b.room(room, true)
+	if r == nil {
+		return err
 	}
-	if b.rooms[room] == nil {
-		b.rooms[room] = &memoryRoom{epoch: uuid.NewString()}
-	}
+	r.interest = true
+	r.mu.Unlock()
 	return nil
 }
 
 func (b *memoryBroker) Unsubscribe(ctx context.Context, room string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	delete(b.rooms, room)
+	r, err := b.room(room, false)
+	if r == nil {
+		return err
+	}
+	r.interest = false
+	r.mu.Unlock()
+	b.settle(r)
 	return nil
+}
+
+func (b *memoryBroker) Join(ctx context.Context, room string, m Member, events bool) error {
+	r, err := b.room(room, true)
+	if r == nil {
+		return err
+	}
+	defer b.settleLater(r)
+	if r.members == nil {
+		r.members = make(map[string]map[string]Member)
+	}
+	k := m.key()
+	conns := r.members[k]
+	first := conns == nil
+	if first {
+		conns = make(map[string]Member, 1)
+		r.members[k] = conns
+	}
+	if _, dup := conns[m.ConnID]; !dup {
+		conns[m.ConnID] = m
+		r.conns++
+	}
+	if first && events && r.interest {
+		b.deliver(Message{Kind: KindJoin, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
+	}
+	return nil
+}
+
+func (b *memoryBroker) Leave(ctx context.Context, room string, m Member, events bool) error {
+	r, err := b.room(room, false)
+	if r == nil {
+		return err
+	}
+	defer b.settleLater(r)
+	k := m.key()
+	conns := r.members[k]
+	if _, ok := conns[m.ConnID]; !ok {
+		return nil
+	}
+	delete(conns, m.ConnID)
+	r.conns--
+	if len(conns) == 0 {
+		delete(r.members, k)
+		if events && r.interest {
+			b.deliver(Message{Kind: KindLeave, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
+		}
+	}
+	return nil
+}
+
+func (b *memoryBroker) Presence(ctx context.Context, room string, countsOnly bool) (Presence, error) {
+	r, err := b.room(room, false)
+	if r == nil {
+		return Presence{}, err
+	}
+	defer r.mu.Unlock()
+	p := Presence{Count: len(r.members), Connections: r.conns}
+	if countsOnly {
+		return p, nil
+	}
+	p.Members = make([]PresenceMember, 0, len(r.members))
+	for _, conns := range r.members {
+		pm := PresenceMember{Conns: make([]string, 0, len(conns))}
+		for id := range conns {
+			pm.Conns = append(pm.Conns, id)
+		}
+		sort.Strings(pm.Conns)
+		first := conns[pm.Conns[0]]
+		pm.UserID, pm.Info = first.UserID, first.Info
+		p.Members = append(p.Members, pm)
+	}
+	sort.Slice(p.Members, func(i, j int) bool {
+		a, c := p.Members[i], p.Members[j]
+		if a.UserID != c.UserID {
+			return a.UserID < c.UserID
+		}
+		return a.Conns[0] < c.Conns[0]
+	})
+	return p, nil
 }
 
 func (b *memoryBroker) Close() error {
@@ -123,5 +460,29 @@ func (b *memoryBroker) Close() error {
 	defer b.mu.Unlock()
 	b.closed = true
 	clear(b.rooms)
+	b.idle = nil
 	return nil
+}
+
+// idleHeap orders idle rooms by expiry; the broker's mu guards it.
+type idleHeap []*memoryRoom
+
+func (h idleHeap) Len() int           { return len(h) }
+func (h idleHeap) Less(i, j int) bool { return h[i].idleAt.Before(h[j].idleAt) }
+func (h idleHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].idleIndex, h[j].idleIndex = i, j
+}
+func (h *idleHeap) Push(x any) {
+	r := x.(*memoryRoom)
+	r.idleIndex = len(*h)
+	*h = append(*h, r)
+}
+func (h *idleHeap) Pop() any {
+	old := *h
+	r := old[len(old)-1]
+	old[len(old)-1] = nil
+	r.idleIndex = -1
+	*h = old[:len(old)-1]
+	return r
 }

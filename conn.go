@@ -2,7 +2,9 @@ package pubsub
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,20 +17,27 @@ import (
 // is put in. Its protocol-mode envelope is encoded at most once, by the
 // first writer that needs it.
 type frame struct {
-	payload []byte // the raw-mode bytes; nil for protocol-only frames
+	m       Message // room messages and presence events; Data is the raw-mode payload
+	room    *room   // the room whose policy applies; nil for direct and control frames
 	kind    payloadKind
-	size    int // what the frame counts against a queue's byte bound
-	data    bool
+	size    int       // what the frame counts against a queue's byte bound
+	at      time.Time // when it was published, for lag
+	data    bool      // carries a payload (room or direct message)
+	control bool      // a protocol-mode reply or event: never sent in raw mode
 
 	encode func() []byte
 	once   sync.Once
 	env    []byte
 }
 
-func newRoomFrame(m Message) *frame {
+func newRoomFrame(m Message, r *room) *frame {
+	if m.Kind != KindMessage {
+		return &frame{m: m, room: r, size: 64, at: m.Time, control: true,
+			encode: func() []byte { return encodePresenceEvent(m) }}
+	}
 	kind := classify(m.Data)
 	return &frame{
-		payload: m.Data, kind: kind, size: len(m.Data), data: true,
+		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true,
 		encode: func() []byte { return encodeMessage(m, kind) },
 	}
 }
@@ -36,14 +45,14 @@ func newRoomFrame(m Message) *frame {
 func newDirectFrame(p []byte) *frame {
 	kind := classify(p)
 	return &frame{
-		payload: p, kind: kind, size: len(p), data: true,
+		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true,
 		encode: func() []byte { return encodeDirect(p, kind) },
 	}
 }
 
 // newControlFrame is a protocol-mode reply (welcome, ack, error, ping, pong).
 func newControlFrame(env []byte) *frame {
-	f := &frame{env: env, size: len(env)}
+	f := &frame{env: env, size: len(env), control: true}
 	f.once.Do(func() {})
 	return f
 }
@@ -51,6 +60,14 @@ func newControlFrame(env []byte) *frame {
 func (f *frame) envelope() []byte {
 	f.once.Do(func() { f.env = f.encode() })
 	return f.env
+}
+
+// policy is the slow-consumer policy that applies to f.
+func (f *frame) policy() SlowConsumerPolicy {
+	if f.room == nil || !f.data {
+		return Disconnect
+	}
+	return f.room.opts.SlowConsumer
 }
 
 // closeAbnormal marks a connection that ended without a close handshake of
@@ -76,9 +93,12 @@ type conn struct {
 	lastSeen atomic.Int64 // unix nanoseconds of the peer's last sign of life
 
 	mu      sync.Mutex
-	queue   []*frame
+	queue   []*frame // may hold nils: frames a drop policy removed
 	spare   []*frame
-	qbytes  int
+	qlen    int           // frames in queue, nils aside
+	qbytes  int           // their bytes
+	latest  map[*room]int // KeepLatest rooms: index of the room's frame in queue
+	dropped atomic.Uint64 // frames a drop policy discarded
 	closing bool
 	code    int
 	reason  string
@@ -104,37 +124,154 @@ func newConn(h *Handler, cl Client) *conn {
 	return c
 }
 
-// enqueue adds f to the outbound queue without blocking. A queue that
-// would pass its bounds closes the connection as a slow consumer. It
-// reports whether f was queued.
+// enqueue adds f to the outbound queue without blocking, applying f's
+// room's slow-consumer policy when the queue is full. It reports whether f
+// was queued.
 func (c *conn) enqueue(f *frame) bool {
-	if !c.proto && !f.data {
+	if !c.proto && f.control {
 		return false // raw mode carries payloads only
 	}
 	cfg := &c.h.cfg
+	policy := f.policy()
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
 		return false
 	}
-	if len(c.queue) >= cfg.queueMessages || c.qbytes+f.size > cfg.queueBytes {
-		depth, bytes := len(c.queue), c.qbytes
-		c.beginCloseLocked(CloseSlowConsumer, "slow consumer", false)
-		c.mu.Unlock()
-		c.h.stats.slowConsumers.Add(1)
-		c.h.log.Warn("pubsub: slow consumer disconnected",
-			"conn_id", c.client.ID, "user_id", c.client.UserID,
-			"queued_messages", depth, "queued_bytes", bytes)
-		return false
+	if policy == KeepLatest {
+		if i, ok := c.latest[f.room]; ok {
+			old := c.queue[i]
+			c.queue[i] = f
+			c.qbytes += f.size - old.size
+			c.mu.Unlock()
+			c.countDrop(f.room)
+			c.wakeWriter()
+			return true
+		}
+	}
+	for c.qlen >= cfg.queueMessages || c.qbytes+f.size > cfg.queueBytes {
+		if policy == Disconnect {
+			c.mu.Unlock()
+			c.slowConsumer(f.room)
+			return false
+		}
+		if !c.dropOldestLocked() {
+			// Nothing queued may be dropped: f itself is the oldest of its
+			// room's messages that can go.
+			c.mu.Unlock()
+			c.countDrop(f.room)
+			return false
+		}
+		c.countDrop(f.room)
 	}
 	c.queue = append(c.queue, f)
+	c.qlen++
 	c.qbytes += f.size
+	if policy == KeepLatest {
+		if c.latest == nil {
+			c.latest = make(map[*room]int)
+		}
+		c.latest[f.room] = len(c.queue) - 1
+	}
 	c.mu.Unlock()
+	c.wakeWriter()
+	return true
+}
+
+func (c *conn) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
 	default:
 	}
-	return true
+}
+
+// dropOldestLocked removes the oldest queued frame whose room allows drops.
+// It leaves a nil in its place (so KeepLatest indexes stay valid) and
+// compacts the queue when nils pile up.
+func (c *conn) dropOldestLocked() bool {
+	for i, f := range c.queue {
+		if f == nil || f.policy() == Disconnect {
+			continue
+		}
+		c.queue[i] = nil
+		c.qlen--
+		c.qbytes -= f.size
+		if f.policy() == KeepLatest {
+			delete(c.latest, f.room)
+		}
+		if len(c.queue) > 2*c.h.cfg.queueMessages {
+			c.compactLocked()
+		}
+		return true
+	}
+	return false
+}
+
+func (c *conn) compactLocked() {
+	kept := c.queue[:0]
+	for _, f := range c.queue {
+		if f != nil {
+			kept = append(kept, f)
+		}
+	}
+	clear(c.queue[len(kept):])
+	c.queue = kept
+	clear(c.latest)
+	for i, f := range c.queue {
+		if f.policy() == KeepLatest {
+			c.latest[f.room] = i
+		}
+	}
+}
+
+// countDrop counts a frame of room r that a drop policy discarded.
+func (c *conn) countDrop(r *room) {
+	c.dropped.Add(1)
+	c.h.stats.dropped.Add(1)
+	if r != nil {
+		r.dropped.Add(1)
+	}
+}
+
+// slowConsumer closes the connection as a slow consumer, counting it
+// against room r (nil for a direct or control message).
+func (c *conn) slowConsumer(r *room) {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	depth, bytes := c.qlen, c.qbytes
+	c.beginCloseLocked(CloseSlowConsumer, "slow consumer", false)
+	c.mu.Unlock()
+	c.h.stats.slowConsumers.Add(1)
+	roomName := ""
+	if r != nil {
+		r.slowConsumers.Add(1)
+		roomName = r.name
+	}
+	c.h.log.Warn("pubsub: slow consumer disconnected",
+		"conn_id", c.client.ID, "user_id", c.client.UserID, "room", roomName,
+		"queued_messages", depth, "queued_bytes", bytes)
+}
+
+func (c *conn) stats() ConnStats {
+	msgs, bytes, lag := c.queueState()
+	return ConnStats{Client: c.client, QueueMessages: msgs, QueueBytes: bytes, Lag: lag, Dropped: c.dropped.Load()}
+}
+
+// queueState is the connection's queue depth and the age of its oldest
+// queued message.
+func (c *conn) queueState() (msgs, bytes int, lag time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, f := range c.queue {
+		if f != nil && !f.at.IsZero() {
+			lag = time.Since(f.at)
+			break
+		}
+	}
+	return c.qlen, c.qbytes, lag
 }
 
 // beginClose starts closing the connection with code and reason. With
@@ -167,7 +304,8 @@ func (c *conn) take() []*frame {
 	defer c.mu.Unlock()
 	batch := c.queue
 	c.queue, c.spare = c.spare[:0], nil
-	c.qbytes = 0
+	c.qlen, c.qbytes = 0, 0
+	clear(c.latest)
 	return batch
 }
 
@@ -212,6 +350,9 @@ func (c *conn) writeBatch(batch []*frame) error {
 	var err error
 	n := 0
 	for _, f := range batch {
+		if f == nil {
+			continue // removed by a drop policy
+		}
 		if c.proto {
 			err = c.ws.Write(ctx, websocket.MessageText, f.envelope())
 		} else {
@@ -219,7 +360,7 @@ func (c *conn) writeBatch(batch []*frame) error {
 			if f.kind == kindBinary {
 				typ = websocket.MessageBinary
 			}
-			err = c.ws.Write(ctx, typ, f.payload)
+			err = c.ws.Write(ctx, typ, f.m.Data)
 		}
 		if err != nil {
 			break
@@ -412,6 +553,9 @@ func (c *conn) handleEnvelope(data []byte) bool {
 			perr = c.dispatch(&in)
 		}
 	}
+	if perr == errAcked {
+		return !c.isClosing() // the handler already replied
+	}
 	if perr != nil {
 		c.h.log.Debug("pubsub: client request refused", "conn_id", c.client.ID,
 			"user_id", c.client.UserID, "room", in.Room, "err", perr)
@@ -442,16 +586,32 @@ func (c *conn) dispatch(in *inbound) *protoError {
 		if len(c.rooms) >= h.cfg.maxRooms {
 			return &protoError{CodeTooManyRooms, "this connection is in the maximum number of rooms"}
 		}
+		if len(in.Info) > h.cfg.maxInfo {
+			return badRequest(`"info" is larger than ` + strconv.Itoa(h.cfg.maxInfo) + " bytes")
+		}
 		if perr := c.authorize(ActionSubscribe, in.Room); perr != nil {
 			return perr
 		}
-		r, err := h.rooms.join(c.ctx, in.Room, c)
-		if err != nil {
+		if _, err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, in.ID); err != nil {
 			h.brokerFailed("subscribe", in.Room, err)
 			return &protoError{CodeUnavailable, "could not subscribe; try again later"}
 		}
-		c.rooms[in.Room] = r
-		return nil
+		return errAcked // subscribe queued the ack, ahead of the room's messages
+	case "presence":
+		r, ok := c.rooms[in.Room]
+		if !ok {
+			return &protoError{CodeNotJoined, "subscribe to the room to see its presence"}
+		}
+		if r.opts.Presence == PresenceOff {
+			return &protoError{CodeNotSupported, "this room does not track presence"}
+		}
+		p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
+		if err != nil {
+			h.brokerFailed("presence", in.Room, err)
+			return &protoError{CodeUnavailable, "could not read presence; try again later"}
+		}
+		c.reply(newControlFrame(encodePresence(in.ID, in.Room, p)))
+		return errAcked
 	case "unsubscribe":
 		r, ok := c.rooms[in.Room]
 		if !ok {
@@ -487,6 +647,84 @@ func (c *conn) dispatch(in *inbound) *protoError {
 		return nil
 	}
 	return &protoError{CodeUnknownType, "unknown type"} // unreachable: decodeInbound checked
+}
+
+// errAcked tells handleEnvelope that dispatch queued its own reply.
+var errAcked = &protoError{"", ""}
+
+func (c *conn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closing
+}
+
+// subscribe joins room for this connection and queues, in this order, the
+// ack (when id is set), the messages the client asked to catch up on
+// (since its position, or the room's last history messages), then the
+// live messages. It is shared by protocol subscribes and raw-mode joins.
+func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, id string) (subscribed, error) {
+	h := c.h
+	if len(c.client.Info) > 0 {
+		info = c.client.Info // the server's word wins
+	}
+	catchUp := c.proto || history > 0
+	s := &sub{
+		presence:  presence && c.proto,
+		member:    Member{ConnID: c.client.ID, UserID: c.client.UserID, Info: info},
+		buffering: catchUp,
+	}
+	r, err := h.rooms.join(c.ctx, room, c, s)
+	if err != nil {
+		return subscribed{}, err
+	}
+	c.rooms[room] = r
+	out := subscribed{room: room, presence: r.opts.Presence}
+	if !catchUp {
+		return out, nil
+	}
+	// A catch-up never exceeds what the queue can hold: more would close
+	// the connection as a slow consumer before it could read any of it.
+	capacity := min(r.opts.HistorySize, h.cfg.queueMessages-1)
+	q := HistoryQuery{}
+	switch {
+	case since != nil:
+		q = HistoryQuery{Since: *since.Seq, Limit: max(capacity, 1)}
+	case history > 0:
+		q = HistoryQuery{Limit: min(history, capacity), Latest: true}
+	}
+	res, err := h.cfg.broker.History(c.ctx, room, q)
+	if err != nil {
+		delete(c.rooms, room)
+		h.rooms.leave(r, c)
+		return subscribed{}, err
+	}
+	out.epoch, out.top = res.Epoch, res.Top
+	msgs := res.Messages
+	if since != nil {
+		out.recovery = true
+		switch {
+		case since.Epoch != res.Epoch:
+			out.reason, msgs = ReasonEpochChanged, nil
+		case *since.Seq > res.Top:
+			out.reason, msgs = ReasonUnknownPosition, nil
+		case *since.Seq < res.Top && (len(msgs) == 0 || msgs[0].Seq != *since.Seq+1):
+			out.reason, msgs = ReasonHistoryTooShort, nil
+		case *since.Seq < res.Top && msgs[len(msgs)-1].Seq != res.Top:
+			out.reason, msgs = ReasonTooManyMissed, nil
+		default:
+			out.recovered = true
+		}
+	}
+	out.missed = len(msgs)
+	first := make([]*frame, 0, len(msgs)+1)
+	if id != "" {
+		first = append(first, newControlFrame(encodeSubscribed(id, out)))
+	}
+	for _, m := range msgs {
+		first = append(first, newRoomFrame(m, r))
+	}
+	h.rooms.catchUp(r, c, first, res.Epoch, res.Top)
+	return out, nil
 }
 
 // authorize asks the authorize hook, when set, about action in room.

@@ -28,7 +28,102 @@ const (
 	DefaultHeartbeatTimeout  = 10 * time.Second
 	DefaultQueueMessages     = 1024
 	DefaultQueueBytes        = 4 << 20
+	DefaultHistoryTTL        = 10 * time.Minute
+	MaxHistorySize           = 100_000
+	DefaultMaxInfoBytes      = 1024
 )
+
+// SlowConsumerPolicy is what a room does when a subscriber's outbound queue
+// is full. Whatever the policy, it is counted (Stats, RoomStats, ConnStats)
+// and never silent.
+type SlowConsumerPolicy uint8
+
+const (
+	// Disconnect closes the subscriber with 4002 "slow consumer". The
+	// default: a client that stays connected has missed nothing.
+	Disconnect SlowConsumerPolicy = iota
+	// DropOldest discards the oldest of the room's messages still queued for
+	// the subscriber to make room; the subscriber sees a gap in seq.
+	DropOldest
+	// KeepLatest keeps at most one of the room's messages queued per
+	// subscriber: a newer one replaces the one still waiting, whether or
+	// not the queue is full. For tickers, where only the newest value
+	// matters; the subscriber sees gaps in seq.
+	KeepLatest
+)
+
+func (p SlowConsumerPolicy) String() string {
+	switch p {
+	case DropOldest:
+		return "drop-oldest"
+	case KeepLatest:
+		return "keep-latest"
+	}
+	return "disconnect"
+}
+
+// PresenceMode is how a room tracks its members.
+type PresenceMode uint8
+
+const (
+	// PresenceOn tracks members and sends join and leave events to the
+	// subscribers that ask for them. The default.
+	PresenceOn PresenceMode = iota
+	// PresenceCounts tracks members but sends no events and lists only
+	// counts to clients: for rooms with very many members, where a join
+	// announced to everyone would cost as much as the room is large.
+	PresenceCounts
+	// PresenceOff tracks nothing.
+	PresenceOff
+)
+
+func (m PresenceMode) String() string {
+	switch m {
+	case PresenceCounts:
+		return "counts"
+	case PresenceOff:
+		return "off"
+	}
+	return "on"
+}
+
+// RoomOptions are one room's settings. The zero value keeps no history,
+// tracks presence with events, and disconnects slow consumers.
+type RoomOptions struct {
+	// HistorySize is how many messages the room keeps for recovery and
+	// History; 0 keeps none. At most MaxHistorySize.
+	HistorySize int
+	// HistoryTTL is how long a message is kept, and how long an idle
+	// room's state outlives its last message. With HistorySize > 0 and no
+	// TTL, DefaultHistoryTTL applies: no room is kept forever.
+	HistoryTTL time.Duration
+	// Presence is how the room tracks its members.
+	Presence PresenceMode
+	// SlowConsumer is what the room does when a subscriber falls behind.
+	SlowConsumer SlowConsumerPolicy
+}
+
+// normalize brings a hook's answer into range, as documented on the fields.
+func (o RoomOptions) normalize() RoomOptions {
+	o.HistorySize = min(max(o.HistorySize, 0), MaxHistorySize)
+	if o.HistorySize > 0 && o.HistoryTTL <= 0 {
+		o.HistoryTTL = DefaultHistoryTTL
+	}
+	if o.HistorySize == 0 {
+		o.HistoryTTL = 0
+	}
+	if o.Presence > PresenceOff {
+		o.Presence = PresenceOn
+	}
+	if o.SlowConsumer > KeepLatest {
+		o.SlowConsumer = Disconnect
+	}
+	return o
+}
+
+func (o RoomOptions) history() HistoryOptions {
+	return HistoryOptions{Size: o.HistorySize, TTL: o.HistoryTTL}
+}
 
 type config struct {
 	logger *slog.Logger
@@ -56,6 +151,10 @@ type config struct {
 	queueBytes      int
 
 	broker Broker
+
+	room     RoomOptions                       // every room's defaults
+	roomFunc func(room string, o *RoomOptions) // per-room adjustments
+	maxInfo  int
 }
 
 func defaultConfig() config {
@@ -70,7 +169,18 @@ func defaultConfig() config {
 		heartbeatWait:   DefaultHeartbeatTimeout,
 		queueMessages:   DefaultQueueMessages,
 		queueBytes:      DefaultQueueBytes,
+		maxInfo:         DefaultMaxInfoBytes,
 	}
+}
+
+// roomOptions returns room's settings: the defaults, adjusted by the
+// WithRoomOptions function.
+func (c *config) roomOptions(room string) RoomOptions {
+	o := c.room
+	if c.roomFunc != nil {
+		c.roomFunc(room, &o)
+	}
+	return o.normalize()
 }
 
 // validate panics on the first value out of range. It runs once, in NewHandler.
@@ -109,6 +219,20 @@ func (c *config) validate() {
 	}
 	if c.heartbeat < 10*time.Millisecond || c.heartbeatWait < 10*time.Millisecond {
 		bad("WithHeartbeat(%v, %v): want both at least 10ms", c.heartbeat, c.heartbeatWait)
+	}
+	if c.room.HistorySize < 0 || c.room.HistorySize > MaxHistorySize || c.room.HistoryTTL < 0 ||
+		(c.room.HistorySize > 0 && c.room.HistoryTTL == 0) {
+		bad("WithHistory(%d, %v): want a size from 0 to %d and, with a size, a positive TTL",
+			c.room.HistorySize, c.room.HistoryTTL, MaxHistorySize)
+	}
+	if c.room.Presence > PresenceOff {
+		bad("WithPresence(%d): not a PresenceMode", c.room.Presence)
+	}
+	if c.room.SlowConsumer > KeepLatest {
+		bad("WithSlowConsumerPolicy(%d): not a SlowConsumerPolicy", c.room.SlowConsumer)
+	}
+	if c.maxInfo < 0 || c.maxInfo > 64<<10 {
+		bad("WithMaxInfoBytes(%d): want 0 to 64 KiB", c.maxInfo)
 	}
 	if c.queueMessages < 1 || c.queueBytes < 1 {
 		bad("WithQueueLimits(%d, %d): want at least 1 message and 1 byte", c.queueMessages, c.queueBytes)
@@ -250,4 +374,42 @@ func WithQueueLimits(messages, bytes int) Option {
 // broker serves one Handler. Default: NewMemoryBroker(), a single node.
 func WithBroker(b Broker) Option {
 	return func(c *config) { c.broker = b }
+}
+
+// WithHistory makes every room keep its last size messages for at most ttl,
+// so a reconnecting client can recover what it missed and the backend can
+// read History. Default: no history. size 0 to MaxHistorySize; with a size,
+// ttl must be positive. WithRoomOptions can set it per room.
+func WithHistory(size int, ttl time.Duration) Option {
+	return func(c *config) { c.room.HistorySize, c.room.HistoryTTL = size, ttl }
+}
+
+// WithPresence sets how every room tracks its members. Default: PresenceOn.
+// WithRoomOptions can set it per room.
+func WithPresence(m PresenceMode) Option {
+	return func(c *config) { c.room.Presence = m }
+}
+
+// WithSlowConsumerPolicy sets what every room does when a subscriber's
+// queue is full. Default: Disconnect. WithRoomOptions can set it per room.
+func WithSlowConsumerPolicy(p SlowConsumerPolicy) Option {
+	return func(c *config) { c.room.SlowConsumer = p }
+}
+
+// WithRoomOptions adjusts each room's settings. f gets the room's name and
+// the defaults (from WithHistory, WithPresence, WithSlowConsumerPolicy) to
+// change in place. It is called whenever a room's settings are needed (on
+// every publish, and when a room gets its first subscriber on this node),
+// so it must be fast and give the same answer for the same room, on every
+// node. Values out of range are brought into range as RoomOptions
+// documents. Default: none, every room gets the defaults.
+func WithRoomOptions(f func(room string, o *RoomOptions)) Option {
+	return func(c *config) { c.roomFunc = f }
+}
+
+// WithMaxInfoBytes bounds the presence info a client may attach when it
+// subscribes (a JSON object); a larger one is answered with bad_request.
+// Default: 1 KiB; range 0 (clients may attach none) to 64 KiB.
+func WithMaxInfoBytes(n int) Option {
+	return func(c *config) { c.maxInfo = n }
 }

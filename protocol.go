@@ -42,7 +42,19 @@ type inbound struct {
 	Text   *string         `json:"text"`
 	Binary *string         `json:"binary"`
 
+	// subscribe only
+	Since    *position       `json:"since"`
+	History  int             `json:"history"`
+	Presence bool            `json:"presence"`
+	Info     json.RawMessage `json:"info"`
+
 	payload []byte // the decoded payload of publish and send
+}
+
+// position is where a client stands in a room: the last message it got.
+type position struct {
+	Epoch string  `json:"epoch"`
+	Seq   *uint64 `json:"seq"`
 }
 
 // protoError is an error answered to the client with a code and a message
@@ -86,7 +98,12 @@ func decodeInbound(b []byte) (inbound, *protoError) {
 		return in, badRequest(`"type" is required`)
 	case "ping", "pong":
 		return in, nil
-	case "subscribe", "unsubscribe":
+	case "subscribe":
+		if in.Room == "" {
+			return in, badRequest(`"room" is required`)
+		}
+		return in, in.checkSubscribe()
+	case "unsubscribe", "presence":
 		if in.Room == "" {
 			return in, badRequest(`"room" is required`)
 		}
@@ -104,6 +121,29 @@ func decodeInbound(b []byte) (inbound, *protoError) {
 	default:
 		return in, &protoError{CodeUnknownType, "unknown type " + strconv.Quote(in.Type)}
 	}
+}
+
+func (in *inbound) checkSubscribe() *protoError {
+	if in.Since != nil {
+		if in.Since.Epoch == "" || in.Since.Seq == nil {
+			return badRequest(`"since" needs "epoch" (a string) and "seq" (an integer)`)
+		}
+		if in.History != 0 {
+			return badRequest(`"since" and "history" cannot be combined`)
+		}
+	}
+	if in.History < 0 || in.History > MaxHistorySize {
+		return badRequest(`"history" must be from 0 to ` + strconv.Itoa(MaxHistorySize))
+	}
+	if in.Info != nil {
+		if t := bytes.TrimLeft(in.Info, " \t\r\n"); len(t) == 0 || (t[0] != '{' && !bytes.Equal(t, []byte("null"))) {
+			return badRequest(`"info" must be a JSON object`)
+		}
+		if bytes.Equal(bytes.TrimSpace(in.Info), []byte("null")) {
+			in.Info = nil
+		}
+	}
+	return nil
 }
 
 func (in *inbound) decodePayload() ([]byte, *protoError) {
@@ -175,15 +215,131 @@ func appendPayload(b []byte, p []byte, kind payloadKind) []byte {
 
 // encodeMessage is the envelope of a room message, built once per publish.
 func encodeMessage(m Message, kind payloadKind) []byte {
-	b := make([]byte, 0, 64+len(m.Room)+len(m.Epoch)+len(m.Data)*4/3)
+	b := make([]byte, 0, 128+len(m.Room)+len(m.Epoch)+len(m.ID)+len(m.Data)*4/3)
 	b = append(b, `{"type":"message","room":`...)
 	b = appendJSONString(b, []byte(m.Room))
 	b = append(b, `,"epoch":`...)
 	b = appendJSONString(b, []byte(m.Epoch))
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, m.Seq, 10)
+	if m.ID != "" {
+		b = append(b, `,"message_id":`...)
+		b = appendJSONString(b, []byte(m.ID))
+	}
+	if !m.Time.IsZero() {
+		b = append(b, `,"time":`...)
+		b = strconv.AppendInt(b, m.Time.UnixMilli(), 10)
+	}
 	b = append(b, ',')
 	b = appendPayload(b, m.Data, kind)
+	return append(b, '}')
+}
+
+// encodePresenceEvent is the envelope of a join or leave event.
+func encodePresenceEvent(m Message) []byte {
+	b := make([]byte, 0, 128+len(m.Room)+len(m.Member.Info))
+	if m.Kind == KindJoin {
+		b = append(b, `{"type":"join","room":`...)
+	} else {
+		b = append(b, `{"type":"leave","room":`...)
+	}
+	b = appendJSONString(b, []byte(m.Room))
+	b = appendMemberFields(b, m.Member.ConnID, m.Member.UserID, m.Member.Info)
+	return append(b, '}')
+}
+
+func appendMemberFields(b []byte, connID, userID string, info json.RawMessage) []byte {
+	if connID != "" {
+		b = append(b, `,"conn_id":`...)
+		b = appendJSONString(b, []byte(connID))
+	}
+	if userID != "" {
+		b = append(b, `,"user_id":`...)
+		b = appendJSONString(b, []byte(userID))
+	}
+	if len(info) > 0 {
+		b = append(b, `,"info":`...)
+		b = append(b, info...)
+	}
+	return b
+}
+
+// subscribed is what a subscribe's ack says about the subscription.
+type subscribed struct {
+	room      string
+	epoch     string
+	top       uint64
+	presence  PresenceMode
+	recovery  bool   // the client asked to recover
+	recovered bool   // and got exactly what it missed
+	reason    string // why not, when it did not
+	missed    int    // messages replayed before live ones
+}
+
+// Recovery refusal reasons, in a subscribe ack's "reason".
+const (
+	ReasonEpochChanged    = "epoch_changed"     // the room's state was lost since the client's position
+	ReasonHistoryTooShort = "history_too_short" // messages after the position are no longer kept
+	ReasonUnknownPosition = "unknown_position"  // the position is ahead of the room
+	ReasonTooManyMissed   = "too_many_missed"   // more missed than one connection's queue holds
+)
+
+func encodeSubscribed(id string, s subscribed) []byte {
+	b := append([]byte(nil), `{"type":"ack","id":`...)
+	b = appendJSONString(b, []byte(id))
+	b = append(b, `,"room":`...)
+	b = appendJSONString(b, []byte(s.room))
+	b = append(b, `,"epoch":`...)
+	b = appendJSONString(b, []byte(s.epoch))
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendUint(b, s.top, 10)
+	b = append(b, `,"presence":`...)
+	b = appendJSONString(b, []byte(s.presence.String()))
+	if s.recovery {
+		b = append(b, `,"recovered":`...)
+		b = strconv.AppendBool(b, s.recovered)
+		if s.reason != "" {
+			b = append(b, `,"reason":`...)
+			b = appendJSONString(b, []byte(s.reason))
+		}
+	}
+	b = append(b, `,"missed":`...)
+	b = strconv.AppendInt(b, int64(s.missed), 10)
+	return append(b, '}')
+}
+
+// encodePresence is the reply to a presence request.
+func encodePresence(id, room string, p Presence) []byte {
+	b := append([]byte(nil), `{"type":"presence"`...)
+	if id != "" {
+		b = append(b, `,"id":`...)
+		b = appendJSONString(b, []byte(id))
+	}
+	b = append(b, `,"room":`...)
+	b = appendJSONString(b, []byte(room))
+	b = append(b, `,"count":`...)
+	b = strconv.AppendInt(b, int64(p.Count), 10)
+	b = append(b, `,"connections":`...)
+	b = strconv.AppendInt(b, int64(p.Connections), 10)
+	if p.Members != nil {
+		b = append(b, `,"members":[`...)
+		for i, m := range p.Members {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, `{"conns":[`...)
+			for j, id := range m.Conns {
+				if j > 0 {
+					b = append(b, ',')
+				}
+				b = appendJSONString(b, []byte(id))
+			}
+			b = append(b, ']')
+			b = appendMemberFields(b, "", m.UserID, m.Info)
+			b = append(b, '}')
+		}
+		b = append(b, ']')
+	}
 	return append(b, '}')
 }
 

@@ -2,7 +2,9 @@ package pubsub
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,6 +12,8 @@ import (
 	"net/url"
 	"path"
 	"runtime/debug"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -82,8 +86,12 @@ const (
 // Identity is what an authenticate hook says about a client.
 type Identity struct {
 	// UserID groups a user's connections (tabs, devices) for PublishToUser
-	// and DisconnectUser. Empty means anonymous.
+	// and DisconnectUser, and makes them one member in presence. Empty
+	// means anonymous.
 	UserID string
+	// Info is shown to other members in presence: a JSON object, such as
+	// {"name":"Ann"}. When set, it wins over the info a client supplies.
+	Info json.RawMessage
 }
 
 // Client describes one connection to hooks and to the server API.
@@ -91,7 +99,8 @@ type Client struct {
 	ID         string // a random UUID, unique per connection
 	UserID     string // from the authenticate hook; empty when anonymous
 	Mode       Mode
-	RemoteAddr string // the upgrade request's RemoteAddr
+	RemoteAddr string          // the upgrade request's RemoteAddr
+	Info       json.RawMessage // Identity.Info
 }
 
 // ConnectEvent is passed to the WithOnConnect callback.
@@ -134,13 +143,14 @@ type Stats struct {
 	MessagesOut   uint64 // room and direct messages written to clients
 	Published     uint64 // messages published into rooms, by the server and clients
 	SlowConsumers uint64 // connections closed because their queue overflowed
+	Dropped       uint64 // messages discarded by a DropOldest or KeepLatest room
 	RateLimited   uint64 // client messages refused by the rate limit
 	Refused       uint64 // upgrades refused (origin, authentication, room, shutdown)
 	HookPanics    uint64 // panics recovered from hooks
 }
 
 type counters struct {
-	messagesIn, messagesOut, published, slowConsumers,
+	messagesIn, messagesOut, published, slowConsumers, dropped,
 	rateLimited, refused, hookPanics atomic.Uint64
 }
 
@@ -180,7 +190,7 @@ func NewHandler(opts ...Option) *Handler {
 		users: make(map[string]map[*conn]struct{}),
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
-	h.rooms = newRegistry(cfg.broker, h.brokerFailed)
+	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queueMessages, h.brokerFailed)
 	cfg.broker.Bind(h.rooms.deliver)
 	return h
 }
@@ -237,11 +247,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr})
+	if len(id.Info) > 0 && !json.Valid(id.Info) {
+		h.log.Error("pubsub: the authenticate hook returned an Identity.Info that is not valid JSON", "user_id", id.UserID)
+		h.refuse(w, r, http.StatusInternalServerError, "internal error")
+		return
+	}
+	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr, Info: id.Info})
 	defer c.cancel()
 
 	if mode == ModeRaw {
 		room, err := h.rawRoom(r)
+		if err != nil {
+			h.refuse(w, r, http.StatusBadRequest, err.Error())
+			return
+		}
+		history, err := rawHistory(r)
 		if err != nil {
 			h.refuse(w, r, http.StatusBadRequest, err.Error())
 			return
@@ -256,13 +276,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			// Join before the upgrade, so a broker failure can still be a 503.
-			rm, err := h.rooms.join(c.ctx, room, c)
-			if err != nil {
+			if _, err := c.subscribe(room, nil, history, false, nil, ""); err != nil {
 				h.brokerFailed("subscribe", room, err)
 				h.refuse(w, r, http.StatusServiceUnavailable, "could not join the room; try again later")
 				return
 			}
-			c.rooms[room], c.rawRoom = rm, room
+			c.rawRoom = room
 		}
 	}
 	defer c.leaveAll()
@@ -446,6 +465,20 @@ func (h *Handler) rawRoom(r *http.Request) (string, error) {
 	return room, nil
 }
 
+// rawHistory reads a raw-mode client's "history" query parameter: how
+// many of the room's last messages to replay before live ones.
+func rawHistory(r *http.Request) (int, error) {
+	v := r.URL.Query().Get("history")
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > MaxHistorySize {
+		return 0, fmt.Errorf("the history query parameter must be a number from 0 to %d", MaxHistorySize)
+	}
+	return n, nil
+}
+
 // Publish publishes data into room. Every subscriber, on every node, gets
 // it in the room's order. Publish copies data and never blocks on a
 // subscriber; it fails with ErrInvalidRoom, ErrTooLarge, ErrClosed, or the
@@ -467,7 +500,7 @@ func (h *Handler) publish(ctx context.Context, room string, data []byte) error {
 	if len(data) > h.cfg.queueBytes {
 		return ErrTooLarge
 	}
-	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data)); err != nil {
+	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), h.cfg.roomOptions(room).history()); err != nil {
 		return err
 	}
 	h.stats.published.Add(1)
@@ -501,6 +534,9 @@ func (h *Handler) isClosing() bool {
 // message. It never blocks; it fails with ErrConnNotFound when no open
 // connection has that id.
 func (h *Handler) PublishToConn(ctx context.Context, connID string, data []byte) error {
+	if len(data) > h.cfg.queueBytes {
+		return fmt.Errorf("pubsub: publish to connection %q: %w", connID, ErrTooLarge)
+	}
 	h.mu.Lock()
 	c := h.conns[connID]
 	h.mu.Unlock()
@@ -514,6 +550,9 @@ func (h *Handler) PublishToConn(ctx context.Context, connID string, data []byte)
 // a direct message. It fails with ErrConnNotFound when the user has no
 // open connection.
 func (h *Handler) PublishToUser(ctx context.Context, userID string, data []byte) error {
+	if len(data) > h.cfg.queueBytes {
+		return fmt.Errorf("pubsub: publish to user %q: %w", userID, ErrTooLarge)
+	}
 	f := newDirectFrame(bytes.Clone(data))
 	sent := 0
 	for _, c := range h.userConns(userID) {
@@ -543,6 +582,95 @@ func (h *Handler) userConns(userID string) []*conn {
 // Connections lists the connections on this node subscribed to room.
 func (h *Handler) Connections(room string) []Client {
 	return h.rooms.clients(room)
+}
+
+// History returns up to limit of the newest messages room keeps, oldest
+// first (see WithHistory). A room without history returns none.
+func (h *Handler) History(ctx context.Context, room string, limit int) ([]Message, error) {
+	if err := h.cfg.roomValidator(room); err != nil {
+		return nil, fmt.Errorf("pubsub: history of room %q: %w: %v", room, ErrInvalidRoom, err)
+	}
+	if limit <= 0 {
+		return nil, nil
+	}
+	res, err := h.cfg.broker.History(ctx, room, HistoryQuery{Limit: limit, Latest: true})
+	if err != nil {
+		return nil, fmt.Errorf("pubsub: history of room %q: %w", room, err)
+	}
+	return res.Messages, nil
+}
+
+// Presence lists room's members across the cluster. A user with several
+// connections is one member. In a PresenceCounts room only the counts are
+// filled in; in a PresenceOff room everything is zero.
+func (h *Handler) Presence(ctx context.Context, room string) (Presence, error) {
+	if err := h.cfg.roomValidator(room); err != nil {
+		return Presence{}, fmt.Errorf("pubsub: presence of room %q: %w: %v", room, ErrInvalidRoom, err)
+	}
+	o := h.cfg.roomOptions(room)
+	if o.Presence == PresenceOff {
+		return Presence{}, nil
+	}
+	p, err := h.cfg.broker.Presence(ctx, room, o.Presence == PresenceCounts)
+	if err != nil {
+		return Presence{}, fmt.Errorf("pubsub: presence of room %q: %w", room, err)
+	}
+	return p, nil
+}
+
+// ConnStats is how one connection is keeping up.
+type ConnStats struct {
+	Client        Client
+	QueueMessages int           // messages waiting to be written
+	QueueBytes    int           // their payload bytes
+	Lag           time.Duration // age of the oldest waiting message; 0 when none waits
+	Dropped       uint64        // messages a DropOldest or KeepLatest room discarded for it
+}
+
+// RoomStats is how a room's subscribers on this node are keeping up.
+type RoomStats struct {
+	Room          string
+	Options       RoomOptions
+	Subscribers   int
+	Dropped       uint64      // messages its drop policy discarded, all subscribers together
+	SlowConsumers uint64      // subscribers closed because its messages did not fit their queue
+	Connections   []ConnStats // every subscriber, the most lagging first
+}
+
+// RoomStats reports on room's subscribers on this node, the most lagging
+// first, so a publisher can see who is falling behind. The counters start
+// when the room gets its first subscriber on this node.
+func (h *Handler) RoomStats(room string) RoomStats {
+	st := RoomStats{Room: room, Options: h.cfg.roomOptions(room)}
+	r := h.rooms.lookup(room)
+	if r == nil {
+		return st
+	}
+	st.Options = r.opts
+	st.Dropped, st.SlowConsumers = r.dropped.Load(), r.slowConsumers.Load()
+	for _, c := range h.rooms.conns(r) {
+		st.Connections = append(st.Connections, c.stats())
+	}
+	st.Subscribers = len(st.Connections)
+	slices.SortStableFunc(st.Connections, func(a, b ConnStats) int {
+		if a.Lag != b.Lag {
+			return cmp.Compare(b.Lag, a.Lag)
+		}
+		return cmp.Compare(b.QueueMessages, a.QueueMessages)
+	})
+	return st
+}
+
+// ConnStats reports how one connection on this node is keeping up. It
+// fails with ErrConnNotFound.
+func (h *Handler) ConnStats(connID string) (ConnStats, error) {
+	h.mu.Lock()
+	c := h.conns[connID]
+	h.mu.Unlock()
+	if c == nil {
+		return ConnStats{}, fmt.Errorf("pubsub: stats of connection %q: %w", connID, ErrConnNotFound)
+	}
+	return c.stats(), nil
 }
 
 // Disconnect closes one connection with close code 4003 and reason
@@ -580,6 +708,7 @@ func (h *Handler) Stats() Stats {
 		MessagesOut:   h.stats.messagesOut.Load(),
 		Published:     h.stats.published.Load(),
 		SlowConsumers: h.stats.slowConsumers.Load(),
+		Dropped:       h.stats.dropped.Load(),
 		RateLimited:   h.stats.rateLimited.Load(),
 		Refused:       h.stats.refused.Load(),
 		HookPanics:    h.stats.hookPanics.Load(),

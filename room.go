@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -36,10 +37,12 @@ const registryShards = 32
 // registry holds this node's rooms, sharded by name so that joins and
 // publishes to different rooms rarely meet on a lock.
 type registry struct {
-	seed   maphash.Seed
-	shards [registryShards]shard
-	broker Broker
-	onErr  func(op, room string, err error)
+	seed       maphash.Seed
+	shards     [registryShards]shard
+	broker     Broker
+	options    func(room string) RoomOptions
+	maxPending int // the most live messages a catching-up subscription buffers
+	onErr      func(op, room string, err error)
 }
 
 type shard struct {
@@ -54,19 +57,34 @@ type shard struct {
 // broker Subscribe to its last subscriber's broker Unsubscribe.
 type room struct {
 	name string
-	refs int   // subscribers joined or joining; guarded by the shard's mu
-	prev *room // the previous life, whose Unsubscribe must end first
+	opts RoomOptions // fixed for the life, from WithRoomOptions
+	refs int         // subscribers joined or joining; guarded by the shard's mu
+	prev *room       // the previous life, whose Unsubscribe must end first
 
 	ready chan struct{} // closed when the broker Subscribe returned
 	err   error         // that Subscribe's result; read only after ready
 	gone  chan struct{} // closed when this life ended at the broker
 
-	mu   sync.RWMutex // guards subs; held for reading during fan-out
-	subs map[*conn]struct{}
+	mu   sync.RWMutex // guards subs and each sub's buffer; held for reading during fan-out
+	subs map[*conn]*sub
+
+	dropped       atomic.Uint64 // messages a drop policy discarded, all subscribers
+	slowConsumers atomic.Uint64 // subscribers closed as slow consumers on this room's message
 }
 
-func newRegistry(b Broker, onErr func(op, room string, err error)) *registry {
-	r := &registry{seed: maphash.MakeSeed(), broker: b, onErr: onErr}
+// sub is one connection's subscription to a room.
+type sub struct {
+	presence bool // wants join and leave events
+	member   Member
+	// buffering holds live messages while the subscription catches up
+	// from history; nil once live. A full buffer closes the connection as
+	// a slow consumer, like a full queue.
+	buffering bool
+	pending   []*frame
+}
+
+func newRegistry(b Broker, options func(string) RoomOptions, maxPending int, onErr func(op, room string, err error)) *registry {
+	r := &registry{seed: maphash.MakeSeed(), broker: b, options: options, maxPending: maxPending, onErr: onErr}
 	for i := range r.shards {
 		r.shards[i].rooms = make(map[string]*room)
 		r.shards[i].leaving = make(map[string]*room)
@@ -79,24 +97,26 @@ func (g *registry) shard(name string) *shard {
 }
 
 // join adds c to the room, subscribing this node at the broker when c is
-// the room's first subscriber. It returns the room c joined.
-func (g *registry) join(ctx context.Context, name string, c *conn) (*room, error) {
-	s := g.shard(name)
-	s.mu.Lock()
-	r := s.rooms[name]
+// the room's first subscriber. With buffering, live messages are held in the
+// subscription until catchUp releases them. It returns the room c joined.
+func (g *registry) join(ctx context.Context, name string, c *conn, s *sub) (*room, error) {
+	sh := g.shard(name)
+	sh.mu.Lock()
+	r := sh.rooms[name]
 	creator := r == nil
 	if creator {
 		r = &room{
 			name:  name,
-			prev:  s.leaving[name],
+			opts:  g.options(name),
+			prev:  sh.leaving[name],
 			ready: make(chan struct{}),
 			gone:  make(chan struct{}),
-			subs:  make(map[*conn]struct{}),
+			subs:  make(map[*conn]*sub),
 		}
-		s.rooms[name] = r
+		sh.rooms[name] = r
 	}
 	r.refs++
-	s.mu.Unlock()
+	sh.mu.Unlock()
 
 	if creator {
 		if r.prev != nil {
@@ -118,17 +138,55 @@ func (g *registry) join(ctx context.Context, name string, c *conn) (*room, error
 		return nil, r.err
 	}
 	r.mu.Lock()
-	r.subs[c] = struct{}{}
+	r.subs[c] = s
 	r.mu.Unlock()
+	if r.opts.Presence != PresenceOff {
+		if err := g.broker.Join(ctx, name, s.member, r.opts.Presence == PresenceOn); err != nil {
+			g.leave(r, c)
+			return nil, err
+		}
+	}
 	return r, nil
+}
+
+// catchUp ends a subscription's buffering: it queues first (history, in
+// order), then every buffered live message that first does not already
+// cover, and from then on the subscription is live. Nothing published in
+// between is lost or doubled: the subscription buffered before the history
+// was read, and everything in the buffer at or below top was in history.
+func (g *registry) catchUp(r *room, c *conn, first []*frame, epoch string, top uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.subs[c]
+	if s == nil {
+		return
+	}
+	for _, f := range first {
+		c.enqueue(f)
+	}
+	for _, f := range s.pending {
+		if f.m.Kind == KindMessage && f.m.Epoch == epoch && f.m.Seq <= top {
+			continue // covered by the history read
+		}
+		c.enqueue(f)
+	}
+	s.buffering, s.pending = false, nil
 }
 
 // leave removes c from r, unsubscribing this node at the broker when c was
 // the last subscriber.
 func (g *registry) leave(r *room, c *conn) {
 	r.mu.Lock()
+	s := r.subs[c]
 	delete(r.subs, c)
 	r.mu.Unlock()
+	if s != nil && r.opts.Presence != PresenceOff {
+		ctx, cancel := context.WithTimeout(context.Background(), brokerCallTimeout)
+		if err := g.broker.Leave(ctx, r.name, s.member, r.opts.Presence == PresenceOn); err != nil {
+			g.onErr("leave", r.name, err)
+		}
+		cancel()
+	}
 	g.release(r)
 }
 
@@ -179,9 +237,22 @@ func (g *registry) deliver(m Message) {
 	if r == nil {
 		return
 	}
-	f := newRoomFrame(m)
+	f := newRoomFrame(m, r)
 	r.mu.RLock()
-	for c := range r.subs {
+	for c, s := range r.subs {
+		if m.Kind != KindMessage && !s.presence {
+			continue
+		}
+		if s.buffering {
+			// Deliveries of one room never overlap (the Broker contract),
+			// so this append is safe under the read lock.
+			if len(s.pending) >= g.maxPending {
+				c.slowConsumer(r)
+				continue
+			}
+			s.pending = append(s.pending, f)
+			continue
+		}
 		c.enqueue(f)
 	}
 	r.mu.RUnlock()
@@ -201,6 +272,25 @@ func (g *registry) clients(name string) []Client {
 	out := make([]Client, 0, len(r.subs))
 	for c := range r.subs {
 		out = append(out, c.client)
+	}
+	return out
+}
+
+// lookup returns the room's current life on this node, or nil.
+func (g *registry) lookup(name string) *room {
+	s := g.shard(name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rooms[name]
+}
+
+// conns returns the room's subscribers on this node.
+func (g *registry) conns(r *room) []*conn {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]*conn, 0, len(r.subs))
+	for c := range r.subs {
+		out = append(out, c)
 	}
 	return out
 }
