@@ -64,17 +64,44 @@
 //	4003  disconnected by the server (Disconnect, DisconnectUser)
 //	4004  rate limited (raw mode; protocol mode gets an error envelope)
 //
+// # Room state
+//
+// Every message of a room carries the room's epoch, a sequence number and a
+// unique ID. WithHistory (or WithRoomOptions, per room) makes rooms keep
+// their last messages, bounded by count and by age; History reads them. A
+// protocol client that reconnects subscribes with the position of the last
+// message it got and receives exactly what it missed, or is told why it
+// cannot (see PROTOCOL.md). Rooms are reclaimed once they have no
+// subscribers and nothing left to keep, so a server that sees millions of
+// distinct rooms does not grow with them.
+//
+// Presence tracks a room's members across the cluster: a user with several
+// tabs is one member. Subscribers that ask get join and leave events;
+// PresenceCounts keeps very large rooms cheap (no events, counts only).
+//
+// A subscriber that cannot keep up meets its room's SlowConsumerPolicy:
+// Disconnect (the default), DropOldest or KeepLatest (for tickers). Each
+// outcome is counted in Stats, RoomStats and ConnStats, which also show
+// every subscriber's queue depth and lag.
+//
 // # Guarantees
 //
 //   - Within a room, messages carry a strictly increasing sequence number
-//     (from 1) and the epoch of the room's current life; every subscriber
-//     receives them in that order. Live delivery is at most once per
-//     connection.
+//     (from 1 in each epoch) and every subscriber receives them in that
+//     order. Live delivery is at most once per connection.
+//   - Under the Disconnect policy a connection that stays open has missed
+//     nothing: one whose queue would overflow is closed with 4002, never
+//     silently skipped. Under DropOldest and KeepLatest the drops show as
+//     gaps in seq and in the counters.
+//   - With history, a client that resubscribes with its last (epoch, seq)
+//     gets exactly the messages it missed, in order, before any live one,
+//     with no gap and no duplicate even while publishes race with the
+//     resubscribe; or it is told that recovery is impossible (epoch
+//     changed, history too short) so it can reload state.
 //   - Nothing grows without bound: each connection's outbound queue is
-//     bounded in messages and bytes (WithQueueLimits). A consumer that
-//     cannot keep up is closed with 4002 and counted in Stats; it never
-//     slows the publisher or other subscribers, and its messages are never
-//     dropped silently while it stays connected.
+//     bounded in messages and bytes (WithQueueLimits); each room's history
+//     by count and age; idle rooms are reclaimed. A slow consumer never
+//     slows the publisher or other subscribers.
 //   - Publish encodes a message once, whatever the number of subscribers,
 //     and never blocks on a subscriber's socket.
 //   - Bad input (malformed JSON, unknown types, oversized or binary frames
@@ -105,7 +132,7 @@
 //
 // # More than one node
 //
-// A Broker carries publishes between nodes and owns each room's sequence.
-// The default, NewMemoryBroker, serves a single process; adapters for
-// other engines live in their own modules.
+// A Broker carries publishes between nodes and owns each room's sequence,
+// history and presence. The default, NewMemoryBroker, serves a single
+// process; adapters for other engines live in their own modules.
 package pubsub
