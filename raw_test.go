@@ -10,7 +10,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
@@ -891,4 +893,83 @@ func TestRawSubprotocolNegotiation(t *testing.T) {
 			t.Fatalf("first frame %v %s, want the welcome envelope", typ, b)
 		}
 	})
+}
+
+// ---- Heartbeats ----
+
+func TestRawHeartbeatKeepsReadingClientConnected(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name              string
+		interval, timeout time.Duration
+	}{
+		{"interval equal to timeout", 50 * time.Millisecond, 50 * time.Millisecond},
+		// The defaults' shape (25s, 10s).
+		{"interval longer than timeout", 50 * time.Millisecond, 20 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			onDisconnect, disconnected := rawOnDisconnect()
+			h, srv := newServer(t, pubsub.WithHeartbeat(tt.interval, tt.timeout), onDisconnect)
+
+			// The server pings a silent raw client at most once per interval,
+			// so wantPings pings mean at least wantPings intervals went by.
+			const wantPings = 4
+			var pings atomic.Int32
+			enough := make(chan struct{})
+			c := rawDial(t, wsURL(srv, "/ws?room=hb"), &websocket.DialOptions{
+				OnPingReceived: func(context.Context, []byte) bool {
+					if pings.Add(1) == wantPings {
+						close(enough)
+					}
+					return true // answer it
+				},
+			})
+			frames := rawReadLoop(t, c)
+			select {
+			case <-enough:
+			case f := <-frames:
+				t.Fatalf("after %d pings the connection gave %v %q %v, want it open", pings.Load(), f.typ, f.data, f.err)
+			case <-testCtx(t).Done():
+				t.Fatalf("timed out after %d pings", pings.Load())
+			}
+			rawPublish(t, h, "hb", "still here")
+			rawNextText(t, frames, "still here")
+			select {
+			case e := <-disconnected:
+				t.Fatalf("disconnected with %d %q, want connected", e.Code, e.Reason)
+			default:
+			}
+		})
+	}
+}
+
+func TestRawHeartbeatClosesClientThatNeverReadsWith4001(t *testing.T) {
+	t.Parallel()
+	onConnect, connected := rawOnConnect()
+	onDisconnect, disconnected := rawOnDisconnect()
+	h, srv := newServer(t, pubsub.WithHeartbeat(50*time.Millisecond, 50*time.Millisecond), onConnect, onDisconnect)
+
+	silent := dial(t, wsURL(srv, "/ws?room=hb")) // never reads, so never answers a ping
+	silentID := rawRecv(t, connected, "the connect hook").ID
+	live := dial(t, wsURL(srv, "/ws?room=hb"))
+	liveFrames := rawReadLoop(t, live)
+
+	// A connection that is closing takes no more messages. The probes queue
+	// up unread on the silent client until then.
+	waitFor(t, "the server to give up on the silent client", func() bool {
+		return errors.Is(h.PublishToConn(testCtx(t), silentID, []byte("probe")), pubsub.ErrConnNotFound)
+	})
+	// Reading now lets the server's close handshake finish at once.
+	expectClose(t, silent, pubsub.CloseHeartbeatTimeout)
+	e := rawRecv(t, disconnected, "the disconnect hook")
+	if e.Client.ID != silentID || e.Code != pubsub.CloseHeartbeatTimeout {
+		t.Fatalf("disconnect of %s with %d %q, want %s with %d", e.Client.ID, e.Code, e.Reason, silentID, pubsub.CloseHeartbeatTimeout)
+	}
+
+	// The client that kept reading outlived it and is still served.
+	rawPublish(t, h, "hb", "after the timeout")
+	rawNextText(t, liveFrames, "after the timeout")
+	rawInRoom(t, h, "hb", 1)
 }
