@@ -237,11 +237,11 @@ func (c *conn) writeBatch(batch []*frame) error {
 func (c *conn) heartbeat() {
 	cfg := &c.h.cfg
 	silent := time.Since(time.Unix(0, c.lastSeen.Load()))
-	if silent > cfg.heartbeat+cfg.heartbeatWait {
-		c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
-		return
-	}
 	if c.proto {
+		if silent > cfg.heartbeat+cfg.heartbeatWait {
+			c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.writeTimeout)
 		defer cancel()
 		if err := c.ws.Write(ctx, websocket.MessageText, pingEnvelope); err != nil {
@@ -249,6 +249,9 @@ func (c *conn) heartbeat() {
 		}
 		return
 	}
+	// Raw mode: the ping below is the liveness check, not a deadline on
+	// silent. Pings go out only after a silent interval, so on this ticker
+	// a healthy client's pongs can be nearly two intervals apart.
 	if silent < cfg.heartbeat {
 		return // a raw client that spoke recently needs no ping
 	}
