@@ -147,12 +147,14 @@ const (
 
 func classify(p []byte) payloadKind {
 	switch {
+	case !utf8.Valid(p):
+		// First: json.Valid accepts invalid UTF-8 inside strings, and such
+		// "data" would make a text frame that is not UTF-8.
+		return kindBinary
 	case json.Valid(p):
 		return kindJSON
-	case utf8.Valid(p):
-		return kindText
 	default:
-		return kindBinary
+		return kindText
 	}
 }
 
