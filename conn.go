@@ -402,18 +402,17 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 // the connection stays open.
 func (c *conn) handleEnvelope(data []byte) bool {
 	in, perr := decodeInbound(data)
-	if perr == nil {
-		switch in.Type {
-		case "ping":
-			return c.reply(newControlFrame(pongEnvelope))
-		case "pong":
-			return true
-		}
-		if !c.allow() {
-			perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
-		} else {
-			perr = c.dispatch(&in)
-		}
+	switch {
+	case perr == nil && in.Type == "pong":
+		return true // the answer to our ping; liveness was noted on read
+	case !c.allow():
+		// Every envelope but pong counts, malformed ones included, so a
+		// flood of garbage is throttled like any other.
+		perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
+	case perr == nil && in.Type == "ping":
+		return c.reply(newControlFrame(encodePong(in.ID)))
+	case perr == nil:
+		perr = c.dispatch(&in)
 	}
 	if perr != nil {
 		c.h.log.Debug("pubsub: client request refused", "conn_id", c.client.ID,

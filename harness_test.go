@@ -273,7 +273,7 @@ func (p *protoClient) request(fields map[string]any) envelope {
 	p.send(fields)
 	for {
 		e := p.readWire()
-		if (e.Type == "ack" || e.Type == "error") && e.ID == id {
+		if e.ID == id && e.Type != "message" {
 			return e
 		}
 		p.pending = append(p.pending, e)

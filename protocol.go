@@ -234,10 +234,17 @@ func encodeWelcome(w welcome) []byte {
 	return b
 }
 
-var (
-	pingEnvelope = []byte(`{"type":"ping"}`)
-	pongEnvelope = []byte(`{"type":"pong"}`)
-)
+var pingEnvelope = []byte(`{"type":"ping"}`)
+
+// encodePong answers a client ping, echoing its id when it had one.
+func encodePong(id string) []byte {
+	if id == "" {
+		return []byte(`{"type":"pong"}`)
+	}
+	b := append([]byte(nil), `{"type":"pong","id":`...)
+	b = appendJSONString(b, []byte(id))
+	return append(b, '}')
+}
 
 const hexDigits = "0123456789abcdef"
 

@@ -449,8 +449,14 @@ func TestEncodeWelcome(t *testing.T) {
 
 func TestControlEnvelopes(t *testing.T) {
 	t.Parallel()
-	if string(pingEnvelope) != `{"type":"ping"}` || string(pongEnvelope) != `{"type":"pong"}` {
-		t.Fatalf("ping %s pong %s", pingEnvelope, pongEnvelope)
+	for _, c := range []struct{ got, want string }{
+		{string(pingEnvelope), `{"type":"ping"}`},
+		{string(encodePong("")), `{"type":"pong"}`},
+		{string(encodePong(`p"1`)), `{"type":"pong","id":"p\"1"}`},
+	} {
+		if c.got != c.want {
+			t.Errorf("got %s, want %s", c.got, c.want)
+		}
 	}
 }
 

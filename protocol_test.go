@@ -1128,3 +1128,34 @@ func TestProtocolSilentClientIsClosedWith4001(t *testing.T) {
 		t.Fatal("OnDisconnect not called")
 	}
 }
+
+func TestProtocolPingWithIDIsAnsweredByPongWithTheSameID(t *testing.T) {
+	t.Parallel()
+	_, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	if e := p.request(map[string]any{"type": "ping"}); e.Type != "pong" {
+		t.Fatalf("ping with id: got %s, want a pong with the id", e.raw)
+	}
+}
+
+func TestProtocolMalformedEnvelopesCountAgainstTheRateLimit(t *testing.T) {
+	t.Parallel()
+	_, srv := newServer(t, pubsub.WithRateLimit(0.001, 3))
+	p := dialProto(t, wsURL(srv, "/ws"))
+	for i := range 3 {
+		p.send(`{"id":` + fmt.Sprint(i) + `,`) // not even JSON
+		if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeBadRequest {
+			t.Fatalf("garbage %d: got %s, want bad_request", i, e.raw)
+		}
+	}
+	p.send(`not json either`)
+	if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeRateLimited {
+		t.Fatalf("garbage past the burst: got %s, want rate_limited", e.raw)
+	}
+	// A pong is never limited: the connection stays open and quiet.
+	p.send(`{"type":"pong"}`)
+	p.send(`{"type":"ping","id":"x"}`)
+	if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeRateLimited || e.ID != "x" {
+		t.Fatalf("ping past the burst: got %s, want rate_limited for x", e.raw)
+	}
+}
