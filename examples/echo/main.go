@@ -30,6 +30,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -50,7 +51,7 @@ func main() {
 		logger.Error("echo: listen", "err", err)
 		os.Exit(1)
 	}
-	url := "ws://" + ln.Addr().String() + "/ws"
+	url := "ws://" + displayHost(ln) + "/ws"
 	fmt.Printf("echo server listening; connect to %s\n", url)
 	fmt.Printf("try: wscat -c %s\n", url)
 
@@ -58,6 +59,15 @@ func main() {
 		logger.Error("echo: serve", "err", err)
 		os.Exit(1)
 	}
+}
+
+// displayHost is how to reach ln from this machine: an unspecified listen
+// address (":8080") is shown as localhost.
+func displayHost(ln net.Listener) string {
+	if a, ok := ln.Addr().(*net.TCPAddr); ok && a.IP.IsUnspecified() {
+		return net.JoinHostPort("localhost", strconv.Itoa(a.Port))
+	}
+	return ln.Addr().String()
 }
 
 // newHandler returns the echo Handler: every client message, in raw mode
