@@ -462,6 +462,36 @@ func TestSubscribeWithHistoryReplaysTheLastMessagesBeforeLiveOnes(t *testing.T) 
 	}
 }
 
+func TestHistoryReplayIsCappedToWhatTheQueueHolds(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithHistory(100, time.Minute), pubsub.WithQueueLimits(8, 1<<20))
+	const room = "capped"
+	publishNumbered(t, h, room, 1, 50)
+	// Protocol: the ack and 7 messages fill the 8-message queue exactly.
+	p := dialProto(t, wsURL(srv, "/ws"))
+	if ack, f := subscribeWith(p, map[string]any{"room": room, "history": 50}); ack.Seq != 50 || *f.Missed != 7 {
+		t.Fatalf("ack %s: want seq 50 and missed 7 (a queue of 8 holds the ack and 7 messages)", ack.raw)
+	}
+	expectSeqs(p, room, seqRange(44, 50)...)
+	// Raw: the newest messages, contiguous, no more than the queue holds.
+	c := dial(t, wsURL(srv, "/ws?room="+room+"&history=50"))
+	var got []int
+	for len(got) == 0 || got[len(got)-1] != 50 {
+		_, b := readFrame(t, c)
+		var d struct{ N int }
+		if err := json.Unmarshal(b, &d); err != nil || (len(got) > 0 && d.N != got[len(got)-1]+1) || len(got) == 8 {
+			t.Fatalf("raw replay %v then %q: want the newest messages, contiguous, at most 8", got, b)
+		}
+		got = append(got, d.N)
+	}
+	publishNumbered(t, h, room, 51, 51)
+	expectSeqs(p, room, 51)
+	readText(t, c, `{"n":51}`)
+	if s := h.Stats(); s.SlowConsumers != 0 {
+		t.Fatalf("a history replay closed %d connections as slow consumers", s.SlowConsumers)
+	}
+}
+
 func TestRawHistoryReplaysVerbatimFramesBeforeLiveOnes(t *testing.T) {
 	t.Parallel()
 	h, srv := newServer(t, pubsub.WithHistory(5, time.Minute))
@@ -706,7 +736,7 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 	ack, _ := subscribeWith(p, map[string]any{"room": room})
 	epoch := ack.Epoch
 
-	tokens := make(chan struct{}, 20*rounds+10)
+	tokens := make(chan struct{}, 44*rounds+10)
 	give := func(n int) {
 		for range n {
 			tokens <- struct{}{}
@@ -750,7 +780,7 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 		for len(p.pending) > 0 { // messages that came before the unsubscribe's ack
 			consume(p.read())
 		}
-		give(8)
+		give(32) // enough to keep publishing through the whole subscribe
 		ack, f := subscribeWith(p, map[string]any{"room": room, "since": since(epoch, last)})
 		if ack.Epoch != epoch || f.Recovered == nil || !*f.Recovered || f.Missed == nil || uint64(*f.Missed) != ack.Seq-last {
 			t.Fatalf("round %d: ack %s, want recovered true with missed = seq - %d", round, ack.raw, last)
@@ -768,6 +798,84 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 	t.Logf("%d messages; %d of %d resubscribes recovered messages (%d in all)", last, recoveredSome, rounds, missedTotal)
 	if recoveredSome == 0 {
 		t.Fatalf("no resubscribe recovered anything: the race was not exercised")
+	}
+}
+
+// TestRecoveryJunctionHasNoGapOrDuplicateDuringALongReplay makes the
+// window between the server's history read and the subscription going live
+// wide: hundreds of large JSON messages to replay (each is classified
+// while the server builds the replay), while another goroutine keeps
+// publishing. Live messages land in that window and must come after the
+// replay, each once.
+func TestRecoveryJunctionHasNoGapOrDuplicateDuringALongReplay(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithHistory(2000, time.Minute), pubsub.WithQueueLimits(8192, 64<<20))
+	const (
+		room   = "junction"
+		missed = 300
+	)
+	ctx := testCtx(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	ack, _ := subscribeWith(p, map[string]any{"room": room})
+	epoch := ack.Epoch
+	big := fmt.Appendf(nil, `{"pad":%q}`, strings.Repeat("x", 4<<10))
+
+	var last uint64
+	consume := func(e envelope) {
+		t.Helper()
+		if e.Type != "message" || e.Room != room || e.Epoch != epoch || e.Seq != last+1 {
+			t.Fatalf("after seq %d got %.120s: want seq %d (every seq once, in order)", last, e.raw, last+1)
+		}
+		last = e.Seq
+	}
+	publish(t, h, room, big) // a room holding a message is kept while nobody is subscribed
+	consume(p.read())
+	published := 1 // publishes so far: the room's top seq
+	for round := range 3 {
+		p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
+		for len(p.pending) > 0 {
+			consume(p.read())
+		}
+		for range missed {
+			publish(t, h, room, big)
+		}
+		published += missed
+
+		stop := make(chan struct{})
+		count := make(chan int, 1)
+		go func() {
+			n := 0
+			defer func() { count <- n }()
+			for n < 2000 { // as costly per message as the replay: it keeps pace, no more
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if h.Publish(ctx, room, big) != nil {
+					return
+				}
+				n++
+			}
+		}()
+		fields := map[string]any{"room": room, "since": since(epoch, last)}
+		if round == 1 { // the same junction after a history replay
+			fields = map[string]any{"room": room, "history": missed}
+		}
+		ack, f := subscribeWith(p, fields)
+		close(stop)
+		published += <-count
+		if round == 1 {
+			if *f.Missed != missed {
+				t.Fatalf("round %d: ack %s, want missed %d", round, ack.raw, missed)
+			}
+			last = ack.Seq - missed // the replay is the room's newest messages
+		} else if f.Recovered == nil || !*f.Recovered || *f.Missed < missed {
+			t.Fatalf("round %d: ack %s, want recovered true with at least %d missed", round, ack.raw, missed)
+		}
+		for last < uint64(published) {
+			consume(p.read())
+		}
 	}
 }
 
@@ -1352,40 +1460,73 @@ func TestReplayInAKeepLatestRoomDeliversWhatTheAckAnnounces(t *testing.T) {
 
 // "keep-latest: the newest value always arrives" (PROTOCOL.md 3.9), or the
 // connection is closed as a slow consumer; the newest value must not be
-// discarded while the connection stays open. Here the queue is full of a
-// disconnect room's messages when the value comes.
+// discarded while the connection stays open. Two ways it is lost today:
+// the queue is full of a disconnect room's messages when the value comes
+// (the value itself is dropped), or a drop-oldest room's message evicts
+// it (it is the oldest droppable frame).
 func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "conn.enqueue drops an incoming KeepLatest frame when the queue is full of non-droppable frames; nothing replaces it later, so the newest value never arrives")
-	h, srv := newServer(t, pubsub.WithQueueLimits(4, 4<<20),
-		pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
-			if room == "ticker" {
-				o.SlowConsumer = pubsub.KeepLatest
-			}
-		}))
-	p := dialProto(t, wsURL(srv, "/ws"))
-	p.subscribe("ticker")
-	p.subscribe("feed")
-	id := p.welcome.ConnID
-	payload := bigText("feed", 16<<10)
-	// Fill the socket and then the queue with feed messages, stopping
-	// exactly at the bound (one more would close the connection).
-	feedTop := 0
-	for {
-		st, err := h.ConnStats(id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.QueueMessages >= 4 {
-			break
-		}
-		if feedTop++; feedTop > 20_000 {
-			t.Fatal("the queue never filled")
-		}
-		publish(t, h, "feed", payload)
+	knownBug(t, "conn.enqueue drops an incoming KeepLatest frame when nothing else may be dropped, and dropOldestLocked evicts a KeepLatest room's only queued frame for another room's message; either way the newest value never arrives")
+	newClient := func(t *testing.T, other pubsub.SlowConsumerPolicy) (*pubsub.Handler, *protoClient) {
+		h, srv := newServer(t, pubsub.WithQueueLimits(4, 4<<20),
+			pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
+				switch room {
+				case "ticker":
+					o.SlowConsumer = pubsub.KeepLatest
+				case "other":
+					o.SlowConsumer = other
+				}
+			}))
+		p := dialProto(t, wsURL(srv, "/ws"))
+		p.subscribe("ticker")
+		p.subscribe("other")
+		return h, p
 	}
-	publish(t, h, "ticker", []byte("v=1|newest"))
+	payload := bigText("other", 16<<10)
 
+	t.Run("queue full of a disconnect room", func(t *testing.T) {
+		t.Parallel()
+		h, p := newClient(t, pubsub.Disconnect)
+		// Fill the socket and then the queue, stopping exactly at the
+		// bound (one more would close the connection).
+		top := 0
+		for {
+			st, err := h.ConnStats(p.welcome.ConnID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.QueueMessages >= 4 {
+				break
+			}
+			if top++; top > 20_000 {
+				t.Fatal("the queue never filled")
+			}
+			publish(t, h, "other", payload)
+		}
+		publish(t, h, "ticker", []byte("v=1|newest"))
+		expectTickerValue(t, h, p, top)
+	})
+
+	t.Run("evicted by a drop-oldest room", func(t *testing.T) {
+		t.Parallel()
+		h, p := newClient(t, pubsub.DropOldest)
+		top := publishUntil(t, h, "other", 20_000, func(int) []byte { return payload }, func() bool {
+			st, _ := h.ConnStats(p.welcome.ConnID)
+			return st.Dropped >= 64 // the queue has turned over many times: the writer is stuck
+		})
+		publish(t, h, "ticker", []byte("v=1|newest"))
+		for range 4 { // each evicts the oldest droppable frame
+			publish(t, h, "other", payload)
+			top++
+		}
+		expectTickerValue(t, h, p, top)
+	})
+}
+
+// expectTickerValue reads p until room "other" reaches seq top and then a
+// marker, and expects a "ticker" message among them, or a 4002 close.
+func expectTickerValue(t *testing.T, h *pubsub.Handler, p *protoClient, top int) {
+	t.Helper()
 	ctx := testCtx(t)
 	sawTicker, marker := false, ""
 	for {
@@ -1404,11 +1545,11 @@ func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 		switch {
 		case e.Type == "message" && e.Room == "ticker":
 			sawTicker = true
-		case e.Type == "message" && e.Room == "feed" && e.Seq == uint64(feedTop):
-			marker = publishMarker(t, h, "feed") // the queue is drained by now
+		case e.Type == "message" && e.Room == "other" && e.Seq == uint64(top):
+			marker = publishMarker(t, h, "other") // the queue is drained by now
 		case marker != "" && string(e.Data) == marker:
 			if !sawTicker {
-				st, _ := h.ConnStats(id)
+				st, _ := h.ConnStats(p.welcome.ConnID)
 				t.Fatalf("the connection is open and caught up, but the ticker's newest value never came (dropped %d)", st.Dropped)
 			}
 			return
