@@ -169,8 +169,8 @@ type memoryRoom struct {
 	interest bool
 	conns    map[string]Member // presence: conn id -> member
 	members  map[string]int    // presence: member key -> its connections
-	ttl      time.Duration // the history TTL the last publish applied
-	expires  time.Time     // when an idle room's state may be reclaimed
+	ttl      time.Duration     // the history TTL the last publish applied
+	expires  time.Time         // when an idle room's state may be reclaimed
 
 	// Guarded by the broker's mu: the heap never reads the room's own
 	// fields. idleAt may be early (a publish moved expires on); the sweep
