@@ -167,10 +167,10 @@ type memoryRoom struct {
 	seq      uint64
 	hist     []Message // oldest first
 	interest bool
-	members  map[string]map[string]Member // member key -> conn id -> member
-	conns    int
-	ttl      time.Duration // the history TTL the last publish applied
-	expires  time.Time     // when an idle room's state may be reclaimed
+	conns    map[string]Member // presence: conn id -> member
+	members  map[string]int    // presence: member key -> its connections
+	ttl      time.Duration     // the history TTL the last publish applied
+	expires  time.Time         // when an idle room's state may be reclaimed
 
 	// Guarded by the broker's mu: the heap never reads the room's own
 	// fields. idleAt may be early (a publish moved expires on); the sweep
@@ -223,7 +223,7 @@ func (b *memoryBroker) sweepLocked(now time.Time) {
 		r := heap.Pop(&b.idle).(*memoryRoom)
 		r.mu.Lock()
 		switch {
-		case r.interest || r.conns > 0:
+		case r.interest || len(r.conns) > 0:
 			// Busy again; it returns to the heap when it next goes idle.
 		case r.expires.After(now):
 			r.idleAt = r.expires // published to since: not yet
@@ -243,7 +243,7 @@ func (b *memoryBroker) settle(r *memoryRoom) {
 	defer b.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.dead || r.interest || r.conns > 0 {
+	if r.dead || r.interest || len(r.conns) > 0 {
 		return
 	}
 	if len(r.hist) == 0 || !r.expires.After(b.now()) {
@@ -348,7 +348,7 @@ func (b *memoryBroker) History(ctx context.Context, room string, q HistoryQuery)
 
 // settleLater unlocks r and lets an idle room be reclaimed or scheduled.
 func (b *memoryBroker) settleLater(r *memoryRoom) {
-	idle := !r.interest && r.conns == 0
+	idle := !r.interest && len(r.conns) == 0
 	r.mu.Unlock()
 	if idle {
 		b.settle(r)
@@ -382,21 +382,17 @@ func (b *memoryBroker) Join(ctx context.Context, room string, m Member, events b
 		return err
 	}
 	defer b.settleLater(r)
-	if r.members == nil {
-		r.members = make(map[string]map[string]Member)
+	if r.conns == nil {
+		r.conns = make(map[string]Member)
+		r.members = make(map[string]int)
 	}
+	if _, dup := r.conns[m.ConnID]; dup {
+		return nil
+	}
+	r.conns[m.ConnID] = m
 	k := m.key()
-	conns := r.members[k]
-	first := conns == nil
-	if first {
-		conns = make(map[string]Member, 1)
-		r.members[k] = conns
-	}
-	if _, dup := conns[m.ConnID]; !dup {
-		conns[m.ConnID] = m
-		r.conns++
-	}
-	if first && events && r.interest {
+	r.members[k]++
+	if r.members[k] == 1 && events && r.interest {
 		b.deliver(Message{Kind: KindJoin, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
 	}
 	return nil
@@ -408,18 +404,18 @@ func (b *memoryBroker) Leave(ctx context.Context, room string, m Member, events 
 		return err
 	}
 	defer b.settleLater(r)
-	k := m.key()
-	conns := r.members[k]
-	if _, ok := conns[m.ConnID]; !ok {
+	m, ok := r.conns[m.ConnID]
+	if !ok {
 		return nil
 	}
-	delete(conns, m.ConnID)
-	r.conns--
-	if len(conns) == 0 {
-		delete(r.members, k)
-		if events && r.interest {
-			b.deliver(Message{Kind: KindLeave, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
-		}
+	delete(r.conns, m.ConnID)
+	k := m.key()
+	if r.members[k]--; r.members[k] > 0 {
+		return nil
+	}
+	delete(r.members, k)
+	if events && r.interest {
+		b.deliver(Message{Kind: KindLeave, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
 	}
 	return nil
 }
@@ -430,20 +426,28 @@ func (b *memoryBroker) Presence(ctx context.Context, room string, countsOnly boo
 		return Presence{}, err
 	}
 	defer r.mu.Unlock()
-	p := Presence{Count: len(r.members), Connections: r.conns}
+	p := Presence{Count: len(r.members), Connections: len(r.conns)}
 	if countsOnly {
 		return p, nil
 	}
-	p.Members = make([]PresenceMember, 0, len(r.members))
-	for _, conns := range r.members {
-		pm := PresenceMember{Conns: make([]string, 0, len(conns))}
-		for id := range conns {
-			pm.Conns = append(pm.Conns, id)
+	byKey := make(map[string]*PresenceMember, len(r.members))
+	first := make(map[string]string, len(r.members)) // key -> smallest conn id, whose info the member shows
+	for id, m := range r.conns {
+		k := m.key()
+		pm := byKey[k]
+		if pm == nil {
+			pm = &PresenceMember{UserID: m.UserID}
+			byKey[k] = pm
 		}
+		pm.Conns = append(pm.Conns, id)
+		if f, ok := first[k]; !ok || id < f {
+			first[k], pm.Info = id, m.Info
+		}
+	}
+	p.Members = make([]PresenceMember, 0, len(byKey))
+	for _, pm := range byKey {
 		sort.Strings(pm.Conns)
-		first := conns[pm.Conns[0]]
-		pm.UserID, pm.Info = first.UserID, first.Info
-		p.Members = append(p.Members, pm)
+		p.Members = append(p.Members, *pm)
 	}
 	sort.Slice(p.Members, func(i, j int) bool {
 		a, c := p.Members[i], p.Members[j]

@@ -74,12 +74,14 @@ func (f *frame) policy() SlowConsumerPolicy {
 // ours to send: the peer closed it, or the socket failed.
 const closeAbnormal = 1006
 
-// conn is one WebSocket connection. The goroutine running ServeHTTP owns
-// its reader loop and the fields marked "reader"; the writer goroutine,
-// started with wg.Go, owns every socket write.
+// conn is one WebSocket connection. Its reader goroutine (run, owned by the
+// Handler) owns the fields marked "reader". A writer goroutine runs only
+// while something is queued; it owns the socket's writes. Heartbeats are a
+// timer, not a goroutine. An idle connection therefore costs one goroutine.
 type conn struct {
 	h      *Handler
-	ws     *websocket.Conn
+	ws     *websocket.Conn // set once, before the writer may start
+	sock   *socket         // the hijacked connection under ws
 	client Client
 	proto  bool
 	ctx    context.Context // ends when the connection is closing
@@ -103,10 +105,10 @@ type conn struct {
 	code    int
 	reason  string
 	flush   bool
-	wake    chan struct{} // capacity 1: the queue has something
-	done    chan struct{} // closed when closing begins
+	writing bool        // a writer goroutine runs (or ran finish: no other starts)
+	beat    *time.Timer // the heartbeat; nil until the connection is served
 
-	wg sync.WaitGroup // the writer
+	wg sync.WaitGroup // the writer and raw-mode pings; no Add once closing
 }
 
 func newConn(h *Handler, cl Client) *conn {
@@ -117,8 +119,6 @@ func newConn(h *Handler, cl Client) *conn {
 		rooms:  make(map[string]*room),
 		tokens: float64(h.cfg.rateBurst),
 		refill: time.Now(),
-		wake:   make(chan struct{}, 1),
-		done:   make(chan struct{}),
 	}
 	c.lastSeen.Store(time.Now().UnixNano())
 	return c
@@ -179,10 +179,19 @@ func (c *conn) enqueue(f *frame) bool {
 }
 
 func (c *conn) wakeWriter() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
+	c.mu.Lock()
+	c.startWriterLocked()
+	c.mu.Unlock()
+}
+
+// startWriterLocked starts the writer unless one runs. Before the upgrade
+// (no socket yet) frames wait in the queue; serve starts the writer then.
+func (c *conn) startWriterLocked() {
+	if c.writing || c.ws == nil {
+		return
 	}
+	c.writing = true
+	c.wg.Go(c.writeLoop)
 }
 
 // dropOldestLocked removes the oldest queued frame whose room allows drops.
@@ -287,8 +296,11 @@ func (c *conn) beginCloseLocked(code int, reason string, flush bool) {
 		return
 	}
 	c.closing, c.code, c.reason, c.flush = true, code, truncateReason(reason), flush
-	close(c.done)
+	if c.beat != nil {
+		c.beat.Stop()
+	}
 	c.cancel()
+	c.startWriterLocked() // it sends the close; a running writer will see closing
 }
 
 // closeStatus is the code and reason the connection closed with.
@@ -298,10 +310,8 @@ func (c *conn) closeStatus() (int, string) {
 	return c.code, c.reason
 }
 
-// take removes and returns everything queued.
-func (c *conn) take() []*frame {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// takeLocked removes and returns everything queued.
+func (c *conn) takeLocked() []*frame {
 	batch := c.queue
 	c.queue, c.spare = c.spare[:0], nil
 	c.qlen, c.qbytes = 0, 0
@@ -319,34 +329,47 @@ func (c *conn) recycle(batch []*frame) {
 	c.mu.Unlock()
 }
 
-// writeLoop owns the socket's writes until the connection closes.
+// writeLoop writes what is queued, batch after batch, and ends when the
+// queue is empty; enqueue starts it again. Once the connection is closing
+// it sends the close instead, and no writer starts after it.
 func (c *conn) writeLoop() {
-	tick := time.NewTicker(c.h.cfg.heartbeat)
-	defer tick.Stop()
 	for {
-		select {
-		case <-c.done:
-			c.finish()
-			return
-		case <-c.wake:
-			if err := c.writeBatch(c.take()); err != nil {
-				c.beginClose(closeAbnormal, "write failed", false)
-				c.finish()
-				return
+		c.mu.Lock()
+		if c.closing {
+			var batch []*frame
+			if c.flush {
+				batch = c.takeLocked()
 			}
-		case <-tick.C:
-			c.heartbeat()
+			c.mu.Unlock()
+			c.finish(batch)
+			return // writing stays set: the socket is done
+		}
+		if c.qlen == 0 {
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+		batch := c.takeLocked()
+		c.mu.Unlock()
+		if err := c.writeBatch(batch); err != nil {
+			c.beginClose(closeAbnormal, "write failed", false)
 		}
 	}
 }
 
 // writeBatch writes queued frames, giving the whole batch WithWriteTimeout.
+// The socket is corked meanwhile, so the batch leaves in as few system
+// calls as its size allows.
 func (c *conn) writeBatch(batch []*frame) error {
 	if len(batch) == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.h.cfg.writeTimeout)
+	deadline := time.Now().Add(c.h.cfg.writeTimeout)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
+	if c.sock != nil {
+		c.sock.cork(deadline)
+	}
 	var err error
 	n := 0
 	for _, f := range batch {
@@ -369,53 +392,90 @@ func (c *conn) writeBatch(batch []*frame) error {
 			n++
 		}
 	}
+	if c.sock != nil {
+		if uerr := c.sock.uncork(); err == nil {
+			err = uerr
+		}
+	}
 	c.h.stats.messagesOut.Add(uint64(n))
 	c.recycle(batch)
 	return err
 }
 
-// heartbeat checks the peer's liveness and asks for a sign of life.
+// startHeartbeat arms the heartbeat timer once the connection is served.
+func (c *conn) startHeartbeat() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closing {
+		c.beat = time.AfterFunc(c.h.cfg.heartbeat, c.heartbeat)
+	}
+}
+
+// pingFrame is the heartbeat envelope, shared by every connection.
+var pingFrame = newControlFrame(pingEnvelope)
+
+// heartbeat runs on the timer's goroutine every interval: it checks the
+// peer's liveness and asks for a sign of life.
 func (c *conn) heartbeat() {
 	cfg := &c.h.cfg
 	silent := time.Since(time.Unix(0, c.lastSeen.Load()))
-	if c.proto {
-		if silent > cfg.heartbeat+cfg.heartbeatWait {
-			c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), cfg.writeTimeout)
-		defer cancel()
-		if err := c.ws.Write(ctx, websocket.MessageText, pingEnvelope); err != nil {
-			c.beginClose(closeAbnormal, "write failed", false)
-		}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
 		return
 	}
-	// Raw mode: the ping below is the liveness check, not a deadline on
-	// silent. Pings go out only after a silent interval, so on this ticker
-	// a healthy client's pongs can be nearly two intervals apart.
-	if silent < cfg.heartbeat {
-		return // a raw client that spoke recently needs no ping
+	c.beat.Reset(cfg.heartbeat)
+	if c.proto {
+		if silent > cfg.heartbeat+cfg.heartbeatWait {
+			c.beginCloseLocked(CloseHeartbeatTimeout, "heartbeat timeout", false)
+			return
+		}
+		c.enqueueControlLocked(pingFrame)
+		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.heartbeatWait)
+	// Raw mode: the ping is the liveness check, not a deadline on silent.
+	// Pings go out only after a silent interval, so a healthy client's
+	// pongs can be nearly two intervals apart.
+	if silent >= cfg.heartbeat {
+		c.wg.Go(c.ping) // not closing, so the reader has not begun to wait
+	}
+}
+
+// ping sends a WebSocket ping to a raw client and waits for its pong.
+func (c *conn) ping() {
+	ctx, cancel := context.WithTimeout(c.ctx, c.h.cfg.heartbeatWait)
 	defer cancel()
 	if err := c.ws.Ping(ctx); err != nil {
-		c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
+		if c.ctx.Err() == nil {
+			c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
+		}
 		return
 	}
 	c.lastSeen.Store(time.Now().UnixNano())
 }
 
-// finish sends the close frame (after the queue, when flushing) and closes
-// the socket. It runs on the writer goroutine.
-func (c *conn) finish() {
+// enqueueControlLocked queues a protocol-mode control frame when the queue
+// has room; a heartbeat that finds the queue full is skipped (the queue
+// itself will show the client's life or overflow).
+func (c *conn) enqueueControlLocked(f *frame) {
+	if c.qlen >= c.h.cfg.queueMessages || c.qbytes+f.size > c.h.cfg.queueBytes {
+		return
+	}
+	c.queue = append(c.queue, f)
+	c.qlen++
+	c.qbytes += f.size
+	c.startWriterLocked()
+}
+
+// finish writes batch (what was queued, when flushing), then sends the
+// close frame and closes the socket. It runs on the writer goroutine.
+func (c *conn) finish(batch []*frame) {
 	c.mu.Lock()
-	code, reason, flush := c.code, c.reason, c.flush
+	code, reason := c.code, c.reason
 	c.mu.Unlock()
-	if flush {
-		if err := c.writeBatch(c.take()); err != nil {
-			_ = c.ws.CloseNow()
-			return
-		}
+	if err := c.writeBatch(batch); err != nil {
+		_ = c.ws.CloseNow()
+		return
 	}
 	if code == closeAbnormal {
 		_ = c.ws.CloseNow()
@@ -425,8 +485,27 @@ func (c *conn) finish() {
 	_ = c.ws.Close(websocket.StatusCode(code), reason)
 }
 
-// readLoop reads client messages until the connection closes. It runs on
-// the goroutine that called ServeHTTP.
+// run serves the connection on its own goroutine, which the Handler owns:
+// it reads until the connection closes, waits for the writer, then leaves
+// every room and reports the disconnect.
+func (c *conn) run() {
+	c.readLoop()
+	c.beginClose(closeAbnormal, "connection lost", false) // no-op when already closing
+	c.wg.Wait()
+	c.leaveAll()
+	c.h.unregister(c)
+	h := c.h
+	code, reason := c.closeStatus()
+	h.log.Debug("pubsub: disconnected", "conn_id", c.client.ID, "user_id", c.client.UserID, "code", code, "reason", reason)
+	if h.cfg.onDisconnect != nil {
+		h.callHook("on_disconnect", c.client, func() error {
+			h.cfg.onDisconnect(DisconnectEvent{Client: c.client, Code: code, Reason: reason})
+			return nil
+		})
+	}
+}
+
+// readLoop reads client messages until the connection closes.
 func (c *conn) readLoop() {
 	for {
 		// No deadline here: liveness is the heartbeat's job, and a read

@@ -111,12 +111,20 @@
 //     had queued and then closed with 1001, and every goroutine the Handler
 //     started has ended when Shutdown returns.
 //
-// # Goroutines
+// # Goroutines and memory
 //
-// NewHandler starts none. Each connection runs its reader on the goroutine
-// that called ServeHTTP and one writer goroutine; ServeHTTP returns once
-// both have ended. Hooks run on the connection's reader goroutine (or on
-// the request's goroutine, before the upgrade).
+// NewHandler starts none. ServeHTTP returns as soon as a connection is
+// upgraded: net/http then frees the request's buffers and stack, which
+// would otherwise live as long as the connection. The connection is served
+// by one reader goroutine that the Handler owns and waits for in Shutdown
+// and Close; a writer goroutine runs only while messages are queued, and
+// heartbeats are a timer. An idle connection costs one goroutine and about
+// 11 KiB (see BENCHMARKS.md). Consequences of returning early: the
+// request's context ends at the upgrade (hooks get a context that lives as
+// long as the connection instead), and middleware around the Handler sees
+// the request finish at the upgrade, so a request logger reports the
+// upgrade, not the connection's life. Hooks run on the connection's reader
+// goroutine, or on the request's goroutine before the upgrade.
 //
 // # Shutdown
 //

@@ -170,6 +170,7 @@ type Handler struct {
 	conns   map[string]*conn
 	users   map[string]map[*conn]struct{}
 	serving sync.WaitGroup // running ServeHTTP calls
+	live    sync.WaitGroup // served connections' goroutines (conn.run)
 
 	closeBroker sync.Once
 	brokerErr   error
@@ -253,7 +254,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr, Info: id.Info})
-	defer c.cancel()
+	// Until the connection is handed to its own goroutine, this call owns
+	// it and undoes what it did on every early return.
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			c.leaveAll()
+			c.cancel()
+		}
+	}()
 
 	if mode == ModeRaw {
 		room, err := h.rawRoom(r)
@@ -284,8 +293,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			c.rawRoom = room
 		}
 	}
-	defer c.leaveAll()
-
 	opts := &websocket.AcceptOptions{
 		InsecureSkipVerify: true, // originAllowed already checked, before authentication
 		OnPongReceived: func(context.Context, []byte) {
@@ -295,19 +302,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if mode == ModeProtocol {
 		opts.Subprotocols = []string{Subprotocol}
 	}
-	ws, err := websocket.Accept(w, r, opts)
+	hw := &hijacker{ResponseWriter: w}
+	ws, err := websocket.Accept(hw, r, opts)
 	if err != nil {
 		h.log.Debug("pubsub: upgrade failed", "err", err, "remote", r.RemoteAddr)
 		return // Accept answered the request
 	}
 	ws.SetReadLimit(h.cfg.maxMessageBytes)
-	c.ws = ws
-	if !h.register(c) {
-		_ = ws.Close(CloseGoingAway, "server shutting down")
-		return
-	}
-	h.log.Debug("pubsub: connected", "conn_id", c.client.ID, "user_id", c.client.UserID, "mode", mode.String())
+	c.mu.Lock()
+	c.ws, c.sock = ws, hw.sock
+	c.mu.Unlock()
 	if c.proto {
+		// Queued before the connection is reachable (register), so it is
+		// always the first frame.
 		c.enqueue(newControlFrame(encodeWelcome(welcome{
 			ConnID:          c.client.ID,
 			UserID:          c.client.UserID,
@@ -317,23 +324,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			MaxRooms:        h.cfg.maxRooms,
 		})))
 	}
+	if !h.register(c) {
+		c.beginClose(CloseGoingAway, "server shutting down", false)
+		c.wg.Wait()
+		return
+	}
+	handedOff = true
+	h.log.Debug("pubsub: connected", "conn_id", c.client.ID, "user_id", c.client.UserID, "mode", mode.String())
 	if h.cfg.onConnect != nil {
 		h.callHook("on_connect", c.client, func() error { h.cfg.onConnect(ConnectEvent{Client: c.client}); return nil })
 	}
-
-	c.wg.Go(c.writeLoop)
-	c.readLoop()
-	c.wg.Wait()
-
-	h.unregister(c)
-	code, reason := c.closeStatus()
-	h.log.Debug("pubsub: disconnected", "conn_id", c.client.ID, "user_id", c.client.UserID, "code", code, "reason", reason)
-	if h.cfg.onDisconnect != nil {
-		h.callHook("on_disconnect", c.client, func() error {
-			h.cfg.onDisconnect(DisconnectEvent{Client: c.client, Code: code, Reason: reason})
-			return nil
-		})
-	}
+	c.startHeartbeat()
+	c.wakeWriter() // what a raw client's history query queued before the upgrade
+	// ServeHTTP returns now: net/http then frees the request's state (its
+	// buffers, the serving goroutine's stack), which would otherwise live
+	// as long as the connection. register counted this goroutine in h.live.
+	go func() {
+		defer h.live.Done()
+		c.run()
+	}()
 }
 
 // enter counts a ServeHTTP call, unless the Handler is closing.
@@ -354,6 +363,7 @@ func (h *Handler) register(c *conn) bool {
 		return false
 	}
 	h.conns[c.client.ID] = c
+	h.live.Add(1) // under mu, so never after Shutdown began to wait
 	if uid := c.client.UserID; uid != "" {
 		set := h.users[uid]
 		if set == nil {
@@ -729,7 +739,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 		c.beginClose(CloseGoingAway, "server shutting down", true)
 	}
 	done := make(chan struct{})
-	go func() { h.serving.Wait(); close(done) }()
+	go func() { h.wait(); close(done) }()
 	var err error
 	select {
 	case <-done:
@@ -754,8 +764,16 @@ func (h *Handler) Close() error {
 		_ = c.ws.CloseNow()
 	}
 	h.cancel()
-	h.serving.Wait()
+	h.wait()
 	return h.closeBrokerOnce()
+}
+
+// wait returns once every ServeHTTP call and every connection's goroutines
+// have ended. Connections are counted before their ServeHTTP call ends, so
+// waiting for serving first cannot miss one.
+func (h *Handler) wait() {
+	h.serving.Wait()
+	h.live.Wait()
 }
 
 func (h *Handler) beginShutdown() []*conn {
