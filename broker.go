@@ -64,7 +64,7 @@ func (m Member) key() string {
 type PresenceMember struct {
 	UserID string          // empty for an anonymous member
 	Conns  []string        // connection ids, sorted
-	Info   json.RawMessage // the info of the member's first connection
+	Info   json.RawMessage // the info of the member's connection with the smallest id
 }
 
 // Presence is a room's membership, cluster-wide.
@@ -139,9 +139,13 @@ type Broker interface {
 
 // NewMemoryBroker returns the in-process broker, the default: one node, no
 // goroutines. A room's state (epoch, sequence, history, presence) lives
-// while this node is subscribed to it or its history holds a message
-// younger than its TTL; then it is reclaimed, lazily, by later calls, and
-// the room's next life starts a new epoch.
+// while this node is subscribed to it, then while its history holds a
+// message younger than its TTL, or, when it keeps nothing, for
+// IdleRoomGrace; then it is reclaimed, lazily, by later calls, and the
+// room's next life starts a new epoch.
+//
+// The grace lets a client that drops and comes back quickly, with nothing
+// missed, resume (recovered) even in a room that keeps no history.
 func NewMemoryBroker() Broker {
 	return &memoryBroker{rooms: make(map[string]*memoryRoom), now: time.Now}
 }
@@ -178,6 +182,10 @@ type memoryRoom struct {
 	idleAt    time.Time
 	idleIndex int // position in the idle heap, -1 when not in it
 }
+
+// IdleRoomGrace is how long the memory broker keeps the state of an idle
+// room that keeps no history.
+const IdleRoomGrace = time.Minute
 
 // sweepBatch bounds the reclamation work one call does.
 const sweepBatch = 8
@@ -246,13 +254,12 @@ func (b *memoryBroker) settle(r *memoryRoom) {
 	if r.dead || r.interest || len(r.conns) > 0 {
 		return
 	}
-	if len(r.hist) == 0 || !r.expires.After(b.now()) {
-		r.dead = true
-		delete(b.rooms, r.name)
-		if r.idleIndex >= 0 {
-			heap.Remove(&b.idle, r.idleIndex)
+	if len(r.hist) == 0 {
+		// Nothing kept: keep the epoch and sequence a little while, so a
+		// client back soon with nothing missed can resume.
+		if grace := b.now().Add(IdleRoomGrace); r.expires.Before(grace) {
+			r.expires = grace
 		}
-		return
 	}
 	r.idleAt = r.expires
 	if r.idleIndex < 0 {

@@ -250,12 +250,16 @@ func TestMemoryBrokerKeepsASubscribedRoomWhateverItsTTL(t *testing.T) {
 	if res.Epoch != epoch || res.Top != 1 {
 		t.Fatalf("subscribed room after an hour: (%q, %d), want (%q, 1)", res.Epoch, res.Top, epoch)
 	}
-	// Unsubscribing a room whose history already expired reclaims it at once.
+	// Unsubscribing a room whose history already expired keeps its state
+	// for the grace only.
 	if err := b.Unsubscribe(ctx, "live"); err != nil {
 		t.Fatal(err)
 	}
+	poke(t, b, 1) // History trims what expired; the room now keeps nothing
+	clock.Advance(IdleRoomGrace + time.Millisecond)
+	poke(t, b, 4)
 	if n := b.roomCount(); n != 0 {
-		t.Fatalf("broker holds %d rooms after the last interest left a room with expired history, want 0", n)
+		t.Fatalf("broker holds %d rooms after the last interest left a room with expired history and the grace passed, want 0", n)
 	}
 }
 
@@ -361,7 +365,7 @@ func TestMemoryBrokerStartsANewEpochAfterReclamation(t *testing.T) {
 
 	t.Run("no history, last interest left", func(t *testing.T) {
 		t.Parallel()
-		b, _, _ := newClockedBroker(t)
+		b, clock, _ := newClockedBroker(t)
 		if err := b.Subscribe(ctx, "r"); err != nil {
 			t.Fatal(err)
 		}
@@ -369,8 +373,15 @@ func TestMemoryBrokerStartsANewEpochAfterReclamation(t *testing.T) {
 		if err := b.Unsubscribe(ctx, "r"); err != nil {
 			t.Fatal(err)
 		}
+		// Within the grace the room resumes where it was.
+		clock.Advance(IdleRoomGrace - time.Millisecond)
+		if res := mustHistory(t, b, "r", HistoryQuery{}); res.Epoch != m1.Epoch || res.Top != 1 {
+			t.Fatalf("within the grace: (%q, %d), want (%q, 1)", res.Epoch, res.Top, m1.Epoch)
+		}
+		clock.Advance(IdleRoomGrace + time.Millisecond)
+		poke(t, b, 4)
 		if n := b.roomCount(); n != 0 {
-			t.Fatalf("a room that keeps nothing outlived its last interest: %d rooms held", n)
+			t.Fatalf("a room that keeps nothing outlived its grace: %d rooms held", n)
 		}
 		if err := b.Subscribe(ctx, "r"); err != nil {
 			t.Fatal(err)

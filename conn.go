@@ -23,6 +23,7 @@ type frame struct {
 	size    int       // what the frame counts against a queue's byte bound
 	at      time.Time // when it was published, for lag
 	data    bool      // carries a payload (room or direct message)
+	replay  bool      // replayed from history: never replaced by a KeepLatest room
 	control bool      // a protocol-mode reply or event: never sent in raw mode
 
 	encode func() []byte
@@ -124,9 +125,14 @@ func newConn(h *Handler, cl Client) *conn {
 	return c
 }
 
-// enqueue adds f to the outbound queue without blocking, applying f's
-// room's slow-consumer policy when the queue is full. It reports whether f
-// was queued.
+// enqueue adds f to the outbound queue without blocking. When the queue is
+// full, the oldest queued message of a DropOldest room goes first (counted
+// against its own room), whatever room f is from; when none is queued, f's
+// room's policy decides: Disconnect closes the connection as a slow
+// consumer, DropOldest drops f, and KeepLatest queues f past the bound (at
+// most one message per KeepLatest room is ever queued, so the excess is
+// bounded by the rooms joined). A KeepLatest message replaces its room's
+// message still queued, full queue or not. It reports whether f was queued.
 func (c *conn) enqueue(f *frame) bool {
 	if !c.proto && f.control {
 		return false // raw mode carries payloads only
@@ -138,36 +144,39 @@ func (c *conn) enqueue(f *frame) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if policy == KeepLatest {
+	if policy == KeepLatest && !f.replay {
 		if i, ok := c.latest[f.room]; ok {
 			old := c.queue[i]
 			c.queue[i] = f
 			c.qbytes += f.size - old.size
 			c.mu.Unlock()
-			c.countDrop(f.room)
+			c.countDrop(old.room)
 			c.wakeWriter()
 			return true
 		}
 	}
 	for c.qlen >= cfg.queueMessages || c.qbytes+f.size > cfg.queueBytes {
+		if evicted := c.dropOldestLocked(); evicted != nil {
+			c.countDrop(evicted.room)
+			continue
+		}
 		if policy == Disconnect {
 			c.mu.Unlock()
 			c.slowConsumer(f.room)
 			return false
 		}
-		if !c.dropOldestLocked() {
-			// Nothing queued may be dropped: f itself is the oldest of its
-			// room's messages that can go.
+		if policy == DropOldest {
+			// Nothing older may go: f is its room's oldest droppable message.
 			c.mu.Unlock()
 			c.countDrop(f.room)
 			return false
 		}
-		c.countDrop(f.room)
+		break // KeepLatest: its one pending value may exceed the bound
 	}
 	c.queue = append(c.queue, f)
 	c.qlen++
 	c.qbytes += f.size
-	if policy == KeepLatest {
+	if policy == KeepLatest && !f.replay {
 		if c.latest == nil {
 			c.latest = make(map[*room]int)
 		}
@@ -194,26 +203,24 @@ func (c *conn) startWriterLocked() {
 	c.wg.Go(c.writeLoop)
 }
 
-// dropOldestLocked removes the oldest queued frame whose room allows drops.
-// It leaves a nil in its place (so KeepLatest indexes stay valid) and
-// compacts the queue when nils pile up.
-func (c *conn) dropOldestLocked() bool {
+// dropOldestLocked removes the oldest queued message of a DropOldest room
+// and returns it, or nil when none is queued. It leaves a nil in its place
+// (so KeepLatest indexes stay valid) and compacts the queue when nils pile
+// up.
+func (c *conn) dropOldestLocked() *frame {
 	for i, f := range c.queue {
-		if f == nil || f.policy() == Disconnect {
+		if f == nil || f.policy() != DropOldest {
 			continue
 		}
 		c.queue[i] = nil
 		c.qlen--
 		c.qbytes -= f.size
-		if f.policy() == KeepLatest {
-			delete(c.latest, f.room)
-		}
 		if len(c.queue) > 2*c.h.cfg.queueMessages {
 			c.compactLocked()
 		}
-		return true
+		return f
 	}
-	return false
+	return nil
 }
 
 func (c *conn) compactLocked() {
@@ -227,7 +234,7 @@ func (c *conn) compactLocked() {
 	c.queue = kept
 	clear(c.latest)
 	for i, f := range c.queue {
-		if f.policy() == KeepLatest {
+		if f.policy() == KeepLatest && !f.replay {
 			c.latest[f.room] = i
 		}
 	}
@@ -802,7 +809,9 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 		first = append(first, newControlFrame(encodeSubscribed(id, out)))
 	}
 	for _, m := range msgs {
-		first = append(first, newRoomFrame(m, r))
+		f := newRoomFrame(m, r)
+		f.replay = true // the ack announced exactly these
+		first = append(first, f)
 	}
 	h.rooms.catchUp(r, c, first, res.Epoch, res.Top)
 	return out, nil

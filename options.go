@@ -39,16 +39,21 @@ const (
 type SlowConsumerPolicy uint8
 
 const (
-	// Disconnect closes the subscriber with 4002 "slow consumer". The
+	// Disconnect closes the subscriber with 4002 "slow consumer" when its
+	// queue is full and no DropOldest message is queued to make room. The
 	// default: a client that stays connected has missed nothing.
 	Disconnect SlowConsumerPolicy = iota
-	// DropOldest discards the oldest of the room's messages still queued for
-	// the subscriber to make room; the subscriber sees a gap in seq.
+	// DropOldest lets the room's queued messages be discarded, oldest first,
+	// to make room in a full queue (for a message of any room); when none
+	// is queued, the room's new message itself is dropped. The subscriber
+	// sees a gap in seq.
 	DropOldest
 	// KeepLatest keeps at most one of the room's messages queued per
 	// subscriber: a newer one replaces the one still waiting, whether or
-	// not the queue is full. For tickers, where only the newest value
-	// matters; the subscriber sees gaps in seq.
+	// not the queue is full, and the newest value always arrives (it may
+	// exceed the queue bound by that one message per room). For tickers,
+	// where only the newest value matters; the subscriber sees gaps in seq.
+	// Messages replayed from history are never replaced.
 	KeepLatest
 )
 

@@ -91,6 +91,7 @@ type Identity struct {
 	UserID string
 	// Info is shown to other members in presence: a JSON object, such as
 	// {"name":"Ann"}. When set, it wins over the info a client supplies.
+	// Anything but a JSON object refuses the upgrade with 500 (a host bug).
 	Info json.RawMessage
 }
 
@@ -248,8 +249,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	if len(id.Info) > 0 && !json.Valid(id.Info) {
-		h.log.Error("pubsub: the authenticate hook returned an Identity.Info that is not valid JSON", "user_id", id.UserID)
+	if len(id.Info) > 0 && !isJSONObject(id.Info) {
+		h.log.Error("pubsub: the authenticate hook returned an Identity.Info that is not a JSON object", "user_id", id.UserID)
 		h.refuse(w, r, http.StatusInternalServerError, "internal error")
 		return
 	}
@@ -473,6 +474,11 @@ func (h *Handler) rawRoom(r *http.Request) (string, error) {
 		return "", fmt.Errorf("invalid room: %v", err)
 	}
 	return room, nil
+}
+
+func isJSONObject(b []byte) bool {
+	t := bytes.TrimLeft(b, " \t\r\n")
+	return len(t) > 0 && t[0] == '{' && json.Valid(b)
 }
 
 // rawHistory reads a raw-mode client's "history" query parameter: how

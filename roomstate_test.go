@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -197,14 +196,6 @@ func compactJSON(t *testing.T, b []byte) string {
 	return out.String()
 }
 
-// knownBug skips a test that fails because of a reported core bug, unless
-// ROOMCAST_KNOWN_BUGS is set.
-func knownBug(t *testing.T, why string) {
-	t.Helper()
-	if os.Getenv("ROOMCAST_KNOWN_BUGS") == "" {
-		t.Skip("BUG: " + why + " (set ROOMCAST_KNOWN_BUGS=1 to run)")
-	}
-}
 
 // ---- sequence, epoch, message id ----
 
@@ -613,22 +604,9 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 			},
 		},
 		{
-			name: "room reclaimed",
-			opts: nil, // no history: the last subscriber leaving loses the room's state
-			prepare: func(t *testing.T, h *pubsub.Handler, p *protoClient, room string) setup {
-				ack, _ := subscribeWith(p, map[string]any{"room": room})
-				publishNumbered(t, h, room, 1, 2)
-				expectSeqs(p, room, 1, 2)
-				p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
-				return setup{since(ack.Epoch, 2), "", 0, pubsub.ReasonEpochChanged}
-			},
-		},
-		{
 			name: "history too short",
 			opts: []pubsub.Option{pubsub.WithHistory(3, time.Minute)},
 			prepare: func(t *testing.T, h *pubsub.Handler, p *protoClient, room string) setup {
-				// (The room holds a message while nobody is subscribed:
-				// an empty room is reclaimed at once, a new epoch.)
 				ack, _ := subscribeWith(p, map[string]any{"room": room})
 				publishNumbered(t, h, room, 1, 1)
 				expectSeqs(p, room, 1)
@@ -1389,7 +1367,6 @@ func TestStatsShowAStuckSubscriberFirstWithItsQueueAndLag(t *testing.T) {
 // subscriber's gap in a room matches that room's counter.
 func TestDropsAreCountedAgainstTheRoomThatLostTheMessage(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "conn.enqueue counts a DropOldest eviction against the incoming frame's room, not the evicted frame's room")
 	h, srv := newServer(t, pubsub.WithQueueLimits(8, 4<<20), pubsub.WithSlowConsumerPolicy(pubsub.DropOldest))
 	p := dialProto(t, wsURL(srv, "/ws"))
 	p.subscribe("busy")
@@ -1426,7 +1403,6 @@ func TestDropsAreCountedAgainstTheRoomThatLostTheMessage(t *testing.T) {
 // behind the ack's back.
 func TestReplayInAKeepLatestRoomDeliversWhatTheAckAnnounces(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "conn.subscribe/registry.catchUp enqueue replayed history through the KeepLatest policy, so a recovery that acks missed=5, recovered=true delivers only the newest message")
 	h, srv := newServer(t, pubsub.WithHistory(10, time.Minute), pubsub.WithSlowConsumerPolicy(pubsub.KeepLatest))
 	const room = "ticker"
 	url := wsURL(srv, "/ws")
@@ -1466,7 +1442,6 @@ func TestReplayInAKeepLatestRoomDeliversWhatTheAckAnnounces(t *testing.T) {
 // it (it is the oldest droppable frame).
 func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "conn.enqueue drops an incoming KeepLatest frame when nothing else may be dropped, and dropOldestLocked evicts a KeepLatest room's only queued frame for another room's message; either way the newest value never arrives")
 	newClient := func(t *testing.T, other pubsub.SlowConsumerPolicy) (*pubsub.Handler, *protoClient) {
 		h, srv := newServer(t, pubsub.WithQueueLimits(4, 4<<20),
 			pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
@@ -1554,5 +1529,42 @@ func expectTickerValue(t *testing.T, h *pubsub.Handler, p *protoClient, top int)
 			}
 			return
 		}
+	}
+}
+
+// A server that lost its state (here: a new Handler, as after a restart)
+// tells a client coming back with its old position that it cannot recover.
+func TestRecoveryAfterTheServerLostItsStateSaysEpochChanged(t *testing.T) {
+	t.Parallel()
+	h1, srv1 := newServer(t, pubsub.WithHistory(10, time.Minute))
+	a := dialProto(t, wsURL(srv1, "/ws"))
+	a.subscribe("orders")
+	if err := h1.Publish(testCtx(t), "orders", []byte(`{"n":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	last := a.readMessage("orders")
+
+	h2, srv2 := newServer(t, pubsub.WithHistory(10, time.Minute))
+	b := dialProto(t, wsURL(srv2, "/ws"))
+	ack := b.request(map[string]any{"type": "subscribe", "room": "orders",
+		"since": map[string]any{"epoch": last.Epoch, "seq": last.Seq}})
+	var got struct {
+		Recovered *bool  `json:"recovered"`
+		Reason    string `json:"reason"`
+		Missed    int    `json:"missed"`
+		Epoch     string `json:"epoch"`
+	}
+	if err := json.Unmarshal(ack.raw, &got); err != nil {
+		t.Fatal(err)
+	}
+	if ack.Type != "ack" || got.Recovered == nil || *got.Recovered || got.Reason != pubsub.ReasonEpochChanged || got.Missed != 0 || got.Epoch == last.Epoch {
+		t.Fatalf("ack %s: want recovered false, reason %q, nothing replayed, a new epoch", ack.raw, pubsub.ReasonEpochChanged)
+	}
+	// The subscription is live on the new server.
+	if err := h2.Publish(testCtx(t), "orders", []byte(`{"n":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if m := b.readMessage("orders"); m.Seq != 1 || m.Epoch != got.Epoch {
+		t.Fatalf("live message %s: want seq 1 of epoch %q", m.raw, got.Epoch)
 	}
 }
