@@ -196,7 +196,6 @@ func compactJSON(t *testing.T, b []byte) string {
 	return out.String()
 }
 
-
 // ---- sequence, epoch, message id ----
 
 func TestConcurrentPublishersAllSubscribersSeeOneGaplessSequence(t *testing.T) {
