@@ -1081,7 +1081,10 @@ func TestProtocolClientPingGetsPong(t *testing.T) {
 // interval+timeout a silent client gets (see the next test).
 func TestProtocolClientShowingLifeStaysOpen(t *testing.T) {
 	t.Parallel()
-	const interval, timeout = 20 * time.Millisecond, 150 * time.Millisecond
+	// The timeout is generous so a loaded machine (a pong late by a few
+	// hundred ms) cannot fail a healthy client; 60 pings still span about
+	// three times the interval+timeout a silent client lasts.
+	const interval, timeout = 20 * time.Millisecond, 400 * time.Millisecond
 	tests := []struct {
 		name   string
 		answer string
@@ -1095,9 +1098,9 @@ func TestProtocolClientShowingLifeStaysOpen(t *testing.T) {
 			t.Parallel()
 			h, srv := newServer(t, pubsub.WithHeartbeat(interval, timeout))
 			p := dialProto(t, wsURL(srv, "/ws"))
-			// 25 pings take at least 24 intervals: 480ms, nearly three
-			// times the 170ms a silent client lasts.
-			for pings := 0; pings < 25; {
+			// 60 pings take at least 59 intervals: 1.18s, nearly three
+			// times the 420ms a silent client lasts.
+			for pings := 0; pings < 60; {
 				typ, b := readFrame(t, p.c)
 				if typ == websocket.MessageText && string(b) == `{"type":"ping"}` {
 					pings++
