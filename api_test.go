@@ -1,0 +1,458 @@
+package pubsub_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/roomcast/pubsub"
+)
+
+// This file tests the server-side API end to end: Publish and the direct
+// publishes, Connections, Disconnect, Stats, the lifecycle hooks, slow
+// consumers, Middleware, Shutdown and Close, and the Broker seam. Helpers
+// of this file start with "api" so they cannot collide with other files.
+
+// apiHooks records every OnConnect and OnDisconnect call of a Handler.
+type apiHooks struct {
+	mu          sync.Mutex
+	connects    []pubsub.Client
+	disconnects []pubsub.DisconnectEvent
+}
+
+func (r *apiHooks) options() []pubsub.Option {
+	return []pubsub.Option{
+		pubsub.WithOnConnect(func(e pubsub.ConnectEvent) {
+			r.mu.Lock()
+			r.connects = append(r.connects, e.Client)
+			r.mu.Unlock()
+		}),
+		pubsub.WithOnDisconnect(func(e pubsub.DisconnectEvent) {
+			r.mu.Lock()
+			r.disconnects = append(r.disconnects, e)
+			r.mu.Unlock()
+		}),
+	}
+}
+
+func (r *apiHooks) snapshot() ([]pubsub.Client, []pubsub.DisconnectEvent) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.connects), slices.Clone(r.disconnects)
+}
+
+// waitConnect waits for the n-th OnConnect call (1-based) and returns its
+// Client. Dial one client at a time to know whose it is.
+func (r *apiHooks) waitConnect(t *testing.T, n int) pubsub.Client {
+	t.Helper()
+	var cl pubsub.Client
+	waitFor(t, fmt.Sprintf("OnConnect call #%d", n), func() bool {
+		cs, _ := r.snapshot()
+		if len(cs) < n {
+			return false
+		}
+		cl = cs[n-1]
+		return true
+	})
+	return cl
+}
+
+// disconnected reports whether OnDisconnect ran for the connection id.
+func (r *apiHooks) disconnected(id string) (pubsub.DisconnectEvent, bool) {
+	_, ds := r.snapshot()
+	for _, d := range ds {
+		if d.Client.ID == id {
+			return d, true
+		}
+	}
+	return pubsub.DisconnectEvent{}, false
+}
+
+// waitDisconnect waits for OnDisconnect of the connection id.
+func (r *apiHooks) waitDisconnect(t *testing.T, id string) pubsub.DisconnectEvent {
+	t.Helper()
+	var ev pubsub.DisconnectEvent
+	waitFor(t, "OnDisconnect of "+id, func() bool {
+		var ok bool
+		ev, ok = r.disconnected(id)
+		return ok
+	})
+	return ev
+}
+
+// apiUserFromQuery authenticates a client as the "user" query parameter.
+func apiUserFromQuery(r *http.Request) (pubsub.Identity, error) {
+	return pubsub.Identity{UserID: r.URL.Query().Get("user")}, nil
+}
+
+// apiWaitStats waits until the Handler's Stats equal want exactly.
+func apiWaitStats(t *testing.T, h *pubsub.Handler, want pubsub.Stats) {
+	t.Helper()
+	var got pubsub.Stats
+	ctx := testCtx(t)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if got = h.Stats(); got == want {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("Stats:\n got %+v\nwant %+v", got, want)
+		case <-tick.C:
+		}
+	}
+}
+
+// apiReadDirect reads the next envelope and expects a direct message.
+func apiReadDirect(t *testing.T, p *protoClient) envelope {
+	t.Helper()
+	e := p.read()
+	if e.Type != "direct" {
+		t.Fatalf("got %s, want a direct message", e.raw)
+	}
+	if e.Room != "" || e.Seq != 0 || e.Epoch != "" {
+		t.Fatalf("direct message %s carries room fields", e.raw)
+	}
+	return e
+}
+
+// apiCloseCode returns the close code of err, or -1 when err is not a close.
+func apiCloseCode(err error) int {
+	var ce websocket.CloseError
+	if errors.As(err, &ce) {
+		return int(ce.Code)
+	}
+	return -1
+}
+
+// ---------------------------------------------------------------- Publish
+
+func TestPublishRejectsInvalidRoomWithErrInvalidRoom(t *testing.T) {
+	t.Parallel()
+	h, _ := newServer(t)
+	ctx := testCtx(t)
+	for _, room := range []string{"", "has space", "bad#char", strings.Repeat("r", pubsub.DefaultMaxRoomNameLength+1)} {
+		err := h.Publish(ctx, room, []byte("x"))
+		if !errors.Is(err, pubsub.ErrInvalidRoom) {
+			t.Errorf("Publish(%q) = %v, want ErrInvalidRoom", room, err)
+		}
+	}
+	if s := h.Stats(); s.Published != 0 {
+		t.Errorf("Stats().Published = %d after refused publishes, want 0", s.Published)
+	}
+}
+
+func TestPublishRejectsPayloadOverQueueByteBoundWithErrTooLarge(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithQueueLimits(8, 100))
+	c := dial(t, wsURL(srv, "/ws?room=big"))
+	ctx := testCtx(t)
+
+	err := h.Publish(ctx, "big", bytes.Repeat([]byte("x"), 101))
+	if !errors.Is(err, pubsub.ErrTooLarge) {
+		t.Fatalf("Publish of 101 bytes with a 100-byte queue bound = %v, want ErrTooLarge", err)
+	}
+	// Exactly the bound is accepted and delivered.
+	fits := strings.Repeat("y", 100)
+	if err := h.Publish(ctx, "big", []byte(fits)); err != nil {
+		t.Fatalf("Publish of exactly the byte bound: %v", err)
+	}
+	readText(t, c, fits)
+	if s := h.Stats(); s.Published != 1 {
+		t.Errorf("Stats().Published = %d, want 1 (the refused publish does not count)", s.Published)
+	}
+}
+
+func TestPublishReturnsErrClosedAfterClose(t *testing.T) {
+	t.Parallel()
+	h, _ := newServer(t)
+	if err := h.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := h.Publish(testCtx(t), "room", []byte("x")); !errors.Is(err, pubsub.ErrClosed) {
+		t.Fatalf("Publish after Close = %v, want ErrClosed", err)
+	}
+}
+
+func TestPublishReturnsErrClosedAfterShutdown(t *testing.T) {
+	t.Parallel()
+	h, _ := newServer(t)
+	if err := h.Shutdown(testCtx(t)); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := h.Publish(testCtx(t), "room", []byte("x")); !errors.Is(err, pubsub.ErrClosed) {
+		t.Fatalf("Publish after Shutdown = %v, want ErrClosed", err)
+	}
+}
+
+// apiHoldBroker is a memory broker that holds each delivery until release,
+// as a networked broker delivers after Publish has returned.
+type apiHoldBroker struct {
+	pubsub.Broker
+	deliver func(pubsub.Message)
+
+	mu   sync.Mutex
+	held []pubsub.Message
+}
+
+func (b *apiHoldBroker) Bind(deliver func(pubsub.Message)) {
+	b.deliver = deliver
+	b.Broker.Bind(func(m pubsub.Message) {
+		b.mu.Lock()
+		b.held = append(b.held, m)
+		b.mu.Unlock()
+	})
+}
+
+func (b *apiHoldBroker) release() {
+	b.mu.Lock()
+	held := b.held
+	b.held = nil
+	b.mu.Unlock()
+	for _, m := range held {
+		b.deliver(m)
+	}
+}
+
+func TestPublishCopiesTheCallersData(t *testing.T) {
+	t.Parallel()
+	t.Run("delivered after Publish returned", func(t *testing.T) {
+		t.Parallel()
+		b := &apiHoldBroker{Broker: pubsub.NewMemoryBroker()}
+		h, srv := newServer(t, pubsub.WithBroker(b))
+		c := dial(t, wsURL(srv, "/ws?room=copy"))
+		data := []byte("original")
+		if err := h.Publish(testCtx(t), "copy", data); err != nil {
+			t.Fatal(err)
+		}
+		copy(data, "MUTATED!")
+		b.release()
+		readText(t, c, "original")
+	})
+	t.Run("buffer reused at once", func(t *testing.T) {
+		t.Parallel()
+		h, srv := newServer(t)
+		c := dial(t, wsURL(srv, "/ws?room=copy"))
+		ctx := testCtx(t)
+		buf := make([]byte, 8)
+		const n = 50
+		for i := range n {
+			copy(buf, fmt.Sprintf("msg-%04d", i))
+			if err := h.Publish(ctx, "copy", buf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		copy(buf, "MUTATED!")
+		for i := range n {
+			readText(t, c, fmt.Sprintf("msg-%04d", i))
+		}
+	})
+}
+
+func TestPublishToRoomWithoutSubscribersIsNilErrorNoOp(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	ctx := testCtx(t)
+	if err := h.Publish(ctx, "empty", []byte(`"lost"`)); err != nil {
+		t.Fatalf("Publish to a room without subscribers = %v, want nil", err)
+	}
+	if s := h.Stats(); s.Rooms != 0 {
+		t.Fatalf("Stats().Rooms = %d after publishing to an empty room, want 0", s.Rooms)
+	}
+	// A later subscriber gets only what is published after it joined, and
+	// the room's sequence starts at 1: the earlier publish left nothing.
+	p := dialProto(t, wsURL(srv, "/ws"))
+	p.subscribe("empty")
+	if err := h.Publish(ctx, "empty", []byte(`"kept"`)); err != nil {
+		t.Fatal(err)
+	}
+	e := p.readMessage("empty")
+	if string(e.Data) != `"kept"` || e.Seq != 1 {
+		t.Fatalf("first message %s, want data \"kept\" with seq 1", e.raw)
+	}
+}
+
+// ---------------------------------------------------- direct publishes
+
+func TestPublishToConnSendsDirectEnvelopeToProtocolClient(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	other := dialProto(t, wsURL(srv, "/ws"))
+	ctx := testCtx(t)
+	id := p.welcome.ConnID
+
+	if err := h.PublishToConn(ctx, id, []byte(`{"a":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, p); string(e.Data) != `{"a":1}` {
+		t.Fatalf("JSON direct message %s, want data {\"a\":1}", e.raw)
+	}
+	if err := h.PublishToConn(ctx, id, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, p); e.Text == nil || *e.Text != "hello" {
+		t.Fatalf("text direct message %s, want text \"hello\"", e.raw)
+	}
+	if err := h.PublishToConn(ctx, id, []byte{0xff, 0x00}); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, p); e.Binary == nil || *e.Binary != "/wA=" {
+		t.Fatalf("binary direct message %s, want binary \"/wA=\"", e.raw)
+	}
+	// Only the addressed connection got anything: the other's first
+	// envelope is the marker sent to it afterwards.
+	if err := h.PublishToConn(ctx, other.welcome.ConnID, []byte("marker")); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, other); e.Text == nil || *e.Text != "marker" {
+		t.Fatalf("other connection got %s, want only its own marker", e.raw)
+	}
+}
+
+func TestPublishToConnSendsVerbatimFramesToRawClient(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, hooks.options()...)
+	c := dial(t, wsURL(srv, "/ws")) // no room: direct messages only
+	id := hooks.waitConnect(t, 1).ID
+	ctx := testCtx(t)
+
+	if err := h.PublishToConn(ctx, id, []byte(`{"a":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	readText(t, c, `{"a":1}`)
+	if err := h.PublishToConn(ctx, id, []byte{0xff, 0x00}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b := readFrame(t, c); typ != websocket.MessageBinary || !bytes.Equal(b, []byte{0xff, 0x00}) {
+		t.Fatalf("got %v %x, want binary ff00", typ, b)
+	}
+}
+
+func TestPublishToConnUnknownIDReturnsErrConnNotFound(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	ctx := testCtx(t)
+	for _, id := range []string{"", "no-such-connection"} {
+		if err := h.PublishToConn(ctx, id, []byte("x")); !errors.Is(err, pubsub.ErrConnNotFound) {
+			t.Errorf("PublishToConn(%q) = %v, want ErrConnNotFound", id, err)
+		}
+	}
+	// A connection that has gone is unknown too.
+	id := p.welcome.ConnID
+	p.c.Close(websocket.StatusNormalClosure, "")
+	waitFor(t, "the closed connection to be forgotten", func() bool {
+		return errors.Is(h.PublishToConn(ctx, id, []byte("x")), pubsub.ErrConnNotFound)
+	})
+}
+
+func TestPublishToUserReachesEveryConnectionOfThatUserOnly(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithAuthenticate(apiUserFromQuery))
+	tab1 := dialProto(t, wsURL(srv, "/ws?user=alice"))
+	tab2 := dial(t, wsURL(srv, "/ws?user=alice")) // raw, no room
+	bob := dialProto(t, wsURL(srv, "/ws?user=bob"))
+	anon := dialProto(t, wsURL(srv, "/ws"))
+	waitFor(t, "four connections", func() bool { return h.Stats().Connections == 4 })
+	ctx := testCtx(t)
+
+	if err := h.PublishToUser(ctx, "alice", []byte(`{"n":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, tab1); string(e.Data) != `{"n":1}` {
+		t.Fatalf("alice's protocol tab got %s", e.raw)
+	}
+	readText(t, tab2, `{"n":1}`)
+
+	for _, p := range []*protoClient{bob, anon} {
+		if err := h.PublishToConn(ctx, p.welcome.ConnID, []byte("marker")); err != nil {
+			t.Fatal(err)
+		}
+		if e := apiReadDirect(t, p); e.Text == nil || *e.Text != "marker" {
+			t.Fatalf("a connection of another user got %s before its marker", e.raw)
+		}
+	}
+}
+
+func TestPublishToUserUnknownUserReturnsErrConnNotFound(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithAuthenticate(apiUserFromQuery))
+	dialProto(t, wsURL(srv, "/ws")) // anonymous: not a user
+	ctx := testCtx(t)
+	for _, user := range []string{"nobody", ""} {
+		if err := h.PublishToUser(ctx, user, []byte("x")); !errors.Is(err, pubsub.ErrConnNotFound) {
+			t.Errorf("PublishToUser(%q) = %v, want ErrConnNotFound", user, err)
+		}
+	}
+}
+
+// ---------------------------------------------------------- Connections
+
+func TestConnectionsListsExactlyTheRoomSubscribers(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, append(hooks.options(), pubsub.WithAuthenticate(apiUserFromQuery))...)
+	alice := dialProto(t, wsURL(srv, "/ws?user=alice"))
+	bob := dialProto(t, wsURL(srv, "/ws?user=bob"))
+	anon := dialProto(t, wsURL(srv, "/ws"))
+	alice.subscribe("lobby")
+	bob.subscribe("lobby")
+	anon.subscribe("other")
+	raw := dial(t, wsURL(srv, "/ws/lobby?user=carol"))
+	carol := hooks.waitConnect(t, 4)
+
+	type member struct {
+		ID, UserID string
+		Mode       pubsub.Mode
+	}
+	check := func(room string, want ...member) {
+		t.Helper()
+		key := func(m member) string { return m.ID }
+		slices.SortFunc(want, func(a, b member) int { return strings.Compare(key(a), key(b)) })
+		var got []member
+		waitFor(t, "the members of "+room, func() bool {
+			got = got[:0]
+			for _, c := range h.Connections(room) {
+				if c.RemoteAddr == "" {
+					t.Errorf("Connections(%q): client %s has no RemoteAddr", room, c.ID)
+				}
+				got = append(got, member{c.ID, c.UserID, c.Mode})
+			}
+			slices.SortFunc(got, func(a, b member) int { return strings.Compare(key(a), key(b)) })
+			return slices.Equal(got, want)
+		})
+	}
+	a := member{alice.welcome.ConnID, "alice", pubsub.ModeProtocol}
+	b := member{bob.welcome.ConnID, "bob", pubsub.ModeProtocol}
+	n := member{anon.welcome.ConnID, "", pubsub.ModeProtocol}
+	c := member{carol.ID, "carol", pubsub.ModeRaw}
+
+	check("lobby", a, b, c)
+	check("other", n)
+	check("nobody-here")
+
+	alice.mustAck(map[string]any{"type": "unsubscribe", "room": "lobby"})
+	check("lobby", b, c)
+	bob.c.Close(websocket.StatusNormalClosure, "")
+	check("lobby", c)
+	raw.Close(websocket.StatusNormalClosure, "")
+	check("lobby")
+	check("other", n)
+}
+
+// ------------------------------------------------------------- helpers
+
+var _ = json.Marshal
+var _ = context.Background
