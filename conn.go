@@ -301,11 +301,11 @@ func (c *conn) readLoop() {
 			c.beginClose(CloseInvalidPayload, "text frame is not valid UTF-8", false)
 			return
 		}
-		c.h.stats.messagesIn.Add(1)
 		var ok bool
 		if c.proto {
-			ok = c.handleEnvelope(data)
+			ok = c.handleEnvelope(data) // counts MessagesIn, heartbeats aside
 		} else {
+			c.h.stats.messagesIn.Add(1)
 			ok = c.handleRaw(data, typ == websocket.MessageBinary)
 		}
 		if !ok {
@@ -406,6 +406,9 @@ func (c *conn) handleEnvelope(data []byte) bool {
 		case "pong":
 			return true
 		}
+	}
+	c.h.stats.messagesIn.Add(1) // a data message: heartbeats are not counted
+	if perr == nil {
 		if !c.allow() {
 			perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
 		} else {
