@@ -138,20 +138,22 @@ func (c *conn) enqueue(f *frame) bool {
 }
 
 // beginClose starts closing the connection with code and reason. With
-// flush, what is queued is written first. Only the first call counts.
-func (c *conn) beginClose(code int, reason string, flush bool) {
+// flush, what is queued is written first. Only the first call counts; it
+// reports whether this call was it.
+func (c *conn) beginClose(code int, reason string, flush bool) bool {
 	c.mu.Lock()
-	c.beginCloseLocked(code, reason, flush)
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	return c.beginCloseLocked(code, reason, flush)
 }
 
-func (c *conn) beginCloseLocked(code int, reason string, flush bool) {
+func (c *conn) beginCloseLocked(code int, reason string, flush bool) bool {
 	if c.closing {
-		return
+		return false
 	}
 	c.closing, c.code, c.reason, c.flush = true, code, truncateReason(reason), flush
 	close(c.done)
 	c.cancel()
+	return true
 }
 
 // closeStatus is the code and reason the connection closed with.

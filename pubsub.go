@@ -551,21 +551,22 @@ func (h *Handler) Disconnect(connID, reason string) error {
 	h.mu.Lock()
 	c := h.conns[connID]
 	h.mu.Unlock()
-	if c == nil {
+	if c == nil || !c.beginClose(CloseDisconnected, reason, false) {
 		return fmt.Errorf("pubsub: disconnect %q: %w", connID, ErrConnNotFound)
 	}
-	c.beginClose(CloseDisconnected, reason, false)
 	return nil
 }
 
 // DisconnectUser closes every connection of userID on this node with close
 // code 4003 and reason, and returns how many it closed.
 func (h *Handler) DisconnectUser(userID, reason string) int {
-	cs := h.userConns(userID)
-	for _, c := range cs {
-		c.beginClose(CloseDisconnected, reason, false)
+	n := 0
+	for _, c := range h.userConns(userID) {
+		if c.beginClose(CloseDisconnected, reason, false) {
+			n++ // a connection already closing is not closed by this call
+		}
 	}
-	return len(cs)
+	return n
 }
 
 // Stats returns a snapshot of the Handler's counters.
