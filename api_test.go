@@ -2,8 +2,6 @@ package pubsub_test
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -12,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
@@ -452,7 +451,333 @@ func TestConnectionsListsExactlyTheRoomSubscribers(t *testing.T) {
 	check("other", n)
 }
 
-// ------------------------------------------------------------- helpers
+// ----------------------------------------------------------- Disconnect
 
-var _ = json.Marshal
-var _ = context.Background
+func TestDisconnectClosesConnectionWith4003AndReason(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, hooks.options()...)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	id := p.welcome.ConnID
+	if err := h.Disconnect(id, "kicked by admin"); err != nil {
+		t.Fatalf("Disconnect: %v", err)
+	}
+	// The connection is no longer open: a second call finds nothing to close.
+	if err := h.Disconnect(id, "again"); !errors.Is(err, pubsub.ErrConnNotFound) {
+		t.Fatalf("second Disconnect = %v, want ErrConnNotFound", err)
+	}
+	if reason := expectClose(t, p.c, pubsub.CloseDisconnected); reason != "kicked by admin" {
+		t.Fatalf("close reason %q, want %q", reason, "kicked by admin")
+	}
+	ev := hooks.waitDisconnect(t, id)
+	if ev.Code != pubsub.CloseDisconnected || ev.Reason != "kicked by admin" {
+		t.Fatalf("OnDisconnect code %d reason %q, want 4003 %q", ev.Code, ev.Reason, "kicked by admin")
+	}
+	if err := h.Disconnect(id, "again"); !errors.Is(err, pubsub.ErrConnNotFound) {
+		t.Fatalf("Disconnect of a closed connection = %v, want ErrConnNotFound", err)
+	}
+}
+
+func TestDisconnectUnknownIDReturnsErrConnNotFound(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	for _, id := range []string{"", "no-such-connection"} {
+		if err := h.Disconnect(id, "x"); !errors.Is(err, pubsub.ErrConnNotFound) {
+			t.Errorf("Disconnect(%q) = %v, want ErrConnNotFound", id, err)
+		}
+	}
+	// The existing connection was not touched.
+	p.subscribe("still-open")
+}
+
+func TestDisconnectTruncatesLongReasonToAValidClose(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	for _, tc := range []struct {
+		name, reason, want string
+	}{
+		{"123 bytes kept", strings.Repeat("a", 123), strings.Repeat("a", 123)},
+		{"200 bytes cut to 123", strings.Repeat("b", 200), strings.Repeat("b", 123)},
+		// 61 two-byte runes make 122 bytes; the 62nd would straddle byte 123.
+		{"cut at a rune boundary", strings.Repeat("é", 100), strings.Repeat("é", 61)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			p := dialProto(t, wsURL(srv, "/ws"))
+			if err := h.Disconnect(p.welcome.ConnID, tc.reason); err != nil {
+				t.Fatal(err)
+			}
+			got := expectClose(t, p.c, pubsub.CloseDisconnected)
+			if got != tc.want || !utf8.ValidString(got) {
+				t.Fatalf("close reason %q (%d bytes), want %q (%d bytes)", got, len(got), tc.want, len(tc.want))
+			}
+		})
+	}
+}
+
+func TestDisconnectUserClosesEveryConnectionOfTheUserAndCountsThem(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithAuthenticate(apiUserFromQuery))
+	tab1 := dialProto(t, wsURL(srv, "/ws?user=alice"))
+	tab2 := dial(t, wsURL(srv, "/ws?room=lobby&user=alice"))
+	bob := dialProto(t, wsURL(srv, "/ws?user=bob"))
+	waitFor(t, "three connections", func() bool { return h.Stats().Connections == 3 })
+
+	if n := h.DisconnectUser("nobody", "x"); n != 0 {
+		t.Fatalf("DisconnectUser of an unknown user = %d, want 0", n)
+	}
+	if n := h.DisconnectUser("alice", "account locked"); n != 2 {
+		t.Fatalf("DisconnectUser(alice) = %d, want 2", n)
+	}
+	if n := h.DisconnectUser("alice", "again"); n != 0 {
+		t.Fatalf("second DisconnectUser(alice) = %d, want 0: both were already closing", n)
+	}
+	for _, c := range []*websocket.Conn{tab1.c, tab2} {
+		if reason := expectClose(t, c, pubsub.CloseDisconnected); reason != "account locked" {
+			t.Fatalf("close reason %q, want %q", reason, "account locked")
+		}
+	}
+	// Bob is still connected and served.
+	ctx := testCtx(t)
+	if err := h.PublishToUser(ctx, "bob", []byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	if e := apiReadDirect(t, bob); e.Text == nil || *e.Text != "still here" {
+		t.Fatalf("bob got %s", e.raw)
+	}
+	waitFor(t, "alice to be gone", func() bool {
+		return errors.Is(h.PublishToUser(ctx, "alice", []byte("x")), pubsub.ErrConnNotFound)
+	})
+	if n := h.DisconnectUser("alice", "x"); n != 0 {
+		t.Fatalf("DisconnectUser(alice) after her connections closed = %d, want 0", n)
+	}
+}
+
+// ---------------------------------------------------------------- Stats
+
+func TestStatsCountExactlyInAControlledScenario(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t, pubsub.WithClientPublish(true))
+	ctx := testCtx(t)
+	apiWaitStats(t, h, pubsub.Stats{})
+
+	// Refused: a plain GET (426), a foreign subprotocol (400), a foreign
+	// origin (403).
+	resp, err := http.Get(srv.URL + "/ws")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUpgradeRequired {
+		t.Fatalf("plain GET: HTTP %d, want 426", resp.StatusCode)
+	}
+	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusBadRequest, "chat")
+	dialStatus(t, wsURL(srv, "/ws"), http.Header{"Origin": {"http://evil.example"}}, http.StatusForbidden)
+	want := pubsub.Stats{Refused: 3}
+	apiWaitStats(t, h, want)
+
+	a := dialProto(t, wsURL(srv, "/ws"))
+	b := dialProto(t, wsURL(srv, "/ws"))
+	raw := dial(t, wsURL(srv, "/ws?room=r1"))
+	want.Connections, want.Rooms = 3, 1 // the raw client is in r1
+	apiWaitStats(t, h, want)
+
+	a.subscribe("r1")
+	b.subscribe("r2")
+	want.Rooms, want.MessagesIn = 2, 2
+	apiWaitStats(t, h, want)
+
+	// A heartbeat is not a data message.
+	a.send(`{"type":"ping"}`)
+	if e := a.read(); e.Type != "pong" {
+		t.Fatalf("ping answered with %s, want pong", e.raw)
+	}
+	apiWaitStats(t, h, want)
+
+	// A server publish into r1 is written to a and raw.
+	if err := h.Publish(ctx, "r1", []byte("m1")); err != nil {
+		t.Fatal(err)
+	}
+	a.readMessage("r1")
+	readText(t, raw, "m1")
+	want.Published, want.MessagesOut = 1, 2
+	apiWaitStats(t, h, want)
+
+	// A protocol publish into r2 reaches b; the ack is not a data message.
+	a.mustAck(map[string]any{"type": "publish", "room": "r2", "text": "m2"})
+	b.readMessage("r2")
+	want.MessagesIn, want.Published, want.MessagesOut = 3, 2, 3
+	apiWaitStats(t, h, want)
+
+	// A raw frame is published into r1, and raw gets its own message too.
+	if err := raw.Write(ctx, websocket.MessageText, []byte("m3")); err != nil {
+		t.Fatal(err)
+	}
+	a.readMessage("r1")
+	readText(t, raw, "m3")
+	want.MessagesIn, want.Published, want.MessagesOut = 4, 3, 5
+	apiWaitStats(t, h, want)
+
+	// A direct message is written but not published.
+	if err := h.PublishToConn(ctx, b.welcome.ConnID, []byte("d")); err != nil {
+		t.Fatal(err)
+	}
+	apiReadDirect(t, b)
+	want.MessagesOut = 6
+	apiWaitStats(t, h, want)
+
+	// Failed publishes are not counted as published.
+	if err := h.Publish(ctx, "bad room", []byte("x")); err == nil {
+		t.Fatal("Publish to an invalid room succeeded")
+	}
+	a.mustError(map[string]any{"type": "publish", "room": "bad room", "text": "x"}, pubsub.CodeInvalidRoom)
+	want.MessagesIn = 5
+	apiWaitStats(t, h, want)
+
+	// b leaves: one connection fewer, and r2 has no subscriber left.
+	b.c.Close(websocket.StatusNormalClosure, "")
+	want.Connections, want.Rooms = 2, 1
+	apiWaitStats(t, h, want)
+
+	// Shutting down refuses upgrades, and ends every connection and room.
+	h.Close()
+	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusServiceUnavailable)
+	want.Connections, want.Rooms, want.Refused = 0, 0, 4
+	apiWaitStats(t, h, want)
+}
+
+// ---------------------------------------------------------------- hooks
+
+func TestOnConnectAndOnDisconnectRunOncePerConnectionWithItsClient(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, append(hooks.options(), pubsub.WithAuthenticate(apiUserFromQuery))...)
+
+	p := dialProto(t, wsURL(srv, "/ws?user=alice"))
+	pc := hooks.waitConnect(t, 1)
+	raw := dial(t, wsURL(srv, "/ws?room=lobby&user=bob"))
+	rc := hooks.waitConnect(t, 2)
+	anon := dialProto(t, wsURL(srv, "/ws"))
+	ac := hooks.waitConnect(t, 3)
+
+	if pc.ID != p.welcome.ConnID || pc.UserID != "alice" || pc.Mode != pubsub.ModeProtocol || pc.RemoteAddr == "" {
+		t.Errorf("OnConnect client %+v, want id %s, user alice, protocol mode, a RemoteAddr", pc, p.welcome.ConnID)
+	}
+	if rc.ID == "" || rc.UserID != "bob" || rc.Mode != pubsub.ModeRaw || rc.RemoteAddr == "" {
+		t.Errorf("OnConnect client %+v, want user bob, raw mode, a RemoteAddr", rc)
+	}
+	if ac.ID != anon.welcome.ConnID || ac.UserID != "" || ac.Mode != pubsub.ModeProtocol {
+		t.Errorf("OnConnect client %+v, want id %s, anonymous, protocol mode", ac, anon.welcome.ConnID)
+	}
+
+	p.c.Close(websocket.StatusNormalClosure, "bye")
+	raw.CloseNow()
+	hooks.waitDisconnect(t, pc.ID)
+	hooks.waitDisconnect(t, rc.ID)
+	// Close waits for every ServeHTTP call, so every hook has run by then.
+	h.Close()
+	expectCloseOrEnd(t, anon.c)
+
+	connects, disconnects := hooks.snapshot()
+	for _, cl := range []pubsub.Client{pc, rc, ac} {
+		nc, nd := 0, 0
+		for _, c := range connects {
+			if c.ID == cl.ID {
+				nc++
+			}
+		}
+		for _, d := range disconnects {
+			if d.Client.ID == cl.ID {
+				nd++
+				if d.Client != cl {
+					t.Errorf("OnDisconnect client %+v, want %+v as in OnConnect", d.Client, cl)
+				}
+			}
+		}
+		if nc != 1 || nd != 1 {
+			t.Errorf("connection %s: OnConnect ran %d times, OnDisconnect %d times; want once each", cl.ID, nc, nd)
+		}
+	}
+	if len(connects) != 3 || len(disconnects) != 3 {
+		t.Errorf("%d OnConnect and %d OnDisconnect calls, want 3 each", len(connects), len(disconnects))
+	}
+}
+
+// expectCloseOrEnd reads until the connection ends, however it ends.
+func expectCloseOrEnd(t *testing.T, c *websocket.Conn) error {
+	t.Helper()
+	ctx := testCtx(t)
+	for {
+		if _, _, err := c.Read(ctx); err != nil {
+			if ctx.Err() != nil {
+				t.Fatalf("the connection did not end: %v", err)
+			}
+			return err
+		}
+	}
+}
+
+func TestOnDisconnectReportsTheCloseCode(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, hooks.options()...)
+
+	t.Run("client closes with 1000", func(t *testing.T) {
+		p := dialProto(t, wsURL(srv, "/ws"))
+		p.c.Close(websocket.StatusNormalClosure, "done here")
+		ev := hooks.waitDisconnect(t, p.welcome.ConnID)
+		if ev.Code != pubsub.CloseNormal || ev.Reason != "done here" {
+			t.Fatalf("OnDisconnect code %d reason %q, want 1000 %q", ev.Code, ev.Reason, "done here")
+		}
+	})
+	t.Run("client closes with its own code", func(t *testing.T) {
+		p := dialProto(t, wsURL(srv, "/ws"))
+		p.c.Close(4321, "app code")
+		ev := hooks.waitDisconnect(t, p.welcome.ConnID)
+		if ev.Code != 4321 || ev.Reason != "app code" {
+			t.Fatalf("OnDisconnect code %d reason %q, want 4321 %q", ev.Code, ev.Reason, "app code")
+		}
+	})
+	t.Run("connection lost without a close", func(t *testing.T) {
+		p := dialProto(t, wsURL(srv, "/ws"))
+		p.c.CloseNow()
+		if ev := hooks.waitDisconnect(t, p.welcome.ConnID); ev.Code != 1006 {
+			t.Fatalf("OnDisconnect code %d, want 1006", ev.Code)
+		}
+	})
+	t.Run("Disconnect", func(t *testing.T) {
+		p := dialProto(t, wsURL(srv, "/ws"))
+		if err := h.Disconnect(p.welcome.ConnID, "bye"); err != nil {
+			t.Fatal(err)
+		}
+		expectClose(t, p.c, pubsub.CloseDisconnected)
+		if ev := hooks.waitDisconnect(t, p.welcome.ConnID); ev.Code != pubsub.CloseDisconnected || ev.Reason != "bye" {
+			t.Fatalf("OnDisconnect code %d reason %q, want 4003 \"bye\"", ev.Code, ev.Reason)
+		}
+	})
+	// Shutdown's 1001 and the slow consumer's 4002 are checked with those
+	// features below.
+}
+
+func TestPanickingConnectHooksDoNotCrashTheServer(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t,
+		pubsub.WithOnConnect(func(pubsub.ConnectEvent) { panic("on connect") }),
+		pubsub.WithOnDisconnect(func(pubsub.DisconnectEvent) { panic("on disconnect") }),
+	)
+	ctx := testCtx(t)
+	for i := range 2 {
+		p := dialProto(t, wsURL(srv, "/ws"))
+		p.subscribe("r")
+		if err := h.Publish(ctx, "r", []byte(`"hi"`)); err != nil {
+			t.Fatal(err)
+		}
+		p.readMessage("r")
+		p.c.Close(websocket.StatusNormalClosure, "")
+		waitFor(t, "the hooks to have panicked", func() bool {
+			s := h.Stats()
+			return s.HookPanics == uint64(2*(i+1)) && s.Connections == 0
+		})
+	}
+}
