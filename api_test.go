@@ -2,9 +2,12 @@ package pubsub_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -779,5 +782,280 @@ func TestPanickingConnectHooksDoNotCrashTheServer(t *testing.T) {
 			s := h.Stats()
 			return s.HookPanics == uint64(2*(i+1)) && s.Connections == 0
 		})
+	}
+}
+
+// ------------------------------------------------------- slow consumers
+
+func TestSlowConsumerIsDisconnectedWhileOthersGetEveryMessageInOrder(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	const (
+		queueMessages = 16
+		burst         = 8 // below the bound: a subscriber that keeps up never passes it
+		maxMessages   = 10000
+	)
+	// The byte bound is above all that is ever published: only the message
+	// bound can disconnect the slow consumer.
+	h, srv := newServer(t, append(hooks.options(),
+		pubsub.WithQueueLimits(queueMessages, 64<<20),
+		pubsub.WithWriteTimeout(250*time.Millisecond))...)
+	slowConn := dial(t, wsURL(srv, "/ws?room=feed")) // does not read until it is gone
+	slow := hooks.waitConnect(t, 1)
+	healthy := dial(t, wsURL(srv, "/ws?room=feed"))
+	hooks.waitConnect(t, 2)
+	ctx := testCtx(t)
+	filler := strings.Repeat("f", 4<<10)
+
+	// The publisher runs on its own goroutine, so that a Publish that
+	// blocked would fail the test at its timeout instead of hanging it. It
+	// publishes in bursts, each read by the healthy subscriber before the
+	// next, until the slow consumer is gone and a few bursts more.
+	published := make(chan int)
+	read := make(chan struct{})
+	pubErr := make(chan error, 1)
+	go func() {
+		defer close(published)
+		pubErr <- func() error {
+			after := -1
+			for n := 0; n < maxMessages; {
+				for range burst {
+					if err := h.Publish(ctx, "feed", fmt.Appendf(nil, "%06d:%s", n, filler)); err != nil {
+						return fmt.Errorf("Publish #%d: %w", n, err)
+					}
+					n++
+				}
+				select {
+				case published <- n:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				select {
+				case <-read:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				switch {
+				case after < 0 && h.Stats().SlowConsumers > 0:
+					after = 4
+				case after == 0:
+					return nil
+				case after > 0:
+					after--
+				}
+			}
+			return fmt.Errorf("no slow consumer after %d messages", maxMessages)
+		}()
+	}()
+
+	next := 0
+	for {
+		var total int
+		var ok bool
+		select {
+		case total, ok = <-published:
+		case <-ctx.Done():
+			t.Fatalf("Publish did not return within the test's timeout (%d messages read)", next)
+		}
+		if !ok {
+			break
+		}
+		for ; next < total; next++ {
+			typ, b, err := healthy.Read(ctx)
+			if err != nil {
+				t.Fatalf("healthy subscriber: read #%d: %v", next, err)
+			}
+			if want := fmt.Sprintf("%06d:", next); typ != websocket.MessageText || !strings.HasPrefix(string(b), want) {
+				t.Fatalf("healthy subscriber: message %.10q, want #%d", b, next)
+			}
+		}
+		select {
+		case read <- struct{}{}:
+		case <-ctx.Done():
+			t.Fatal("the publisher did not take the read signal")
+		}
+	}
+	if err := <-pubErr; err != nil {
+		t.Fatal(err)
+	}
+
+	// Reading now lets a close handshake the server began finish at once.
+	expectCloseOrEnd(t, slowConn)
+	ev := hooks.waitDisconnect(t, slow.ID)
+	if ev.Code != pubsub.CloseSlowConsumer {
+		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
+	}
+	if n := h.Stats().SlowConsumers; n != 1 {
+		t.Fatalf("Stats().SlowConsumers = %d, want 1", n)
+	}
+	if cs := h.Connections("feed"); len(cs) != 1 || cs[0].ID == slow.ID {
+		t.Fatalf("room members after the slow consumer left: %+v, want only the healthy one", cs)
+	}
+}
+
+func TestSlowConsumerByteBoundAloneDisconnects(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	const maxMessages = 200
+	h, srv := newServer(t, append(hooks.options(),
+		pubsub.WithQueueLimits(maxMessages, 64<<10),
+		pubsub.WithWriteTimeout(250*time.Millisecond))...)
+	slowConn := dial(t, wsURL(srv, "/ws?room=big")) // does not read until it is gone
+	slow := hooks.waitConnect(t, 1)
+	ctx := testCtx(t)
+
+	// One message fits the byte bound, two do not. At most maxMessages
+	// are published, so the message bound can never be passed: only the
+	// byte bound can disconnect the consumer.
+	msg := bytes.Repeat([]byte("z"), 48<<10)
+	for i := 0; i < maxMessages && h.Stats().SlowConsumers == 0; i++ {
+		if err := h.Publish(ctx, "big", msg); err != nil {
+			t.Fatalf("Publish #%d: %v", i, err)
+		}
+	}
+	if h.Stats().SlowConsumers == 0 {
+		t.Fatalf("%d messages of 48 KiB published with a 64 KiB byte bound, and no slow consumer was counted", maxMessages)
+	}
+	// Reading now lets a close handshake the server began finish at once.
+	expectCloseOrEnd(t, slowConn)
+	ev := hooks.waitDisconnect(t, slow.ID)
+	if ev.Code != pubsub.CloseSlowConsumer {
+		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
+	}
+	if n := h.Stats().SlowConsumers; n != 1 {
+		t.Fatalf("Stats().SlowConsumers = %d, want 1", n)
+	}
+}
+
+// ----------------------------------------------------------- Middleware
+
+// apiMiddlewareServer serves an app wrapped in h.Middleware. The app
+// answers /hello with whether FromContext gave it h, publishes the body of
+// POST /publish/{room} through FromContext, and marks every other answer
+// with the header X-App.
+func apiMiddlewareServer(t *testing.T, opts ...pubsub.Option) (*pubsub.Handler, *httptest.Server) {
+	t.Helper()
+	h := pubsub.NewHandler(append([]pubsub.Option{pubsub.WithLogger(quietLogger())}, opts...)...)
+	app := http.NewServeMux()
+	app.HandleFunc("GET /hello", func(w http.ResponseWriter, r *http.Request) {
+		if pubsub.FromContext(r.Context()) != h {
+			http.Error(w, "FromContext did not return the handler", http.StatusInternalServerError)
+			return
+		}
+		io.WriteString(w, "handler in context")
+	})
+	app.HandleFunc("POST /publish/{room}", func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err == nil {
+			err = pubsub.FromContext(r.Context()).Publish(r.Context(), r.PathValue("room"), body)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	app.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-App", "next")
+		http.NotFound(w, r)
+	})
+	srv := httptest.NewServer(h.Middleware(app))
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+	})
+	return h, srv
+}
+
+// apiGet answers a plain GET with its status and whether the app served it.
+func apiGet(t *testing.T, url string) (status int, body string, byApp bool) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(testCtx(t), http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), resp.Header.Get("X-App") == "next"
+}
+
+func TestMiddlewarePassesOtherRequestsToNextWithTheHandlerInContext(t *testing.T) {
+	t.Parallel()
+	_, srv := apiMiddlewareServer(t)
+	if status, body, _ := apiGet(t, srv.URL+"/hello"); status != http.StatusOK || body != "handler in context" {
+		t.Fatalf("GET /hello: HTTP %d %q", status, body)
+	}
+	if status, _, byApp := apiGet(t, srv.URL+"/elsewhere"); status != http.StatusNotFound || !byApp {
+		t.Fatalf("GET /elsewhere: HTTP %d, served by the app: %v; want the app's 404", status, byApp)
+	}
+}
+
+func TestFromContextIsNilWithoutMiddleware(t *testing.T) {
+	t.Parallel()
+	type key struct{}
+	for _, ctx := range []context.Context{
+		context.Background(),
+		context.WithValue(context.Background(), key{}, "value"),
+		httptest.NewRequest(http.MethodGet, "/", nil).Context(),
+	} {
+		if h := pubsub.FromContext(ctx); h != nil {
+			t.Fatalf("FromContext(%v) = %p, want nil", ctx, h)
+		}
+	}
+}
+
+func TestMiddlewareHTTPHandlerPublishReachesWebSocketSubscriber(t *testing.T) {
+	t.Parallel()
+	_, srv := apiMiddlewareServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	p.subscribe("news")
+	req, err := http.NewRequestWithContext(testCtx(t), http.MethodPost, srv.URL+"/publish/news",
+		strings.NewReader(`{"headline":"hi"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("POST /publish/news: HTTP %d, want 204", resp.StatusCode)
+	}
+	if e := p.readMessage("news"); string(e.Data) != `{"headline":"hi"}` {
+		t.Fatalf("subscriber got %s", e.raw)
+	}
+}
+
+func TestMiddlewareServesWebSocketsAtWithPathAndBelow(t *testing.T) {
+	t.Parallel()
+	h, srv := apiMiddlewareServer(t, pubsub.WithPath("/live"))
+	p := dialProto(t, wsURL(srv, "/live"))
+	p.subscribe("sports")
+	raw := dial(t, wsURL(srv, "/live/sports")) // the room is the path below /live
+	if err := h.Publish(testCtx(t), "sports", []byte(`"goal"`)); err != nil {
+		t.Fatal(err)
+	}
+	p.readMessage("sports")
+	readText(t, raw, `"goal"`)
+
+	for _, tc := range []struct {
+		path   string
+		status int
+		byApp  bool
+	}{
+		{"/live", http.StatusUpgradeRequired, false}, // the WebSocket endpoint, asked plainly
+		{"/live/sports", http.StatusUpgradeRequired, false},
+		{"/livestream", http.StatusNotFound, true}, // a prefix, not a path below /live
+		{"/ws", http.StatusNotFound, true},         // the default path is not served
+	} {
+		if status, _, byApp := apiGet(t, srv.URL+tc.path); status != tc.status || byApp != tc.byApp {
+			t.Errorf("GET %s: HTTP %d, served by the app: %v; want HTTP %d, by the app: %v",
+				tc.path, status, byApp, tc.status, tc.byApp)
+		}
 	}
 }
