@@ -289,7 +289,10 @@ func (c *conn) readLoop() {
 	for {
 		// No deadline here: liveness is the heartbeat's job, and a read
 		// context that ended would close the socket under a flushing writer.
-		typ, data, err := c.ws.Read(context.Background())
+		// The Handler's context ends only when Close (or a Shutdown whose
+		// ctx ended) must end every socket at once, even one whose writer
+		// is waiting for a close handshake, which CloseNow cannot cut short.
+		typ, data, err := c.ws.Read(c.h.ctx)
 		if err != nil {
 			c.readFailed(err)
 			return

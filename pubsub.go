@@ -607,6 +607,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
+		h.cancel() // ends every reader, and so every socket, at once
 		for _, c := range conns {
 			_ = c.ws.CloseNow()
 		}
