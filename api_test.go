@@ -8,9 +8,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -1057,5 +1059,364 @@ func TestMiddlewareServesWebSocketsAtWithPathAndBelow(t *testing.T) {
 			t.Errorf("GET %s: HTTP %d, served by the app: %v; want HTTP %d, by the app: %v",
 				tc.path, status, byApp, tc.status, tc.byApp)
 		}
+	}
+}
+
+// ------------------------------------------------------ Shutdown, Close
+
+// apiAtOnce runs f and fails the test unless it returns within 4 seconds.
+// It tells "at once" from "after a close handshake timed out": against a
+// client that does not read, coder/websocket's Close waits 5 seconds for
+// the peer's close frame. Normal runs take milliseconds.
+func apiAtOnce(t *testing.T, what string, f func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		t.Errorf("%s waited for a close handshake instead of ending every connection at once", what)
+		<-done
+		t.FailNow()
+	}
+}
+
+func TestShutdownDeliversQueuedMessagesBeforeGoingAway(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, append(hooks.options(), pubsub.WithQueueLimits(10000, 64<<20))...)
+	c := dial(t, wsURL(srv, "/ws?room=news")) // reads only once Shutdown began
+	id := hooks.waitConnect(t, 1).ID
+	ctx := testCtx(t)
+
+	// About 6 MB: more than the socket buffers hold, so while the client
+	// does not read, most of it is still in the connection's queue.
+	const n = 1500
+	filler := strings.Repeat("q", 4<<10)
+	for i := range n {
+		if err := h.Publish(ctx, "news", fmt.Appendf(nil, "%05d:%s", i, filler)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- h.Shutdown(ctx) }()
+	waitFor(t, "Shutdown to begin", func() bool {
+		return errors.Is(h.Publish(ctx, "no-subscribers", nil), pubsub.ErrClosed)
+	})
+
+	for i := range n {
+		typ, b := readFrame(t, c)
+		if want := fmt.Sprintf("%05d:", i); typ != websocket.MessageText || !strings.HasPrefix(string(b), want) {
+			t.Fatalf("message %.8q, want #%d", b, i)
+		}
+	}
+	expectClose(t, c, pubsub.CloseGoingAway)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Shutdown: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Shutdown did not return")
+	}
+	if ev, _ := hooks.disconnected(id); ev.Code != pubsub.CloseGoingAway {
+		t.Fatalf("OnDisconnect code %d, want 1001", ev.Code)
+	}
+}
+
+func TestShutdownRefusesNewUpgradesWith503(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	c := dial(t, wsURL(srv, "/ws?room=r")) // reads only later, so Shutdown waits for it
+	waitFor(t, "one connection", func() bool { return h.Stats().Connections == 1 })
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() { done <- h.Shutdown(ctx) }()
+	waitFor(t, "Shutdown to begin", func() bool {
+		return errors.Is(h.Publish(ctx, "no-subscribers", nil), pubsub.ErrClosed)
+	})
+
+	// During Shutdown.
+	dialStatus(t, wsURL(srv, "/ws?room=r"), nil, http.StatusServiceUnavailable)
+	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusServiceUnavailable, pubsub.Subprotocol)
+	expectClose(t, c, pubsub.CloseGoingAway)
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	// After it.
+	dialStatus(t, wsURL(srv, "/ws?room=r"), nil, http.StatusServiceUnavailable)
+	if n := h.Stats().Refused; n != 3 {
+		t.Fatalf("Stats().Refused = %d, want 3", n)
+	}
+}
+
+func TestShutdownReturnsOnlyAfterEveryServeHTTPCallEnded(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, hooks.options()...)
+	var conns []*websocket.Conn
+	for range 3 {
+		conns = append(conns, dialProto(t, wsURL(srv, "/ws")).c)
+	}
+	for range 2 {
+		conns = append(conns, dial(t, wsURL(srv, "/ws?room=r")))
+	}
+	waitFor(t, "five connections", func() bool { return h.Stats().Connections == 5 })
+	ctx := testCtx(t)
+	codes := make(chan int, len(conns))
+	for _, c := range conns {
+		go func() {
+			for {
+				if _, _, err := c.Read(ctx); err != nil {
+					codes <- apiCloseCode(err)
+					return
+				}
+			}
+		}()
+	}
+
+	if err := h.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	// No waiting from here on: every ServeHTTP call, and so every
+	// OnDisconnect, has ended.
+	if s := h.Stats(); s.Connections != 0 || s.Rooms != 0 {
+		t.Fatalf("after Shutdown: %d connections, %d rooms; want none", s.Connections, s.Rooms)
+	}
+	_, ds := hooks.snapshot()
+	if len(ds) != len(conns) {
+		t.Fatalf("after Shutdown: %d OnDisconnect calls, want %d", len(ds), len(conns))
+	}
+	for _, d := range ds {
+		if d.Code != pubsub.CloseGoingAway {
+			t.Errorf("OnDisconnect code %d for %s, want 1001", d.Code, d.Client.ID)
+		}
+	}
+	for range conns {
+		if code := <-codes; code != pubsub.CloseGoingAway {
+			t.Errorf("a client saw close code %d, want 1001", code)
+		}
+	}
+}
+
+func TestShutdownWithExpiredContextReturnsItsErrorAndEndsEveryConnection(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	h, srv := newServer(t, hooks.options()...)
+	raw := dial(t, wsURL(srv, "/ws?room=r")) // never reads: no close handshake
+	p := dialProto(t, wsURL(srv, "/ws"))     // reads nothing after the welcome
+	waitFor(t, "two connections", func() bool { return h.Stats().Connections == 2 })
+
+	expired, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	var err error
+	apiAtOnce(t, "Shutdown with an expired context", func() { err = h.Shutdown(expired) })
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown with an expired context = %v, want context.DeadlineExceeded", err)
+	}
+	if n := h.Stats().Connections; n != 0 {
+		t.Fatalf("after Shutdown: %d connections, want 0", n)
+	}
+	if _, ds := hooks.snapshot(); len(ds) != 2 {
+		t.Fatalf("after Shutdown: %d OnDisconnect calls, want 2", len(ds))
+	}
+	expectCloseOrEnd(t, raw)
+	expectCloseOrEnd(t, p.c)
+}
+
+func TestShutdownTwiceAndCloseAfterShutdownAreSafeAndCloseTheBrokerOnce(t *testing.T) {
+	t.Parallel()
+	b := newAPIBroker()
+	h, srv := newServer(t, pubsub.WithBroker(b))
+	p := dialProto(t, wsURL(srv, "/ws"))
+	p.subscribe("r")
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() { done <- h.Shutdown(ctx) }()
+	expectClose(t, p.c, pubsub.CloseGoingAway)
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := h.Shutdown(ctx); err != nil {
+		t.Fatalf("second Shutdown: %v", err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatalf("Close after Shutdown: %v", err)
+	}
+	if n := b.closes.Load(); n != 1 {
+		t.Fatalf("Broker.Close called %d times, want once", n)
+	}
+	// The broker is closed last, after the node left its rooms.
+	if ev := b.eventLog(); !slices.Equal(ev, []string{"subscribe r", "unsubscribe r", "close"}) {
+		t.Fatalf("broker calls %q, want subscribe, unsubscribe, close", ev)
+	}
+}
+
+func TestCloseEndsEveryConnectionAtOnce(t *testing.T) {
+	t.Parallel()
+	var hooks apiHooks
+	b := newAPIBroker()
+	h, srv := newServer(t, append(hooks.options(), pubsub.WithBroker(b))...)
+	raw := dial(t, wsURL(srv, "/ws?room=r")) // neither client reads:
+	p := dialProto(t, wsURL(srv, "/ws"))     // Close waits for no handshake
+	p.subscribe("s")
+	waitFor(t, "two connections", func() bool { return h.Stats().Connections == 2 })
+
+	var err error
+	apiAtOnce(t, "Close", func() { err = h.Close() })
+	if err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if s := h.Stats(); s.Connections != 0 || s.Rooms != 0 {
+		t.Fatalf("after Close: %d connections, %d rooms; want none", s.Connections, s.Rooms)
+	}
+	_, ds := hooks.snapshot()
+	if len(ds) != 2 {
+		t.Fatalf("after Close: %d OnDisconnect calls, want 2", len(ds))
+	}
+	for _, d := range ds {
+		if d.Code != pubsub.CloseGoingAway {
+			t.Errorf("OnDisconnect code %d, want 1001", d.Code)
+		}
+	}
+	expectCloseOrEnd(t, raw)
+	expectCloseOrEnd(t, p.c)
+	if n := b.closes.Load(); n != 1 {
+		t.Fatalf("Broker.Close called %d times, want once", n)
+	}
+	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusServiceUnavailable)
+	if err := h.Shutdown(testCtx(t)); err != nil {
+		t.Fatalf("Shutdown after Close: %v", err)
+	}
+	if n := b.closes.Load(); n != 1 {
+		t.Fatalf("Broker.Close called %d times after Shutdown, want once", n)
+	}
+}
+
+// ---------------------------------------------------------- Broker seam
+
+var errAPIBrokerDown = errors.New("test broker down")
+
+// apiBroker wraps the memory broker, records its calls, checks that each
+// room's Subscribe and Unsubscribe alternate (Subscribe first) without
+// overlapping, and fails Subscribe or Publish on demand.
+type apiBroker struct {
+	inner         pubsub.Broker
+	failSubscribe atomic.Bool
+	failPublish   atomic.Bool
+	closes        atomic.Int32
+
+	mu         sync.Mutex
+	rooms      map[string]*apiBrokerRoom
+	events     []string
+	violations []string
+}
+
+type apiBrokerRoom struct {
+	busy, subscribed         bool
+	subscribes, unsubscribes int
+}
+
+var _ pubsub.Broker = (*apiBroker)(nil)
+
+func newAPIBroker() *apiBroker {
+	return &apiBroker{inner: pubsub.NewMemoryBroker(), rooms: make(map[string]*apiBrokerRoom)}
+}
+
+func (b *apiBroker) Bind(deliver func(pubsub.Message)) { b.inner.Bind(deliver) }
+
+func (b *apiBroker) Publish(ctx context.Context, room string, data []byte) (pubsub.Message, error) {
+	if b.failPublish.Load() {
+		return pubsub.Message{}, errAPIBrokerDown
+	}
+	return b.inner.Publish(ctx, room, data)
+}
+
+func (b *apiBroker) Subscribe(ctx context.Context, room string) (err error) {
+	b.begin("subscribe", room, false)
+	defer func() { b.end(room, err == nil) }()
+	runtime.Gosched() // widen the window for an overlapping call
+	if b.failSubscribe.Load() {
+		return errAPIBrokerDown
+	}
+	return b.inner.Subscribe(ctx, room)
+}
+
+func (b *apiBroker) Unsubscribe(ctx context.Context, room string) error {
+	b.begin("unsubscribe", room, true)
+	defer b.end(room, false)
+	runtime.Gosched()
+	return b.inner.Unsubscribe(ctx, room)
+}
+
+func (b *apiBroker) Close() error {
+	b.closes.Add(1)
+	b.mu.Lock()
+	b.events = append(b.events, "close")
+	b.mu.Unlock()
+	return b.inner.Close()
+}
+
+func (b *apiBroker) room(name string) *apiBrokerRoom {
+	r := b.rooms[name]
+	if r == nil {
+		r = &apiBrokerRoom{}
+		b.rooms[name] = r
+	}
+	return r
+}
+
+func (b *apiBroker) begin(op, room string, wantSubscribed bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := b.room(room)
+	if r.busy {
+		b.violations = append(b.violations, fmt.Sprintf("%s %q overlaps another call for the room", op, room))
+	}
+	if r.subscribed != wantSubscribed {
+		b.violations = append(b.violations, fmt.Sprintf("%s %q while subscribed is %v", op, room, r.subscribed))
+	}
+	r.busy = true
+	if op == "subscribe" {
+		r.subscribes++
+	} else {
+		r.unsubscribes++
+	}
+	b.events = append(b.events, op+" "+room)
+}
+
+func (b *apiBroker) end(room string, subscribed bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := b.room(room)
+	r.busy, r.subscribed = false, subscribed
+}
+
+func (b *apiBroker) eventLog() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.events)
+}
+
+// counts returns the room's Subscribe and Unsubscribe calls so far, and
+// whether the node is subscribed.
+func (b *apiBroker) counts(room string) (subscribes, unsubscribes int, subscribed bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := b.room(room)
+	return r.subscribes, r.unsubscribes, r.subscribed
+}
+
+func (b *apiBroker) checkAlternation(t *testing.T) {
+	t.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, v := range b.violations {
+		t.Error(v)
 	}
 }
