@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -1418,5 +1419,503 @@ func (b *apiBroker) checkAlternation(t *testing.T) {
 	defer b.mu.Unlock()
 	for _, v := range b.violations {
 		t.Error(v)
+	}
+}
+
+// apiChurnConn is a protocol client for goroutines other than the test's:
+// it returns errors instead of failing the test.
+type apiChurnConn struct {
+	c    *websocket.Conn
+	next int
+}
+
+func apiChurnDial(ctx context.Context, url string) (*apiChurnConn, error) {
+	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	if err != nil {
+		return nil, err
+	}
+	c.SetReadLimit(-1)
+	if _, _, err := c.Read(ctx); err != nil { // the welcome
+		c.CloseNow()
+		return nil, err
+	}
+	return &apiChurnConn{c: c}, nil
+}
+
+// request sends {"type":typ,"room":room} and waits for its ack.
+func (a *apiChurnConn) request(ctx context.Context, typ, room string) error {
+	a.next++
+	id := fmt.Sprint("c", a.next)
+	b, err := json.Marshal(map[string]string{"type": typ, "room": room, "id": id})
+	if err != nil {
+		return err
+	}
+	if err := a.c.Write(ctx, websocket.MessageText, b); err != nil {
+		return err
+	}
+	for {
+		_, m, err := a.c.Read(ctx)
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", typ, room, err)
+		}
+		var e envelope
+		if err := json.Unmarshal(m, &e); err != nil {
+			return err
+		}
+		if e.ID != id {
+			continue
+		}
+		if e.Type != "ack" {
+			return fmt.Errorf("%s %s: got %s, want ack", typ, room, m)
+		}
+		return nil
+	}
+}
+
+func TestBrokerSubscribeAndUnsubscribeAlternatePerRoomUnderChurn(t *testing.T) {
+	t.Parallel()
+	b := newAPIBroker()
+	h, srv := newServer(t, pubsub.WithBroker(b), pubsub.WithRateLimit(1e6, 1_000_000))
+	rooms := []string{"churn-a", "churn-b", "churn-c"}
+	const workers, lives, rounds = 12, 2, 10
+	ctx := testCtx(t)
+
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Go(func() {
+			for life := range lives {
+				c, err := apiChurnDial(ctx, wsURL(srv, "/ws"))
+				if err != nil {
+					errs <- err
+					return
+				}
+				for r := range rounds {
+					room, other := rooms[(w+r)%len(rooms)], rooms[(w+r+1)%len(rooms)]
+					for _, step := range [][2]string{
+						{"subscribe", room}, {"subscribe", other}, {"unsubscribe", room}, {"unsubscribe", other},
+					} {
+						if err := c.request(ctx, step[0], step[1]); err != nil {
+							c.c.CloseNow()
+							errs <- err
+							return
+						}
+					}
+				}
+				// End each life in every room: the disconnect leaves them.
+				for _, room := range rooms {
+					if err := c.request(ctx, "subscribe", room); err != nil {
+						c.c.CloseNow()
+						errs <- err
+						return
+					}
+				}
+				if (w+life)%2 == 0 {
+					c.c.CloseNow()
+				} else {
+					c.c.Close(websocket.StatusNormalClosure, "")
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+
+	// Every subscriber left, so the node must have withdrawn its interest in
+	// every room, with as many Unsubscribes as Subscribes.
+	waitFor(t, "the node to leave every room", func() bool {
+		for _, room := range rooms {
+			if subs, unsubs, subscribed := b.counts(room); subscribed || subs != unsubs {
+				return false
+			}
+		}
+		return h.Stats().Rooms == 0
+	})
+	b.checkAlternation(t)
+	for _, room := range rooms {
+		if subs, _, _ := b.counts(room); subs < 2 {
+			t.Errorf("room %q: %d Subscribe calls; the churn did not reach the broker", room, subs)
+		}
+	}
+}
+
+func TestBrokerInterestIsDroppedWhenTheLastSubscriberLeaves(t *testing.T) {
+	t.Parallel()
+	b := newAPIBroker()
+	h, srv := newServer(t, pubsub.WithBroker(b))
+	want := func(subs, unsubs int, subscribed bool) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("%d Subscribe and %d Unsubscribe calls, subscribed %v", subs, unsubs, subscribed),
+			func() bool {
+				s, u, on := b.counts("r")
+				return s == subs && u == unsubs && on == subscribed
+			})
+	}
+	p1 := dialProto(t, wsURL(srv, "/ws"))
+	p2 := dialProto(t, wsURL(srv, "/ws"))
+	p1.subscribe("r")
+	want(1, 0, true)
+	p2.subscribe("r") // one interest per node, not per subscriber
+	raw := dial(t, wsURL(srv, "/ws?room=r"))
+	want(1, 0, true)
+
+	p1.mustAck(map[string]any{"type": "unsubscribe", "room": "r"})
+	raw.Close(websocket.StatusNormalClosure, "")
+	waitFor(t, "one subscriber left", func() bool { return len(h.Connections("r")) == 1 })
+	want(1, 0, true)
+
+	p2.c.Close(websocket.StatusNormalClosure, "") // the last one
+	want(1, 1, false)
+	if n := h.Stats().Rooms; n != 0 {
+		t.Fatalf("Stats().Rooms = %d, want 0", n)
+	}
+
+	// A new subscriber brings the interest back.
+	p3 := dialProto(t, wsURL(srv, "/ws"))
+	p3.subscribe("r")
+	want(2, 1, true)
+	b.checkAlternation(t)
+}
+
+func TestBrokerSubscribeFailureIsUnavailableAndTheServerRecovers(t *testing.T) {
+	t.Parallel()
+	b := newAPIBroker()
+	b.failSubscribe.Store(true)
+	h, srv := newServer(t, pubsub.WithBroker(b))
+	p := dialProto(t, wsURL(srv, "/ws"))
+
+	e := p.mustError(map[string]any{"type": "subscribe", "room": "r"}, pubsub.CodeUnavailable)
+	if strings.Contains(e.Message, errAPIBrokerDown.Error()) {
+		t.Errorf("the client was sent the broker's error text: %s", e.raw)
+	}
+	dialStatus(t, wsURL(srv, "/ws?room=r"), nil, http.StatusServiceUnavailable)
+	if s := h.Stats(); s.Rooms != 0 || len(h.Connections("r")) != 0 || s.Refused != 1 {
+		t.Fatalf("after failed subscribes: %+v, members %v; want no room and one refusal", s, h.Connections("r"))
+	}
+
+	b.failSubscribe.Store(false)
+	p.subscribe("r")
+	raw := dial(t, wsURL(srv, "/ws?room=r"))
+	if err := h.Publish(testCtx(t), "r", []byte(`"back"`)); err != nil {
+		t.Fatal(err)
+	}
+	p.readMessage("r")
+	readText(t, raw, `"back"`)
+	if subs, unsubs, _ := b.counts("r"); subs != 3 || unsubs != 0 {
+		t.Fatalf("%d Subscribe and %d Unsubscribe calls, want 3 (two failed) and 0", subs, unsubs)
+	}
+	b.checkAlternation(t)
+}
+
+func TestBrokerPublishFailureIsWrappedAndUnavailable(t *testing.T) {
+	t.Parallel()
+	b := newAPIBroker()
+	h, srv := newServer(t, pubsub.WithBroker(b), pubsub.WithClientPublish(true))
+	p := dialProto(t, wsURL(srv, "/ws"))
+	p.subscribe("r")
+	raw := dial(t, wsURL(srv, "/ws?room=r"))
+	ctx := testCtx(t)
+	b.failPublish.Store(true)
+
+	err := h.Publish(ctx, "r", []byte("x"))
+	if !errors.Is(err, errAPIBrokerDown) || !strings.HasPrefix(err.Error(), "pubsub: ") {
+		t.Fatalf("Publish with a failing broker = %v, want a \"pubsub: \" error wrapping the broker's", err)
+	}
+	e := p.mustError(map[string]any{"type": "publish", "room": "r", "text": "x"}, pubsub.CodeUnavailable)
+	if strings.Contains(e.Message, errAPIBrokerDown.Error()) {
+		t.Errorf("the client was sent the broker's error text: %s", e.raw)
+	}
+	if err := raw.Write(ctx, websocket.MessageText, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	expectClose(t, raw, pubsub.CloseTryAgainLater)
+	if n := h.Stats().Published; n != 0 {
+		t.Fatalf("Stats().Published = %d after failed publishes, want 0", n)
+	}
+
+	b.failPublish.Store(false)
+	if err := h.Publish(ctx, "r", []byte(`"ok"`)); err != nil {
+		t.Fatal(err)
+	}
+	if e := p.readMessage("r"); string(e.Data) != `"ok"` {
+		t.Fatalf("got %s", e.raw)
+	}
+}
+
+func TestMemoryBrokerSeqIncreasesStrictlyFromOnePerRoomUnderConcurrentPublish(t *testing.T) {
+	t.Parallel()
+	b := pubsub.NewMemoryBroker()
+	t.Cleanup(func() { b.Close() })
+	rooms := []string{"a", "b", "c"}
+	busy := map[string]*atomic.Int32{}
+	for _, r := range rooms {
+		busy[r] = new(atomic.Int32)
+	}
+	var overlaps atomic.Int32
+	var mu sync.Mutex
+	delivered := map[string][]pubsub.Message{}
+	b.Bind(func(m pubsub.Message) {
+		n := busy[m.Room]
+		if n.Add(1) != 1 {
+			overlaps.Add(1)
+		}
+		runtime.Gosched()
+		mu.Lock()
+		delivered[m.Room] = append(delivered[m.Room], m)
+		mu.Unlock()
+		n.Add(-1)
+	})
+	ctx := testCtx(t)
+	for _, r := range rooms {
+		if err := b.Subscribe(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	const goroutines, each = 8, 150
+	returned := make(chan pubsub.Message, goroutines*each)
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range each {
+				m, err := b.Publish(ctx, rooms[(g+i)%len(rooms)], []byte{byte(i)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				returned <- m
+			}
+		})
+	}
+	wg.Wait()
+	close(returned)
+
+	if n := overlaps.Load(); n != 0 {
+		t.Errorf("deliver ran concurrently for one room %d times", n)
+	}
+	seqs := map[string][]uint64{}
+	for m := range returned {
+		seqs[m.Room] = append(seqs[m.Room], m.Seq)
+	}
+	total := 0
+	for _, r := range rooms {
+		ms := delivered[r]
+		total += len(ms)
+		for i, m := range ms {
+			if m.Seq != uint64(i+1) || m.Epoch == "" || m.Epoch != ms[0].Epoch {
+				t.Fatalf("room %s: delivery #%d has seq %d epoch %q, want seq %d in epoch %q",
+					r, i, m.Seq, m.Epoch, i+1, ms[0].Epoch)
+			}
+		}
+		got := seqs[r]
+		slices.Sort(got)
+		for i, s := range got {
+			if s != uint64(i+1) {
+				t.Fatalf("room %s: Publish returned seqs %v, want 1..%d once each", r, got, len(got))
+			}
+		}
+		if len(got) != len(ms) {
+			t.Fatalf("room %s: %d publishes returned, %d delivered", r, len(got), len(ms))
+		}
+	}
+	if total != goroutines*each {
+		t.Fatalf("%d messages delivered, want %d", total, goroutines*each)
+	}
+}
+
+func TestMemoryBrokerStartsANewEpochWhenARoomIsRecreated(t *testing.T) {
+	t.Parallel()
+	b := pubsub.NewMemoryBroker()
+	var mu sync.Mutex
+	var delivered []pubsub.Message
+	b.Bind(func(m pubsub.Message) {
+		mu.Lock()
+		delivered = append(delivered, m)
+		mu.Unlock()
+	})
+	ctx := testCtx(t)
+	publish := func(wantSeq uint64) pubsub.Message {
+		t.Helper()
+		m, err := b.Publish(ctx, "r", []byte("x"))
+		if err != nil || m.Seq != wantSeq || m.Room != "r" {
+			t.Fatalf("Publish = %+v, %v; want seq %d", m, err, wantSeq)
+		}
+		return m
+	}
+	if err := b.Subscribe(ctx, "r"); err != nil {
+		t.Fatal(err)
+	}
+	m1 := publish(1)
+	if m2 := publish(2); m1.Epoch == "" || m2.Epoch != m1.Epoch {
+		t.Fatalf("epochs %q then %q, want one non-empty epoch", m1.Epoch, m2.Epoch)
+	}
+
+	// Reclaimed: publishes are dropped, not numbered.
+	if err := b.Unsubscribe(ctx, "r"); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := b.Publish(ctx, "r", []byte("x")); err != nil || m.Seq != 0 || m.Epoch != "" {
+		t.Fatalf("Publish to a reclaimed room = %+v, %v; want the zero Message and nil", m, err)
+	}
+	if err := b.Subscribe(ctx, "r"); err != nil {
+		t.Fatal(err)
+	}
+	if m3 := publish(1); m3.Epoch == m1.Epoch || m3.Epoch == "" {
+		t.Fatalf("the recreated room's epoch is %q, want a new one (old %q)", m3.Epoch, m1.Epoch)
+	}
+	mu.Lock()
+	n := len(delivered)
+	mu.Unlock()
+	if n != 3 {
+		t.Fatalf("%d messages delivered, want 3 (the one to the reclaimed room is dropped)", n)
+	}
+
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Publish(ctx, "r", []byte("x")); !errors.Is(err, pubsub.ErrClosed) {
+		t.Fatalf("Publish after Close = %v, want ErrClosed", err)
+	}
+	if err := b.Subscribe(ctx, "r"); !errors.Is(err, pubsub.ErrClosed) {
+		t.Fatalf("Subscribe after Close = %v, want ErrClosed", err)
+	}
+}
+
+func TestRecreatedRoomReachesClientsWithANewEpochFromSeqOne(t *testing.T) {
+	t.Parallel()
+	h, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	ctx := testCtx(t)
+	p.subscribe("r")
+	for range 2 {
+		if err := h.Publish(ctx, "r", []byte(`1`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := p.readMessage("r")
+	if second := p.readMessage("r"); first.Seq != 1 || second.Seq != 2 || second.Epoch != first.Epoch {
+		t.Fatalf("messages %s, %s; want seq 1 and 2 in one epoch", first.raw, second.raw)
+	}
+	p.mustAck(map[string]any{"type": "unsubscribe", "room": "r"}) // the room is reclaimed
+	p.subscribe("r")
+	if err := h.Publish(ctx, "r", []byte(`1`)); err != nil {
+		t.Fatal(err)
+	}
+	if again := p.readMessage("r"); again.Seq != 1 || again.Epoch == first.Epoch {
+		t.Fatalf("after the room was recreated: %s; want seq 1 in an epoch other than %q", again.raw, first.Epoch)
+	}
+}
+
+// apiPanic runs f and returns what it panicked with, as a string.
+func apiPanic(f func()) (msg string, panicked bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			msg, panicked = fmt.Sprint(p), true
+		}
+	}()
+	f()
+	return "", false
+}
+
+func TestMemoryBrokerBindTwicePanics(t *testing.T) {
+	t.Parallel()
+	b := pubsub.NewMemoryBroker()
+	b.Bind(func(pubsub.Message) {})
+	msg, panicked := apiPanic(func() { b.Bind(func(pubsub.Message) {}) })
+	if !panicked || !strings.HasPrefix(msg, "pubsub: ") {
+		t.Fatalf("second Bind: panicked %v with %q, want a \"pubsub: \" panic", panicked, msg)
+	}
+
+	// Handing one broker to two Handlers is that mistake.
+	shared := pubsub.NewMemoryBroker()
+	h := pubsub.NewHandler(pubsub.WithBroker(shared), pubsub.WithLogger(quietLogger()))
+	t.Cleanup(func() { h.Close() })
+	msg, panicked = apiPanic(func() { pubsub.NewHandler(pubsub.WithBroker(shared)) })
+	if !panicked || !strings.HasPrefix(msg, "pubsub: ") {
+		t.Fatalf("NewHandler with a bound broker: panicked %v with %q, want a \"pubsub: \" panic", panicked, msg)
+	}
+}
+
+// ----------------------------------------------------------- NewHandler
+
+func TestNewHandlerPanicsOnEachInvalidOptionValue(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string // the option, which the message must name
+		opt  pubsub.Option
+	}{
+		{`WithPath("ws")`, pubsub.WithPath("ws")},
+		{`WithPath("/ws/")`, pubsub.WithPath("/ws/")},
+		{`WithPath("/a/../ws")`, pubsub.WithPath("/a/../ws")},
+		{"WithMaxMessageBytes(0)", pubsub.WithMaxMessageBytes(0)},
+		{"WithMaxMessageBytes(64 MiB + 1)", pubsub.WithMaxMessageBytes(64<<20 + 1)},
+		{"WithMaxRooms(0)", pubsub.WithMaxRooms(0)},
+		{"WithMaxRooms(1,000,001)", pubsub.WithMaxRooms(1_000_001)},
+		{"WithRateLimit(0, 1)", pubsub.WithRateLimit(0, 1)},
+		{"WithRateLimit(1, 0)", pubsub.WithRateLimit(1, 0)},
+		{"WithWriteTimeout(0)", pubsub.WithWriteTimeout(0)},
+		{"WithWriteTimeout(9ms)", pubsub.WithWriteTimeout(9 * time.Millisecond)},
+		{"WithHeartbeat(0, 1s)", pubsub.WithHeartbeat(0, time.Second)},
+		{"WithHeartbeat(1s, 0)", pubsub.WithHeartbeat(time.Second, 0)},
+		{"WithQueueLimits(0, 1)", pubsub.WithQueueLimits(0, 1)},
+		{"WithQueueLimits(1, 0)", pubsub.WithQueueLimits(1, 0)},
+		{`WithOriginPatterns("[")`, pubsub.WithOriginPatterns("[")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			msg, panicked := apiPanic(func() { pubsub.NewHandler(tc.opt) })
+			if !panicked {
+				t.Fatal("NewHandler did not panic")
+			}
+			option, _, _ := strings.Cut(tc.name, "(")
+			if !strings.HasPrefix(msg, "pubsub: ") || !strings.Contains(msg, option) {
+				t.Fatalf("panic %q, want a message starting \"pubsub: \" that names %s", msg, option)
+			}
+		})
+	}
+}
+
+func TestNewHandlerAcceptsTheBoundaryValues(t *testing.T) {
+	t.Parallel()
+	h := pubsub.NewHandler(
+		pubsub.WithLogger(quietLogger()),
+		pubsub.WithPath("/"),
+		pubsub.WithMaxMessageBytes(1), pubsub.WithMaxMessageBytes(64<<20),
+		pubsub.WithMaxRooms(1), pubsub.WithMaxRooms(1_000_000),
+		pubsub.WithRateLimit(0.001, 1),
+		pubsub.WithWriteTimeout(10*time.Millisecond),
+		pubsub.WithHeartbeat(10*time.Millisecond, 10*time.Millisecond),
+		pubsub.WithQueueLimits(1, 1),
+		pubsub.WithOriginPatterns("*.example.com", "https://app.example.com"),
+	)
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Not parallel: it counts the process's goroutines, so no other test may
+// run meanwhile (parallel tests wait until the sequential ones are done).
+func TestNewHandlerStartsNoGoroutine(t *testing.T) {
+	before := runtime.NumGoroutine()
+	h1 := pubsub.NewHandler()
+	h2 := pubsub.NewHandler(
+		pubsub.WithLogger(quietLogger()),
+		pubsub.WithHeartbeat(10*time.Millisecond, 10*time.Millisecond),
+		pubsub.WithWriteTimeout(10*time.Millisecond),
+		pubsub.WithBroker(pubsub.NewMemoryBroker()),
+		pubsub.WithOnConnect(func(pubsub.ConnectEvent) {}),
+	)
+	after := runtime.NumGoroutine()
+	if err := h1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after > before {
+		t.Fatalf("%d goroutines before NewHandler, %d after; want no new one", before, after)
 	}
 }
