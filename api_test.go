@@ -683,7 +683,7 @@ func TestOnConnectAndOnDisconnectRunOncePerConnectionWithItsClient(t *testing.T)
 	hooks.waitDisconnect(t, rc.ID)
 	// Close waits for every ServeHTTP call, so every hook has run by then.
 	h.Close()
-	expectCloseOrEnd(t, anon.c)
+	apiReadUntilEnd(t, anon.c)
 
 	connects, disconnects := hooks.snapshot()
 	for _, cl := range []pubsub.Client{pc, rc, ac} {
@@ -710,8 +710,8 @@ func TestOnConnectAndOnDisconnectRunOncePerConnectionWithItsClient(t *testing.T)
 	}
 }
 
-// expectCloseOrEnd reads until the connection ends, however it ends.
-func expectCloseOrEnd(t *testing.T, c *websocket.Conn) error {
+// apiReadUntilEnd reads until the connection ends, however it ends.
+func apiReadUntilEnd(t *testing.T, c *websocket.Conn) error {
 	t.Helper()
 	ctx := testCtx(t)
 	for {
@@ -883,7 +883,7 @@ func TestSlowConsumerIsDisconnectedWhileOthersGetEveryMessageInOrder(t *testing.
 	}
 
 	// Reading now lets a close handshake the server began finish at once.
-	expectCloseOrEnd(t, slowConn)
+	apiReadUntilEnd(t, slowConn)
 	ev := hooks.waitDisconnect(t, slow.ID)
 	if ev.Code != pubsub.CloseSlowConsumer {
 		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
@@ -920,7 +920,7 @@ func TestSlowConsumerByteBoundAloneDisconnects(t *testing.T) {
 		t.Fatalf("%d messages of 48 KiB published with a 64 KiB byte bound, and no slow consumer was counted", maxMessages)
 	}
 	// Reading now lets a close handshake the server began finish at once.
-	expectCloseOrEnd(t, slowConn)
+	apiReadUntilEnd(t, slowConn)
 	ev := hooks.waitDisconnect(t, slow.ID)
 	if ev.Code != pubsub.CloseSlowConsumer {
 		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
@@ -1111,7 +1111,10 @@ func TestShutdownDeliversQueuedMessagesBeforeGoingAway(t *testing.T) {
 	})
 
 	for i := range n {
-		typ, b := readFrame(t, c)
+		typ, b, err := c.Read(ctx)
+		if err != nil {
+			t.Fatalf("read #%d: %v", i, err)
+		}
 		if want := fmt.Sprintf("%05d:", i); typ != websocket.MessageText || !strings.HasPrefix(string(b), want) {
 			t.Fatalf("message %.8q, want #%d", b, i)
 		}
@@ -1226,8 +1229,8 @@ func TestShutdownWithExpiredContextReturnsItsErrorAndEndsEveryConnection(t *test
 	if _, ds := hooks.snapshot(); len(ds) != 2 {
 		t.Fatalf("after Shutdown: %d OnDisconnect calls, want 2", len(ds))
 	}
-	expectCloseOrEnd(t, raw)
-	expectCloseOrEnd(t, p.c)
+	apiReadUntilEnd(t, raw)
+	apiReadUntilEnd(t, p.c)
 }
 
 func TestShutdownTwiceAndCloseAfterShutdownAreSafeAndCloseTheBrokerOnce(t *testing.T) {
@@ -1285,8 +1288,8 @@ func TestCloseEndsEveryConnectionAtOnce(t *testing.T) {
 			t.Errorf("OnDisconnect code %d, want 1001", d.Code)
 		}
 	}
-	expectCloseOrEnd(t, raw)
-	expectCloseOrEnd(t, p.c)
+	apiReadUntilEnd(t, raw)
+	apiReadUntilEnd(t, p.c)
 	if n := b.closes.Load(); n != 1 {
 		t.Fatalf("Broker.Close called %d times, want once", n)
 	}
