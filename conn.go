@@ -291,16 +291,17 @@ func (c *conn) queueState() (msgs, bytes int, lag time.Duration) {
 }
 
 // beginClose starts closing the connection with code and reason. With
-// flush, what is queued is written first. Only the first call counts.
-func (c *conn) beginClose(code int, reason string, flush bool) {
+// flush, what is queued is written first. Only the first call counts; it
+// reports whether this call was it.
+func (c *conn) beginClose(code int, reason string, flush bool) bool {
 	c.mu.Lock()
-	c.beginCloseLocked(code, reason, flush)
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	return c.beginCloseLocked(code, reason, flush)
 }
 
-func (c *conn) beginCloseLocked(code int, reason string, flush bool) {
+func (c *conn) beginCloseLocked(code int, reason string, flush bool) bool {
 	if c.closing {
-		return
+		return false
 	}
 	c.closing, c.code, c.reason, c.flush = true, code, truncateReason(reason), flush
 	if c.beat != nil {
@@ -308,6 +309,7 @@ func (c *conn) beginCloseLocked(code int, reason string, flush bool) {
 	}
 	c.cancel()
 	c.startWriterLocked() // it sends the close; a running writer will see closing
+	return true
 }
 
 // closeStatus is the code and reason the connection closed with.
@@ -492,6 +494,16 @@ func (c *conn) finish(batch []*frame) {
 	_ = c.ws.Close(websocket.StatusCode(code), reason)
 }
 
+// kill ends the connection at once. Closing the TCP connection under the
+// WebSocket also cuts short a close handshake in progress (a writer waiting
+// for a peer that never answers), which CloseNow alone cannot.
+func (c *conn) kill() {
+	if c.sock != nil {
+		_ = c.sock.Conn.Close()
+	}
+	_ = c.ws.CloseNow()
+}
+
 // run serves the connection on its own goroutine, which the Handler owns:
 // it reads until the connection closes, waits for the writer, then leaves
 // every room and reports the disconnect.
@@ -515,8 +527,10 @@ func (c *conn) run() {
 // readLoop reads client messages until the connection closes.
 func (c *conn) readLoop() {
 	for {
-		// No deadline here: liveness is the heartbeat's job, and a read
-		// context that ended would close the socket under a flushing writer.
+		// No deadline and no context: liveness is the heartbeat's job, a
+		// read context that ended would close the socket under a flushing
+		// writer, and a context costs a callback per read. Close and an
+		// expired Shutdown end the read with kill.
 		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			c.readFailed(err)
@@ -531,11 +545,11 @@ func (c *conn) readLoop() {
 			c.beginClose(CloseInvalidPayload, "text frame is not valid UTF-8", false)
 			return
 		}
-		c.h.stats.messagesIn.Add(1)
 		var ok bool
 		if c.proto {
-			ok = c.handleEnvelope(data)
+			ok = c.handleEnvelope(data) // counts MessagesIn, heartbeats aside
 		} else {
+			c.h.stats.messagesIn.Add(1)
 			ok = c.handleRaw(data, typ == websocket.MessageBinary)
 		}
 		if !ok {
@@ -629,6 +643,9 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 // the connection stays open.
 func (c *conn) handleEnvelope(data []byte) bool {
 	in, perr := decodeInbound(data)
+	if perr != nil || (in.Type != "ping" && in.Type != "pong") {
+		c.h.stats.messagesIn.Add(1) // a data message: heartbeats are not counted
+	}
 	switch {
 	case perr == nil && in.Type == "pong":
 		return true // the answer to our ping; liveness was noted on read

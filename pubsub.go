@@ -695,21 +695,22 @@ func (h *Handler) Disconnect(connID, reason string) error {
 	h.mu.Lock()
 	c := h.conns[connID]
 	h.mu.Unlock()
-	if c == nil {
+	if c == nil || !c.beginClose(CloseDisconnected, reason, false) {
 		return fmt.Errorf("pubsub: disconnect %q: %w", connID, ErrConnNotFound)
 	}
-	c.beginClose(CloseDisconnected, reason, false)
 	return nil
 }
 
 // DisconnectUser closes every connection of userID on this node with close
 // code 4003 and reason, and returns how many it closed.
 func (h *Handler) DisconnectUser(userID, reason string) int {
-	cs := h.userConns(userID)
-	for _, c := range cs {
-		c.beginClose(CloseDisconnected, reason, false)
+	n := 0
+	for _, c := range h.userConns(userID) {
+		if c.beginClose(CloseDisconnected, reason, false) {
+			n++ // a connection already closing is not closed by this call
+		}
 	}
-	return len(cs)
+	return n
 }
 
 // Stats returns a snapshot of the Handler's counters.
@@ -752,7 +753,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		err = ctx.Err()
 		for _, c := range conns {
-			_ = c.ws.CloseNow()
+			c.kill()
 		}
 		<-done
 	}
@@ -767,7 +768,7 @@ func (h *Handler) Close() error {
 	conns := h.beginShutdown()
 	for _, c := range conns {
 		c.beginClose(CloseGoingAway, "server shutting down", false)
-		_ = c.ws.CloseNow()
+		c.kill()
 	}
 	h.cancel()
 	h.wait()
