@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -106,6 +107,7 @@ type conn struct {
 	code    int
 	reason  string
 	flush   bool
+	abort   bool        // close without a close frame (set with closing)
 	writing bool        // a writer goroutine runs (or ran finish: no other starts)
 	beat    *time.Timer // the heartbeat; nil until the connection is served
 
@@ -252,13 +254,21 @@ func (c *conn) countDrop(r *room) {
 // slowConsumer closes the connection as a slow consumer, counting it
 // against room r (nil for a direct or control message).
 func (c *conn) slowConsumer(r *room) {
+	c.closeSlow(r, "slow consumer", false)
+}
+
+// closeSlow closes the connection as a slow consumer and counts it. With
+// abort, the socket is closed without a close frame: one whose write timed
+// out is full, and a close handshake would only wait for it.
+func (c *conn) closeSlow(r *room, reason string, abort bool) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
 		return
 	}
 	depth, bytes := c.qlen, c.qbytes
-	c.beginCloseLocked(CloseSlowConsumer, "slow consumer", false)
+	c.abort = abort
+	c.beginCloseLocked(CloseSlowConsumer, reason, false)
 	c.mu.Unlock()
 	c.h.stats.slowConsumers.Add(1)
 	roomName := ""
@@ -266,7 +276,7 @@ func (c *conn) slowConsumer(r *room) {
 		r.slowConsumers.Add(1)
 		roomName = r.name
 	}
-	c.h.log.Warn("pubsub: slow consumer disconnected",
+	c.h.log.Warn("pubsub: slow consumer disconnected", "reason", reason,
 		"conn_id", c.client.ID, "user_id", c.client.UserID, "room", roomName,
 		"queued_messages", depth, "queued_bytes", bytes)
 }
@@ -361,7 +371,12 @@ func (c *conn) writeLoop() {
 		batch := c.takeLocked()
 		c.mu.Unlock()
 		if err := c.writeBatch(batch); err != nil {
-			c.beginClose(closeAbnormal, "write failed", false)
+			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
+				// Not reading for WithWriteTimeout is not keeping up.
+				c.closeSlow(nil, "slow consumer: write timed out", true)
+			} else {
+				c.beginClose(closeAbnormal, "write failed", false)
+			}
 		}
 	}
 }
@@ -480,13 +495,13 @@ func (c *conn) enqueueControlLocked(f *frame) {
 // close frame and closes the socket. It runs on the writer goroutine.
 func (c *conn) finish(batch []*frame) {
 	c.mu.Lock()
-	code, reason := c.code, c.reason
+	code, reason, abort := c.code, c.reason, c.abort
 	c.mu.Unlock()
 	if err := c.writeBatch(batch); err != nil {
 		_ = c.ws.CloseNow()
 		return
 	}
-	if code == closeAbnormal {
+	if code == closeAbnormal || abort {
 		_ = c.ws.CloseNow()
 		return
 	}

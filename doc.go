@@ -60,7 +60,7 @@
 // big, 1011 internal error, 1013 try again later), the server closes with:
 //
 //	4001  heartbeat timeout: the peer showed no life in time
-//	4002  slow consumer: the connection's outbound queue overflowed
+//	4002  slow consumer: its outbound queue overflowed, or a write timed out
 //	4003  disconnected by the server (Disconnect, DisconnectUser)
 //	4004  rate limited (raw mode; protocol mode gets an error envelope)
 //

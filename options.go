@@ -351,7 +351,9 @@ func WithRateLimit(perSecond float64, burst int) Option {
 }
 
 // WithWriteTimeout bounds how long one write of queued messages to a socket
-// may take; past it the connection is closed. Default: 10s; at least 10ms.
+// may take. A client that does not read for that long is not keeping up: it
+// is closed as a slow consumer (4002, counted in Stats), at once, without
+// waiting for a close handshake. Default: 10s; at least 10ms.
 func WithWriteTimeout(d time.Duration) Option {
 	return func(c *config) { c.writeTimeout = d }
 }

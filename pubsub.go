@@ -143,7 +143,7 @@ type Stats struct {
 	MessagesIn    uint64 // data messages received from clients (heartbeats aside)
 	MessagesOut   uint64 // room and direct messages written to clients
 	Published     uint64 // messages published into rooms, by the server and clients
-	SlowConsumers uint64 // connections closed because their queue overflowed
+	SlowConsumers uint64 // connections closed because their queue overflowed or a write timed out
 	Dropped       uint64 // messages discarded by a DropOldest or KeepLatest room
 	RateLimited   uint64 // client messages refused by the rate limit
 	Refused       uint64 // upgrades refused (origin, authentication, room, shutdown)
