@@ -95,6 +95,7 @@ type conn struct {
 	refill  time.Time        // reader
 
 	lastSeen atomic.Int64 // unix nanoseconds of the peer's last sign of life
+	lastApp  atomic.Int64 // the last message either way, heartbeats aside (WithIdleTimeout)
 
 	mu      sync.Mutex
 	queue   []*frame // may hold nils: frames a drop policy removed
@@ -124,6 +125,7 @@ func newConn(h *Handler, cl Client) *conn {
 		refill: time.Now(),
 	}
 	c.lastSeen.Store(time.Now().UnixNano())
+	c.lastApp.Store(time.Now().UnixNano())
 	return c
 }
 
@@ -422,6 +424,9 @@ func (c *conn) writeBatch(batch []*frame) error {
 		}
 	}
 	c.h.stats.messagesOut.Add(uint64(n))
+	if n > 0 && c.h.cfg.idleTimeout > 0 {
+		c.lastApp.Store(time.Now().UnixNano())
+	}
 	c.recycle(batch)
 	return err
 }
@@ -449,6 +454,10 @@ func (c *conn) heartbeat() {
 		return
 	}
 	c.beat.Reset(cfg.heartbeat)
+	if cfg.idleTimeout > 0 && time.Since(time.Unix(0, c.lastApp.Load())) > cfg.idleTimeout {
+		c.beginCloseLocked(CloseIdleTimeout, "idle timeout", false)
+		return
+	}
 	if c.proto {
 		if silent > cfg.heartbeat+cfg.heartbeatWait {
 			c.beginCloseLocked(CloseHeartbeatTimeout, "heartbeat timeout", false)
@@ -528,6 +537,7 @@ func (c *conn) run() {
 	c.wg.Wait()
 	c.leaveAll()
 	c.h.unregister(c)
+	c.h.release(c.client.UserID)
 	h := c.h
 	code, reason := c.closeStatus()
 	h.log.Debug("pubsub: disconnected", "conn_id", c.client.ID, "user_id", c.client.UserID, "code", code, "reason", reason)
@@ -565,6 +575,7 @@ func (c *conn) readLoop() {
 			ok = c.handleEnvelope(data) // counts MessagesIn, heartbeats aside
 		} else {
 			c.h.stats.messagesIn.Add(1)
+			c.lastApp.Store(time.Now().UnixNano())
 			ok = c.handleRaw(data, typ == websocket.MessageBinary)
 		}
 		if !ok {
@@ -660,6 +671,7 @@ func (c *conn) handleEnvelope(data []byte) bool {
 	in, perr := decodeInbound(data)
 	if perr != nil || (in.Type != "ping" && in.Type != "pong") {
 		c.h.stats.messagesIn.Add(1) // a data message: heartbeats are not counted
+		c.lastApp.Store(time.Now().UnixNano())
 	}
 	switch {
 	case perr == nil && in.Type == "pong":

@@ -48,7 +48,11 @@
 // # Secure defaults
 //
 // Cross-origin browser upgrades are refused unless WithOriginPatterns
-// allows them. Clients may not publish until the host says so. Every
+// allows them. Connections are bounded per user (WithMaxConnectionsPerUser)
+// and, when the host sets it, per server (WithMaxConnections), before any
+// WebSocket resource is spent. The handshake itself is read by the host's
+// http.Server: set its ReadHeaderTimeout, or a client that never finishes
+// its request line holds a connection open. Clients may not publish until the host says so. Every
 // client input is bounded: message size (WithMaxMessageBytes), rooms per
 // connection (WithMaxRooms), room names (ValidRoomName), message rate
 // (WithRateLimit). Each With function documents its default.
@@ -63,6 +67,7 @@
 //	4002  slow consumer: its outbound queue overflowed, or a write timed out
 //	4003  disconnected by the server (Disconnect, DisconnectUser)
 //	4004  rate limited (raw mode; protocol mode gets an error envelope)
+//	4005  idle timeout (WithIdleTimeout; off by default)
 //
 // # Room state
 //

@@ -31,6 +31,10 @@ const (
 	DefaultHistoryTTL        = 10 * time.Minute
 	MaxHistorySize           = 100_000
 	DefaultMaxInfoBytes      = 1024
+
+	DefaultMaxConnectionsPerUser = 100
+	DefaultDrainBatch            = 1000
+	DefaultDrainInterval         = 100 * time.Millisecond
 )
 
 // SlowConsumerPolicy is what a room does when a subscriber's outbound queue
@@ -154,6 +158,11 @@ type config struct {
 	heartbeatWait   time.Duration
 	queueMessages   int
 	queueBytes      int
+	maxConns        int
+	maxConnsPerUser int
+	idleTimeout     time.Duration
+	drainBatch      int
+	drainInterval   time.Duration
 
 	broker Broker
 
@@ -175,6 +184,9 @@ func defaultConfig() config {
 		queueMessages:   DefaultQueueMessages,
 		queueBytes:      DefaultQueueBytes,
 		maxInfo:         DefaultMaxInfoBytes,
+		maxConnsPerUser: DefaultMaxConnectionsPerUser,
+		drainBatch:      DefaultDrainBatch,
+		drainInterval:   DefaultDrainInterval,
 	}
 }
 
@@ -235,6 +247,15 @@ func (c *config) validate() {
 	}
 	if c.room.SlowConsumer > KeepLatest {
 		bad("WithSlowConsumerPolicy(%d): not a SlowConsumerPolicy", c.room.SlowConsumer)
+	}
+	if c.maxConns < 0 || c.maxConnsPerUser < 0 {
+		bad("WithMaxConnections(%d) / WithMaxConnectionsPerUser(%d): want 0 (no limit) or more", c.maxConns, c.maxConnsPerUser)
+	}
+	if c.idleTimeout < 0 || (c.idleTimeout > 0 && c.idleTimeout < 10*time.Millisecond) {
+		bad("WithIdleTimeout(%v): want 0 (off) or at least 10ms", c.idleTimeout)
+	}
+	if c.drainBatch < 1 || c.drainInterval < 0 {
+		bad("WithDrain(%d, %v): want a batch of at least 1 and an interval of 0 or more", c.drainBatch, c.drainInterval)
 	}
 	if c.maxInfo < 0 || c.maxInfo > 64<<10 {
 		bad("WithMaxInfoBytes(%d): want 0 to 64 KiB", c.maxInfo)
@@ -419,4 +440,36 @@ func WithRoomOptions(f func(room string, o *RoomOptions)) Option {
 // Default: 1 KiB; range 0 (clients may attach none) to 64 KiB.
 func WithMaxInfoBytes(n int) Option {
 	return func(c *config) { c.maxInfo = n }
+}
+
+// WithMaxConnections bounds the connections this Handler serves at once,
+// upgrades in progress included. One more is refused before the upgrade
+// with 503 and Retry-After. Set it below the process's file limit. Default:
+// 0, no limit.
+func WithMaxConnections(n int) Option {
+	return func(c *config) { c.maxConns = n }
+}
+
+// WithMaxConnectionsPerUser bounds the connections of one authenticated
+// user (Identity.UserID) at once; one more is refused before the upgrade
+// with 429. Anonymous connections are not counted per user. Default: 100;
+// 0 means no limit.
+func WithMaxConnectionsPerUser(n int) Option {
+	return func(c *config) { c.maxConnsPerUser = n }
+}
+
+// WithIdleTimeout closes a connection (4005 "idle timeout") after d with no
+// message either way, heartbeats aside; it is checked at each heartbeat, so
+// the close comes up to one heartbeat interval later. Default: 0, off (a
+// live client is never closed for being quiet).
+func WithIdleTimeout(d time.Duration) Option {
+	return func(c *config) { c.idleTimeout = d }
+}
+
+// WithDrain paces Shutdown: it closes connections batch at a time, interval
+// apart, so a fleet's clients do not all reconnect in the same instant.
+// When Shutdown's context ends, the rest are closed at once. Default: 1000
+// connections every 100ms.
+func WithDrain(batch int, interval time.Duration) Option {
+	return func(c *config) { c.drainBatch, c.drainInterval = batch, interval }
 }

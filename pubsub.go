@@ -58,6 +58,7 @@ const (
 	CloseSlowConsumer     = 4002 // the outbound queue passed its bound
 	CloseDisconnected     = 4003 // the server called Disconnect or DisconnectUser
 	CloseRateLimited      = 4004 // raw mode: past WithRateLimit
+	CloseIdleTimeout      = 4005 // no message either way for WithIdleTimeout
 )
 
 // Mode is how a connection talks: raw frames or protocol envelopes.
@@ -166,12 +167,14 @@ type Handler struct {
 	ctx    context.Context // every connection's context derives from it
 	cancel context.CancelFunc
 
-	mu      sync.Mutex
-	closing bool
-	conns   map[string]*conn
-	users   map[string]map[*conn]struct{}
-	serving sync.WaitGroup // running ServeHTTP calls
-	live    sync.WaitGroup // served connections' goroutines (conn.run)
+	mu        sync.Mutex
+	closing   bool
+	conns     map[string]*conn
+	users     map[string]map[*conn]struct{}
+	slots     int            // connections open or upgrading (WithMaxConnections)
+	userSlots map[string]int // the same per user (WithMaxConnectionsPerUser)
+	serving   sync.WaitGroup // running ServeHTTP calls
+	live      sync.WaitGroup // served connections' goroutines (conn.run)
 
 	closeBroker sync.Once
 	brokerErr   error
@@ -186,10 +189,11 @@ func NewHandler(opts ...Option) *Handler {
 	}
 	cfg.validate()
 	h := &Handler{
-		cfg:   cfg,
-		log:   cfg.logger,
-		conns: make(map[string]*conn),
-		users: make(map[string]map[*conn]struct{}),
+		cfg:       cfg,
+		log:       cfg.logger,
+		conns:     make(map[string]*conn),
+		users:     make(map[string]map[*conn]struct{}),
+		userSlots: make(map[string]int),
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queueMessages, h.brokerFailed)
@@ -254,6 +258,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, r, http.StatusInternalServerError, "internal error")
 		return
 	}
+	// A slot, before any WebSocket resource is spent; run gives it back.
+	switch h.reserve(id.UserID) {
+	case errServerFull:
+		w.Header().Set("Retry-After", "5")
+		h.refuse(w, r, http.StatusServiceUnavailable, "too many connections; try again later")
+		return
+	case errUserFull:
+		h.refuse(w, r, http.StatusTooManyRequests, "too many connections for this user")
+		return
+	}
 	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr, Info: id.Info})
 	// Until the connection is handed to its own goroutine, this call owns
 	// it and undoes what it did on every early return.
@@ -262,6 +276,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !handedOff {
 			c.leaveAll()
 			c.cancel()
+			h.release(id.UserID)
 		}
 	}()
 
@@ -355,6 +370,41 @@ func (h *Handler) enter() bool {
 	}
 	h.serving.Add(1)
 	return true
+}
+
+var (
+	errServerFull = errors.New("server full")
+	errUserFull   = errors.New("user full")
+)
+
+// reserve takes a connection slot for userID, within WithMaxConnections
+// and WithMaxConnectionsPerUser. Slots count upgrades in progress too, so
+// a burst cannot overshoot. release gives the slot back.
+func (h *Handler) reserve(userID string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if max := h.cfg.maxConns; max > 0 && h.slots >= max {
+		return errServerFull
+	}
+	if max := h.cfg.maxConnsPerUser; max > 0 && userID != "" && h.userSlots[userID] >= max {
+		return errUserFull
+	}
+	h.slots++
+	if userID != "" {
+		h.userSlots[userID]++
+	}
+	return nil
+}
+
+func (h *Handler) release(userID string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.slots--
+	if userID != "" {
+		if h.userSlots[userID]--; h.userSlots[userID] <= 0 {
+			delete(h.userSlots, userID)
+		}
+	}
 }
 
 func (h *Handler) register(c *conn) bool {
@@ -733,7 +783,9 @@ func (h *Handler) Stats() Stats {
 }
 
 // Shutdown drains the Handler: new upgrades get 503, every connection is
-// sent what it has queued and then closed with 1001 "going away", and
+// sent what it has queued and then closed with 1001 "going away", in
+// batches (WithDrain) so clients do not all reconnect at the same moment,
+// and
 // Shutdown waits for every connection's goroutines to end, then closes the
 // broker. If ctx ends first, the remaining connections are closed at once
 // and ctx's error is returned. Calling it again (or Close) is safe.
@@ -742,9 +794,7 @@ func (h *Handler) Stats() Stats {
 // WebSockets; call this beside it (see the package example).
 func (h *Handler) Shutdown(ctx context.Context) error {
 	conns := h.beginShutdown()
-	for _, c := range conns {
-		c.beginClose(CloseGoingAway, "server shutting down", true)
-	}
+	h.drain(ctx, conns)
 	done := make(chan struct{})
 	go func() { h.wait(); close(done) }()
 	var err error
@@ -759,6 +809,29 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	}
 	h.cancel()
 	return errors.Join(err, h.closeBrokerOnce())
+}
+
+// drain closes conns with 1001, flushing each, in batches of WithDrain
+// spaced by its interval, so their clients do not all reconnect at once.
+// When ctx ends, the rest are closed at once.
+func (h *Handler) drain(ctx context.Context, conns []*conn) {
+	batch, pause := h.cfg.drainBatch, h.cfg.drainInterval
+	var t *time.Timer
+	for i, c := range conns {
+		if i > 0 && i%batch == 0 && ctx.Err() == nil {
+			if t == nil {
+				t = time.NewTimer(pause)
+				defer t.Stop()
+			} else {
+				t.Reset(pause)
+			}
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+		}
+		c.beginClose(CloseGoingAway, "server shutting down", true)
+	}
 }
 
 // Close closes every connection at once, without flushing queues or
