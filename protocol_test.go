@@ -1096,7 +1096,9 @@ func TestProtocolClientShowingLifeStaysOpen(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			h, srv := newServer(t, pubsub.WithHeartbeat(interval, timeout))
+			// 50 answers a second: above the default rate limit, which is
+			// not what this test is about.
+			h, srv := newServer(t, pubsub.WithHeartbeat(interval, timeout), pubsub.WithRateLimit(1000, 1000))
 			p := dialProto(t, wsURL(srv, "/ws"))
 			// 160 pings take at least 159 intervals: 3.18s, three times
 			// the 1.02s a silent client lasts.
