@@ -584,11 +584,8 @@ func (c *Client) roundTrip(ctx context.Context, sess *session, id string, env []
 	if !sess.addPending(id, p) {
 		return nil, false, c.lost()
 	}
-	if err := c.write(ctx, sess, env); err != nil {
+	if err := c.write(sess, env); err != nil {
 		sess.dropPending(id)
-		if ctx.Err() != nil {
-			return nil, false, ctx.Err()
-		}
 		return nil, false, c.lost()
 	}
 	select {
@@ -606,10 +603,13 @@ func (c *Client) roundTrip(ctx context.Context, sess *session, id string, env []
 	}
 }
 
-// write writes one envelope. A write that times out, or whose ctx ends
-// half-way, closes the connection (a partial frame cannot be taken back).
-func (c *Client) write(ctx context.Context, sess *session, env []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
+// write writes one envelope. Its context is not the caller's: coder/websocket
+// closes the connection when a write's context ends, even just after the
+// frame went out, and one caller giving up must not cost every
+// subscription a reconnection. A write that takes longer than
+// writeTimeout (the server stopped reading) does close the connection.
+func (c *Client) write(sess *session, env []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()
 	return sess.ws.Write(ctx, websocket.MessageText, env)
 }
@@ -666,10 +666,11 @@ func (c *Client) run(s *session) {
 // backoff is the delay before the attempt-th reconnection in a row: a
 // random time between half and all of min*2^attempt, capped at max.
 func (c *Client) backoff(attempt int) time.Duration {
-	d := c.cfg.maxBackoff
-	if attempt < 30 {
-		d = min(c.cfg.minBackoff<<attempt, c.cfg.maxBackoff)
+	d := c.cfg.minBackoff
+	for i := 0; i < attempt && d < c.cfg.maxBackoff; i++ {
+		d *= 2
 	}
+	d = min(d, c.cfg.maxBackoff)
 	half := d / 2
 	return half + rand.N(d-half+1)
 }
@@ -732,16 +733,10 @@ func (c *Client) serve(s *session, first bool) error {
 		c.setState(StateConnected, nil)
 	}
 	var hb *time.Timer
+	var heartbeat <-chan time.Time
 	if s.welcome.limit > 0 {
 		hb = time.NewTimer(s.welcome.limit)
 		defer hb.Stop()
-	}
-	return c.serveLoop(s, restored, hb)
-}
-
-func (c *Client) serveLoop(s *session, restored chan error, hb *time.Timer) error {
-	var heartbeat <-chan time.Time
-	if hb != nil {
 		heartbeat = hb.C
 	}
 	for {
@@ -771,7 +766,7 @@ func (c *Client) serveLoop(s *session, restored chan error, hb *time.Timer) erro
 			}
 			c.setState(StateConnected, nil)
 		case env := <-s.outbox:
-			if err := c.write(c.ctx, s, env); err != nil {
+			if err := c.write(s, env); err != nil {
 				_ = s.ws.CloseNow() // the reader reports the loss
 			}
 		case <-heartbeat:

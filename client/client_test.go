@@ -1420,3 +1420,31 @@ func TestDialPanicsOnOptionsOutOfRange(t *testing.T) {
 		}()
 	}
 }
+
+func TestReadLimitAndHTTPClientOptionsApply(t *testing.T) {
+	t.Parallel()
+	ts := startServer(t)
+	var upgrades atomic.Int32
+	hc := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		upgrades.Add(1)
+		return http.DefaultTransport.RoundTrip(r)
+	})}
+	states, onState := stateCollector()
+	c := dialClient(t, ts.url(), onState, client.WithHTTPClient(hc), client.WithReadLimit(200))
+	if upgrades.Load() != 1 {
+		t.Fatalf("%d upgrades through the HTTP client, want 1", upgrades.Load())
+	}
+	if _, err := c.Subscribe(testCtx(t), "big", func(client.Message) { t.Error("a message over the read limit was delivered") }); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, ts.handler(), "big", strings.Repeat("x", 500))
+	states.waitFor(t, "the oversized message to end the connection", closeCode(1006))
+	states.waitFor(t, "reconnected", isState(client.StateConnected))
+	if upgrades.Load() != 2 {
+		t.Fatalf("%d upgrades through the HTTP client, want 2", upgrades.Load())
+	}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

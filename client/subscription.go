@@ -139,6 +139,9 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 }
 
 func (s *Subscription) unsubscribe(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	c := s.c
 	c.mu.Lock()
 	switch s.state {
@@ -186,12 +189,8 @@ func (s *Subscription) unsubscribe(ctx context.Context) error {
 		case errors.As(err, &e): // not_subscribed: the server agrees
 			return nil
 		case errors.Is(err, ErrDisconnected), errors.Is(err, ErrClosed), !sent:
-			// The connection is gone (the server forgot the room with it),
-			// or the request never left: either way s is done with.
+			// The connection is gone, and the server forgot the room with it.
 			c.forget(s)
-			if !sent && ctx.Err() != nil {
-				return ctx.Err()
-			}
 			return nil
 		default: // ctx ended while waiting: the reply or the session's end forgets s
 			return err
