@@ -120,10 +120,11 @@ func WithOnState(f func(State, error)) Option {
 // WithOnDirect sets the handler of direct messages: those the server
 // addressed to this connection or its user rather than to a room. Their
 // Room, Epoch, Seq and ID are empty. They are delivered in order on a
-// goroutine of their own with a buffer of WithBufferSize messages. Direct
-// messages have no history: one that arrives when the buffer is full is
-// lost, and reported as ErrSlowHandler to WithOnState when the Client
-// reconnects. Default: direct messages are ignored.
+// goroutine of their own with a buffer of WithBufferSize messages. When
+// that buffer is full the Client treats it like a full subscription buffer
+// (it reconnects once the handler caught up, and WithOnState gets
+// ErrSlowHandler), but direct messages have no history: the one that did
+// not fit is lost. Default: direct messages are ignored.
 func WithOnDirect(h Handler) Option {
 	return func(c *config) { c.onDirect = h }
 }
