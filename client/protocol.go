@@ -1,0 +1,267 @@
+package client
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"unicode/utf8"
+)
+
+// Subprotocol is the WebSocket subprotocol this client speaks.
+const Subprotocol = "roomcast.v1"
+
+// Error codes of the server's "error" envelopes (PROTOCOL.md section 3.5),
+// found in Error.Code. Branch on these, never on Error.Message.
+const (
+	CodeBadRequest    = "bad_request"    // the request was malformed; do not retry it
+	CodeUnknownType   = "unknown_type"   // the server does not know the request's type
+	CodeInvalidRoom   = "invalid_room"   // the room name fails the server's validation
+	CodeForbidden     = "forbidden"      // the server does not allow this subscribe or publish
+	CodeTooManyRooms  = "too_many_rooms" // the connection is in the most rooms it may join
+	CodeRateLimited   = "rate_limited"   // sent too fast; the request was dropped; retry slower
+	CodeNotSubscribed = "not_subscribed" // presence or unsubscribe of a room not joined
+	CodeNotSupported  = "not_supported"  // no message handler on the server, or presence off in the room
+	CodeRejected      = "rejected"       // the server's message handler refused a Send
+	CodeUnavailable   = "unavailable"    // the server could not do it now; retry with backoff
+	CodeInternal      = "internal"       // the server failed; retry with backoff
+)
+
+// Reasons a recovery was refused (Recovery.Reason), PROTOCOL.md section 3.7.
+const (
+	ReasonEpochChanged    = "epoch_changed"     // the room's state was lost (server restart, room reclaimed)
+	ReasonHistoryTooShort = "history_too_short" // some missed messages are no longer kept
+	ReasonTooManyMissed   = "too_many_missed"   // more were missed than one connection may have queued
+	ReasonUnknownPosition = "unknown_position"  // the position is ahead of the room
+)
+
+// Kind is how a payload travelled: the server chooses it from the bytes.
+type Kind uint8
+
+const (
+	KindJSON   Kind = iota // valid JSON, carried in "data"
+	KindText               // other valid UTF-8, carried in "text"
+	KindBinary             // anything else, carried base64 in "binary"
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindJSON:
+		return "json"
+	case KindText:
+		return "text"
+	case KindBinary:
+		return "binary"
+	}
+	return "Kind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// classify picks the payload field for outbound bytes, as the server does
+// for its own output, with two refinements that keep the server's copy of
+// the bytes exact: JSON with invalid UTF-8 inside strings goes as binary
+// (a text frame must be UTF-8), and JSON with surrounding whitespace goes
+// as text (a JSON decoder would drop the whitespace).
+func classify(p []byte) Kind {
+	switch {
+	case !utf8.Valid(p):
+		return KindBinary
+	case len(p) > 0 && !isSpace(p[0]) && !isSpace(p[len(p)-1]) && json.Valid(p):
+		return KindJSON
+	default:
+		return KindText
+	}
+}
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\r' || c == '\n' }
+
+// appendPayload appends the payload field, without a leading comma.
+func appendPayload(b, p []byte) []byte {
+	switch classify(p) {
+	case KindJSON:
+		b = append(b, `"data":`...)
+		return append(b, p...)
+	case KindText:
+		b = append(b, `"text":`...)
+		return appendString(b, string(p))
+	default:
+		b = append(b, `"binary":"`...)
+		b = base64.StdEncoding.AppendEncode(b, p)
+		return append(b, '"')
+	}
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendString appends s, valid UTF-8, as a JSON string.
+func appendString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' {
+			continue
+		}
+		b = append(b, s[start:i]...)
+		switch c {
+		case '"', '\\':
+			b = append(b, '\\', c)
+		case '\n':
+			b = append(b, '\\', 'n')
+		case '\r':
+			b = append(b, '\\', 'r')
+		case '\t':
+			b = append(b, '\\', 't')
+		default:
+			b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+		}
+		start = i + 1
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+// request starts an envelope: {"type":typ,"id":id and, when room is set,
+// ,"room":room. The caller appends the rest and the closing brace.
+func request(typ, id, room string) []byte {
+	b := make([]byte, 0, 64+len(room))
+	b = append(b, `{"type":`...)
+	b = appendString(b, typ)
+	if id != "" {
+		b = append(b, `,"id":`...)
+		b = appendString(b, id)
+	}
+	if room != "" {
+		b = append(b, `,"room":`...)
+		b = appendString(b, room)
+	}
+	return b
+}
+
+// position is where a subscription stands in its room.
+type position struct {
+	epoch string
+	seq   uint64
+}
+
+func encodeSubscribe(id, room string, history int, presence bool, info json.RawMessage, since *position) []byte {
+	b := request("subscribe", id, room)
+	if since != nil {
+		b = append(b, `,"since":{"epoch":`...)
+		b = appendString(b, since.epoch)
+		b = append(b, `,"seq":`...)
+		b = strconv.AppendUint(b, since.seq, 10)
+		b = append(b, '}')
+	} else if history > 0 {
+		b = append(b, `,"history":`...)
+		b = strconv.AppendInt(b, int64(history), 10)
+	}
+	if presence {
+		b = append(b, `,"presence":true`...)
+	}
+	if len(info) > 0 {
+		b = append(b, `,"info":`...)
+		b = append(b, info...)
+	}
+	return append(b, '}')
+}
+
+// encodeRoomRequest is an unsubscribe or presence request.
+func encodeRoomRequest(typ, id, room string) []byte {
+	return append(request(typ, id, room), '}')
+}
+
+// encodePayloadRequest is a publish or send request.
+func encodePayloadRequest(typ, id, room string, p []byte) []byte {
+	b := request(typ, id, room)
+	b = append(b, ',')
+	b = appendPayload(b, p)
+	return append(b, '}')
+}
+
+var pongEnvelope = []byte(`{"type":"pong"}`)
+
+// inbound is any server envelope. Within roomcast.v1 the server only adds
+// fields and types, so one struct decodes them all; unknown fields are
+// ignored.
+type inbound struct {
+	Type string `json:"type"`
+	ID   string `json:"id"`
+	Room string `json:"room"`
+
+	// message; epoch and seq also in a subscribe's ack
+	Epoch     string          `json:"epoch"`
+	Seq       uint64          `json:"seq"`
+	MessageID string          `json:"message_id"`
+	Time      int64           `json:"time"`
+	Data      json.RawMessage `json:"data"`
+	Text      *string         `json:"text"`
+	Binary    *string         `json:"binary"`
+
+	// error
+	Code    string `json:"code"`
+	Message string `json:"message"`
+
+	// join and leave; conn_id and user_id also in welcome
+	ConnID string          `json:"conn_id"`
+	UserID string          `json:"user_id"`
+	Info   json.RawMessage `json:"info"`
+
+	// ack of a subscribe
+	Presence  string `json:"presence"`
+	Missed    int    `json:"missed"`
+	Recovered *bool  `json:"recovered"`
+	Reason    string `json:"reason"`
+
+	// presence reply
+	Count       int `json:"count"`
+	Connections int `json:"connections"`
+	Members     []struct {
+		Conns  []string        `json:"conns"`
+		UserID string          `json:"user_id"`
+		Info   json.RawMessage `json:"info"`
+	} `json:"members"`
+
+	// welcome
+	Protocol        string `json:"protocol"`
+	HeartbeatMS     int64  `json:"heartbeat_ms"`
+	TimeoutMS       int64  `json:"timeout_ms"`
+	MaxMessageBytes int64  `json:"max_message_bytes"`
+	MaxRooms        int    `json:"max_rooms"`
+}
+
+// payload decodes the envelope's one payload field.
+func (in *inbound) payload() ([]byte, Kind, error) {
+	n := 0
+	if in.Data != nil {
+		n++
+	}
+	if in.Text != nil {
+		n++
+	}
+	if in.Binary != nil {
+		n++
+	}
+	if n != 1 {
+		return nil, 0, errors.New(`not exactly one of "data", "text" and "binary"`)
+	}
+	switch {
+	case in.Data != nil:
+		return in.Data, KindJSON, nil
+	case in.Text != nil:
+		return []byte(*in.Text), KindText, nil
+	default:
+		p, err := base64.StdEncoding.DecodeString(*in.Binary)
+		if err != nil {
+			return nil, 0, errors.New(`"binary" is not standard base64`)
+		}
+		return p, KindBinary, nil
+	}
+}
+
+// err is the reply's error, for an "error" envelope.
+func (in *inbound) err() error {
+	if in.Type != "error" {
+		return nil
+	}
+	return &Error{Code: in.Code, Message: in.Message}
+}
