@@ -49,7 +49,7 @@ export interface OpenDetail {
 
 /** What `onStateChange` receives with "reconnecting": why, and when the next attempt is. */
 export interface ReconnectingDetail {
-  /** The close code; 1006 when the connection failed or was lost, 4001 when the client found it silent. */
+  /** The close code; 1006 when the connection failed, was lost or timed out connecting, 4001 when the client found it silent. */
   code: number;
   reason: string;
   /** Milliseconds until the next attempt. */
@@ -76,6 +76,8 @@ export interface ConnectOptions {
   maxDelay?: number;
   /** 0..1, default 0.5: each delay is `delay * (1 - jitter * Math.random())`. */
   jitter?: number;
+  /** ms to wait for the server's welcome after dialing, default 10000; then the attempt counts as failed (code 1006). */
+  connectTimeout?: number;
   /** Replacement timers, for tests. */
   timers?: Partial<Timers>;
   /**

@@ -68,11 +68,13 @@ export class Client {
       minDelay: 500,
       maxDelay: 30000,
       jitter: 0.5,
+      connectTimeout: 10000,
       ...options,
     };
     if (!(o.minDelay > 0)) throw new RangeError("roomcast: minDelay must be > 0");
     if (!(o.maxDelay >= o.minDelay)) throw new RangeError("roomcast: maxDelay must be >= minDelay");
     if (!(o.jitter >= 0 && o.jitter <= 1)) throw new RangeError("roomcast: jitter must be from 0 to 1");
+    if (!(o.connectTimeout > 0)) throw new RangeError("roomcast: connectTimeout must be > 0");
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("roomcast: no WebSocket implementation; pass options.WebSocket");
@@ -207,9 +209,18 @@ export class Client {
     }
     this._ws = ws;
     this._nextId = 0;
+    // A handshake that hangs (a stalled server, a half-open network) would
+    // otherwise keep the client waiting for as long as the OS lets it.
+    const limit = this._opts.connectTimeout;
+    this._deadTimer = this._timers.setTimeout(() => {
+      this._deadTimer = null;
+      this._drop(1006, `connect timeout: no welcome within ${limit} ms`);
+    }, limit);
     ws.onmessage = (ev) => this._onFrame(ev.data);
     ws.onclose = (ev) => this._drop(ev.code || 1006, ev.reason || "");
-    ws.onerror = () => {}; // a close event always follows
+    // Browsers follow an error with a close (1006), but Node 20's WebSocket
+    // fires no close after a refused connection: the error is the drop.
+    ws.onerror = () => this._drop(1006, "connection failed");
   }
 
   /**
@@ -316,6 +327,8 @@ export class Client {
     this._attempt = 0;
     this._maxBytes = env.max_message_bytes > 0 ? env.max_message_bytes : Infinity;
     this._deadAfter = (env.heartbeat_ms ?? 0) + (env.timeout_ms ?? 0);
+    this._timers.clearTimeout(this._deadTimer); // the connect timeout
+    this._deadTimer = null;
     this._watchHeartbeat();
     this.state = "open";
     for (const sub of this._subs.values()) this._sendSubscribe(sub);

@@ -635,6 +635,15 @@ test("close() while waiting to reconnect cancels the attempt", () => {
   assert.equal(client.state, "closed");
 });
 
+test("an error event is a failed connection even when no close event follows", () => {
+  const { client, WS, timers, states } = setup();
+  WS.last.onerror({ type: "error" }); // Node 20 after ECONNREFUSED: error, never close
+  assert.equal(client.state, "reconnecting");
+  assert.deepEqual(states.at(-1).detail, { code: 1006, reason: "connection failed", delay: 500, attempt: 1 });
+  timers.advance(500);
+  assert.equal(WS.instances.length, 2);
+});
+
 test("a WebSocket constructor that throws on a reconnect counts as a failed attempt", () => {
   let fail = false;
   const WS = fakeWebSocketClass();
@@ -685,11 +694,27 @@ test("silence for heartbeat_ms + timeout_ms closes the socket and reconnects; an
   assert.equal(client.state, "open");
 });
 
-test("no heartbeat watch before the welcome or after close", () => {
+test("before the welcome only the connect timeout runs, and nothing after close", () => {
   const { client, timers } = setup();
-  assert.deepEqual(timers.pendingDelays(), []);
+  assert.deepEqual(timers.pendingDelays(), [10000]);
   client.close();
   assert.deepEqual(timers.pendingDelays(), []);
+});
+
+test("no welcome within connectTimeout closes the attempt and retries", () => {
+  const { client, WS, timers, states } = setup({ connectTimeout: 3000 });
+  const first = WS.last;
+  first.open(); // the handshake completed, but no welcome comes
+  timers.advance(2999);
+  assert.equal(client.state, "connecting");
+  timers.advance(1);
+  assert.equal(client.state, "reconnecting");
+  assert.deepEqual(first.closedWith, { code: 1000, reason: "connect timeout: no welcome within 3000 ms" });
+  assert.equal(states.at(-1).detail.code, 1006);
+  timers.advance(500);
+  WS.last.welcome({ heartbeat_ms: 25000, timeout_ms: 10000 });
+  timers.advance(3000); // the new connection's connect timeout was cancelled by its welcome
+  assert.equal(client.state, "open");
 });
 
 // ---- application errors ----
