@@ -17,7 +17,7 @@ export interface Position {
 export interface Timers {
   setTimeout(fn: () => void, ms: number): unknown;
   clearTimeout(handle: unknown): void;
-  /** Milliseconds, monotonic enough to measure silence. */
+  /** A monotonic clock in milliseconds (default `performance.now()`), to measure silence. */
   now(): number;
 }
 
@@ -205,7 +205,7 @@ export interface SendOptions extends PayloadOptions {
  * the client's own "disconnected" or "too_large".
  */
 export declare class RoomcastError extends Error {
-  constructor(code: string, message: string);
+  constructor(code: string, message: string, closeCode?: number);
   readonly name: "RoomcastError";
   code:
     | "disconnected"

@@ -22,12 +22,17 @@ export class RoomcastError extends Error {
   /**
    * @param {string} code
    * @param {string} message
+   * @param {number} [closeCode] with "disconnected" after a drop: the close code
    */
-  constructor(code, message) {
+  constructor(code, message, closeCode) {
     super(message);
     this.name = "RoomcastError";
     /** @type {string} */
     this.code = code;
+    if (closeCode !== undefined) {
+      /** @type {number | undefined} */
+      this.closeCode = closeCode;
+    }
   }
 }
 
@@ -64,12 +69,12 @@ export class Client {
    */
   constructor(url, options) {
     const o = {
-      reconnect: true,
-      minDelay: 500,
-      maxDelay: 30000,
-      jitter: 0.5,
-      connectTimeout: 10000,
       ...options,
+      reconnect: options.reconnect ?? true,
+      minDelay: options.minDelay ?? 500,
+      maxDelay: options.maxDelay ?? 30000,
+      jitter: options.jitter ?? 0.5,
+      connectTimeout: options.connectTimeout ?? 10000,
     };
     if (!(o.minDelay > 0)) throw new RangeError("roomcast: minDelay must be > 0");
     if (!(o.maxDelay >= o.minDelay)) throw new RangeError("roomcast: maxDelay must be >= minDelay");
@@ -83,8 +88,8 @@ export class Client {
     this._opts = o;
     this._timers = {
       setTimeout: o.timers?.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms)),
-      clearTimeout: o.timers?.clearTimeout ?? ((t) => globalThis.clearTimeout(t)),
-      now: o.timers?.now ?? (() => Date.now()),
+      clearTimeout: o.timers?.clearTimeout ?? ((/** @type {any} */ t) => globalThis.clearTimeout(t)),
+      now: o.timers?.now ?? (() => performance.now()), // monotonic: immune to clock changes
     };
 
     /**
@@ -169,8 +174,7 @@ export class Client {
   send(value, options) {
     const p = payload(value, options);
     if (p instanceof Error) return Promise.reject(p);
-    const env = { type: "send", ...p };
-    if (options?.room !== undefined) env.room = options.room;
+    const env = options?.room === undefined ? { type: "send", ...p } : { type: "send", room: options.room, ...p };
     return this._request(env).then(() => undefined);
   }
 
@@ -248,8 +252,7 @@ export class Client {
 
     const pending = [...this._pending.values()];
     this._pending.clear();
-    const err = new RoomcastError("disconnected", `roomcast: disconnected (close ${code}${reason ? ": " + reason : ""})`);
-    err.closeCode = code;
+    const err = new RoomcastError("disconnected", `roomcast: disconnected (close ${code}${reason ? ": " + reason : ""})`, code);
 
     if (final || !this._opts.reconnect || FINAL_CLOSE_CODES.has(code)) {
       this.state = "closed";
@@ -579,7 +582,7 @@ function resolveURL(url) {
 function payload(value, options) {
   const text = options?.text;
   const binary = options?.binary;
-  const given = (value !== undefined) + (text !== undefined) + (binary !== undefined);
+  const given = [value, text, binary].filter((x) => x !== undefined).length;
   if (given !== 1) return new TypeError("roomcast: give exactly one of a value, options.text or options.binary");
   if (text !== undefined) {
     if (typeof text !== "string") return new TypeError("roomcast: options.text must be a string");

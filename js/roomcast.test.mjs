@@ -173,6 +173,12 @@ test("connect refuses bad options and a missing WebSocket", () => {
   assert.throws(() => connect("ws://x/ws", { WebSocket: WS, jitter: 2 }), RangeError);
   assert.throws(() => connect("ws://x/ws", { WebSocket: WS, minDelay: 0 }), RangeError);
   assert.throws(() => connect("ws://x/ws", { WebSocket: WS, minDelay: 10, maxDelay: 5 }), RangeError);
+  assert.throws(() => connect("ftp://x/ws", { WebSocket: WS }), TypeError);
+  // An option given as undefined takes its default.
+  const timers = fakeTimers();
+  const c = connect("ws://x/ws", { WebSocket: WS, timers, minDelay: undefined, jitter: undefined, reconnect: undefined });
+  withRandom([0], () => WS.last.serverClose(1006));
+  assert.deepEqual([c.state, timers.pendingDelays()], ["reconnecting", [500]]);
   if (globalThis.WebSocket === undefined) {
     assert.throws(() => connect("ws://x/ws"), { name: "TypeError", message: /options\.WebSocket/ });
   }
