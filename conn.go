@@ -378,11 +378,11 @@ func (c *conn) writeBatch(batch []*frame) error {
 func (c *conn) heartbeat() {
 	cfg := &c.h.cfg
 	silent := time.Since(time.Unix(0, c.lastSeen.Load()))
-	if silent > cfg.heartbeat+cfg.heartbeatWait {
-		c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
-		return
-	}
 	if c.proto {
+		if silent > cfg.heartbeat+cfg.heartbeatWait {
+			c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.writeTimeout)
 		defer cancel()
 		if err := c.ws.Write(ctx, websocket.MessageText, pingEnvelope); err != nil {
@@ -390,6 +390,9 @@ func (c *conn) heartbeat() {
 		}
 		return
 	}
+	// Raw mode: the ping below is the liveness check, not a deadline on
+	// silent. Pings go out only after a silent interval, so on this ticker
+	// a healthy client's pongs can be nearly two intervals apart.
 	if silent < cfg.heartbeat {
 		return // a raw client that spoke recently needs no ping
 	}
@@ -540,18 +543,17 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 // the connection stays open.
 func (c *conn) handleEnvelope(data []byte) bool {
 	in, perr := decodeInbound(data)
-	if perr == nil {
-		switch in.Type {
-		case "ping":
-			return c.reply(newControlFrame(pongEnvelope))
-		case "pong":
-			return true
-		}
-		if !c.allow() {
-			perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
-		} else {
-			perr = c.dispatch(&in)
-		}
+	switch {
+	case perr == nil && in.Type == "pong":
+		return true // the answer to our ping; liveness was noted on read
+	case !c.allow():
+		// Every envelope but pong counts, malformed ones included, so a
+		// flood of garbage is throttled like any other.
+		perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
+	case perr == nil && in.Type == "ping":
+		return c.reply(newControlFrame(encodePong(in.ID)))
+	case perr == nil:
+		perr = c.dispatch(&in)
 	}
 	if perr == errAcked {
 		return !c.isClosing() // the handler already replied

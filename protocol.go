@@ -187,12 +187,14 @@ const (
 
 func classify(p []byte) payloadKind {
 	switch {
+	case !utf8.Valid(p):
+		// First: json.Valid accepts invalid UTF-8 inside strings, and such
+		// "data" would make a text frame that is not UTF-8.
+		return kindBinary
 	case json.Valid(p):
 		return kindJSON
-	case utf8.Valid(p):
-		return kindText
 	default:
-		return kindBinary
+		return kindText
 	}
 }
 
@@ -388,10 +390,17 @@ func encodeWelcome(w welcome) []byte {
 	return b
 }
 
-var (
-	pingEnvelope = []byte(`{"type":"ping"}`)
-	pongEnvelope = []byte(`{"type":"pong"}`)
-)
+var pingEnvelope = []byte(`{"type":"ping"}`)
+
+// encodePong answers a client ping, echoing its id when it had one.
+func encodePong(id string) []byte {
+	if id == "" {
+		return []byte(`{"type":"pong"}`)
+	}
+	b := append([]byte(nil), `{"type":"pong","id":`...)
+	b = appendJSONString(b, []byte(id))
+	return append(b, '}')
+}
 
 const hexDigits = "0123456789abcdef"
 
