@@ -19,7 +19,7 @@ step() { printf '\n== %s\n' "$*"; }
 modules=(.)
 while IFS= read -r mod; do
   modules+=("$(dirname "$mod")")
-done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' | sort)
+done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' -not -path '*/node_modules/*' | sort)
 
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
