@@ -93,6 +93,43 @@ test("a page sees another page join and leave in the member list", async (t) => 
   assert.deepEqual(ann.errors, []);
 });
 
+test("a page switches rooms and changes its nickname", async (t) => {
+  const home = "e2e-home-" + uniq();
+  const other = "e2e-other-" + uniq();
+  const ann = await openChat(t, server.url, "ann", home);
+  const bob = await openChat(t, server.url, "bob", other);
+  await say(bob, "only in the other room");
+
+  // A custom room, from the form: it joins the list and becomes current.
+  await ann.fill("#new-room-name", other);
+  await ann.press("#new-room-name", "Enter");
+  await ann.locator(`#rooms button[data-room="${other}"][aria-current="true"]`).waitFor();
+  assert.equal(await ann.locator(`#rooms button[data-room="${home}"]`).getAttribute("aria-current"), "false");
+  await line(ann, "only in the other room").waitFor(); // the room's history
+  await ann.locator("#members li", { hasText: "bob" }).waitFor();
+  await bob.locator("#members li", { hasText: "ann" }).waitFor();
+  assert.equal(new URL(ann.url()).searchParams.get("room"), other);
+
+  // A new nickname shows in the others' member list and on new messages.
+  await ann.fill("#nick", "anna");
+  await ann.press("#nick", "Enter");
+  await bob.locator("#members li", { hasText: "anna" }).waitFor();
+  await bob.locator("#members li", { hasText: /^ann$/ }).waitFor({ state: "detached" });
+  await say(ann, "new name, same person");
+  assert.equal(await line(bob, "new name, same person").locator(".nick").textContent(), "anna: ");
+
+  // Back home: ann leaves the other room, and no longer hears it.
+  await ann.locator(`#rooms button[data-room="${home}"]`).click();
+  await bob.locator("#members li", { hasText: "anna" }).waitFor({ state: "detached" });
+  await say(bob, "anna is gone");
+  await line(bob, "anna is gone").waitFor();
+  await say(ann, "home again");
+  // ann's own line comes after bob's would have, on the same connection.
+  await line(ann, "home again").waitFor();
+  assert.equal(await line(ann, "anna is gone").count(), 0);
+  for (const page of [ann, bob]) assert.deepEqual(page.errors, []);
+});
+
 test("a page whose connection drops reconnects and recovers exactly the messages it missed", async (t) => {
   // ann reaches the server through a proxy that can cut the line: to her
   // browser it is a network failure, while the server (and the room's
