@@ -214,12 +214,16 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, msg
 }
 
 // ServeHTTP upgrades the request to a WebSocket and serves it until it
-// closes. A request that offers subprotocol roomcast.v1 is in protocol
+// closes. A plain GET of <path>/roomcast.js gets the browser client
+// instead (see ClientScript). A request that offers subprotocol roomcast.v1 is in protocol
 // mode; one that offers none is in raw mode. Refusals are answered before
 // the upgrade: 503 while shutting down, 426 for a request that is not a
 // WebSocket upgrade, 400 for a foreign subprotocol or a bad room, 403 for a
 // foreign origin or a denied room, 401/403 from the authenticate hook.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !isUpgrade(r) && h.serveClient(w, r) {
+		return
+	}
 	if !h.enter() {
 		h.refuse(w, r, http.StatusServiceUnavailable, "the server is shutting down")
 		return

@@ -5,8 +5,9 @@
 #   bash scripts/test-all.sh            # everything, fuzzers for 10s each
 #   FUZZTIME=1m bash scripts/test-all.sh
 #
-# It installs and starts whatever real component a module's tests need,
-# so it works on a fresh machine; see the "needs" section below.
+# It installs and starts whatever real component the tests need (Chromium
+# from apt, the e2e suite's pinned npm packages), so it works on a fresh
+# machine with Go, Node and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -18,7 +19,7 @@ step() { printf '\n== %s\n' "$*"; }
 modules=(.)
 while IFS= read -r mod; do
   modules+=("$(dirname "$mod")")
-done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' | sort)
+done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' -not -path '*/node_modules/*' | sort)
 
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -53,5 +54,26 @@ for mod in "${modules[@]}"; do
     done
   done
 done
+
+cd "$root"
+
+# The browser client's unit tests: Node's own test runner, no packages.
+step "browser client: node --test js/"
+node --test js/
+
+# The real-browser suite needs Debian's Chromium and the pinned npm packages
+# of e2e/ (playwright-core drives the system Chromium; it downloads nothing).
+if [ -f e2e/package.json ]; then
+  if [ ! -x /usr/bin/chromium ]; then
+    step "installing chromium (apt)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+  step "e2e: npm ci"
+  (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
+  step "e2e: node --test (real Chromium, wscat)"
+  (cd e2e && node --test)
+fi
 
 step "all checks and tests passed"

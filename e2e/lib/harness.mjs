@@ -1,0 +1,291 @@
+// Shared helpers of the end-to-end suite: build and run the example
+// servers, drive Debian's Chromium through playwright-core, run wscat, and
+// a TCP proxy that can cut connections. No test framework beyond node:test.
+
+import { execFile, spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { chromium } from "playwright-core";
+
+export const e2eDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+export const repoRoot = path.resolve(e2eDir, "..");
+
+/** How long any one wait may take. Generous: CI machines are small and shared. */
+export const TIMEOUT = 15_000;
+
+// Child processes still running when this test process exits (a test
+// failed half-way) are killed rather than left behind.
+const children = new Set();
+process.on("exit", () => {
+  for (const proc of children) proc.kill("SIGKILL");
+});
+
+function track(proc) {
+  children.add(proc);
+  proc.once("exit", () => children.delete(proc));
+  return proc;
+}
+
+// ---- example servers ----
+
+let binDir = null;
+const builds = new Map();
+
+/**
+ * Builds ./examples/<name> once per test process into a temporary
+ * directory and resolves to the binary's path.
+ */
+export function buildExample(name) {
+  if (!builds.has(name)) {
+    binDir ??= mkdtempSync(path.join(tmpdir(), "roomcast-e2e-"));
+    const out = path.join(binDir, name);
+    builds.set(name, promisify(execFile)("go", ["build", "-o", out, `./examples/${name}`], { cwd: repoRoot, timeout: 300_000 })
+      .then(() => out, (err) => { throw new Error(`go build ./examples/${name} failed:\n${err.stderr || err.message}`); }));
+  }
+  return builds.get(name);
+}
+
+/** Removes the built binaries; call it from after(). */
+export function removeBuilds() {
+  if (binDir) rmSync(binDir, { recursive: true, force: true });
+  binDir = null;
+  builds.clear();
+}
+
+/**
+ * Starts an example server on a free loopback port (-addr 127.0.0.1:0) and
+ * resolves once it printed the address it listens on, in the line
+ * "... listening on http://HOST:PORT". stop() sends SIGTERM (a graceful
+ * shutdown) and resolves to the exit code.
+ */
+export async function startExample(name) {
+  const bin = await buildExample(name);
+  const proc = track(spawn(bin, ["-addr", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "pipe"] }));
+  let stderr = "";
+  proc.stderr.setEncoding("utf8").on("data", (s) => { stderr = (stderr + s).slice(-8000); });
+  const exited = new Promise((resolve) => proc.once("exit", (code, signal) => resolve(code ?? signal)));
+
+  const url = await new Promise((resolve, reject) => {
+    let settled = false;
+    const timer = setTimeout(() => fail(new Error(`${name} printed no listening line within ${TIMEOUT} ms`)), TIMEOUT);
+    const lines = createInterface({ input: proc.stdout });
+    function fail(err) {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      proc.kill("SIGKILL");
+      reject(new Error(`${err.message}\nstderr:\n${stderr}`));
+    }
+    lines.on("line", (line) => {
+      const m = /listening on (http:\/\/\S+)/.exec(line);
+      if (m && !settled) {
+        settled = true;
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+    exited.then((code) => fail(new Error(`${name} exited (${code}) before listening`)));
+  });
+
+  const { port } = new URL(url);
+  return {
+    url,
+    port: Number(port),
+    proc,
+    exited,
+    /** Stops it like Ctrl-C would; resolves to the exit code (0 after a clean shutdown). */
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+      proc.kill("SIGTERM");
+      const timer = setTimeout(() => proc.kill("SIGKILL"), TIMEOUT);
+      const code = await exited;
+      clearTimeout(timer);
+      return code;
+    },
+  };
+}
+
+// ---- the browser ----
+
+/** The flags Debian's Chromium runs with here: headless, no sandbox (root in a container), no network of its own. */
+export const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/**
+ * Launches the system's Chromium (never a downloaded one) with a fresh
+ * profile: playwright-core's launch() creates a temporary user-data-dir
+ * and removes it on close. Each newContext() is then a separate, empty
+ * profile (its own localStorage), like another person's browser.
+ */
+export function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
+    headless: true, // passes --headless
+    args: CHROMIUM_ARGS,
+    timeout: 60_000,
+  });
+}
+
+/**
+ * Opens url in a new browser context. The returned page records uncaught
+ * page exceptions in page.errors, for tests to assert there were none.
+ */
+export async function openPage(browser, url) {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  context.setDefaultTimeout(TIMEOUT);
+  const page = await context.newPage();
+  page.errors = [];
+  page.on("pageerror", (err) => page.errors.push(String(err)));
+  await page.goto(url);
+  return page;
+}
+
+/** Saves a screenshot when E2E_SCREENSHOTS names a directory; for looking, not for asserting. */
+export async function snap(page, name) {
+  const dir = process.env.E2E_SCREENSHOTS;
+  if (!dir) return;
+  mkdirSync(dir, { recursive: true });
+  await page.screenshot({ path: path.join(dir, `${name}.png`) });
+}
+
+/** A short random suffix, so each test has rooms of its own. */
+export function uniq() {
+  return Math.random().toString(36).slice(2, 8);
+}
+
+// ---- wscat ----
+
+const wscatBin = path.join(e2eDir, "node_modules", "wscat", "bin", "wscat");
+
+/**
+ * Runs the pinned wscat with args. Its stdin is a pipe, held open until
+ * the process ends (wscat quits when its input ends). The result collects
+ * stdout without terminal escapes, and can wait for text in it.
+ */
+export function runWscat(args) {
+  const proc = track(spawn(process.execPath, [wscatBin, ...args], { stdio: ["pipe", "pipe", "pipe"] }));
+  let out = "";
+  let err = "";
+  const waiters = new Set();
+  const check = () => {
+    for (const w of waiters) {
+      if (out.includes(w.text)) {
+        waiters.delete(w);
+        clearTimeout(w.timer);
+        w.resolve();
+      }
+    }
+  };
+  proc.stdout.setEncoding("utf8").on("data", (s) => {
+    out += s.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, ""); // colours and cursor moves
+    check();
+  });
+  proc.stderr.setEncoding("utf8").on("data", (s) => { err += s; });
+  const exited = new Promise((resolve) => proc.once("exit", (code, signal) => resolve(code ?? signal)));
+  return {
+    proc,
+    exited,
+    get stdout() { return out; },
+    get stderr() { return err; },
+    /** Resolves once stdout contains text. */
+    waitFor(text, timeout = TIMEOUT) {
+      return new Promise((resolve, reject) => {
+        const w = { text, resolve };
+        w.timer = setTimeout(() => {
+          waiters.delete(w);
+          reject(new Error(`wscat did not print ${JSON.stringify(text)} within ${timeout} ms; stdout:\n${out}\nstderr:\n${err}`));
+        }, timeout);
+        waiters.add(w);
+        check();
+      });
+    },
+    /** Types a line, as a person at the terminal would. */
+    type(line) {
+      proc.stdin.write(line + "\n");
+    },
+    /** Ends it: closes stdin, then kills it if it is still running. */
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+      proc.stdin.end();
+      const timer = setTimeout(() => proc.kill("SIGKILL"), 5000);
+      proc.kill("SIGTERM");
+      const code = await exited;
+      clearTimeout(timer);
+      return code;
+    },
+  };
+}
+
+// ---- a TCP proxy that can cut the line ----
+
+/**
+ * A loopback TCP proxy in front of a server. cut() destroys every proxied
+ * connection and refuses new ones until restore(): to the browser it is
+ * the network failing, while the server keeps running (and keeps its
+ * rooms' history). retarget() points later connections at another server.
+ */
+export async function startProxy(upstreamPort) {
+  let target = upstreamPort;
+  let up = true;
+  const open = new Set();
+  const server = net.createServer((client) => {
+    if (!up) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(target, "127.0.0.1");
+    const pair = { client, upstream };
+    open.add(pair);
+    const end = () => {
+      open.delete(pair);
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) {
+      s.on("error", end);
+      s.on("close", end);
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", resolve);
+  });
+  const { port } = server.address();
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    /** Drops every connection now, and every new one until restore(). */
+    cut() {
+      up = false;
+      for (const { client, upstream } of open) {
+        client.destroy();
+        upstream.destroy();
+      }
+      open.clear();
+    },
+    restore() {
+      up = true;
+    },
+    retarget(port) {
+      target = port;
+    },
+    close() {
+      this.cut();
+      return new Promise((resolve) => server.close(() => resolve()));
+    },
+  };
+}

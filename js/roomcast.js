@@ -1,0 +1,623 @@
+// roomcast browser client for the roomcast.v1 protocol (see PROTOCOL.md).
+//
+// A plain ES module: no build step, no dependencies. It runs in modern
+// browsers, and in Node 20 when given a WebSocket implementation.
+//
+//   import { connect } from "/roomcast.js";
+//   const client = connect("/ws");
+//   const chat = client.subscribe("chat", { onMessage: (m) => show(m.data) });
+//   await client.publish("chat", { text: "hi" });
+
+/** The WebSocket subprotocol this client speaks. */
+export const PROTOCOL = "roomcast.v1";
+
+/**
+ * The error a request's Promise rejects with. `code` is one of the server's
+ * error codes (PROTOCOL.md section 3.5) or one of the client's own:
+ * "disconnected" (the request was not sent, or its connection dropped
+ * before the reply) and "too_large" (the envelope exceeds the server's
+ * max_message_bytes; sending it would have closed the connection).
+ */
+export class RoomcastError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {number} [closeCode] with "disconnected" after a drop: the close code
+   */
+  constructor(code, message, closeCode) {
+    super(message);
+    this.name = "RoomcastError";
+    /** @type {string} */
+    this.code = code;
+    if (closeCode !== undefined) {
+      /** @type {number | undefined} */
+      this.closeCode = closeCode;
+    }
+  }
+}
+
+// Close codes after which reconnecting would not help: the server
+// disconnected the client on purpose (4003), or the client broke the
+// protocol (1003 binary frame, 1007 invalid UTF-8, 1008 policy).
+const FINAL_CLOSE_CODES = new Set([1003, 1007, 1008, 4003]);
+
+// Error codes worth retrying a subscribe for, after a delay.
+const TRANSIENT_CODES = new Set(["rate_limited", "unavailable", "internal"]);
+
+/**
+ * Opens a client connection to a roomcast server in protocol mode. The
+ * client starts in state "connecting" and keeps itself connected (unless
+ * `reconnect` is false) until `close()` is called.
+ *
+ * @param {string | URL} url the endpoint, absolute ("wss://host/ws") or
+ *   relative to the page ("/ws"); http: and https: become ws: and wss:.
+ * @param {import("./roomcast").ConnectOptions} [options]
+ * @returns {Client}
+ */
+export function connect(url, options = {}) {
+  return new Client(url, options);
+}
+
+/**
+ * One logical connection to the server that survives reconnects. Create it
+ * with `connect()`.
+ */
+export class Client {
+  /**
+   * @param {string | URL} url
+   * @param {import("./roomcast").ConnectOptions} options
+   */
+  constructor(url, options) {
+    const o = {
+      ...options,
+      reconnect: options.reconnect ?? true,
+      minDelay: options.minDelay ?? 500,
+      maxDelay: options.maxDelay ?? 30000,
+      jitter: options.jitter ?? 0.5,
+      connectTimeout: options.connectTimeout ?? 10000,
+    };
+    if (!(o.minDelay > 0)) throw new RangeError("roomcast: minDelay must be > 0");
+    if (!(o.maxDelay >= o.minDelay)) throw new RangeError("roomcast: maxDelay must be >= minDelay");
+    if (!(o.jitter >= 0 && o.jitter <= 1)) throw new RangeError("roomcast: jitter must be from 0 to 1");
+    if (!(o.connectTimeout > 0)) throw new RangeError("roomcast: connectTimeout must be > 0");
+    this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError("roomcast: no WebSocket implementation; pass options.WebSocket");
+    }
+    this._url = resolveURL(url);
+    this._opts = o;
+    this._timers = {
+      setTimeout: o.timers?.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms)),
+      clearTimeout: o.timers?.clearTimeout ?? ((/** @type {any} */ t) => globalThis.clearTimeout(t)),
+      now: o.timers?.now ?? (() => performance.now()), // monotonic: immune to clock changes
+    };
+
+    /**
+     * "connecting" (first attempt), "open" (welcomed), "reconnecting"
+     * (waiting or dialing again after a drop), "closed" (for good).
+     * @type {import("./roomcast").State}
+     */
+    this.state = "connecting";
+    /** This connection's id from the server's welcome; null until then. @type {string | null} */
+    this.connId = null;
+    /** The authenticated user from the welcome; null when anonymous. @type {string | null} */
+    this.userId = null;
+
+    /** @type {Map<string, Subscription>} */
+    this._subs = new Map();
+    /** @type {Set<(msg: any) => void>} */
+    this._direct = new Set();
+    /** @type {Map<string, {ok: (env: any) => void, fail: (err: RoomcastError) => void}>} */
+    this._pending = new Map();
+    this._ws = null;
+    this._nextId = 0;
+    this._attempt = 0; // failed attempts since the last welcome
+    this._retryTimer = null;
+    this._deadTimer = null;
+    this._lastSeen = 0;
+    this._deadAfter = 0; // heartbeat_ms + timeout_ms from the welcome
+    this._maxBytes = Infinity;
+    this._dial();
+  }
+
+  /**
+   * Subscribes to a room. The subscription lasts across reconnects: after
+   * each one it is renewed with `since` set to `sub.position`, and
+   * `onRecover` says whether exactly the missed messages followed. Throws
+   * if this client already has a subscription to the room.
+   *
+   * @param {string} room
+   * @param {import("./roomcast").SubscribeOptions} [options]
+   * @returns {Subscription}
+   */
+  subscribe(room, options = {}) {
+    if (typeof room !== "string" || room === "") throw new TypeError("roomcast: room must be a non-empty string");
+    if (this.state === "closed") throw new Error("roomcast: the client is closed");
+    if (this._subs.has(room)) throw new Error(`roomcast: already subscribed to ${JSON.stringify(room)}; unsubscribe first`);
+    if (options.info !== undefined && (options.info === null || typeof options.info !== "object" || Array.isArray(options.info))) {
+      throw new TypeError("roomcast: options.info must be a plain object");
+    }
+    JSON.stringify(options.info); // throws now, not at every (re)subscribe, if it has no JSON form
+    const sub = new Subscription(this, room, options);
+    this._subs.set(room, sub);
+    if (this.state === "open") this._sendSubscribe(sub);
+    return sub;
+  }
+
+  /**
+   * Publishes into a room (the client need not be subscribed). The value is
+   * sent as JSON in "data"; to send a string or bytes as they are, pass
+   * `undefined` as the value and `{text}` or `{binary}`. Resolves when the
+   * server acknowledges it; rejects with a RoomcastError, at once with code
+   * "disconnected" when the client is not open (nothing is queued).
+   *
+   * @param {string} room
+   * @param {unknown} value
+   * @param {import("./roomcast").PayloadOptions} [options]
+   * @returns {Promise<void>}
+   */
+  publish(room, value, options) {
+    const p = payload(value, options);
+    if (p instanceof Error) return Promise.reject(p);
+    return this._request({ type: "publish", room, ...p }).then(() => undefined);
+  }
+
+  /**
+   * Sends a message to the server's own message handler (type "send"), not
+   * to a room; `options.room` is passed on to the handler. Same payload
+   * rules, acknowledgement and errors as `publish`.
+   *
+   * @param {unknown} value
+   * @param {import("./roomcast").SendOptions} [options]
+   * @returns {Promise<void>}
+   */
+  send(value, options) {
+    const p = payload(value, options);
+    if (p instanceof Error) return Promise.reject(p);
+    const env = options?.room === undefined ? { type: "send", ...p } : { type: "send", room: options.room, ...p };
+    return this._request(env).then(() => undefined);
+  }
+
+  /**
+   * Calls `callback` with each direct message (one the server addressed to
+   * this connection or its user). Returns a function that stops it.
+   *
+   * @param {(msg: import("./roomcast").DirectMessage) => void} callback
+   * @returns {() => void}
+   */
+  onDirect(callback) {
+    this._direct.add(callback);
+    return () => this._direct.delete(callback);
+  }
+
+  /**
+   * Closes the connection for good (code 1000) and stops reconnecting.
+   * Pending requests reject with code "disconnected". Calling it again does
+   * nothing.
+   */
+  close() {
+    if (this.state === "closed") return;
+    this._drop(1000, "closed by the client", true);
+  }
+
+  // ---- connection lifecycle ----
+
+  _dial() {
+    this._retryTimer = null;
+    let ws;
+    try {
+      ws = new this._WebSocket(this._url, PROTOCOL);
+    } catch (err) {
+      this._drop(1006, `cannot open a WebSocket: ${err?.message ?? err}`);
+      return;
+    }
+    this._ws = ws;
+    this._nextId = 0;
+    // A handshake that hangs (a stalled server, a half-open network) would
+    // otherwise keep the client waiting for as long as the OS lets it.
+    const limit = this._opts.connectTimeout;
+    this._deadTimer = this._timers.setTimeout(() => {
+      this._deadTimer = null;
+      this._drop(1006, `connect timeout: no welcome within ${limit} ms`);
+    }, limit);
+    ws.onmessage = (ev) => this._onFrame(ev.data);
+    ws.onclose = (ev) => this._drop(ev.code || 1006, ev.reason || "");
+    // Browsers follow an error with a close (1006), but Node 20's WebSocket
+    // fires no close after a refused connection: the error is the drop.
+    ws.onerror = () => this._drop(1006, "connection failed");
+  }
+
+  /**
+   * Ends the current socket, if any, and either schedules a reconnect or
+   * enters "closed". Everything that ends a connection comes through here.
+   */
+  _drop(code, reason, final = false) {
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      if (ws.readyState === 0 || ws.readyState === 1) {
+        try {
+          ws.close(code === 1000 || (code >= 3000 && code <= 4999) ? code : 1000, reason.slice(0, 123));
+        } catch {
+          // already closing
+        }
+      }
+    }
+    this._timers.clearTimeout(this._deadTimer);
+    this._timers.clearTimeout(this._retryTimer);
+    this._deadTimer = this._retryTimer = null;
+    this.connId = null;
+    for (const sub of this._subs.values()) sub._stopRetry();
+
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    const err = new RoomcastError("disconnected", `roomcast: disconnected (close ${code}${reason ? ": " + reason : ""})`, code);
+
+    if (final || !this._opts.reconnect || FINAL_CLOSE_CODES.has(code)) {
+      this.state = "closed";
+      for (const p of pending) p.fail(err);
+      this._emit("closed", { code, reason });
+      return;
+    }
+    const delay = this._backoff(this._attempt++);
+    this.state = "reconnecting";
+    this._retryTimer = this._timers.setTimeout(() => this._dial(), delay);
+    for (const p of pending) p.fail(err);
+    this._emit("reconnecting", { code, reason, delay, attempt: this._attempt });
+  }
+
+  /** The delay before retry number `n` (0 first): exponential, capped, jittered. */
+  _backoff(n) {
+    const { minDelay, maxDelay, jitter } = this._opts;
+    const base = Math.min(maxDelay, minDelay * 2 ** Math.min(n, 52));
+    return base * (1 - jitter * Math.random());
+  }
+
+  _emit(state, detail) {
+    call(this._opts.onStateChange, state, detail);
+  }
+
+  _onFrame(data) {
+    this._lastSeen = this._timers.now();
+    if (typeof data !== "string") return; // protocol mode is text only
+    let env;
+    try {
+      env = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (env === null || typeof env !== "object") return;
+    switch (env.type) {
+      case "welcome":
+        return this._onWelcome(env);
+      case "ping":
+        return this._write({ type: "pong" });
+      case "message":
+        return this._subs.get(env.room)?._onMessage(env);
+      case "join":
+      case "leave":
+        return this._subs.get(env.room)?._onPresenceEvent(env);
+      case "direct":
+        for (const cb of [...this._direct]) call(cb, decodePayload(env));
+        return;
+      case "ack":
+      case "presence": {
+        const p = this._pending.get(env.id);
+        if (p) {
+          this._pending.delete(env.id);
+          p.ok(env);
+        }
+        return;
+      }
+      case "error": {
+        // An error without id answers a request sent without one; this
+        // client always sends ids, so there is nobody to tell.
+        const p = this._pending.get(env.id);
+        if (p) {
+          this._pending.delete(env.id);
+          p.fail(new RoomcastError(String(env.code), String(env.message ?? env.code)));
+        }
+        return;
+      }
+      // pong and unknown types: ignored, as PROTOCOL.md asks.
+    }
+  }
+
+  _onWelcome(env) {
+    this.connId = env.conn_id ?? null;
+    this.userId = env.user_id ?? null;
+    this._attempt = 0;
+    this._maxBytes = env.max_message_bytes > 0 ? env.max_message_bytes : Infinity;
+    this._deadAfter = (env.heartbeat_ms ?? 0) + (env.timeout_ms ?? 0);
+    this._timers.clearTimeout(this._deadTimer); // the connect timeout
+    this._deadTimer = null;
+    this._watchHeartbeat();
+    this.state = "open";
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    this._emit("open", {
+      connId: this.connId,
+      userId: this.userId,
+      heartbeatMs: env.heartbeat_ms,
+      timeoutMs: env.timeout_ms,
+      maxMessageBytes: env.max_message_bytes,
+      maxRooms: env.max_rooms,
+    });
+  }
+
+  /**
+   * Declares the connection dead when nothing at all arrived for
+   * heartbeat_ms + timeout_ms; the server pings every heartbeat_ms.
+   */
+  _watchHeartbeat() {
+    if (!(this._deadAfter > 0)) return;
+    const check = () => {
+      const silent = this._timers.now() - this._lastSeen;
+      if (silent >= this._deadAfter) {
+        this._deadTimer = null;
+        this._drop(4001, "heartbeat timeout: nothing received from the server");
+        return;
+      }
+      this._deadTimer = this._timers.setTimeout(check, this._deadAfter - silent);
+    };
+    this._deadTimer = this._timers.setTimeout(check, this._deadAfter);
+  }
+
+  // ---- requests ----
+
+  /** Sends an envelope without id; false when there is no open connection. */
+  _write(env) {
+    if (this.state !== "open") return false;
+    this._ws.send(JSON.stringify(env));
+    return true;
+  }
+
+  /**
+   * Sends env with a fresh id and calls ok(reply) or fail(err) once. Fails
+   * at once with "disconnected" when not open, or "too_large".
+   */
+  _send(env, ok, fail) {
+    if (this.state !== "open") {
+      fail(new RoomcastError("disconnected", `roomcast: not connected (state ${this.state})`));
+      return;
+    }
+    const id = String(++this._nextId);
+    const text = JSON.stringify({ ...env, id });
+    if (text.length * 3 > this._maxBytes && utf8Length(text) > this._maxBytes) {
+      fail(new RoomcastError("too_large", `roomcast: the message is larger than the server's limit of ${this._maxBytes} bytes`));
+      return;
+    }
+    this._pending.set(id, { ok, fail });
+    this._ws.send(text);
+  }
+
+  /** _send as a Promise of the reply envelope. */
+  _request(env) {
+    return new Promise((resolve, reject) => this._send(env, resolve, reject));
+  }
+
+  /** Sends the subscribe for sub on the current connection. */
+  _sendSubscribe(sub) {
+    const env = { type: "subscribe", room: sub.room };
+    const resuming = sub.position !== null;
+    if (resuming) env.since = { epoch: sub.position.epoch, seq: sub.position.seq };
+    else if (sub._opts.history > 0) env.history = sub._opts.history;
+    if (sub._opts.presence) env.presence = true;
+    if (sub._opts.info !== undefined) env.info = sub._opts.info;
+    this._send(
+      env,
+      (ack) => sub._onAck(ack, resuming),
+      (err) => sub._onSubscribeError(err),
+    );
+  }
+}
+
+/** A client's subscription to one room. Create it with `client.subscribe()`. */
+export class Subscription {
+  /**
+   * @param {Client} client
+   * @param {string} room
+   * @param {import("./roomcast").SubscribeOptions} options
+   */
+  constructor(client, room, options) {
+    /** The room. @type {string} */
+    this.room = room;
+    /**
+     * Where the subscription stands in the room: the last message
+     * delivered, or, before any, the position the server's ack gave. It is
+     * the `since` of the next resubscribe. Null until the first ack.
+     * @type {import("./roomcast").Position | null}
+     */
+    this.position = null;
+    /** True until unsubscribe() or a refused subscribe. @type {boolean} */
+    this.active = true;
+    this._client = client;
+    this._opts = options;
+    this._failures = 0;
+    this._retry = null;
+  }
+
+  /**
+   * Leaves the room: no callback of this subscription runs from now on.
+   * Resolves once the server confirms, or at once when disconnected (the
+   * subscription is not renewed). Rejects with a RoomcastError if the
+   * server refuses (e.g. "rate_limited").
+   *
+   * @returns {Promise<void>}
+   */
+  unsubscribe() {
+    if (!this.active) return Promise.resolve();
+    this._end();
+    return new Promise((resolve, reject) => {
+      this._client._send(
+        { type: "unsubscribe", room: this.room },
+        () => resolve(),
+        (err) => (err.code === "disconnected" || err.code === "not_subscribed" ? resolve() : reject(err)),
+      );
+    });
+  }
+
+  /**
+   * Asks the server who is in the room. Rejects with "not_supported" in a
+   * room that does not track presence; `members` is empty in a room that
+   * tracks counts only.
+   *
+   * @returns {Promise<import("./roomcast").Presence>}
+   */
+  presence() {
+    return this._client._request({ type: "presence", room: this.room }).then((p) => ({
+      count: p.count,
+      connections: p.connections,
+      members: (p.members ?? []).map((m) => ({
+        conns: m.conns ?? [],
+        userId: m.user_id ?? null,
+        info: m.info ?? null,
+      })),
+    }));
+  }
+
+  _end() {
+    this.active = false;
+    this._stopRetry();
+    if (this._client._subs.get(this.room) === this) this._client._subs.delete(this.room);
+  }
+
+  _stopRetry() {
+    this._client._timers.clearTimeout(this._retry);
+    this._retry = null;
+  }
+
+  _onAck(ack, resuming) {
+    if (!this.active) return;
+    this._failures = 0;
+    if (typeof ack.epoch === "string" && typeof ack.seq === "number") {
+      // The `missed` replayed messages end at ack.seq, so the position
+      // just before them is where this subscription now stands.
+      const missed = ack.missed ?? 0;
+      this.position = { epoch: ack.epoch, seq: ack.seq - missed };
+    }
+    const o = this._opts;
+    call(o.onSubscribe, {
+      epoch: ack.epoch,
+      seq: ack.seq,
+      presence: ack.presence,
+      missed: ack.missed ?? 0,
+      resumed: resuming,
+    });
+    if (resuming && typeof ack.recovered === "boolean") {
+      const r = { recovered: ack.recovered, missed: ack.missed ?? 0 };
+      if (!ack.recovered) r.reason = ack.reason ?? "unknown";
+      call(o.onRecover, r);
+    }
+  }
+
+  _onSubscribeError(err) {
+    if (!this.active || err.code === "disconnected") return; // renewed on the next welcome
+    if (TRANSIENT_CODES.has(err.code)) {
+      const c = this._client;
+      this._retry = c._timers.setTimeout(() => {
+        this._retry = null;
+        if (this.active && c.state === "open") c._sendSubscribe(this);
+      }, c._backoff(this._failures++));
+    } else {
+      this._end(); // refused for good: forget it
+    }
+    call(this._opts.onError, err);
+  }
+
+  _onMessage(env) {
+    const p = this.position;
+    if (p && env.epoch === p.epoch && env.seq <= p.seq) return; // seen already
+    this.position = { epoch: env.epoch, seq: env.seq };
+    const msg = decodePayload(env);
+    call(this._opts.onMessage, {
+      room: env.room,
+      epoch: env.epoch,
+      seq: env.seq,
+      id: env.message_id,
+      time: new Date(env.time),
+      data: msg.data,
+      raw: msg.raw,
+    });
+  }
+
+  _onPresenceEvent(env) {
+    const member = { connId: env.conn_id ?? null, userId: env.user_id ?? null, info: env.info ?? null };
+    call(env.type === "join" ? this._opts.onJoin : this._opts.onLeave, member);
+  }
+}
+
+// ---- helpers ----
+
+/** Calls an application callback; its exception is reported, not propagated into the client. */
+function call(fn, ...args) {
+  if (typeof fn !== "function") return;
+  try {
+    fn(...args);
+  } catch (err) {
+    if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+    else queueMicrotask(() => { throw err; });
+  }
+}
+
+/** Resolves a relative or http(s) URL against the page into a ws(s) URL. */
+function resolveURL(url) {
+  const base = globalThis.location?.href;
+  let u;
+  try {
+    u = base === undefined ? new URL(url) : new URL(url, base);
+  } catch {
+    throw new TypeError(`roomcast: invalid URL ${JSON.stringify(String(url))}` + (base === undefined ? " (relative URLs need a page location)" : ""));
+  }
+  if (u.protocol === "http:") u.protocol = "ws:";
+  else if (u.protocol === "https:") u.protocol = "wss:";
+  else if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`roomcast: unsupported URL scheme ${u.protocol}`);
+  return u.href;
+}
+
+/**
+ * The payload fields of a publish or send; an Error when the arguments
+ * name none or several (returned, so the caller's Promise rejects).
+ */
+function payload(value, options) {
+  const text = options?.text;
+  const binary = options?.binary;
+  const given = [value, text, binary].filter((x) => x !== undefined).length;
+  if (given !== 1) return new TypeError("roomcast: give exactly one of a value, options.text or options.binary");
+  if (text !== undefined) {
+    if (typeof text !== "string") return new TypeError("roomcast: options.text must be a string");
+    return { text };
+  }
+  if (binary !== undefined) {
+    if (!(binary instanceof Uint8Array)) return new TypeError("roomcast: options.binary must be a Uint8Array");
+    return { binary: toBase64(binary) };
+  }
+  if (typeof value === "function" || typeof value === "symbol") return new TypeError("roomcast: the value has no JSON form");
+  return { data: value };
+}
+
+/** The payload of a message or direct envelope, as {data, raw: {kind}}. */
+function decodePayload(env) {
+  if ("data" in env) return { data: env.data, raw: { kind: "json" } };
+  if ("text" in env) return { data: env.text, raw: { kind: "text" } };
+  return { data: fromBase64(env.binary ?? ""), raw: { kind: "binary" } };
+}
+
+function toBase64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(s);
+}
+
+function fromBase64(b64) {
+  const s = atob(b64);
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+function utf8Length(s) {
+  return new TextEncoder().encode(s).length;
+}
