@@ -109,6 +109,7 @@ type conn struct {
 	reason  string
 	flush   bool
 	abort   bool        // close without a close frame (set with closing)
+	pinging bool        // a raw-mode ping waits for its pong
 	writing bool        // a writer goroutine runs (or ran finish: no other starts)
 	beat    *time.Timer // the heartbeat; nil until the connection is served
 
@@ -469,19 +470,25 @@ func (c *conn) heartbeat() {
 	// Raw mode: the ping is the liveness check, not a deadline on silent.
 	// Pings go out only after a silent interval, so a healthy client's
 	// pongs can be nearly two intervals apart.
-	if silent >= cfg.heartbeat {
+	if silent >= cfg.heartbeat && !c.pinging {
+		c.pinging = true
 		c.wg.Go(c.ping) // not closing, so the reader has not begun to wait
 	}
 }
 
-// ping sends a WebSocket ping to a raw client and waits for its pong.
+// ping sends a WebSocket ping to a raw client and waits for its pong. Its
+// context is its own: coder/websocket closes the socket when a write's
+// context ends mid-frame, so one that closing cancels (c.ctx) could cut a
+// close handshake short.
 func (c *conn) ping() {
-	ctx, cancel := context.WithTimeout(c.ctx, c.h.cfg.heartbeatWait)
+	ctx, cancel := context.WithTimeout(context.Background(), c.h.cfg.heartbeatWait)
 	defer cancel()
-	if err := c.ws.Ping(ctx); err != nil {
-		if c.ctx.Err() == nil {
-			c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false)
-		}
+	err := c.ws.Ping(ctx)
+	c.mu.Lock()
+	c.pinging = false
+	c.mu.Unlock()
+	if err != nil {
+		c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false) // no-op when already closing
 		return
 	}
 	c.lastSeen.Store(time.Now().UnixNano())
