@@ -89,7 +89,8 @@ type conn struct {
 	ctx    context.Context // ends when the connection is closing
 	cancel context.CancelFunc
 
-	rooms   map[string]*room // reader
+	rooms   map[string]*room // reader: protocol mode's rooms, made on first use
+	raw     *room            // reader: raw mode's one room
 	rawRoom string           // reader
 	tokens  float64          // reader: rate-limit bucket
 	refill  time.Time        // reader
@@ -121,7 +122,6 @@ func newConn(h *Handler, cl Client) *conn {
 	c := &conn{
 		h: h, client: cl, proto: cl.Mode == ModeProtocol,
 		ctx: ctx, cancel: cancel,
-		rooms:  make(map[string]*room),
 		tokens: float64(h.cfg.rateBurst),
 		refill: time.Now(),
 	}
@@ -756,7 +756,7 @@ func (c *conn) dispatch(in *inbound) *protoError {
 		if !ok {
 			return &protoError{CodeNotJoined, "this connection is not subscribed to that room"}
 		}
-		delete(c.rooms, in.Room)
+		c.forget(in.Room)
 		h.rooms.leave(r, c)
 		return nil
 	case "publish":
@@ -816,7 +816,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	if err != nil {
 		return subscribed{}, err
 	}
-	c.rooms[room] = r
+	c.keep(room, r)
 	out := subscribed{room: room, presence: r.opts.Presence}
 	if !catchUp {
 		return out, nil
@@ -833,7 +833,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	}
 	res, err := h.cfg.broker.History(c.ctx, room, q)
 	if err != nil {
-		delete(c.rooms, room)
+		c.forget(room)
 		h.rooms.leave(r, c)
 		return subscribed{}, err
 	}
@@ -891,8 +891,33 @@ func (c *conn) authorizePublish(room string) *protoError {
 	return c.authorize(ActionPublish, room)
 }
 
+// keep records a room the connection joined. A raw connection has at most
+// one, in a field: an idle connection should not pay for a map.
+func (c *conn) keep(name string, r *room) {
+	if !c.proto {
+		c.raw = r
+		return
+	}
+	if c.rooms == nil {
+		c.rooms = make(map[string]*room, 1)
+	}
+	c.rooms[name] = r
+}
+
+func (c *conn) forget(name string) {
+	if !c.proto {
+		c.raw = nil
+		return
+	}
+	delete(c.rooms, name)
+}
+
 // leaveAll leaves every room; it runs once the reader has ended.
 func (c *conn) leaveAll() {
+	if r := c.raw; r != nil {
+		c.raw = nil
+		c.h.rooms.leave(r, c)
+	}
 	for name, r := range c.rooms {
 		delete(c.rooms, name)
 		c.h.rooms.leave(r, c)

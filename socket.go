@@ -10,11 +10,12 @@ import (
 
 // Buffer sizes handed to coder/websocket for each connection. An idle
 // connection keeps both for its whole life, so they are small: a read of a
-// large frame bypasses the reader's buffer, and writes are batched by
-// socket.cork, not by the writer's buffer.
+// large frame bypasses the reader's buffer (256 bytes hold a typical client
+// message in one read), and writes are batched by socket.cork, so the
+// writer's buffer only decides how many cheap appends a frame takes.
 const (
-	readBufferSize  = 512
-	writeBufferSize = 512
+	readBufferSize  = 256
+	writeBufferSize = 128
 	// corkLimit bounds what one corked batch holds before it is written
 	// out, so a long batch costs at most this much memory.
 	corkLimit = 64 << 10
