@@ -32,6 +32,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	shared = srv
+	if os.Getenv("ROOMCAST_TEST_LOG") == "" {
+		redis.SetLogger(quietRedisLogger{}) // go-redis logs every failed dial of the outage tests
+	}
 	code := m.Run()
 	srv.Close()
 	if code == 0 {
@@ -70,6 +73,10 @@ func waitForLeaks(timeout time.Duration) string {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+type quietRedisLogger struct{}
+
+func (quietRedisLogger) Printf(context.Context, string, ...any) {}
 
 var prefixes atomic.Int64
 
