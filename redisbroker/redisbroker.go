@@ -113,11 +113,12 @@ type member struct {
 	left   bool
 }
 
-// New returns a broker that keeps rooms in the Redis client points to
-// (a *redis.Client, *redis.ClusterClient or *redis.Ring-free
-// UniversalClient). It panics with a "redisbroker: " message on a bad
-// option. It starts its goroutines when a Handler binds it, and Close
-// stops them; Close does not close the client.
+// New returns a broker that keeps rooms in the Redis the client points
+// to: a *redis.Client (one server, or a Sentinel failover client) or a
+// *redis.ClusterClient. A *redis.Ring does not work: its shards do not
+// share pub/sub. New panics with a "redisbroker: " message on a bad
+// option. The broker starts its goroutines when a Handler binds it, and
+// Close stops them; Close does not close the client.
 func New(client redis.UniversalClient, opts ...Option) *Broker {
 	if client == nil {
 		panic("redisbroker: New(nil): want a Redis client")
@@ -217,7 +218,8 @@ func (b *Broker) Close() error {
 }
 
 // Publish runs the publish script: sequence, history, expiry and fan-out
-// in one atomic step. A retry of the same call that Redis already ran
+// in one atomic step. With h.Size > 0 and no h.TTL, messages have no age
+// bound and the history lives as long as the room's state (WithRoomTTL). A retry of the same call that Redis already ran
 // (go-redis retries after a lost reply) returns the first result instead
 // of sequencing the message twice.
 func (b *Broker) Publish(ctx context.Context, room string, data []byte, h pubsub.HistoryOptions) (pubsub.Message, error) {
