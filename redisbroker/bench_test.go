@@ -1,0 +1,240 @@
+package redisbroker_test
+
+import (
+	"context"
+	"encoding/json"
+	"net/http/httptest"
+	"strings"
+
+	"encoding/binary"
+	"fmt"
+	"github.com/coder/websocket"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/roomcast/pubsub"
+)
+
+// Throughput of Publish on one node: each publish is one script round
+// trip (sequence, history append, trim, PUBLISH). Run with -cpu to vary
+// the publishing goroutines (RunParallel starts GOMAXPROCS×16 of them).
+//
+//	go test -run '^$' -bench Publish -benchtime 20000x .
+func BenchmarkPublishOneRoom(b *testing.B) {
+	benchPublish(b, func(int64) string { return "bench" })
+}
+
+func BenchmarkPublishManyRooms(b *testing.B) {
+	benchPublish(b, func(i int64) string { return fmt.Sprint("bench-", i%1000) })
+}
+
+func benchPublish(b *testing.B, room func(int64) string) {
+	br := newBroker(b, shared.Addr, uniquePrefix())
+	br.Bind(func(pubsub.Message) {})
+	b.Cleanup(func() { br.Close() })
+	h := pubsub.HistoryOptions{Size: 100, TTL: time.Minute}
+	data := make([]byte, 128)
+	var n atomic.Int64
+	b.SetParallelism(16)
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		ctx := testCtx(b)
+		for pb.Next() {
+			if _, err := br.Publish(ctx, room(n.Add(1)), data, h); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}
+
+// Latency from Publish on node A to deliver on node B, through Redis,
+// with publishers running flat out: every payload carries its publish
+// time. Reports throughput and the p50/p99 of the latency.
+//
+//	go test -run '^$' -bench Latency -benchtime 20000x .
+func BenchmarkLatencyAcrossNodes(b *testing.B) {
+	for _, n := range []int{1, 8} {
+		b.Run(fmt.Sprint("publishers=", n), func(b *testing.B) { benchLatency(b, n) })
+	}
+}
+
+func benchLatency(b *testing.B, publishers int) {
+	prefix := uniquePrefix()
+	a := newBroker(b, shared.Addr, prefix)
+	bb := newBroker(b, shared.Addr, prefix)
+	a.Bind(func(pubsub.Message) {})
+	lat := newLatencies(b.N)
+	bb.Bind(func(m pubsub.Message) {
+		if m.Kind == pubsub.KindMessage {
+			lat.add(time.Since(time.Unix(0, int64(binary.BigEndian.Uint64(m.Data)))))
+		}
+	})
+	b.Cleanup(func() { a.Close(); bb.Close() })
+	if err := bb.Subscribe(testCtx(b), "lat"); err != nil {
+		b.Fatal(err)
+	}
+	runPublishers(b, publishers, func(data []byte) error {
+		_, err := a.Publish(testCtx(b), "lat", data, pubsub.HistoryOptions{Size: 100, TTL: time.Minute})
+		return err
+	})
+	lat.report(b)
+}
+
+// The same end to end: Handler.Publish on node A to a protocol-mode
+// WebSocket client of node B.
+//
+//	go test -run '^$' -bench EndToEnd -benchtime 20000x .
+func BenchmarkEndToEndAcrossNodes(b *testing.B) {
+	for _, n := range []int{1, 8} {
+		b.Run(fmt.Sprint("publishers=", n), func(b *testing.B) { benchEndToEnd(b, n) })
+	}
+}
+
+func benchEndToEnd(b *testing.B, publishers int) {
+	prefix := uniquePrefix()
+	a := benchNode(b, prefix)
+	bn := benchNode(b, prefix)
+	c := benchDial(b, bn)
+	lat := newLatencies(b.N)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range b.N {
+			ts, ok := c.next()
+			if !ok {
+				return
+			}
+			lat.add(time.Since(time.Unix(0, ts)))
+		}
+	}()
+	runPublishers(b, publishers, func(data []byte) error {
+		return a.h.Publish(testCtx(b), "e2e", []byte(fmt.Sprint(int64(binary.BigEndian.Uint64(data)))))
+	})
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		b.Fatal("the client did not get every message")
+	}
+	lat.report(b)
+}
+
+// runPublishers publishes b.N timestamped payloads from n goroutines and
+// reports the rate.
+func runPublishers(b *testing.B, n int, publish func([]byte) error) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for range n {
+		wg.Go(func() {
+			for next.Add(1) <= int64(b.N) {
+				data := binary.BigEndian.AppendUint64(make([]byte, 0, 64), uint64(time.Now().UnixNano()))
+				data = append(data, make([]byte, 56)...)
+				if err := publish(data); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}
+
+type latencies struct {
+	mu   sync.Mutex
+	d    []time.Duration
+	done chan struct{}
+	want int
+}
+
+func newLatencies(n int) *latencies {
+	return &latencies{d: make([]time.Duration, 0, n), done: make(chan struct{}), want: n}
+}
+
+func (l *latencies) add(d time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.d = append(l.d, d)
+	if len(l.d) == l.want {
+		close(l.done)
+	}
+}
+
+func (l *latencies) report(b *testing.B) {
+	select {
+	case <-l.done:
+	case <-time.After(30 * time.Second):
+		b.Fatalf("only %d of %d messages were delivered", len(l.d), l.want)
+	}
+	b.StopTimer()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	slices.Sort(l.d)
+	q := func(p float64) float64 { return float64(l.d[int(p*float64(len(l.d)-1))].Microseconds()) }
+	b.ReportMetric(q(0.50), "p50-µs")
+	b.ReportMetric(q(0.99), "p99-µs")
+	b.ReportMetric(0, "ns/op")
+}
+
+func benchNode(b *testing.B, prefix string) *node {
+	br := newBroker(b, shared.Addr, prefix)
+	h := pubsub.NewHandler(pubsub.WithBroker(br), pubsub.WithLogger(quietLogger()), pubsub.WithHistory(100, time.Minute),
+		pubsub.WithQueueLimits(1<<20, 1<<30))
+	srv := httptest.NewServer(h)
+	b.Cleanup(func() { h.Close(); srv.Close() })
+	return &node{h: h, b: br, srv: srv}
+}
+
+// benchClient reads message envelopes and returns their payload as a
+// Unix-nanosecond timestamp.
+type benchClient struct {
+	c *websocket.Conn
+	b *testing.B
+}
+
+func benchDial(b *testing.B, n *node) *benchClient {
+	ctx := testCtx(b)
+	c, _, err := websocket.Dial(ctx, n.url(""), &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.CloseNow() })
+	if err := c.Write(ctx, websocket.MessageText, []byte(`{"type":"subscribe","room":"e2e","id":"1"}`)); err != nil {
+		b.Fatal(err)
+	}
+	bc := &benchClient{c: c, b: b}
+	for { // welcome, then the ack
+		_, p, err := c.Read(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if strings.Contains(string(p), `"type":"ack"`) {
+			return bc
+		}
+	}
+}
+
+func (bc *benchClient) next() (int64, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		_, p, err := bc.c.Read(ctx)
+		if err != nil {
+			return 0, false
+		}
+		var e struct {
+			Type string `json:"type"`
+			Data int64  `json:"data"`
+		}
+		if json.Unmarshal(p, &e) == nil && e.Type == "message" {
+			return e.Data, true
+		}
+	}
+}

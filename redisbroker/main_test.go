@@ -1,0 +1,193 @@
+package redisbroker_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/roomcast/pubsub/redisbroker"
+	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
+)
+
+// shared is the redis-server most tests use; each test keeps to keys of
+// its own prefix. Tests that stop or restart Redis start their own.
+var shared *redistest.Server
+
+// TestMain starts redis-server, runs the tests, stops it, and fails the
+// run when goroutines outlive the tests.
+func TestMain(m *testing.M) {
+	srv, err := redistest.Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "redisbroker tests need a real Redis:", err)
+		os.Exit(1)
+	}
+	shared = srv
+	if os.Getenv("ROOMCAST_TEST_LOG") == "" {
+		redis.SetLogger(quietRedisLogger{}) // go-redis logs every failed dial of the outage tests
+	}
+	code := m.Run()
+	srv.Close()
+	if code == 0 {
+		if leaked := waitForLeaks(10 * time.Second); leaked != "" {
+			fmt.Fprintf(os.Stderr, "goroutines leaked after the tests:\n%s\n", leaked)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// waitForLeaks returns the stacks of goroutines still running code of
+// roomcast, go-redis, coder/websocket or net/http once timeout has passed,
+// or "" as soon as there are none.
+func waitForLeaks(timeout time.Duration) string {
+	deadline := time.Now().Add(timeout)
+	for {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		var leaked []string
+		for _, g := range strings.Split(string(buf), "\n\n") {
+			if strings.Contains(g, "waitForLeaks") || strings.Contains(g, "testing.(*M).") {
+				continue
+			}
+			if strings.Contains(g, "roomcast/pubsub") || strings.Contains(g, "go-redis") ||
+				strings.Contains(g, "coder/websocket") || strings.Contains(g, "net/http.") {
+				leaked = append(leaked, g)
+			}
+		}
+		if len(leaked) == 0 {
+			return ""
+		}
+		if time.Now().After(deadline) {
+			return strings.Join(leaked, "\n\n")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+type quietRedisLogger struct{}
+
+func (quietRedisLogger) Printf(context.Context, string, ...any) {}
+
+var prefixes atomic.Int64
+
+// uniquePrefix keeps a test's keys apart from every other test's, across
+// -count runs too.
+func uniquePrefix() string {
+	return fmt.Sprintf("test%d", prefixes.Add(1))
+}
+
+// newClient returns a client of addr, closed at cleanup (after the
+// brokers and handlers registered later).
+func newClient(t testing.TB, addr string, adjust ...func(*redis.Options)) *redis.Client {
+	t.Helper()
+	o := &redis.Options{Addr: addr}
+	for _, f := range adjust {
+		f(o)
+	}
+	c := redis.NewClient(o)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func testCtx(t testing.TB) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// quietLogger keeps test output to failures; ROOMCAST_TEST_LOG=1 shows logs.
+func quietLogger() *slog.Logger {
+	if os.Getenv("ROOMCAST_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// logRecorder captures a broker's log records for assertions.
+type logRecorder struct {
+	mu      sync.Mutex
+	records []logRecord
+}
+
+type logRecord struct {
+	level slog.Level
+	msg   string
+	attrs map[string]string
+}
+
+func (l *logRecorder) logger() *slog.Logger {
+	return slog.New(&captureHandler{rec: l, next: quietLogger().Handler()})
+}
+
+func (l *logRecorder) find(level slog.Level, msgPart, room string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.ContainsFunc(l.records, func(r logRecord) bool {
+		return r.level == level && strings.Contains(r.msg, msgPart) && (room == "" || r.attrs["room"] == room)
+	})
+}
+
+type captureHandler struct {
+	rec   *logRecorder
+	next  slog.Handler
+	attrs []slog.Attr
+}
+
+func (h *captureHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *captureHandler) Handle(ctx context.Context, r slog.Record) error {
+	lr := logRecord{level: r.Level, msg: r.Message, attrs: make(map[string]string)}
+	for _, a := range h.attrs {
+		lr.attrs[a.Key] = a.Value.String()
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		lr.attrs[a.Key] = a.Value.String()
+		return true
+	})
+	h.rec.mu.Lock()
+	h.rec.records = append(h.rec.records, lr)
+	h.rec.mu.Unlock()
+	if h.next.Enabled(ctx, r.Level) {
+		return h.next.Handle(ctx, r)
+	}
+	return nil
+}
+func (h *captureHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &captureHandler{rec: h.rec, next: h.next.WithAttrs(as), attrs: append(slices.Clone(h.attrs), as...)}
+}
+func (h *captureHandler) WithGroup(name string) slog.Handler {
+	return &captureHandler{rec: h.rec, next: h.next.WithGroup(name), attrs: h.attrs}
+}
+
+// waitFor polls cond until it holds or the test's timeout passes. It is
+// for state with no event to wait on (Redis's client list, presence).
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	ctx := testCtx(t)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+}
+
+// newBroker returns a broker on addr with its own client.
+func newBroker(t testing.TB, addr, prefix string, opts ...redisbroker.Option) *redisbroker.Broker {
+	t.Helper()
+	c := newClient(t, addr)
+	return redisbroker.New(c, append([]redisbroker.Option{redisbroker.WithPrefix(prefix), redisbroker.WithLogger(quietLogger())}, opts...)...)
+}

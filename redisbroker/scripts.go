@@ -1,0 +1,276 @@
+package redisbroker
+
+import "github.com/redis/go-redis/v9"
+
+// The Lua scripts that make each room operation atomic. All keys of one
+// room share the hash tag {room}, so every script touches one cluster slot.
+//
+// A room's keys (prefix P, room R):
+//
+//	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) of the last
+//	         publish, l / t = the last publish's message id and time (µs),
+//	         to answer a retried publish instead of sequencing it twice.
+//	         Its expiry ends the room's life: a missing meta key means a new
+//	         epoch (expired, evicted, or lost in a restart).
+//	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
+//	         t (time, µs), d (payload). Trimmed by count on publish, by age
+//	         on read, and expired with the TTL.
+//	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
+//	P:{R}:c  hash: conn id -> events flag, member key and member record.
+//	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
+//	P:{R}    the room's pub/sub channel.
+//
+// Times come from the server (TIME), so every node agrees on them.
+//
+// Wire format of what the scripts PUBLISH (f(x) is len(x) ":" x):
+//
+//	'm' f(epoch) f(seq) f(id) f(time) data
+//	'j' f(epoch) f(time) record          a member's first connection joined
+//	'l' f(epoch) f(time) record          a member's last connection left
+//
+// where record = f(conn id) f(user id) f(info), built by the node that
+// joined it.
+const luaPrelude = `
+local function f(s) return #s .. ':' .. s end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function us(x) return string.format('%.0f', x) end
+-- ensure returns the room's epoch, starting a new life (the candidate
+-- epoch, an empty history) when the room's state is missing.
+local function ensure(meta, hist, cand, idle)
+  local e = redis.call('HGET', meta, 'e')
+  if e then return e end
+  redis.call('DEL', hist)
+  redis.call('HSET', meta, 'e', cand, 's', 0)
+  redis.call('PEXPIRE', meta, idle)
+  return cand
+end
+-- touch keeps an existing room's state for at least idle ms more.
+local function touch(meta, idle)
+  local ttl = redis.call('PTTL', meta)
+  if ttl >= 0 and ttl < idle then redis.call('PEXPIRE', meta, idle) end
+end
+-- trim drops history entries older than cutoff (µs) among the oldest
+-- scan; it returns true when it dropped all of them (more may be old).
+local function trim(hist, cutoff, scan)
+  local old = redis.call('XRANGE', hist, '-', '+', 'COUNT', scan)
+  local n = 0
+  for i, en in ipairs(old) do
+    if tonumber(en[2][4]) >= cutoff then break end
+    n = i
+  end
+  if n == 0 then return false end
+  if n < #old then
+    redis.call('XTRIM', hist, 'MINID', old[n + 1][1])
+    return false
+  end
+  local last = tonumber(string.sub(old[n][1], 3))
+  redis.call('XTRIM', hist, 'MINID', '0-' .. string.format('%d', last + 1))
+  return n == scan
+end
+-- entries appends stream entries to out as seq, id, time, data.
+local function entries(out, list, from, to, step)
+  for i = from, to, step do
+    local en = list[i]
+    out[#out + 1] = string.sub(en[1], 3)
+    out[#out + 1] = en[2][2]
+    out[#out + 1] = en[2][4]
+    out[#out + 1] = en[2][6]
+  end
+  return out
+end
+-- parse splits a stored presence value: flag, member key, record.
+local function parse(v)
+  local colon = string.find(v, ':', 2, true)
+  local n = tonumber(string.sub(v, 2, colon - 1))
+  return string.sub(v, 1, 1), string.sub(v, colon + 1, colon + n), string.sub(v, colon + n + 1)
+end
+-- clean removes presence entries that expired by now (ms), at most max
+-- (0: all), announcing the members whose last connection they were.
+local function clean(p, c, u, now, e, ts, channel, max)
+  local gone
+  if max > 0 then
+    gone = redis.call('ZRANGEBYSCORE', p, '-inf', now, 'LIMIT', 0, max)
+  else
+    gone = redis.call('ZRANGEBYSCORE', p, '-inf', now)
+  end
+  for _, conn in ipairs(gone) do
+    local v = redis.call('HGET', c, conn)
+    redis.call('ZREM', p, conn)
+    redis.call('HDEL', c, conn)
+    if v then
+      local flag, ukey, rec = parse(v)
+      if redis.call('HINCRBY', u, ukey, -1) <= 0 then
+        redis.call('HDEL', u, ukey)
+        if flag == '1' then redis.call('PUBLISH', channel, 'l' .. f(e) .. f(ts) .. rec) end
+      end
+    end
+  end
+end
+-- add adds or refreshes a connection's presence entry, announcing a
+-- member's first connection when its flag asks for events.
+local function add(p, c, u, conn, ukey, flag, rec, score, e, ts, channel)
+  local fresh = not redis.call('ZSCORE', p, conn)
+  redis.call('ZADD', p, score, conn)
+  if fresh then
+    redis.call('HSET', c, conn, flag .. f(ukey) .. rec)
+    if redis.call('HINCRBY', u, ukey, 1) == 1 and flag == '1' then
+      redis.call('PUBLISH', channel, 'j' .. f(e) .. f(ts) .. rec)
+    end
+  end
+end
+`
+
+// publishScript sequences, stores and fans out one message.
+// KEYS: meta, hist. ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel.
+// Returns epoch, seq, time (µs).
+var publishScript = redis.NewScript(luaPrelude + `
+local meta, hist = KEYS[1], KEYS[2]
+local size, ttl, idle = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local e = redis.call('HGET', meta, 'e')
+if e then
+  local last = redis.call('HMGET', meta, 'l', 's', 't')
+  if last[1] == ARGV[2] then return {e, last[2], last[3]} end
+else
+  e = ensure(meta, hist, ARGV[3], idle)
+end
+local seq = string.format('%d', redis.call('HINCRBY', meta, 's', 1))
+local now = now_us()
+local ts = us(now)
+redis.call('HSET', meta, 'l', ARGV[2], 't', ts, 'h', ttl)
+if size > 0 then
+  redis.call('XADD', hist, 'MAXLEN', size, '0-' .. seq, 'i', ARGV[2], 't', ts, 'd', ARGV[1])
+  if ttl > 0 then
+    trim(hist, now - ttl * 1000, 8)
+    redis.call('PEXPIRE', hist, ttl)
+  else
+    redis.call('PEXPIRE', hist, idle)
+  end
+else
+  redis.call('DEL', hist)
+end
+if ttl > idle then idle = ttl end
+redis.call('PEXPIRE', meta, idle)
+redis.call('PUBLISH', ARGV[7], 'm' .. f(e) .. f(seq) .. f(ARGV[2]) .. f(ts) .. ARGV[1])
+return {e, seq, ts}
+`)
+
+// historyScript reads the room's position and the entries a query selects,
+// starting the room's life when it has none.
+// KEYS: meta, hist. ARGV: since, limit, latest (1/0), epoch candidate, idle ms.
+// Returns epoch, top, then seq, id, time, data per entry.
+var historyScript = redis.NewScript(luaPrelude + `
+local meta, hist = KEYS[1], KEYS[2]
+local e = redis.call('HGET', meta, 'e')
+if not e then
+  return {ensure(meta, hist, ARGV[4], tonumber(ARGV[5])), '0'}
+end
+local st = redis.call('HMGET', meta, 's', 'h')
+local out = {e, st[1]}
+local limit = tonumber(ARGV[2])
+if limit <= 0 then return out end
+local ttl = tonumber(st[2] or '0')
+if ttl > 0 then
+  local cutoff = now_us() - ttl * 1000
+  while trim(hist, cutoff, 100) do end
+end
+if ARGV[3] == '1' then
+  local list = redis.call('XREVRANGE', hist, '+', '(0-' .. ARGV[1], 'COUNT', limit)
+  return entries(out, list, #list, 1, -1)
+end
+local list = redis.call('XRANGE', hist, '(0-' .. ARGV[1], '+', 'COUNT', limit)
+return entries(out, list, 1, #list, 1)
+`)
+
+// rangeScript reads kept entries after from, up to to ('+' for the newest),
+// with no age filter: a node filling a gap takes whatever is still kept.
+// KEYS: meta, hist. ARGV: from, to, limit.
+// Returns nothing when the room has no state; else like historyScript.
+var rangeScript = redis.NewScript(luaPrelude + `
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {} end
+local out = {e, redis.call('HGET', KEYS[1], 's')}
+local hi = ARGV[2]
+if hi ~= '+' then hi = '0-' .. hi end
+local list = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], hi, 'COUNT', ARGV[3])
+return entries(out, list, 1, #list, 1)
+`)
+
+// joinScript adds a connection to the room's presence.
+// KEYS: meta, hist, p, c, u. ARGV: conn, member key, events (1/0), record,
+// ttl ms, key ttl ms, epoch candidate, idle ms, channel.
+var joinScript = redis.NewScript(luaPrelude + `
+local idle = tonumber(ARGV[8])
+local e = ensure(KEYS[1], KEYS[2], ARGV[7], idle)
+touch(KEYS[1], idle)
+local now = now_us()
+local ts, ms = us(now), math.floor(now / 1000)
+clean(KEYS[3], KEYS[4], KEYS[5], ms, e, ts, ARGV[9], 1000)
+add(KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ms + tonumber(ARGV[5]), e, ts, ARGV[9])
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+return 1
+`)
+
+// leaveScript removes a connection from the room's presence.
+// KEYS: meta, p, c, u. ARGV: conn, events (1/0), channel.
+var leaveScript = redis.NewScript(luaPrelude + `
+local e = redis.call('HGET', KEYS[1], 'e') or ''
+local now = now_us()
+local ts, ms = us(now), math.floor(now / 1000)
+clean(KEYS[2], KEYS[3], KEYS[4], ms, e, ts, ARGV[3], 1000)
+local v = redis.call('HGET', KEYS[3], ARGV[1])
+if not v then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+local flag, ukey, rec = parse(v)
+if redis.call('HINCRBY', KEYS[4], ukey, -1) <= 0 then
+  redis.call('HDEL', KEYS[4], ukey)
+  if ARGV[2] == '1' then redis.call('PUBLISH', ARGV[3], 'l' .. f(e) .. f(ts) .. rec) end
+end
+return 1
+`)
+
+// presenceScript lists the room's live presence entries.
+// KEYS: meta, p, c, u. ARGV: counts only (1/0), channel.
+// Returns members, connections; or every stored value.
+var presenceScript = redis.NewScript(luaPrelude + `
+local e = redis.call('HGET', KEYS[1], 'e') or ''
+local now = now_us()
+clean(KEYS[2], KEYS[3], KEYS[4], math.floor(now / 1000), e, us(now), ARGV[2], 0)
+if ARGV[1] == '1' then
+  return {redis.call('HLEN', KEYS[4]), redis.call('ZCARD', KEYS[2])}
+end
+return redis.call('HVALS', KEYS[3])
+`)
+
+// refreshScript keeps a room alive for a node: it extends the room's state
+// and this node's presence entries, re-adding those that vanished (expired
+// while the node could not reach Redis, or lost in a restart), and cleans
+// other nodes' expired entries.
+// KEYS: meta, hist, p, c, u. ARGV: ttl ms, key ttl ms, epoch candidate,
+// idle ms, channel, then conn, member key, events, record per member.
+var refreshScript = redis.NewScript(luaPrelude + `
+local idle = tonumber(ARGV[4])
+local n = (#ARGV - 5) / 4
+local e
+if n > 0 then
+  e = ensure(KEYS[1], KEYS[2], ARGV[3], idle)
+else
+  e = redis.call('HGET', KEYS[1], 'e') or ''
+end
+touch(KEYS[1], idle)
+local now = now_us()
+local ts, ms = us(now), math.floor(now / 1000)
+clean(KEYS[3], KEYS[4], KEYS[5], ms, e, ts, ARGV[5], 1000)
+local score = ms + tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local j = 6 + i * 4
+  add(KEYS[3], KEYS[4], KEYS[5], ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], score, e, ts, ARGV[5])
+end
+if n > 0 then
+  for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+return 1
+`)
