@@ -18,6 +18,13 @@ const (
 	KindMessage MessageKind = iota // a published payload, sequenced and kept in history
 	KindJoin                       // a member joined the room (presence)
 	KindLeave                      // a member left the room (presence)
+	// KindReset says this node's stream of the room broke: messages were
+	// lost that the broker cannot deliver (its connection to the cluster
+	// dropped and the history no longer holds them, or the engine lost the
+	// room's state). The Handler closes the room's subscribers on this node
+	// with 4006 after what they have queued, so they reconnect and recover
+	// exactly, or are told that they cannot. Only Kind and Room are set.
+	KindReset
 )
 
 // Message is one message of a room, as a Broker carries it between nodes.
@@ -103,9 +110,11 @@ type HistoryResult struct {
 // alternate (Subscribe first) and are never called concurrently, and that
 // it calls Join and Leave only between them; Publish and History may be
 // called at any time from any goroutine. Every method that blocks takes a
-// context. BrokerConformance (in brokertest) checks an implementation.
+// context. brokertest.Run (and brokertest.RunCluster for brokers that span
+// nodes) checks an implementation.
 type Broker interface {
-	// Bind is called once, by NewHandler, before any other method. The
+	// Bind is called once, by NewHandler, before any other method; a second
+	// call panics (one broker serves one Handler). The
 	// broker calls deliver for each message and presence event of a room
 	// this node subscribed to: one room's in order, never two of one room
 	// at once. deliver only enqueues; it never blocks on a socket.

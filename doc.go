@@ -68,6 +68,7 @@
 //	4003  disconnected by the server (Disconnect, DisconnectUser)
 //	4004  rate limited (raw mode; protocol mode gets an error envelope)
 //	4005  idle timeout (WithIdleTimeout; off by default)
+//	4006  room reset: the broker lost messages of a joined room (KindReset)
 //
 // # Room state
 //

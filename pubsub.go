@@ -59,6 +59,7 @@ const (
 	CloseDisconnected     = 4003 // the server called Disconnect or DisconnectUser
 	CloseRateLimited      = 4004 // raw mode: past WithRateLimit
 	CloseIdleTimeout      = 4005 // no message either way for WithIdleTimeout
+	CloseRoomReset        = 4006 // the broker lost messages of a joined room: reconnect and recover
 )
 
 // Mode is how a connection talks: raw frames or protocol envelopes.

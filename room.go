@@ -237,6 +237,16 @@ func (g *registry) deliver(m Message) {
 	if r == nil {
 		return
 	}
+	if m.Kind == KindReset {
+		// Subscribers cannot be told of a gap they cannot see: close them,
+		// after what they have queued, so they reconnect and recover.
+		r.mu.RLock()
+		for c := range r.subs {
+			c.beginClose(CloseRoomReset, "room stream reset; reconnect and recover", true)
+		}
+		r.mu.RUnlock()
+		return
+	}
 	f := newRoomFrame(m, r)
 	r.mu.RLock()
 	for c, s := range r.subs {

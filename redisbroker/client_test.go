@@ -227,3 +227,18 @@ func checkSeqs(t *testing.T, got []envelope, epoch string, firstSeq uint64, payl
 		}
 	}
 }
+
+// expectClose reads until the connection closes and checks its close code.
+func (p *client) expectClose(t *testing.T, code int) {
+	t.Helper()
+	for {
+		_, _, err := p.c.Read(testCtx(t))
+		if err == nil {
+			continue
+		}
+		if got := websocket.CloseStatus(err); int(got) != code {
+			t.Fatalf("connection ended with %v, want close code %d", err, code)
+		}
+		return
+	}
+}

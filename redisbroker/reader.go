@@ -99,15 +99,13 @@ func (b *Broker) advance(room string, p pos, m pubsub.Message) pos {
 			b.deliver(m) // published before the baseline was read
 			return p
 		}
-		if m.Seq > last+1 {
-			b.fill(room, m.Epoch, last, m.Seq-1)
+		if m.Seq > last+1 && !b.fill(room, m.Epoch, last, m.Seq-1) {
+			b.reset(room)
 		}
 	default:
 		b.log.Error("redisbroker: the room's epoch changed under its subscribers: Redis lost the room's state",
 			"room", room, "epoch", p.epoch, "new_epoch", m.Epoch)
-		if m.Seq > 1 {
-			b.fill(room, m.Epoch, 0, m.Seq-1)
-		}
+		b.reset(room)
 	}
 	b.deliver(m)
 	return next
@@ -129,6 +127,7 @@ func (b *Broker) resync(room string, p pos) pos {
 		if p.state != posUnknown && p.epoch != "" {
 			b.log.Error("redisbroker: the room's state is gone from Redis (data lost or expired) while this node was disconnected",
 				"room", room, "epoch", p.epoch)
+			b.reset(room)
 		}
 		return pos{state: posBaseline}
 	}
@@ -148,19 +147,27 @@ func (b *Broker) resync(room string, p pos) pos {
 		if top <= last {
 			return p
 		}
-		b.fill(room, epoch, last, top)
+		if !b.fill(room, epoch, last, top) {
+			b.reset(room)
+		}
 	default:
 		b.log.Error("redisbroker: the room's epoch changed under its subscribers: Redis lost the room's state",
 			"room", room, "epoch", p.epoch, "new_epoch", epoch)
-		b.fill(room, epoch, 0, top)
+		b.reset(room)
 	}
 	return pos{epoch: epoch, seq: top, state: posDelivered}
 }
 
+// reset tells the node that the room's stream broke for its subscribers
+// (see pubsub.KindReset): they are closed, reconnect and recover.
+func (b *Broker) reset(room string) {
+	b.deliver(pubsub.Message{Kind: pubsub.KindReset, Room: room})
+}
+
 // fill delivers the messages of epoch after seq from up to seq to that
-// the room's history still keeps, in order. What it cannot find is logged:
-// those subscribers will see a gap.
-func (b *Broker) fill(room, epoch string, from, to uint64) {
+// the room's history still keeps, in order, and reports whether it found
+// them all. What it cannot find is logged.
+func (b *Broker) fill(room, epoch string, from, to uint64) bool {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	k := b.keys(room)
@@ -200,10 +207,11 @@ func (b *Broker) fill(room, epoch string, from, to uint64) {
 	if got == want {
 		b.log.Warn("redisbroker: delivered messages missed on the pub/sub connection from the room's history",
 			"room", room, "missed", want)
-		return
+		return true
 	}
-	b.log.Error("redisbroker: messages were lost for this node's subscribers: the room's history no longer holds them",
+	b.log.Error("redisbroker: messages were lost for this node's subscribers: the room's history no longer holds them; resetting the room",
 		"room", room, "missed", want, "recovered", got, "err", failure)
+	return false
 }
 
 // refreshLoop keeps this node's rooms alive in Redis: every third of the

@@ -5,9 +5,10 @@
 #   bash scripts/test-all.sh            # everything, fuzzers for 10s each
 #   FUZZTIME=1m bash scripts/test-all.sh
 #
-# It installs and starts whatever real component the tests need (Chromium
-# from apt, the e2e suite's pinned npm packages), so it works on a fresh
-# machine with Go, Node and npm.
+# It installs whatever real component the tests need (redis-server and
+# Chromium from apt, the e2e suite's pinned npm packages; the Redis tests
+# start their own server), so it works on a fresh machine with Go, Node
+# and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -20,6 +21,20 @@ modules=(.)
 while IFS= read -r mod; do
   modules+=("$(dirname "$mod")")
 done < <(find . -mindepth 2 -name go.mod -not -path './.git/*' -not -path '*/node_modules/*' | sort)
+
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+apt_updated=""
+apt_install() { # apt_install PACKAGE: install a Debian package once
+  step "installing $1 (apt)"
+  if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
+}
+
+# The Redis broker's tests start their own redis-server on a free loopback
+# port; they need the binary.
+if [ -f redisbroker/go.mod ] && ! command -v redis-server >/dev/null; then
+  apt_install redis-server
+fi
 
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -65,10 +80,7 @@ node --test js/
 # of e2e/ (playwright-core drives the system Chromium; it downloads nothing).
 if [ -f e2e/package.json ]; then
   if [ ! -x /usr/bin/chromium ]; then
-    step "installing chromium (apt)"
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+    apt_install chromium
   fi
   step "e2e: npm ci"
   (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
