@@ -65,11 +65,18 @@ type room struct {
 	err   error         // that Subscribe's result; read only after ready
 	gone  chan struct{} // closed when this life ended at the broker
 
-	mu   sync.RWMutex // guards subs and each sub's buffer; held for reading during fan-out
-	subs map[*conn]*sub
+	mu       sync.RWMutex // guards subs, watchers and each sub's buffer; held for reading during fan-out
+	subs     map[*conn]*sub
+	watchers int // subscribers that asked for presence events
 
 	dropped       atomic.Uint64 // messages a drop policy discarded, all subscribers
 	slowConsumers atomic.Uint64 // subscribers closed as slow consumers on this room's message
+
+	// The last message delivered, guarded by the broker's promise that one
+	// room's deliveries never overlap: a repeat is dropped, whatever the
+	// broker does, so delivery stays at most once.
+	lastEpoch string
+	lastSeq   uint64
 }
 
 // sub is one connection's subscription to a room.
@@ -81,6 +88,13 @@ type sub struct {
 	// a slow consumer, like a full queue.
 	buffering bool
 	pending   []*frame
+	// floor is the position the subscription caught up to: a broker whose
+	// live stream lags its history (Redis pub/sub beside a Lua read) may
+	// still deliver messages at or below it after the catch-up. They are
+	// dropped until the first newer one passes; one room's messages come
+	// in order, so none older can follow it.
+	floorEpoch string
+	floorSeq   uint64
 }
 
 func newRegistry(b Broker, options func(string) RoomOptions, maxPending int, onErr func(op, room string, err error)) *registry {
@@ -139,6 +153,9 @@ func (g *registry) join(ctx context.Context, name string, c *conn, s *sub) (*roo
 	}
 	r.mu.Lock()
 	r.subs[c] = s
+	if s.presence {
+		r.watchers++
+	}
 	r.mu.Unlock()
 	if r.opts.Presence != PresenceOff {
 		if err := g.broker.Join(ctx, name, s.member, r.opts.Presence == PresenceOn); err != nil {
@@ -171,6 +188,7 @@ func (g *registry) catchUp(r *room, c *conn, first []*frame, epoch string, top u
 		c.enqueue(f)
 	}
 	s.buffering, s.pending = false, nil
+	s.floorEpoch, s.floorSeq = epoch, top
 }
 
 // leave removes c from r, unsubscribing this node at the broker when c was
@@ -179,6 +197,9 @@ func (g *registry) leave(r *room, c *conn) {
 	r.mu.Lock()
 	s := r.subs[c]
 	delete(r.subs, c)
+	if s != nil && s.presence {
+		r.watchers--
+	}
 	r.mu.Unlock()
 	if s != nil && r.opts.Presence != PresenceOff {
 		ctx, cancel := context.WithTimeout(context.Background(), brokerCallTimeout)
@@ -247,11 +268,27 @@ func (g *registry) deliver(m Message) {
 		r.mu.RUnlock()
 		return
 	}
+	if m.Kind == KindMessage {
+		if m.Epoch == r.lastEpoch && m.Seq <= r.lastSeq {
+			return // delivered already
+		}
+		r.lastEpoch, r.lastSeq = m.Epoch, m.Seq
+	}
 	f := newRoomFrame(m, r)
 	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if m.Kind != KindMessage && r.watchers == 0 {
+		return // nobody here asked for presence events: no loop over the room
+	}
 	for c, s := range r.subs {
 		if m.Kind != KindMessage && !s.presence {
 			continue
+		}
+		if s.floorSeq != 0 && m.Kind == KindMessage {
+			if m.Epoch == s.floorEpoch && m.Seq <= s.floorSeq {
+				continue // replayed already, or covered by the catch-up
+			}
+			s.floorSeq = 0 // safe under the read lock: deliveries never overlap
 		}
 		if s.buffering {
 			// Deliveries of one room never overlap (the Broker contract),
@@ -265,7 +302,6 @@ func (g *registry) deliver(m Message) {
 		}
 		c.enqueue(f)
 	}
-	r.mu.RUnlock()
 }
 
 // clients lists the room's subscribers on this node.
