@@ -272,6 +272,7 @@ func TestReportShowsMediansOfRounds(t *testing.T) {
 	out := buf.String()
 	for _, want := range []string{
 		"ran 3 times",
+		"| delivered | 20 of 20 / 20 of 20 / 20 of 20 |",
 		"| memory per connection, RSS after GC (lower is better) | 20.0 KiB |",
 		"roomcast (round 2): 2 connections never got the last message",
 	} {

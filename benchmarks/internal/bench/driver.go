@@ -253,6 +253,10 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 			return failf("%s: start: %v %q", c.name, err, ev.Event)
 		}
 	}
+	reports0, err := reportAll(clients) // for the clients' CPU time
+	if err != nil {
+		return failf("%v", err)
+	}
 	s0, err := ctl.stats(false)
 	if err != nil {
 		return failf("stats: %v", err)
@@ -267,10 +271,6 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 		return failf("publish: %v", err)
 	}
 	r.Published, r.PublishTook = pub.Sent, pub.Took
-	reports0, err := reportAll(clients)
-	if err != nil {
-		return failf("%v", err)
-	}
 	reports, stalled, err := drain(cfg, clients, sc.Conns)
 	if err != nil {
 		return failf("%v", err)

@@ -111,8 +111,8 @@ func metrics(sc Scenario) []metric {
 	return ms
 }
 
-// median is the metric's median over rounds (the lower middle for an even
-// count), over the rounds that measured it.
+// median is the metric's median over the rounds that measured it (the
+// mean of the middle two for an even count).
 func median(mt metric, rs []Result) (float64, bool) {
 	var vs []float64
 	for _, r := range rs {
@@ -124,7 +124,20 @@ func median(mt metric, rs []Result) (float64, bool) {
 		return 0, false
 	}
 	slices.Sort(vs)
-	return vs[(len(vs)-1)/2], true
+	return (vs[(len(vs)-1)/2] + vs[len(vs)/2]) / 2, true
+}
+
+// each is the metric's value in every round, in round order, joined by
+// " / ": for counts (deliveries, losses, disconnects), where a median would
+// mix rounds.
+func each(mt metric, rs []Result) (string, bool) {
+	var out []string
+	for _, r := range rs {
+		if v, ok := mt.value(r); ok {
+			out = append(out, mt.unit(v))
+		}
+	}
+	return strings.Join(out, " / "), len(out) > 0
 }
 
 // WriteMarkdown writes the results as one table per scenario, each value
@@ -150,7 +163,7 @@ func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result
 		rounds = max(rounds, len(byKey[k]))
 	}
 	if rounds > 1 {
-		fmt.Fprintf(w, "- every implementation ran %d times, in turn; each cell is the median of its rounds\n", rounds)
+		fmt.Fprintf(w, "- every implementation ran %d times, in turn; a cell with a ratio is the median of its rounds, counts show every round\n", rounds)
 	}
 	for _, sc := range scenarios {
 		rate := "unthrottled"
@@ -164,11 +177,14 @@ func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result
 			ref, refOK := median(mt, byKey[[2]string{impls[0], sc.Name}])
 			cells := make([]string, len(impls))
 			for i, name := range impls {
-				v, ok := median(mt, byKey[[2]string{name, sc.Name}])
+				rs := byKey[[2]string{name, sc.Name}]
+				v, ok := median(mt, rs)
 				switch {
 				case !ok:
 					cells[i] = "–"
-				case mt.ratio && i > 0 && refOK && ref != 0:
+				case !mt.ratio:
+					cells[i], _ = each(mt, rs)
+				case i > 0 && refOK && ref != 0:
 					cells[i] = fmt.Sprintf("%s (%.2f×)", mt.unit(v), v/ref)
 				default:
 					cells[i] = mt.unit(v)
