@@ -91,6 +91,9 @@ type Result struct {
 	Throughput     float64       // deliveries per second over DeliverTook
 	P50, P99, Max  time.Duration
 	Load           float64 // the machine's 1-minute load average when the scenario ended
+	// Counters are the implementation's own counts over the scenario's
+	// publish and deliveries (see impl.Counters).
+	Counters map[string]uint64
 }
 
 // Run runs every scenario against every implementation and returns the
@@ -306,6 +309,12 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 	r.P50, r.P99, r.Max = lat.Quantile(0.5), lat.Quantile(0.99), lat.Max
 	r.CPU = s1.CPU - s0.CPU
 	r.WriteSyscalls = s1.WriteSyscalls - s0.WriteSyscalls
+	for k, v := range s1.Counters {
+		if r.Counters == nil {
+			r.Counters = map[string]uint64{}
+		}
+		r.Counters[k] = v - s0.Counters[k]
+	}
 	if r.Delivered > 0 {
 		r.CPUPerDelivery = r.CPU / time.Duration(r.Delivered)
 	}

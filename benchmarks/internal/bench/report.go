@@ -206,6 +206,9 @@ func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result
 				}
 				if len(r.CloseCodes) > 0 {
 					fmt.Fprintf(w, "\n- %s close codes: %v\n", who, r.CloseCodes)
+					if len(r.Counters) > 0 {
+						fmt.Fprintf(w, "\n- %s server counters over the run: %v\n", who, r.Counters)
+					}
 				}
 			}
 		}

@@ -34,6 +34,9 @@ type ServerStats struct {
 	Subscribers   int           `json:"subscribers"`
 	Published     uint64        `json:"published"`
 	PublishErrors uint64        `json:"publish_errors"`
+	// Counters are the implementation's own counts (impl.Counters), since
+	// the server started.
+	Counters map[string]uint64 `json:"counters,omitempty"`
 }
 
 // PublishResult is what POST /control/publish answers once it is done.
@@ -80,7 +83,12 @@ func (s *server) stats(w http.ResponseWriter, r *http.Request) {
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
+	var counters map[string]uint64
+	if c, ok := s.srv.(impl.Counters); ok {
+		counters = c.Counters()
+	}
 	writeJSON(w, ServerStats{
+		Counters:      counters,
 		RSS:           rss(),
 		HeapInuse:     ms.HeapInuse,
 		StackInuse:    ms.StackInuse,

@@ -46,6 +46,12 @@ type Server interface {
 	Close() error
 }
 
+// Counters is implemented by servers that count things worth reporting
+// beside the measurements, such as roomcast's slow consumers.
+type Counters interface {
+	Counters() map[string]uint64
+}
+
 // Protocol is what a client speaks to an implementation.
 type Protocol string
 

@@ -28,3 +28,10 @@ func (s *roomcast) Publish(ctx context.Context, data []byte) error {
 func (s *roomcast) Subscribers() int { return len(s.h.Connections(Room)) }
 
 func (s *roomcast) Close() error { return s.h.Close() }
+
+// Counters reports the Handler's own counts of messages written and of
+// connections closed as slow consumers.
+func (s *roomcast) Counters() map[string]uint64 {
+	st := s.h.Stats()
+	return map[string]uint64{"messages_out": st.MessagesOut, "slow_consumers": st.SlowConsumers, "dropped": st.Dropped}
+}
