@@ -1,0 +1,101 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/roomcast/pubsub"
+)
+
+// BenchmarkPublishRawRoom measures a server-side publish end to end: one
+// Handler.Publish of a 128-byte JSON payload into a room of n raw-mode
+// subscribers on real loopback WebSocket connections, until every
+// subscriber has read it. ns/delivery is the time per message per
+// subscriber. The subscribers' reads run in this process, so the numbers
+// (and allocs/op) include the client side. Publishes go out in windows of
+// 64 messages, well under the queue bound, so no subscriber is ever a
+// slow consumer. The 10,000-subscriber case without sockets is
+// BenchmarkFanOut in bench_internal_test.go.
+//
+//	go test -run '^$' -bench PublishRawRoom -benchmem .
+func BenchmarkPublishRawRoom(b *testing.B) {
+	for _, n := range []int{1, 100} {
+		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) { benchPublishRaw(b, n) })
+	}
+}
+
+func benchPublishRaw(b *testing.B, n int) {
+	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
+	srv := httptest.NewServer(h)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	var readers sync.WaitGroup
+	defer func() {
+		cancel()
+		h.Close()
+		srv.Close()
+		readers.Wait()
+	}()
+
+	const window = 64
+	total := int64(b.N) * int64(n)
+	var received atomic.Int64
+	// A reader that brings received to the end of a window (or of the
+	// run) signals it; exactly one Add returns each such value.
+	windows := make(chan struct{}, b.N/window+2)
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?room=bench"
+	for range n {
+		c, _, err := websocket.Dial(ctx, url, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		readers.Go(func() {
+			defer c.CloseNow()
+			for {
+				_, r, err := c.Reader(ctx)
+				if err != nil {
+					return
+				}
+				if _, err := io.Copy(io.Discard, r); err != nil {
+					return
+				}
+				if v := received.Add(1); v%(window*int64(n)) == 0 || v == total {
+					windows <- struct{}{}
+				}
+			}
+		})
+	}
+	// A raw client joins its room before the upgrade completes.
+	if got := len(h.Connections("bench")); got != n {
+		b.Fatalf("%d subscribers in the room, want %d", got, n)
+	}
+	payload := []byte(`{"type":"tick","seq":123456,"at":1732190000123,"pad":"` + strings.Repeat("x", 128-60) + `"}`)
+
+	b.ReportAllocs()
+	b.SetBytes(int64(len(payload)))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := h.Publish(ctx, "bench", payload); err != nil {
+			b.Fatal(err)
+		}
+		if (i+1)%window == 0 || i+1 == b.N {
+			select {
+			case <-windows:
+			case <-ctx.Done():
+				b.Fatalf("subscribers got %d of %d deliveries", received.Load(), int64(i+1)*int64(n))
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(total), "ns/delivery")
+	if st := h.Stats(); st.SlowConsumers != 0 {
+		b.Fatalf("%d slow consumers: the windows overflowed a queue", st.SlowConsumers)
+	}
+}
