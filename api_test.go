@@ -1958,36 +1958,3 @@ func TestNewHandlerStartsNoGoroutine(t *testing.T) {
 		t.Fatalf("%d goroutines before NewHandler, %d after; want no new one", before, after)
 	}
 }
-
-// A client that stops reading is a slow consumer even when its queue never
-// overflows: the write that times out closes it with 4002 and counts it.
-func TestWriteTimeoutClosesASlowConsumerWith4002(t *testing.T) {
-	t.Parallel()
-	gone := make(chan pubsub.DisconnectEvent, 1)
-	h, srv := newServer(t,
-		pubsub.WithQueueLimits(1_000_000, 1<<30), // out of reach: only the write can time out
-		pubsub.WithWriteTimeout(200*time.Millisecond),
-		pubsub.WithOnDisconnect(func(e pubsub.DisconnectEvent) { gone <- e }))
-	dial(t, wsURL(srv, "/ws?room=flood")) // never reads
-	waitFor(t, "the subscriber", func() bool { return len(h.Connections("flood")) == 1 })
-	ctx := testCtx(t)
-	chunk := bytes.Repeat([]byte("x"), 64<<10)
-	for i := 0; ; i++ {
-		select {
-		case e := <-gone:
-			if e.Code != pubsub.CloseSlowConsumer || !strings.Contains(e.Reason, "write timed out") {
-				t.Fatalf("disconnect %d %q, want 4002 for a write that timed out", e.Code, e.Reason)
-			}
-			if s := h.Stats(); s.SlowConsumers != 1 {
-				t.Fatalf("Stats().SlowConsumers = %d, want 1", s.SlowConsumers)
-			}
-			return
-		case <-ctx.Done():
-			t.Fatalf("still connected after %d messages of 64 KiB", i)
-		default:
-		}
-		if err := h.Publish(ctx, "flood", chunk); err != nil {
-			t.Fatal(err)
-		}
-	}
-}

@@ -475,11 +475,6 @@ func TestChurnLeavesNoConnectionRoomGoroutineOrMemoryBehind(t *testing.T) {
 // 4002 "slow consumer: write timed out", counted, whatever its queue bound;
 // the clients that read never notice.
 func TestChurnWriteThatTimesOutClosesTheClientWith4002(t *testing.T) {
-	t.Skip("BUG (conn.go, closeSlow and writeBatch): a write that times out inside ws.Write makes " +
-		"coder/websocket close the socket itself (its context deadline); the reader can see the dead " +
-		"socket first and close the connection as 1006 \"connection lost\", and closeSlow then does " +
-		"nothing: no 4002, no Stats().SlowConsumers. Fails in about 1 run of 3 under -race, nearly " +
-		"always without; passes with the patch in the issue7-tests report. Remove this line with the fix.")
 	t.Parallel()
 	const attackers = 6
 	events := &secEvents{}

@@ -491,11 +491,19 @@ func (c *conn) ping() {
 	err := c.ws.Ping(ctx)
 	c.mu.Lock()
 	c.pinging = false
-	c.mu.Unlock()
 	if err != nil {
-		c.beginClose(CloseHeartbeatTimeout, "heartbeat timeout", false) // no-op when already closing
+		// A ping that could not even be written (the peer reads nothing)
+		// made coder/websocket close the socket, and the reader may have
+		// recorded that as lost (1006) first: the timeout is the cause.
+		if !c.closing {
+			c.beginCloseLocked(CloseHeartbeatTimeout, "heartbeat timeout", false)
+		} else if c.code == closeAbnormal {
+			c.code, c.reason = CloseHeartbeatTimeout, "heartbeat timeout"
+		}
+		c.mu.Unlock()
 		return
 	}
+	c.mu.Unlock()
 	c.lastSeen.Store(time.Now().UnixNano())
 }
 
