@@ -89,13 +89,14 @@ const closeAbnormal = 1006
 
 // permanent reports whether err ends the Client rather than calling for a
 // reconnection: the close codes that say the client must change (1003,
-// 1007, 1008) or that the server disconnected it on purpose (4003), and
+// 1007, 1008), that the server disconnected it on purpose (4003) or closed
+// it as idle (4005: dial again when there is something to do), and
 // upgrade refusals in 4xx (but 408 and 429).
 func permanent(err error) bool {
 	var ce *CloseError
 	if errors.As(err, &ce) {
 		switch ce.Code {
-		case 1003, 1007, 1008, 4003:
+		case 1003, 1007, 1008, 4003, 4005:
 			return true
 		}
 		return false

@@ -985,8 +985,8 @@ func TestCloseCodesDecideWhetherTheClientReconnects(t *testing.T) {
 		code      int
 		reconnect bool
 	}{
-		{1001, true}, {1006, true}, {1011, true}, {1013, true}, {4001, true}, {4002, true},
-		{1003, false}, {1007, false}, {1008, false}, {4003, false},
+		{1001, true}, {1006, true}, {1011, true}, {1013, true}, {4001, true}, {4002, true}, {4006, true},
+		{1003, false}, {1007, false}, {1008, false}, {4003, false}, {4005, false},
 	}
 	for _, tc := range cases {
 		t.Run(fmt.Sprint(tc.code), func(t *testing.T) {

@@ -43,12 +43,14 @@
 //
 // When the connection ends the Client reconnects with exponential backoff
 // and jitter (WithReconnect), except after close codes that ask it not to:
-// 1003, 1007 and 1008 (the client is at fault) and 4003 (the server
+// 1003, 1007 and 1008 (the client is at fault), 4005 (closed as idle:
+// dial again when there is something to do) and 4003 (the server
 // disconnected it on purpose), or when an upgrade is refused with a 4xx
 // status. It then stops: Done is closed and Err says why. It reconnects
 // after any other end: 1001 (server shutting down), 1006 (connection
 // lost), 1011, 1013, 4001 (heartbeat timeout), 4002 (slow consumer on the
-// server).
+// server), 4006 (the server lost messages of a room: recovery tells what
+// can be had).
 //
 // After reconnecting it subscribes every Subscription again with "since"
 // set to its position (the last message it received), and tells

@@ -68,7 +68,7 @@ export interface ClosedDetail {
 export interface ConnectOptions {
   /** The WebSocket constructor; default `globalThis.WebSocket`. Required in Node 20 without --experimental-websocket. */
   WebSocket?: WebSocketConstructor;
-  /** Reconnect after a drop; default true. Never after close codes 4003, 1003, 1007 or 1008. */
+  /** Reconnect after a drop; default true. Never after close codes 4003, 4005, 1003, 1007 or 1008. */
   reconnect?: boolean;
   /** The first reconnect delay in ms; default 500. Doubles per failed attempt. */
   minDelay?: number;

@@ -39,7 +39,9 @@ export class RoomcastError extends Error {
 // Close codes after which reconnecting would not help: the server
 // disconnected the client on purpose (4003), or the client broke the
 // protocol (1003 binary frame, 1007 invalid UTF-8, 1008 policy).
-const FINAL_CLOSE_CODES = new Set([1003, 1007, 1008, 4003]);
+// 4005: the server closed an idle connection; come back on the app's next
+// action (connect again), not at once.
+const FINAL_CLOSE_CODES = new Set([1003, 1007, 1008, 4003, 4005]);
 
 // Error codes worth retrying a subscribe for, after a delay.
 const TRANSIENT_CODES = new Set(["rate_limited", "unavailable", "internal"]);

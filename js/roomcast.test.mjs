@@ -582,7 +582,7 @@ test("a subscription never acked is retried as first asked (history, no since) a
   assert.deepEqual(WS.last.sent, [{ type: "subscribe", room: "chat", history: 3, id: "1" }]);
 });
 
-for (const code of [4003, 1008, 1003, 1007]) {
+for (const code of [4003, 4005, 1008, 1003, 1007]) {
   test(`no reconnect after close ${code}: the client is closed and says why`, async () => {
     const { client, ws, timers, WS, states } = setupOpen();
     const pending = client.publish("chat", 1);
@@ -597,7 +597,7 @@ for (const code of [4003, 1008, 1003, 1007]) {
   });
 }
 
-for (const code of [1001, 1006, 1011, 1013, 4001, 4002]) {
+for (const code of [1001, 1006, 1011, 1013, 4001, 4002, 4006]) {
   test(`reconnect after close ${code}`, () => {
     const { client, ws, timers, WS } = setupOpen();
     ws.serverClose(code);
