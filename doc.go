@@ -30,10 +30,11 @@
 // # Payloads
 //
 // A payload is bytes; the server stores no type for it. Raw clients get the
-// bytes verbatim. Protocol clients get them in the field that fits: valid
-// JSON in "data" (embedded as JSON), other valid UTF-8 in "text" (a JSON
-// string), anything else in "binary" (standard base64). So a text payload
-// that is itself valid JSON, such as "42", arrives as data 42.
+// bytes verbatim. Protocol clients get them in the field that fits, and
+// decode exactly the bytes: valid JSON with no white space around it in
+// "data" (embedded as JSON), other valid UTF-8 in "text" (a JSON string),
+// anything else in "binary" (standard base64). So a text payload that is
+// itself valid JSON, such as "42", arrives as data 42.
 //
 // # Hooks
 //

@@ -6,7 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"strconv"
-	"unicode/utf8"
+
+	"github.com/roomcast/pubsub/internal/wire"
 )
 
 // Subprotocol is the WebSocket subprotocol of protocol mode. A client that
@@ -175,44 +176,23 @@ func (in *inbound) decodePayload() ([]byte, *protoError) {
 }
 
 // payloadKind says how a payload travels: as JSON in "data", as a string in
-// "text", or base64 in "binary". Raw mode sends the first two as text frames
-// and the last as a binary frame.
-type payloadKind uint8
+// "text", or base64 in "binary" (see wire.Classify, shared with the Go
+// client). Raw mode sends the first two as text frames and the last as a
+// binary frame.
+type payloadKind = wire.Kind
 
 const (
-	kindJSON payloadKind = iota
-	kindText
-	kindBinary
+	kindJSON   = wire.JSON
+	kindText   = wire.Text
+	kindBinary = wire.Binary
 )
 
-func classify(p []byte) payloadKind {
-	switch {
-	case !utf8.Valid(p):
-		// First: json.Valid accepts invalid UTF-8 inside strings, and such
-		// "data" would make a text frame that is not UTF-8.
-		return kindBinary
-	case json.Valid(p):
-		return kindJSON
-	default:
-		return kindText
-	}
-}
+func classify(p []byte) payloadKind { return wire.Classify(p) }
 
 // appendPayload appends the payload field ("data", "text" or "binary") of
 // an envelope.
 func appendPayload(b []byte, p []byte, kind payloadKind) []byte {
-	switch kind {
-	case kindJSON:
-		b = append(b, `"data":`...)
-		return append(b, p...)
-	case kindText:
-		b = append(b, `"text":`...)
-		return appendJSONString(b, p)
-	default:
-		b = append(b, `"binary":"`...)
-		b = base64.StdEncoding.AppendEncode(b, p)
-		return append(b, '"')
-	}
+	return wire.AppendPayload(b, p, kind)
 }
 
 // encodeMessage is the envelope of a room message, built once per publish.
@@ -402,55 +382,5 @@ func encodePong(id string) []byte {
 	return append(b, '}')
 }
 
-const hexDigits = "0123456789abcdef"
-
-// appendJSONString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD,
-// as encoding/json does.
-func appendJSONString(b []byte, s []byte) []byte {
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' {
-				i++
-				continue
-			}
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRune(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, s[start:i]...)
-			b = append(b, `\ufffd`...)
-			i++
-			start = i
-			continue
-		}
-		// U+2028 and U+2029 are valid JSON but break JavaScript eval; escape them.
-		if r == '\u2028' || r == '\u2029' {
-			b = append(b, s[start:i]...)
-			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
-			i += size
-			start = i
-			continue
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
-}
+// appendJSONString appends s as a JSON string (see wire.AppendString).
+func appendJSONString(b []byte, s []byte) []byte { return wire.AppendString(b, s) }

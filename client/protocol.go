@@ -5,7 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"strconv"
-	"unicode/utf8"
+
+	"github.com/roomcast/pubsub/internal/wire"
 )
 
 // Subprotocol is the WebSocket subprotocol this client speaks.
@@ -57,68 +58,14 @@ func (k Kind) String() string {
 }
 
 // classify picks the payload field for outbound bytes, as the server does
-// for its own output, with two refinements that keep the server's copy of
-// the bytes exact: JSON with invalid UTF-8 inside strings goes as binary
-// (a text frame must be UTF-8), and JSON with surrounding whitespace goes
-// as text (a JSON decoder would drop the whitespace).
-func classify(p []byte) Kind {
-	switch {
-	case !utf8.Valid(p):
-		return KindBinary
-	case len(p) > 0 && !isSpace(p[0]) && !isSpace(p[len(p)-1]) && json.Valid(p):
-		return KindJSON
-	default:
-		return KindText
-	}
-}
-
-func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\r' || c == '\n' }
+// (wire.Classify): the server's copy of the bytes is exact.
+func classify(p []byte) Kind { return Kind(wire.Classify(p)) }
 
 // appendPayload appends the payload field, without a leading comma.
-func appendPayload(b, p []byte) []byte {
-	switch classify(p) {
-	case KindJSON:
-		b = append(b, `"data":`...)
-		return append(b, p...)
-	case KindText:
-		b = append(b, `"text":`...)
-		return appendString(b, string(p))
-	default:
-		b = append(b, `"binary":"`...)
-		b = base64.StdEncoding.AppendEncode(b, p)
-		return append(b, '"')
-	}
-}
+func appendPayload(b, p []byte) []byte { return wire.AppendPayload(b, p, wire.Classify(p)) }
 
-const hexDigits = "0123456789abcdef"
-
-// appendString appends s, valid UTF-8, as a JSON string.
-func appendString(b []byte, s string) []byte {
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= 0x20 && c != '"' && c != '\\' {
-			continue
-		}
-		b = append(b, s[start:i]...)
-		switch c {
-		case '"', '\\':
-			b = append(b, '\\', c)
-		case '\n':
-			b = append(b, '\\', 'n')
-		case '\r':
-			b = append(b, '\\', 'r')
-		case '\t':
-			b = append(b, '\\', 't')
-		default:
-			b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-		}
-		start = i + 1
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
-}
+// appendString appends s as a JSON string.
+func appendString(b []byte, s string) []byte { return wire.AppendString(b, s) }
 
 // request starts an envelope: {"type":typ,"id":id and, when room is set,
 // ,"room":room. The caller appends the rest and the closing brace.
