@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"slices"
 	"sync"
@@ -232,4 +233,44 @@ func contains(s, sub string) bool {
 		}
 	}
 	return false
+}
+
+func TestDefaultPerUserLimitIs100Connections(t *testing.T) {
+	t.Parallel()
+	_, srv := newServer(t, pubsub.WithAuthenticate(headerUser))
+	url := wsURL(srv, "/ws")
+	for i := range pubsub.DefaultMaxConnectionsPerUser {
+		if _, status := dialAs(t, url, "ann"); status != http.StatusSwitchingProtocols {
+			t.Fatalf("connection %d of ann: %d", i+1, status)
+		}
+	}
+	if _, status := dialAs(t, url, "ann"); status != http.StatusTooManyRequests {
+		t.Fatalf("connection %d of ann: %d, want 429", pubsub.DefaultMaxConnectionsPerUser+1, status)
+	}
+}
+
+func TestDefaultRateLimitAllowsABurstOf50(t *testing.T) {
+	t.Parallel()
+	_, srv := newServer(t)
+	p := dialProto(t, wsURL(srv, "/ws"))
+	const sent = 80
+	for i := range sent { // pipelined: far faster than the 20/s refill
+		p.send(map[string]any{"type": "ping", "id": fmt.Sprint(i)})
+	}
+	pongs, limited := 0, 0
+	for range sent {
+		switch e := p.read(); {
+		case e.Type == "pong":
+			pongs++
+		case e.Type == "error" && e.Code == pubsub.CodeRateLimited:
+			limited++
+		default:
+			t.Fatalf("unexpected %s", e.raw)
+		}
+	}
+	// The whole burst, then refusals (a refill of 20/s adds only a few
+	// while 80 pipelined frames go by).
+	if pongs < pubsub.DefaultRateBurst || limited == 0 {
+		t.Fatalf("%d answered, %d rate-limited of %d: want the default burst of %d, then refusals", pongs, limited, sent, pubsub.DefaultRateBurst)
+	}
 }
