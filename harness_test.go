@@ -11,55 +11,20 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/internal/leaktest"
 )
 
 // TestMain fails the run when goroutines outlive the tests: every
 // connection's reader and writer, every handler and every test server must
 // have ended.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		if leaked := waitForLeaks(10 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked after the tests:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// waitForLeaks returns the stacks of goroutines still running code of this
-// module, coder/websocket or net/http once timeout has passed, or "" as
-// soon as there are none.
-func waitForLeaks(timeout time.Duration) string {
-	deadline := time.Now().Add(timeout)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "waitForLeaks") || strings.Contains(g, "testing.(*M).") {
-				continue
-			}
-			if strings.Contains(g, "roomcast/pubsub") || strings.Contains(g, "coder/websocket") ||
-				strings.Contains(g, "net/http.") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 {
-			return ""
-		}
-		if time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	os.Exit(leaktest.After(m.Run()))
 }
 
 // quietLogger keeps test output to failures; set ROOMCAST_TEST_LOG=1 to see

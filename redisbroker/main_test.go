@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/roomcast/pubsub/internal/leaktest"
 	"github.com/roomcast/pubsub/redisbroker"
 	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
 )
@@ -37,41 +37,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	srv.Close()
-	if code == 0 {
-		if leaked := waitForLeaks(10 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked after the tests:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// waitForLeaks returns the stacks of goroutines still running code of
-// roomcast, go-redis, coder/websocket or net/http once timeout has passed,
-// or "" as soon as there are none.
-func waitForLeaks(timeout time.Duration) string {
-	deadline := time.Now().Add(timeout)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "waitForLeaks") || strings.Contains(g, "testing.(*M).") {
-				continue
-			}
-			if strings.Contains(g, "roomcast/pubsub") || strings.Contains(g, "go-redis") ||
-				strings.Contains(g, "coder/websocket") || strings.Contains(g, "net/http.") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 {
-			return ""
-		}
-		if time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	os.Exit(leaktest.After(code, "go-redis"))
 }
 
 type quietRedisLogger struct{}
