@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -13,64 +12,6 @@ import (
 
 	"github.com/coder/websocket"
 )
-
-// frame is one outbound message, built once and shared by every queue it
-// is put in. Its protocol-mode envelope is encoded at most once, by the
-// first writer that needs it.
-type frame struct {
-	m       Message // room messages and presence events; Data is the raw-mode payload
-	room    *room   // the room whose policy applies; nil for direct and control frames
-	kind    payloadKind
-	size    int       // what the frame counts against a queue's byte bound
-	at      time.Time // when it was published, for lag
-	data    bool      // carries a payload (room or direct message)
-	replay  bool      // replayed from history: never replaced by a KeepLatest room
-	control bool      // a protocol-mode reply or event: never sent in raw mode
-
-	encode func() []byte
-	once   sync.Once
-	env    []byte
-}
-
-func newRoomFrame(m Message, r *room) *frame {
-	if m.Kind != KindMessage {
-		return &frame{m: m, room: r, size: 64, at: m.Time, control: true,
-			encode: func() []byte { return encodePresenceEvent(m) }}
-	}
-	kind := classify(m.Data)
-	return &frame{
-		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true,
-		encode: func() []byte { return encodeMessage(m, kind) },
-	}
-}
-
-func newDirectFrame(p []byte) *frame {
-	kind := classify(p)
-	return &frame{
-		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true,
-		encode: func() []byte { return encodeDirect(p, kind) },
-	}
-}
-
-// newControlFrame is a protocol-mode reply (welcome, ack, error, ping, pong).
-func newControlFrame(env []byte) *frame {
-	f := &frame{env: env, size: len(env), control: true}
-	f.once.Do(func() {})
-	return f
-}
-
-func (f *frame) envelope() []byte {
-	f.once.Do(func() { f.env = f.encode() })
-	return f.env
-}
-
-// policy is the slow-consumer policy that applies to f.
-func (f *frame) policy() SlowConsumerPolicy {
-	if f.room == nil || !f.data {
-		return Disconnect
-	}
-	return f.room.opts.SlowConsumer
-}
 
 // closeAbnormal marks a connection that ended without a close handshake of
 // ours to send: the peer closed it, or the socket failed.
@@ -111,10 +52,11 @@ type conn struct {
 	flush   bool
 	abort   bool        // close without a close frame (set with closing)
 	pinging bool        // a raw-mode ping waits for its pong
-	writing bool        // a writer goroutine runs (or ran finish: no other starts)
+	writer  writerState // who writes the queue, if anyone
+	rest    []*frame    // frames a pool writer took but left to the connection's own writer
 	beat    *time.Timer // the heartbeat; nil until the connection is served
 
-	wg sync.WaitGroup // the writer and raw-mode pings; no Add once closing
+	wg sync.WaitGroup // the writer (pooled or own) and raw-mode pings; no Add once closing
 }
 
 func newConn(h *Handler, cl Client) *conn {
@@ -154,9 +96,9 @@ func (c *conn) enqueue(f *frame) bool {
 			old := c.queue[i]
 			c.queue[i] = f
 			c.qbytes += f.size - old.size
+			c.startWriterLocked()
 			c.mu.Unlock()
 			c.countDrop(old.room)
-			c.wakeWriter()
 			return true
 		}
 	}
@@ -187,25 +129,9 @@ func (c *conn) enqueue(f *frame) bool {
 		}
 		c.latest[f.room] = len(c.queue) - 1
 	}
-	c.mu.Unlock()
-	c.wakeWriter()
-	return true
-}
-
-func (c *conn) wakeWriter() {
-	c.mu.Lock()
 	c.startWriterLocked()
 	c.mu.Unlock()
-}
-
-// startWriterLocked starts the writer unless one runs. Before the upgrade
-// (no socket yet) frames wait in the queue; serve starts the writer then.
-func (c *conn) startWriterLocked() {
-	if c.writing || c.ws == nil {
-		return
-	}
-	c.writing = true
-	c.wg.Go(c.writeLoop)
+	return true
 }
 
 // dropOldestLocked removes the oldest queued message of a DropOldest room
@@ -332,111 +258,6 @@ func (c *conn) closeStatus() (int, string) {
 	return c.code, c.reason
 }
 
-// takeLocked removes and returns everything queued.
-func (c *conn) takeLocked() []*frame {
-	batch := c.queue
-	c.queue, c.spare = c.spare[:0], nil
-	c.qlen, c.qbytes = 0, 0
-	clear(c.latest)
-	return batch
-}
-
-// recycle hands a written batch's backing array back for the next take.
-func (c *conn) recycle(batch []*frame) {
-	clear(batch)
-	c.mu.Lock()
-	if c.spare == nil && cap(batch) <= 2*c.h.cfg.queueMessages {
-		c.spare = batch[:0]
-	}
-	c.mu.Unlock()
-}
-
-// writeLoop writes what is queued, batch after batch, and ends when the
-// queue is empty; enqueue starts it again. Once the connection is closing
-// it sends the close instead, and no writer starts after it.
-func (c *conn) writeLoop() {
-	for {
-		c.mu.Lock()
-		if c.closing {
-			var batch []*frame
-			if c.flush {
-				batch = c.takeLocked()
-			}
-			c.mu.Unlock()
-			c.finish(batch)
-			return // writing stays set: the socket is done
-		}
-		if c.qlen == 0 {
-			c.writing = false
-			c.mu.Unlock()
-			return
-		}
-		batch := c.takeLocked()
-		c.mu.Unlock()
-		if err := c.writeBatch(batch); err != nil {
-			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
-				// Not reading for WithWriteTimeout is not keeping up.
-				c.closeSlow(nil, "slow consumer: write timed out", true)
-			} else {
-				c.beginClose(closeAbnormal, "write failed", false)
-			}
-		}
-	}
-}
-
-// writeBatch writes queued frames, giving the whole batch WithWriteTimeout.
-// The socket is corked meanwhile, so the batch leaves in as few system
-// calls as its size allows, and its write deadline bounds the batch: the
-// frames are written with no context, which spares coder/websocket a timer
-// per frame, and a timeout surfaces here as the socket's deadline error.
-func (c *conn) writeBatch(batch []*frame) error {
-	if len(batch) == 0 {
-		return nil
-	}
-	deadline := time.Now().Add(c.h.cfg.writeTimeout)
-	ctx := context.Background()
-	if c.sock != nil {
-		c.sock.cork(deadline)
-	} else { // no socket of ours to bound the writes (not served by ServeHTTP)
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, deadline)
-		defer cancel()
-	}
-	var err error
-	n := 0
-	for _, f := range batch {
-		if f == nil {
-			continue // removed by a drop policy
-		}
-		if c.proto {
-			err = c.ws.Write(ctx, websocket.MessageText, f.envelope())
-		} else {
-			typ := websocket.MessageText
-			if f.kind == kindBinary {
-				typ = websocket.MessageBinary
-			}
-			err = c.ws.Write(ctx, typ, f.m.Data)
-		}
-		if err != nil {
-			break
-		}
-		if f.data {
-			n++
-		}
-	}
-	if c.sock != nil {
-		if uerr := c.sock.uncork(); err == nil {
-			err = uerr
-		}
-	}
-	c.h.stats.messagesOut.Add(uint64(n))
-	if n > 0 && c.h.cfg.idleTimeout > 0 {
-		c.lastApp.Store(time.Now().UnixNano())
-	}
-	c.recycle(batch)
-	return err
-}
-
 // startHeartbeat arms the heartbeat timer once the connection is served.
 func (c *conn) startHeartbeat() {
 	c.mu.Lock()
@@ -520,30 +341,12 @@ func (c *conn) enqueueControlLocked(f *frame) {
 	c.startWriterLocked()
 }
 
-// finish writes batch (what was queued, when flushing), then sends the
-// close frame and closes the socket. It runs on the writer goroutine.
-func (c *conn) finish(batch []*frame) {
-	c.mu.Lock()
-	code, reason, abort := c.code, c.reason, c.abort
-	c.mu.Unlock()
-	if err := c.writeBatch(batch); err != nil {
-		_ = c.ws.CloseNow()
-		return
-	}
-	if code == closeAbnormal || abort {
-		_ = c.ws.CloseNow()
-		return
-	}
-	// Close writes the close frame and waits a bounded time for the peer's.
-	_ = c.ws.Close(websocket.StatusCode(code), reason)
-}
-
 // kill ends the connection at once. Closing the TCP connection under the
 // WebSocket also cuts short a close handshake in progress (a writer waiting
 // for a peer that never answers), which CloseNow alone cannot.
 func (c *conn) kill() {
 	if c.sock != nil {
-		_ = c.sock.Conn.Close()
+		_ = c.sock.Close()
 	}
 	_ = c.ws.CloseNow()
 }

@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -176,6 +178,7 @@ type Handler struct {
 	userSlots map[string]int // the same per user (WithMaxConnectionsPerUser)
 	serving   sync.WaitGroup // running ServeHTTP calls
 	live      sync.WaitGroup // served connections' goroutines (conn.run)
+	writers   writerPool
 
 	closeBroker sync.Once
 	brokerErr   error
@@ -196,6 +199,8 @@ func NewHandler(opts ...Option) *Handler {
 		users:     make(map[string]map[*conn]struct{}),
 		userSlots: make(map[string]int),
 	}
+	h.writers.max, h.writers.out = runtime.GOMAXPROCS(0), &h.stats.messagesOut
+	if v, _ := strconv.Atoi(os.Getenv("RC_WORKERS")); v > 0 { h.writers.max = v }
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queueMessages, h.brokerFailed)
 	cfg.broker.Bind(h.rooms.deliver)
@@ -316,6 +321,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	opts := &websocket.AcceptOptions{
 		InsecureSkipVerify: true, // originAllowed already checked, before authentication
+		// The Handler writes message frames itself, uncompressed (see wireFrame).
+		CompressionMode: websocket.CompressionDisabled,
 		OnPongReceived: func(context.Context, []byte) {
 			c.lastSeen.Store(time.Now().UnixNano())
 		},
@@ -859,6 +866,7 @@ func (h *Handler) Close() error {
 func (h *Handler) wait() {
 	h.serving.Wait()
 	h.live.Wait()
+	h.writers.wg.Wait() // ends soon: with no connection left, nothing is queued
 }
 
 func (h *Handler) beginShutdown() []*conn {

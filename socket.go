@@ -5,25 +5,28 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 )
 
 // Buffer sizes handed to coder/websocket for each connection. An idle
 // connection keeps both for its whole life, so they are small: a read of a
 // large frame bypasses the reader's buffer (256 bytes hold a typical client
-// message in one read), and writes are batched by socket.cork, so the
-// writer's buffer only decides how many cheap appends a frame takes.
+// message in one read), and coder/websocket writes only control frames
+// (ping, pong, close: at most 127 bytes each), so its writer's buffer
+// holds any of them whole. Messages do not pass through it: the Handler
+// frames them itself (see frame.wire) and writes them to the socket.
 const (
 	readBufferSize  = 256
 	writeBufferSize = 128
-	// corkLimit bounds what one corked batch holds before it is written
-	// out, so a long batch costs at most this much memory.
-	corkLimit = 64 << 10
+	// gatherLimit bounds the bytes one write gathers from a batch of
+	// queued frames, so a long batch costs at most this much memory.
+	gatherLimit = 64 << 10
 )
 
 // hijacker wraps the ResponseWriter given to websocket.Accept: its Hijack
 // returns the connection with our small buffers instead of net/http's 4 KiB
-// ones, and keeps the socket for corking.
+// ones, and keeps the socket for the Handler's own writes.
 type hijacker struct {
 	http.ResponseWriter
 	sock *socket
@@ -44,7 +47,7 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return nil, nil, err
 		}
 	}
-	w.sock = &socket{Conn: nc, pre: pre}
+	w.sock = newSocket(nc, pre)
 	return w.sock, bufio.NewReadWriter(
 		bufio.NewReaderSize(w.sock, readBufferSize),
 		bufio.NewWriterSize(w.sock, writeBufferSize),
@@ -54,20 +57,44 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // Unwrap lets http.ResponseController reach the original writer.
 func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// socket is a hijacked connection. While corked, writes collect in one
-// buffer and reach the network in one system call when uncorked: a batch of
-// queued messages costs one write, whatever the number of frames, without
-// changing the framing.
+// socket is a hijacked connection with two writers: coder/websocket writes
+// control frames through Write, and the Handler writes message frames with
+// tryWrite (from the writer pool, never waiting) and writeAll (from a
+// connection's own writer, waiting up to a deadline). Every frame reaches
+// the byte stream whole: writes are serialized by mu, and bytes that a
+// tryWrite left unwritten (rest) go out before anything else.
+//
+// tryWrite writes to the file descriptor directly, one system call and
+// nothing else. That is safe because the descriptor cannot be closed (and
+// its number reused) under it: Close marks the socket closed and closes the
+// connection only while holding mu, which tryWrite holds.
 type socket struct {
 	net.Conn
 	pre []byte // read before the connection; only the reader goroutine reads
+	fd  int    // for tryWrite; -1 when the connection has no descriptor of its own (TLS)
+
+	dmu     sync.Mutex // orders write deadlines with Close; never held while writing
+	closing bool       // Close began: writes waiting on the network end now
 
 	mu     sync.Mutex
-	corked bool
-	buf    []byte
+	closed bool
+	rest   []byte // the unwritten tail of a tryWrite: the next bytes on the wire
 }
 
-var corkBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
+func newSocket(nc net.Conn, pre []byte) *socket {
+	s := &socket{Conn: nc, pre: pre, fd: -1}
+	if canTryWrite {
+		if sc, ok := nc.(syscall.Conn); ok {
+			if rc, err := sc.SyscallConn(); err == nil {
+				_ = rc.Control(func(fd uintptr) { s.fd = int(fd) })
+			}
+		}
+	}
+	return s
+}
+
+// canTry reports whether tryWrite may be used on this socket.
+func (s *socket) canTry() bool { return s.fd >= 0 }
 
 func (s *socket) Read(p []byte) (int, error) {
 	if len(s.pre) > 0 {
@@ -81,54 +108,100 @@ func (s *socket) Read(p []byte) (int, error) {
 	return s.Conn.Read(p)
 }
 
-// cork starts collecting writes; every write until uncork must reach the
-// network by deadline.
-func (s *socket) cork(deadline time.Time) {
+// Close closes the connection. A write waiting on the network (writeAll,
+// or coder's Write) holds mu, so it is cut short first, through a write
+// deadline in the past that setWriteDeadline can no longer move.
+func (s *socket) Close() error {
+	s.dmu.Lock()
+	s.closing = true
+	_ = s.Conn.SetWriteDeadline(time.Unix(1, 0))
+	s.dmu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.corked = true
-	s.buf = (*corkBuffers.Get().(*[]byte))[:0]
-	_ = s.Conn.SetWriteDeadline(deadline)
+	s.closed = true
+	return s.Conn.Close()
 }
 
-// uncork writes what was collected and stops collecting.
-func (s *socket) uncork() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	err := s.flushLocked()
-	s.corked = false
-	if cap(s.buf) <= corkLimit {
-		b := s.buf[:0]
-		corkBuffers.Put(&b)
+// setWriteDeadline bounds writeAll and coder's writes, unless Close began.
+func (s *socket) setWriteDeadline(t time.Time) {
+	s.dmu.Lock()
+	defer s.dmu.Unlock()
+	if !s.closing {
+		_ = s.Conn.SetWriteDeadline(t)
 	}
-	s.buf = nil
-	_ = s.Conn.SetWriteDeadline(time.Time{})
-	return err
 }
 
-func (s *socket) flushLocked() error {
-	if len(s.buf) == 0 {
-		return nil
-	}
-	_, err := s.Conn.Write(s.buf)
-	s.buf = s.buf[:0]
-	return err
+// isClosing reports whether Close was called: a write that failed since
+// failed because of it, not because the peer stopped reading.
+func (s *socket) isClosing() bool {
+	s.dmu.Lock()
+	defer s.dmu.Unlock()
+	return s.closing
 }
 
+// Write is coder/websocket's path to the network. It waits for any rest a
+// tryWrite left, so its frame never lands inside one of ours.
 func (s *socket) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.corked {
-		return s.Conn.Write(p)
+	if err := s.writeRestLocked(); err != nil {
+		return 0, err
 	}
-	if len(s.buf)+len(p) > corkLimit {
-		if err := s.flushLocked(); err != nil {
-			return 0, err
-		}
-		if len(p) > corkLimit {
-			return s.Conn.Write(p)
-		}
+	return s.Conn.Write(p)
+}
+
+func (s *socket) writeRestLocked() error {
+	if len(s.rest) == 0 {
+		return nil
 	}
-	s.buf = append(s.buf, p...)
-	return len(p), nil
+	n, err := s.Conn.Write(s.rest)
+	if err != nil {
+		s.rest = s.rest[n:]
+		return err
+	}
+	s.rest = nil
+	return nil
+}
+
+// hasRest reports whether a tryWrite left bytes that must go out first.
+func (s *socket) hasRest() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.rest) > 0
+}
+
+// tryWrite writes p without waiting: what the kernel does not take at once
+// is kept as the socket's rest, for writeAll (or coder's next Write) to
+// finish. It reports whether p went out whole. Only call it when canTry
+// and the socket has no rest.
+func (s *socket) tryWrite(p []byte) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false, net.ErrClosed
+	}
+	n, err := writeNonBlocking(s.fd, p)
+	if err != nil {
+		return false, err
+	}
+	if n == len(p) {
+		return true, nil
+	}
+	s.rest = append([]byte(nil), p[n:]...)
+	return false, nil
+}
+
+// writeAll writes the rest, then p, waiting as long as the socket's write
+// deadline allows.
+func (s *socket) writeAll(p []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writeRestLocked(); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	_, err := s.Conn.Write(p)
+	return err
 }

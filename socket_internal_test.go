@@ -3,70 +3,208 @@ package pubsub
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"testing"
 	"time"
 )
 
-// countingConn records every Write that reaches "the network".
-type countingConn struct {
-	net.Conn
-	writes [][]byte
-}
-
-func (c *countingConn) Write(p []byte) (int, error) {
-	c.writes = append(c.writes, bytes.Clone(p))
-	return len(p), nil
-}
-func (c *countingConn) SetWriteDeadline(time.Time) error { return nil }
-
-func TestCorkedWritesLeaveInOneSystemCall(t *testing.T) {
-	t.Parallel()
-	under := &countingConn{}
-	s := &socket{Conn: under}
-	s.cork(time.Now().Add(time.Second))
-	for _, p := range []string{"frame one|", "frame two|", "frame three"} {
-		if _, err := s.Write([]byte(p)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if len(under.writes) != 0 {
-		t.Fatalf("corked writes reached the network early: %q", under.writes)
-	}
-	if err := s.uncork(); err != nil {
+// tcpPair is a connected pair of loopback TCP connections.
+func tcpPair(t *testing.T) (server, client *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if len(under.writes) != 1 || string(under.writes[0]) != "frame one|frame two|frame three" {
-		t.Fatalf("writes %q, want the three frames in one write, in order", under.writes)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := s.Write([]byte("after")); err != nil || len(under.writes) != 2 {
-		t.Fatalf("uncorked write: %v, %d writes", err, len(under.writes))
+	sc := <-accepted
+	if sc == nil {
+		t.Fatal("accept failed")
+	}
+	server, client = sc.(*net.TCPConn), cc.(*net.TCPConn)
+	t.Cleanup(func() { server.Close(); client.Close() })
+	return server, client
+}
+
+func TestTryWriteNeverWaitsAndKeepsWhatTheSocketRefusedForFirst(t *testing.T) {
+	t.Parallel()
+	if !canTryWrite {
+		t.Skip("no non-blocking writes on this platform")
+	}
+	server, client := tcpPair(t)
+	s := newSocket(server, nil)
+	if !s.canTry() {
+		t.Fatal("a TCP connection should allow writes that never wait")
+	}
+	big := bytes.Repeat([]byte("a"), 64<<20) // far more than the kernel buffers hold
+	whole, err := s.tryWrite(big)
+	if err != nil || whole {
+		t.Fatalf("tryWrite of 64 MiB to a reader that reads nothing: whole %v, err %v; want a partial write", whole, err)
+	}
+	if !s.hasRest() {
+		t.Fatal("the unwritten tail was not kept")
+	}
+	// A control frame written now (coder/websocket's path) must follow the
+	// whole of big, and a wait-allowed write must follow both.
+	done := make(chan error, 2)
+	go func() {
+		_, err := s.Write([]byte("control"))
+		if err == nil {
+			err = s.writeAll([]byte("then more"))
+		}
+		done <- err
+	}()
+	want := append(append(bytes.Clone(big), "control"...), "then more"...)
+	got := make([]byte, 0, len(want))
+	buf := make([]byte, 64<<10)
+	client.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for len(got) < len(want) {
+		n, err := client.Read(buf)
+		if err != nil {
+			t.Fatalf("read after %d of %d bytes: %v", len(got), len(want), err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("bytes reordered: the control frame did not wait for the rest")
+	}
+	if s.hasRest() {
+		t.Fatal("rest kept after it was written")
 	}
 }
 
-func TestCorkingNeverHoldsMoreThanItsLimit(t *testing.T) {
+func TestTryWriteReportsAClosedSocket(t *testing.T) {
 	t.Parallel()
-	under := &countingConn{}
-	s := &socket{Conn: under}
-	s.cork(time.Now().Add(time.Second))
-	chunk := bytes.Repeat([]byte("x"), corkLimit/3+1)
-	var want []byte
-	for range 5 {
-		s.Write(chunk)
-		want = append(want, chunk...)
-		if len(s.buf) > corkLimit {
-			t.Fatalf("cork buffer holds %d bytes, limit %d", len(s.buf), corkLimit)
+	if !canTryWrite {
+		t.Skip("no non-blocking writes on this platform")
+	}
+	server, _ := tcpPair(t)
+	s := newSocket(server, nil)
+	server.Close()
+	if whole, err := s.tryWrite([]byte("x")); err == nil || whole {
+		t.Fatalf("tryWrite on a closed socket: whole %v, err %v; want an error", whole, err)
+	}
+}
+
+func TestSocketCloseCutsShortAWriteWaitingOnTheNetwork(t *testing.T) {
+	t.Parallel()
+	server, _ := tcpPair(t)
+	s := newSocket(server, nil)
+	s.setWriteDeadline(time.Now().Add(time.Hour))
+	done := make(chan error, 1)
+	go func() { done <- s.writeAll(bytes.Repeat([]byte("a"), 64<<20)) }() // the peer reads nothing
+	for s.mu.TryLock() { // wait until the writer holds mu
+		s.mu.Unlock()
+		runtime.Gosched()
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a write to a peer that reads nothing succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not cut short the waiting write")
+	}
+	s.setWriteDeadline(time.Time{}) // after Close: must not revive the connection's writes
+	if _, err := s.Write([]byte("x")); err == nil {
+		t.Fatal("a write after Close succeeded")
+	}
+	if !s.isClosing() {
+		t.Fatal("isClosing is false after Close")
+	}
+}
+
+func TestWireFrameHeaders(t *testing.T) {
+	t.Parallel()
+	for _, n := range []int{0, 1, 125, 126, 127, 65535, 65536, 1 << 20} {
+		payload := bytes.Repeat([]byte{'p'}, n)
+		for _, op := range []byte{opText, opBinary} {
+			b := wireFrame(op, payload)
+			if b[0] != 0x80|op {
+				t.Fatalf("len %d: first byte %#x, want FIN and opcode %d, no RSV bits", n, b[0], op)
+			}
+			if b[1]&0x80 != 0 {
+				t.Fatalf("len %d: a server frame must not be masked", n)
+			}
+			var length, hdr int
+			switch l := int(b[1] & 0x7f); l {
+			case 126:
+				length, hdr = int(binary.BigEndian.Uint16(b[2:])), 4
+			case 127:
+				length, hdr = int(binary.BigEndian.Uint64(b[2:])), 10
+			default:
+				length, hdr = l, 2
+			}
+			wantHdr := 2
+			if n >= 126 {
+				wantHdr = 4
+			}
+			if n > 65535 {
+				wantHdr = 10
+			}
+			if length != n || hdr != wantHdr || !bytes.Equal(b[hdr:], payload) {
+				t.Fatalf("len %d: header says %d in a %d-byte header; want %d in %d (the shortest encoding)", n, length, hdr, n, wantHdr)
+			}
 		}
 	}
-	big := bytes.Repeat([]byte("y"), corkLimit+1)
-	s.Write(big)
-	want = append(want, big...)
-	s.uncork()
-	if got := bytes.Join(under.writes, nil); !bytes.Equal(got, want) {
-		t.Fatalf("bytes reordered or lost: got %d bytes, want %d", len(got), len(want))
+}
+
+func TestGatherJoinsFramesWithinTheLimitAndSkipsDropped(t *testing.T) {
+	t.Parallel()
+	c := &conn{}
+	mk := func(n int) *frame {
+		return newRoomFrame(Message{Kind: KindMessage, Data: bytes.Repeat([]byte{'x'}, n)}, nil)
+	}
+	one := mk(10)
+	var buf []byte
+	p, next, data := c.gather([]*frame{nil, one, nil}, 0, &buf)
+	if &p[0] != &one.wire(false)[0] || next != 3 || data != 1 {
+		t.Fatalf("a lone frame: next %d, data %d, copied %v; want its own bytes, next 3, data 1", next, data, &p[0] != &one.wire(false)[0])
+	}
+	big := gatherLimit / 3
+	batch := []*frame{mk(big), nil, mk(big), mk(big), mk(10)}
+	var all []byte
+	for i := 0; i < len(batch); {
+		p, next, _ := c.gather(batch, i, &buf)
+		if p == nil {
+			break
+		}
+		if len(p) > gatherLimit {
+			t.Fatalf("gathered %d bytes, limit %d", len(p), gatherLimit)
+		}
+		all = append(all, p...)
+		i = next
+	}
+	var want []byte
+	for _, f := range batch {
+		if f != nil {
+			want = append(want, f.wire(false)...)
+		}
+	}
+	if !bytes.Equal(all, want) {
+		t.Fatal("gathered bytes lost or reordered frames")
+	}
+	if p, _, _ := c.gather([]*frame{nil, nil}, 0, &buf); p != nil {
+		t.Fatal("only dropped frames left should gather nothing")
 	}
 }
 

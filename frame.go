@@ -1,0 +1,114 @@
+package pubsub
+
+import (
+	"encoding/binary"
+	"sync"
+	"time"
+)
+
+// frame is one outbound message, built once and shared by every queue it
+// is put in. Its bytes on the wire, WebSocket header included, are built
+// at most once per mode, by the first writer that needs them, and then
+// written as they are to every subscriber's socket.
+type frame struct {
+	m       Message // room messages and presence events; Data is the raw-mode payload
+	room    *room   // the room whose policy applies; nil for direct and control frames
+	kind    payloadKind
+	size    int       // what the frame counts against a queue's byte bound
+	at      time.Time // when it was published, for lag
+	data    bool      // carries a payload (room or direct message)
+	replay  bool      // replayed from history: never replaced by a KeepLatest room
+	control bool      // a protocol-mode reply or event: never sent in raw mode
+
+	encode    func() []byte // the protocol-mode envelope
+	protoOnce sync.Once
+	protoWire []byte // a text frame holding the envelope
+	rawOnce   sync.Once
+	rawWire   []byte // a text or binary frame holding the payload as published
+}
+
+func newRoomFrame(m Message, r *room) *frame {
+	if m.Kind != KindMessage {
+		return &frame{m: m, room: r, size: 64, at: m.Time, control: true,
+			encode: func() []byte { return encodePresenceEvent(m) }}
+	}
+	kind := classify(m.Data)
+	return &frame{
+		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true,
+		encode: func() []byte { return encodeMessage(m, kind) },
+	}
+}
+
+func newDirectFrame(p []byte) *frame {
+	kind := classify(p)
+	return &frame{
+		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true,
+		encode: func() []byte { return encodeDirect(p, kind) },
+	}
+}
+
+// newControlFrame is a protocol-mode reply (welcome, ack, error, ping, pong).
+func newControlFrame(env []byte) *frame {
+	f := &frame{size: len(env), control: true}
+	f.protoWire = wireFrame(opText, env)
+	f.protoOnce.Do(func() {})
+	return f
+}
+
+// wire is the frame as it goes on the wire to a connection in protocol
+// mode (proto) or raw mode.
+func (f *frame) wire(proto bool) []byte {
+	if proto {
+		f.protoOnce.Do(func() { f.protoWire = wireFrame(opText, f.encode()) })
+		return f.protoWire
+	}
+	f.rawOnce.Do(func() {
+		op := byte(opText)
+		if f.kind == kindBinary {
+			op = opBinary
+		}
+		f.rawWire = wireFrame(op, f.m.Data)
+	})
+	return f.rawWire
+}
+
+// policy is the slow-consumer policy that applies to f.
+func (f *frame) policy() SlowConsumerPolicy {
+	if f.room == nil || !f.data {
+		return Disconnect
+	}
+	return f.room.opts.SlowConsumer
+}
+
+// WebSocket opcodes of the frames the Handler writes itself (RFC 6455,
+// section 5.2). Control frames (ping, pong, close) are coder/websocket's.
+const (
+	opText   = 0x1
+	opBinary = 0x2
+)
+
+// wireFrame is payload as one unfragmented server frame: FIN set, no
+// extension bits (the Handler never negotiates compression), unmasked as
+// the server's frames must be, with the shortest length encoding.
+func wireFrame(opcode byte, payload []byte) []byte {
+	n := len(payload)
+	var hdr [10]byte
+	hdr[0] = 0x80 | opcode
+	h := 2
+	switch {
+	case n < 126:
+		hdr[1] = byte(n)
+	case n <= 0xFFFF:
+		hdr[1] = 126
+		binary.BigEndian.PutUint16(hdr[2:], uint16(n))
+		h = 4
+	default:
+		hdr[1] = 127
+		binary.BigEndian.PutUint64(hdr[2:], uint64(n))
+		h = 10
+	}
+	out := make([]byte, h+n)
+	copy(out, hdr[:h])
+	copy(out[h:], payload)
+	return out
+}

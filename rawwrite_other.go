@@ -1,0 +1,11 @@
+//go:build !unix
+
+package pubsub
+
+// canTryWrite: off Unix, every connection is written by its own writer
+// goroutine, which waits on the socket like any net.Conn write.
+const canTryWrite = false
+
+func writeNonBlocking(fd int, p []byte) (int, error) {
+	panic("pubsub: writeNonBlocking without canTryWrite")
+}

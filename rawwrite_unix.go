@@ -1,0 +1,27 @@
+//go:build unix && !linux
+
+package pubsub
+
+import "syscall"
+
+// canTryWrite: on Unix a socket's file descriptor can be written without
+// waiting (Go keeps it non-blocking), which the writer pool relies on.
+const canTryWrite = true
+
+// writeNonBlocking writes p to fd with one write system call and returns
+// what the kernel took; a full socket buffer is not an error (0, nil).
+func writeNonBlocking(fd int, p []byte) (int, error) {
+	for {
+		n, err := syscall.Write(fd, p)
+		switch err {
+		case nil:
+			return n, nil
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return 0, nil
+		default:
+			return 0, err
+		}
+	}
+}

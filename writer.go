@@ -1,0 +1,394 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// Writing. A connection's queue is written by one writer at a time, never
+// by the goroutine that queued: a publish only queues. Two kinds of writer:
+//
+//   - The Handler's writer pool: at most GOMAXPROCS goroutines, started
+//     while connections have something queued and ended when none has,
+//     each taking ready connections in turn and writing each one's batch
+//     with a system call that never waits (socket.tryWrite). A message to
+//     a room of 10,000 is 10,000 such writes shared by a few goroutines,
+//     not 10,000 goroutine wake-ups.
+//   - A connection's own writer goroutine, for what may wait: a socket
+//     whose buffer filled (its reader is slow), a connection without a
+//     file descriptor to write without waiting (TLS), and the close. It
+//     writes with WithWriteTimeout as the socket's deadline, and hands the
+//     connection back to the pool once its queue is empty.
+//
+// Both write every frame's bytes as frame.wire built them, several queued
+// frames gathered into one write.
+
+// writerState says who writes a connection's queue; guarded by conn.mu.
+type writerState uint8
+
+const (
+	writerIdle   writerState = iota // nothing to write, or no socket yet
+	writerPooled                    // in the pool's ready queue, or being written by a pool goroutine
+	writerOwn                       // its own goroutine writes (after the close, none starts again)
+)
+
+// startWriterLocked makes sure a writer will write what is queued (or the
+// close). Before the upgrade (no socket yet) frames wait in the queue, and
+// serve starts the writer then. The writer's time counts in c.wg.
+func (c *conn) startWriterLocked() {
+	if c.writer != writerIdle || c.sock == nil {
+		return
+	}
+	c.wg.Add(1)
+	if c.closing || !c.sock.canTry() {
+		c.writer = writerOwn
+		go c.writeLoop()
+		return
+	}
+	c.writer = writerPooled
+	c.h.writers.push(c)
+}
+
+func (c *conn) wakeWriter() {
+	c.mu.Lock()
+	c.startWriterLocked()
+	c.mu.Unlock()
+}
+
+// handOverLocked gives a pooled connection to its own writer goroutine,
+// with the pool's count in c.wg.
+func (c *conn) handOverLocked() {
+	c.writer = writerOwn
+	go c.writeLoop()
+}
+
+// takeLocked removes and returns everything queued.
+func (c *conn) takeLocked() []*frame {
+	batch := c.queue
+	c.queue, c.spare = c.spare[:0], nil
+	c.qlen, c.qbytes = 0, 0
+	clear(c.latest)
+	return batch
+}
+
+// recycle hands a written batch's backing array back for the next take.
+func (c *conn) recycle(batch []*frame) {
+	clear(batch)
+	c.mu.Lock()
+	c.recycleLocked(batch)
+	c.mu.Unlock()
+}
+
+func (c *conn) recycleLocked(batch []*frame) {
+	if c.spare == nil && cap(batch) <= 2*c.h.cfg.queueMessages {
+		c.spare = batch[:0]
+	}
+}
+
+// writePooled writes one batch of a pooled connection on a pool goroutine,
+// without waiting, and returns the data frames written. Then the
+// connection goes back in the ready queue when more is queued, goes idle
+// when nothing is, or goes to its own writer when the socket filled, a
+// write failed or it is closing.
+func (c *conn) writePooled(buf *[]byte) (sent int) {
+	c.mu.Lock()
+	if c.closing {
+		c.handOverLocked()
+		c.mu.Unlock()
+		return 0
+	}
+	if c.qlen == 0 {
+		c.writer = writerIdle
+		c.mu.Unlock()
+		c.wg.Done()
+		return 0
+	}
+	batch := c.takeLocked()
+	c.mu.Unlock()
+
+	sent, left, full, err := c.tryBatch(buf, batch)
+	if full {
+		left = append([]*frame(nil), left...) // batch goes back for reuse
+	}
+	clear(batch)
+	if sent > 0 && c.h.cfg.idleTimeout > 0 {
+		c.lastApp.Store(time.Now().UnixNano())
+	}
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.recycleLocked(batch)
+	switch {
+	case err != nil:
+		c.beginCloseLocked(closeAbnormal, "write failed", false)
+		c.handOverLocked()
+	case full:
+		c.rest = left
+		c.handOverLocked()
+	case c.closing:
+		c.handOverLocked()
+	case c.qlen > 0:
+		c.h.writers.push(c) // behind the connections already waiting
+	default:
+		c.writer = writerIdle
+		c.wg.Done()
+	}
+	return sent
+}
+
+// tryBatch writes batch without waiting, gathering frames into as few
+// writes as gatherLimit allows. It returns the data frames written (those
+// in the socket's rest included: they go out before anything else) and,
+// when the socket filled (full), the frames not yet written.
+func (c *conn) tryBatch(buf *[]byte, batch []*frame) (sent int, left []*frame, full bool, err error) {
+	for i := 0; i < len(batch); {
+		p, next, n := c.gather(batch, i, buf)
+		if p == nil {
+			break
+		}
+		whole, err := c.sock.tryWrite(p)
+		if err != nil {
+			return sent, nil, false, err
+		}
+		sent += n
+		if !whole {
+			return sent, batch[next:], true, nil
+		}
+		i = next
+	}
+	return sent, nil, false, nil
+}
+
+// gather returns the bytes of batch's frames from index i on, as many as
+// fit in gatherLimit but at least one frame: a lone frame's own bytes, or
+// several copied into buf. next is the index after the last frame taken,
+// data the number of data frames among them; p is nil when only nils (frames
+// a drop policy removed) are left.
+func (c *conn) gather(batch []*frame, i int, buf *[]byte) (p []byte, next, data int) {
+	for i < len(batch) && batch[i] == nil {
+		i++
+	}
+	if i == len(batch) {
+		return nil, i, 0
+	}
+	first := batch[i]
+	p = first.wire(c.proto)
+	if first.data {
+		data++
+	}
+	i++
+	for i < len(batch) && batch[i] == nil {
+		i++
+	}
+	if i == len(batch) || len(p) >= gatherLimit {
+		return p, i, data // one frame: written as it is, no copy
+	}
+	b := append((*buf)[:0], p...)
+	for ; i < len(batch); i++ {
+		f := batch[i]
+		if f == nil {
+			continue
+		}
+		fw := f.wire(c.proto)
+		if len(b)+len(fw) > gatherLimit {
+			break
+		}
+		b = append(b, fw...)
+		if f.data {
+			data++
+		}
+	}
+	*buf = b
+	return b, i, data
+}
+
+// countWritten counts n data frames written.
+func (c *conn) countWritten(n int) {
+	if n == 0 {
+		return
+	}
+	c.h.stats.messagesOut.Add(uint64(n))
+	if c.h.cfg.idleTimeout > 0 {
+		c.lastApp.Store(time.Now().UnixNano())
+	}
+}
+
+var gatherBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// writeLoop is a connection's own writer: it writes what a pool writer
+// left, then what is queued, batch after batch, waiting on the socket as
+// long as WithWriteTimeout allows, and ends when the queue is empty (the
+// next message goes to the pool again). Once the connection is closing it
+// sends the close instead, and no writer starts after it.
+func (c *conn) writeLoop() {
+	defer c.wg.Done()
+	for first := true; ; first = false {
+		c.mu.Lock()
+		left := c.rest
+		c.rest = nil
+		if c.closing {
+			var batch []*frame
+			if c.flush {
+				batch = c.takeLocked()
+			}
+			c.mu.Unlock()
+			c.finish(left, batch)
+			return // the writer stays writerOwn: the socket is done
+		}
+		if !first && c.qlen == 0 {
+			c.writer = writerIdle
+			c.mu.Unlock()
+			return
+		}
+		batch := c.takeLocked()
+		c.mu.Unlock()
+		if err := c.writeWait(left, batch); err != nil {
+			if c.sock.isClosing() {
+				c.beginClose(closeAbnormal, "connection closed", false)
+			} else if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+				// Not reading for WithWriteTimeout is not keeping up.
+				c.closeSlow(nil, "slow consumer: write timed out", true)
+			} else {
+				c.beginClose(closeAbnormal, "write failed", false)
+			}
+		}
+	}
+}
+
+// writeWait writes the socket's rest, then the frames of left and batch,
+// within WithWriteTimeout for the whole. It recycles batch.
+func (c *conn) writeWait(left, batch []*frame) error {
+	c.sock.setWriteDeadline(time.Now().Add(c.h.cfg.writeTimeout))
+	buf := gatherBuffers.Get().(*[]byte)
+	err := c.sock.writeAll(nil)
+	sent := 0
+	for _, part := range [2][]*frame{left, batch} {
+		for i := 0; i < len(part) && err == nil; {
+			p, next, n := c.gather(part, i, buf)
+			if p == nil {
+				break
+			}
+			if err = c.sock.writeAll(p); err == nil {
+				sent += n
+			}
+			i = next
+		}
+	}
+	if cap(*buf) <= gatherLimit {
+		gatherBuffers.Put(buf)
+	}
+	c.sock.setWriteDeadline(time.Time{})
+	c.countWritten(sent)
+	if batch != nil {
+		c.recycle(batch)
+	}
+	return err
+}
+
+// finish writes what a pool writer left (completing a frame it cut short)
+// and batch (what was queued, when flushing), then sends the close frame
+// and closes the socket. It runs on the connection's own writer.
+func (c *conn) finish(left, batch []*frame) {
+	c.mu.Lock()
+	code, reason, abort := c.code, c.reason, c.abort
+	c.mu.Unlock()
+	if code == closeAbnormal || abort {
+		_ = c.ws.CloseNow() // the peer is gone or reads nothing: no handshake
+		return
+	}
+	if err := c.writeWait(left, batch); err != nil {
+		_ = c.ws.CloseNow()
+		return
+	}
+	// Close writes the close frame and waits a bounded time for the peer's.
+	_ = c.ws.Close(websocket.StatusCode(code), reason)
+}
+
+// writerPool runs the pool writers of one Handler: at most max goroutines,
+// started by push while connections wait and ending when none does.
+type writerPool struct {
+	max int
+	out *atomic.Uint64 // counts the data frames written (Stats.MessagesOut)
+
+	mu      sync.Mutex
+	ring    []*conn // ready connections, in order, from head
+	head, n int
+	running int
+	wg      sync.WaitGroup // the running pool goroutines
+}
+
+// popBatch bounds how many connections a pool goroutine takes at once.
+const popBatch = 32
+
+// push puts c, pooled, at the end of the ready queue and starts a pool
+// goroutine when fewer than max run.
+func (p *writerPool) push(c *conn) {
+	p.mu.Lock()
+	if p.n == len(p.ring) {
+		p.grow()
+	}
+	p.ring[(p.head+p.n)%len(p.ring)] = c
+	p.n++
+	start := p.running < p.max
+	if start {
+		p.running++
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if start {
+		go p.work()
+	}
+}
+
+func (p *writerPool) grow() {
+	ring := make([]*conn, max(64, 2*len(p.ring)))
+	for i := range p.n {
+		ring[i] = p.ring[(p.head+i)%len(p.ring)]
+	}
+	p.ring, p.head = ring, 0
+}
+
+// work writes ready connections until none is left. Each takes a fair
+// share of the queue at a time, so that the pool's goroutines split a
+// room's fan-out between them.
+func (p *writerPool) work() {
+	defer p.wg.Done()
+	var buf []byte
+	var batch [popBatch]*conn
+	for {
+		p.mu.Lock()
+		k := min(p.n, popBatch, (p.n+p.max-1)/p.max)
+		if k == 0 {
+			p.running--
+			if len(p.ring) > 1024 {
+				p.ring, p.head = nil, 0 // a burst's queue is not kept for life
+			}
+			p.mu.Unlock()
+			return
+		}
+		for i := range k {
+			j := (p.head + i) % len(p.ring)
+			batch[i], p.ring[j] = p.ring[j], nil
+		}
+		p.head = (p.head + k) % len(p.ring)
+		p.n -= k
+		p.mu.Unlock()
+		sent := 0
+		for i, c := range batch[:k] {
+			sent += c.writePooled(&buf)
+			batch[i] = nil
+		}
+		if sent > 0 { // once per batch of connections: the counter is shared
+			p.out.Add(uint64(sent))
+		}
+		if cap(buf) > gatherLimit {
+			buf = nil
+		}
+	}
+}
