@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/url"
 	"path"
-	"os"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -200,7 +199,6 @@ func NewHandler(opts ...Option) *Handler {
 		userSlots: make(map[string]int),
 	}
 	h.writers.max, h.writers.out = runtime.GOMAXPROCS(0), &h.stats.messagesOut
-	if v, _ := strconv.Atoi(os.Getenv("RC_WORKERS")); v > 0 { h.writers.max = v }
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queueMessages, h.brokerFailed)
 	cfg.broker.Bind(h.rooms.deliver)
