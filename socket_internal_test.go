@@ -109,7 +109,8 @@ func TestSocketCloseCutsShortAWriteWaitingOnTheNetwork(t *testing.T) {
 	s.setWriteDeadline(time.Now().Add(time.Hour))
 	done := make(chan error, 1)
 	go func() { done <- s.writeAll(bytes.Repeat([]byte("a"), 64<<20)) }() // the peer reads nothing
-	for s.mu.TryLock() {                                                  // wait until the writer holds mu
+	// Wait until the writer holds mu.
+	for s.mu.TryLock() {
 		s.mu.Unlock()
 		runtime.Gosched()
 	}
