@@ -80,7 +80,6 @@ func benchMembers(b *testing.B, h *Handler, room string, n int) []*conn {
 		if _, err := c.subscribe(room, nil, 0, false, nil, ""); err != nil {
 			b.Fatal(err)
 		}
-		c.rawRoom = room
 		cs[i] = c
 	}
 	return cs

@@ -30,11 +30,10 @@ type conn struct {
 	ctx    context.Context // ends when the connection is closing
 	cancel context.CancelFunc
 
-	rooms   map[string]*room // reader: protocol mode's rooms, made on first use
-	raw     *room            // reader: raw mode's one room
-	rawRoom string           // reader
-	tokens  float64          // reader: rate-limit bucket
-	refill  time.Time        // reader
+	rooms  map[string]*room // reader: protocol mode's rooms, made on first use
+	raw    *room            // reader: raw mode's one room
+	tokens float64          // reader: rate-limit bucket
+	refill time.Time        // reader
 
 	lastSeen atomic.Int64 // unix nanoseconds of the peer's last sign of life
 	lastApp  atomic.Int64 // the last message either way, heartbeats aside (WithIdleTimeout)
@@ -458,7 +457,7 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 		return false
 	}
 	if c.h.cfg.onMessage != nil {
-		m := &ClientMessage{Client: c.client, Room: c.rawRoom, Data: data, Binary: binary, c: c}
+		m := &ClientMessage{Client: c.client, Room: c.rawRoomName(), Data: data, Binary: binary, c: c}
 		switch err := c.h.callOnMessage(c.ctx, m); {
 		case errors.Is(err, errHookPanicked):
 			c.beginClose(CloseInternalError, "internal error", false)
@@ -469,11 +468,12 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 		}
 		return true
 	}
-	if c.rawRoom == "" {
+	room := c.rawRoomName()
+	if room == "" {
 		c.beginClose(ClosePolicyViolation, "no room to publish to", false)
 		return false
 	}
-	if perr := c.authorizePublish(c.rawRoom); perr != nil {
+	if perr := c.authorizePublish(room); perr != nil {
 		if perr.code == CodeInternal {
 			c.beginClose(CloseInternalError, "internal error", false)
 		} else {
@@ -481,7 +481,7 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 		}
 		return false
 	}
-	if perr := c.h.publishFromClient(c.ctx, c.rawRoom, data); perr != nil {
+	if perr := c.h.publishFromClient(c.ctx, room, data); perr != nil {
 		c.beginClose(CloseTryAgainLater, "publish failed, try again later", false)
 		return false
 	}
@@ -705,6 +705,15 @@ func (c *conn) authorizePublish(room string) *protoError {
 		return &protoError{CodeForbidden, "clients may not publish on this server"}
 	}
 	return c.authorize(ActionPublish, room)
+}
+
+// rawRoomName is a raw connection's room, "" when it joined none (its
+// messages go to the message hook).
+func (c *conn) rawRoomName() string {
+	if c.raw == nil {
+		return ""
+	}
+	return c.raw.name
 }
 
 // keep records a room the connection joined. A raw connection has at most

@@ -124,14 +124,22 @@
 // upgraded: net/http then frees the request's buffers and stack, which
 // would otherwise live as long as the connection. The connection is served
 // by one reader goroutine that the Handler owns and waits for in Shutdown
-// and Close; a writer goroutine runs only while messages are queued, and
-// heartbeats are a timer. An idle connection costs one goroutine and about
-// 10 KiB (see BENCHMARKS.md). Consequences of returning early: the
-// request's context ends at the upgrade (hooks get a context that lives as
-// long as the connection instead), and middleware around the Handler sees
-// the request finish at the upgrade, so a request logger reports the
-// upgrade, not the connection's life. Hooks run on the connection's reader
-// goroutine, or on the request's goroutine before the upgrade.
+// and Close, and heartbeats are a timer. An idle connection costs one
+// goroutine and about 10 KiB (see BENCHMARKS.md). Consequences of
+// returning early: the request's context ends at the upgrade (hooks get a
+// context that lives as long as the connection instead), and middleware
+// around the Handler sees the request finish at the upgrade, so a request
+// logger reports the upgrade, not the connection's life. Hooks run on the
+// connection's reader goroutine, or on the request's goroutine before the
+// upgrade.
+//
+// Writing needs no goroutine per connection. A publish only queues; a pool
+// of at most GOMAXPROCS goroutines, running while something is queued,
+// writes each waiting connection's queue with one system call that never
+// waits, each message framed once and its bytes written as they are to
+// every subscriber. A connection whose socket is full (its client reads
+// slowly), one over TLS, and the close get a writer goroutine of their
+// own, which waits on the socket up to WithWriteTimeout.
 //
 // # Shutdown
 //

@@ -26,7 +26,7 @@ const (
 	DefaultWriteTimeout      = 10 * time.Second
 	DefaultHeartbeatInterval = 25 * time.Second
 	DefaultHeartbeatTimeout  = 10 * time.Second
-	DefaultQueueMessages     = 1024
+	DefaultQueueMessages     = 4096
 	DefaultQueueBytes        = 4 << 20
 	DefaultHistoryTTL        = 10 * time.Minute
 	MaxHistorySize           = 100_000
@@ -393,7 +393,10 @@ func WithHeartbeat(interval, timeout time.Duration) Option {
 // in bytes. A consumer whose queue would pass either bound is disconnected
 // with 4002 "slow consumer" and counted in Stats. A Publish larger than the
 // byte bound fails with ErrTooLarge, since no connection could take it.
-// Default: 1024 messages and 4 MiB.
+// Default: 4096 messages and 4 MiB. The byte bound is the memory bound; the
+// message bound lets a client fall a burst of a few thousand small
+// messages behind (about a second of a flood on loopback) without being
+// cut off.
 func WithQueueLimits(messages, bytes int) Option {
 	return func(c *config) { c.queueMessages, c.queueBytes = messages, bytes }
 }

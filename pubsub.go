@@ -314,7 +314,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				h.refuse(w, r, http.StatusServiceUnavailable, "could not join the room; try again later")
 				return
 			}
-			c.rawRoom = room
 		}
 	}
 	opts := &websocket.AcceptOptions{

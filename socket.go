@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -66,19 +67,18 @@ func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 //
 // tryWrite writes to the file descriptor directly, one system call and
 // nothing else. That is safe because the descriptor cannot be closed (and
-// its number reused) under it: Close marks the socket closed and closes the
+// its number reused) under it: Close marks the socket closing and closes the
 // connection only while holding mu, which tryWrite holds.
 type socket struct {
 	net.Conn
-	pre []byte // read before the connection; only the reader goroutine reads
-	fd  int    // for tryWrite; -1 when the connection has no descriptor of its own (TLS)
-
-	dmu     sync.Mutex // orders write deadlines with Close; never held while writing
-	closing bool       // Close began: writes waiting on the network end now
-
-	mu     sync.Mutex
-	closed bool
-	rest   []byte // the unwritten tail of a tryWrite: the next bytes on the wire
+	pre  []byte // read before the connection; only the reader goroutine reads
+	rest []byte // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
+	fd   int32  // for tryWrite; -1 when the connection has no descriptor of its own (TLS)
+	// closing is set when Close begins: writes waiting on the network end
+	// then, and tryWrite (holding mu, which Close takes before closing the
+	// descriptor) writes no more.
+	closing atomic.Bool
+	mu      sync.Mutex
 }
 
 func newSocket(nc net.Conn, pre []byte) *socket {
@@ -86,7 +86,7 @@ func newSocket(nc net.Conn, pre []byte) *socket {
 	if canTryWrite {
 		if sc, ok := nc.(syscall.Conn); ok {
 			if rc, err := sc.SyscallConn(); err == nil {
-				_ = rc.Control(func(fd uintptr) { s.fd = int(fd) })
+				_ = rc.Control(func(fd uintptr) { s.fd = int32(fd) })
 			}
 		}
 	}
@@ -110,34 +110,28 @@ func (s *socket) Read(p []byte) (int, error) {
 
 // Close closes the connection. A write waiting on the network (writeAll,
 // or coder's Write) holds mu, so it is cut short first, through a write
-// deadline in the past that setWriteDeadline can no longer move.
+// deadline in the past.
 func (s *socket) Close() error {
-	s.dmu.Lock()
-	s.closing = true
+	s.closing.Store(true)
 	_ = s.Conn.SetWriteDeadline(time.Unix(1, 0))
-	s.dmu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.closed = true
 	return s.Conn.Close()
 }
 
 // setWriteDeadline bounds writeAll and coder's writes, unless Close began.
+// Close sets closing before its own deadline, so whichever order the two
+// run in, a deadline set here never outlives Close's.
 func (s *socket) setWriteDeadline(t time.Time) {
-	s.dmu.Lock()
-	defer s.dmu.Unlock()
-	if !s.closing {
-		_ = s.Conn.SetWriteDeadline(t)
+	_ = s.Conn.SetWriteDeadline(t)
+	if s.closing.Load() {
+		_ = s.Conn.SetWriteDeadline(time.Unix(1, 0))
 	}
 }
 
 // isClosing reports whether Close was called: a write that failed since
 // failed because of it, not because the peer stopped reading.
-func (s *socket) isClosing() bool {
-	s.dmu.Lock()
-	defer s.dmu.Unlock()
-	return s.closing
-}
+func (s *socket) isClosing() bool { return s.closing.Load() }
 
 // Write is coder/websocket's path to the network. It waits for any rest a
 // tryWrite left, so its frame never lands inside one of ours.
@@ -172,15 +166,18 @@ func (s *socket) hasRest() bool {
 
 // tryWrite writes p without waiting: what the kernel does not take at once
 // is kept as the socket's rest, for writeAll (or coder's next Write) to
-// finish. It reports whether p went out whole. Only call it when canTry
-// and the socket has no rest.
+// finish. It reports whether p went out whole. Only call it when canTry.
 func (s *socket) tryWrite(p []byte) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closing.Load() {
 		return false, net.ErrClosed
 	}
-	n, err := writeNonBlocking(s.fd, p)
+	if len(s.rest) > 0 { // not expected: keep the order, let writeAll finish
+		s.rest = append(s.rest, p...)
+		return false, nil
+	}
+	n, err := writeNonBlocking(int(s.fd), p)
 	if err != nil {
 		return false, err
 	}

@@ -55,9 +55,13 @@ func (c *conn) startWriterLocked() {
 	c.h.writers.push(c)
 }
 
+// wakeWriter starts the writer when something waits: ServeHTTP calls it
+// once the socket is there, for what was queued before the upgrade.
 func (c *conn) wakeWriter() {
 	c.mu.Lock()
-	c.startWriterLocked()
+	if c.qlen > 0 || c.closing {
+		c.startWriterLocked()
+	}
 	c.mu.Unlock()
 }
 

@@ -1,0 +1,145 @@
+package pubsub
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// writerState of the connection, read under its lock.
+func (c *conn) writerNow() writerState {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.writer
+}
+
+// A client that stops reading fills its socket: the pool hands the
+// connection to its own writer, which waits on the socket, so a slow
+// client never holds up a pool goroutine. Once the client reads again it
+// gets every message, in order, and the connection goes back to the pool;
+// when nothing is queued no pool goroutine is left.
+func TestAFullSocketGoesToItsOwnWriterAndBackToThePool(t *testing.T) {
+	t.Parallel()
+	if !canTryWrite {
+		t.Skip("no writer pool on this platform")
+	}
+	h := NewHandler(WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))), WithQueueLimits(DefaultQueueMessages, 256<<20))
+	srv := httptest.NewServer(h)
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?room=slow", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	ws.SetReadLimit(-1)
+	var c *conn
+	waitUntil(t, ctx, "the connection registered", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		for _, x := range h.conns {
+			c = x
+		}
+		return c != nil
+	})
+	if !c.sock.canTry() {
+		t.Fatal("a plain TCP connection should be written by the pool")
+	}
+
+	payload := func(i int) []byte {
+		b := bytes.Repeat([]byte{byte('a' + i%26)}, 1<<20)
+		copy(b, fmt.Sprintf("%06d:", i))
+		return b
+	}
+	const n = 24 // 24 MiB: far more than the socket buffers of a client that reads nothing
+	for i := range n {
+		if err := h.Publish(ctx, "slow", payload(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitUntil(t, ctx, "the connection handed to its own writer", func() bool { return c.writerNow() == writerOwn })
+
+	for i := range n {
+		_, b, err := ws.Read(ctx)
+		if err != nil {
+			t.Fatalf("read of message %d: %v", i, err)
+		}
+		if !bytes.Equal(b, payload(i)) {
+			t.Fatalf("message %d: %d bytes starting %q, not as published", i, len(b), b[:min(len(b), 7)])
+		}
+	}
+	waitUntil(t, ctx, "the own writer done", func() bool { return c.writerNow() == writerIdle })
+	if err := h.Publish(ctx, "slow", []byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	if _, b, err := ws.Read(ctx); err != nil || string(b) != "after" {
+		t.Fatalf("message after catching up: %q, %v", b, err)
+	}
+	waitUntil(t, ctx, "no pool goroutine left", func() bool {
+		h.writers.mu.Lock()
+		defer h.writers.mu.Unlock()
+		return h.writers.running == 0 && h.writers.n == 0
+	})
+	if st := h.Stats(); st.MessagesOut != n+1 || st.SlowConsumers != 0 {
+		t.Fatalf("MessagesOut %d, SlowConsumers %d; want %d and 0", st.MessagesOut, st.SlowConsumers, n+1)
+	}
+}
+
+// The pool never runs more goroutines than its bound, however many
+// connections wait, and visits every connection pushed.
+func TestWriterPoolRunsAtMostItsBoundAndVisitsEveryConnection(t *testing.T) {
+	t.Parallel()
+	h := NewHandler(WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	defer h.Close()
+	h.writers.max = 2
+	cs := make([]*conn, 2000)
+	for i := range cs {
+		c := newConn(h, Client{ID: fmt.Sprint(i)})
+		c.writer = writerPooled // as startWriterLocked leaves it; nothing queued
+		c.wg.Add(1)
+		cs[i] = c
+	}
+	for _, c := range cs {
+		h.writers.push(c)
+		h.writers.mu.Lock()
+		running := h.writers.running
+		h.writers.mu.Unlock()
+		if running > 2 {
+			t.Fatalf("%d pool goroutines running, bound 2", running)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i, c := range cs {
+		waitUntil(t, ctx, fmt.Sprintf("connection %d visited", i), func() bool { return c.writerNow() == writerIdle })
+		c.wg.Wait() // its pool count was given back
+	}
+	waitUntil(t, ctx, "no pool goroutine left", func() bool {
+		h.writers.mu.Lock()
+		defer h.writers.mu.Unlock()
+		return h.writers.running == 0
+	})
+}
+
+func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
+	t.Helper()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s", what)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
