@@ -353,6 +353,10 @@ func FuzzEncodeMessageRoundTrip(f *testing.F) {
 		if kind == kindJSON && !json.Valid(data) {
 			t.Fatalf("classify(%q) = JSON for invalid JSON", data)
 		}
+		trimmed := len(data) > 0 && strings.TrimSpace(string(data[:1])) != "" && strings.TrimSpace(string(data[len(data)-1:])) != ""
+		if kind == kindText && trimmed && json.Valid(data) {
+			t.Fatalf("classify(%q) = text for JSON with no white space around it", data)
+		}
 		m := Message{Kind: KindMessage, Room: room, Epoch: epoch, ID: id, Seq: seq, Time: time.UnixMilli(ms), Data: data}
 		env := encodeMessage(m, kind)
 		fuzzPayload(t, env, data, kind)

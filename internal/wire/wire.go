@@ -27,7 +27,7 @@ func Classify(p []byte) Kind {
 	switch {
 	case !utf8.Valid(p):
 		return Binary
-	case len(p) > 0 && !isSpace(p[0]) && !isSpace(p[len(p)-1]) && json.Valid(p):
+	case len(p) > 0 && startsJSON(p[0]) && !isSpace(p[len(p)-1]) && json.Valid(p):
 		return JSON
 	default:
 		return Text
@@ -35,6 +35,17 @@ func Classify(p []byte) Kind {
 }
 
 func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\r' || c == '\n' }
+
+// startsJSON reports whether a JSON value can start with c: an object, an
+// array, a string, a number, true, false or null. Most text cannot, and
+// skips json.Valid (which allocates its error).
+func startsJSON(c byte) bool {
+	switch c {
+	case '{', '[', '"', '-', 't', 'f', 'n':
+		return true
+	}
+	return '0' <= c && c <= '9'
+}
 
 // AppendPayload appends the payload field of kind k ("data", "text" or
 // "binary"), without a leading comma.
