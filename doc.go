@@ -138,8 +138,10 @@
 // writes each waiting connection's queue with one system call that never
 // waits, each message framed once and its bytes written as they are to
 // every subscriber. A connection whose socket is full (its client reads
-// slowly), one over TLS, and the close get a writer goroutine of their
-// own, which waits on the socket up to WithWriteTimeout.
+// slowly), one whose net.Conn is not the standard library's own TCP or Unix
+// connection (TLS, or a listener that wraps its connections), and the
+// close get a writer goroutine of their own, which waits on the socket up
+// to WithWriteTimeout.
 //
 // # Shutdown
 //

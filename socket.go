@@ -73,7 +73,7 @@ type socket struct {
 	net.Conn
 	pre  []byte // read before the connection; only the reader goroutine reads
 	rest []byte // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
-	fd   int32  // for tryWrite; -1 when the connection has no descriptor of its own (TLS)
+	fd   int32  // for tryWrite; -1 unless the connection is a plain *net.TCPConn or *net.UnixConn
 	// closing is set when Close begins: writes waiting on the network end
 	// then, and tryWrite (holding mu, which Close takes before closing the
 	// descriptor) writes no more.
@@ -83,12 +83,24 @@ type socket struct {
 
 func newSocket(nc net.Conn, pre []byte) *socket {
 	s := &socket{Conn: nc, pre: pre, fd: -1}
-	if canTryWrite {
-		if sc, ok := nc.(syscall.Conn); ok {
-			if rc, err := sc.SyscallConn(); err == nil {
-				_ = rc.Control(func(fd uintptr) { s.fd = int32(fd) })
-			}
-		}
+	if !canTryWrite {
+		return s
+	}
+	// Only the standard library's own connections: a wrapper (metering,
+	// PROXY protocol, TLS) may do something in its Write that writing to
+	// the descriptor beneath it would skip, even one that exposes the
+	// descriptor by embedding a *net.TCPConn.
+	var sc syscall.Conn
+	switch c := nc.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
+		return s
+	}
+	if rc, err := sc.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { s.fd = int32(fd) })
 	}
 	return s
 }

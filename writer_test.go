@@ -3,9 +3,11 @@ package pubsub_test
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -144,5 +146,61 @@ func TestControlFramesNeverLandInsideAMessage(t *testing.T) {
 	}
 	if st := h.Stats(); st.SlowConsumers != 0 {
 		t.Fatalf("%d slow consumers, want 0", st.SlowConsumers)
+	}
+}
+
+// meteredConn is what a host's listener might hand net/http: a TCP
+// connection it wraps to count what is written, exposing the descriptor
+// through the embedded *net.TCPConn.
+type meteredConn struct {
+	*net.TCPConn
+	written *atomic.Int64
+}
+
+func (c meteredConn) Write(p []byte) (int, error) {
+	n, err := c.TCPConn.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+type meteredListener struct {
+	net.Listener
+	written *atomic.Int64
+}
+
+func (l meteredListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return meteredConn{c.(*net.TCPConn), l.written}, nil
+}
+
+// A connection wrapped by the host's listener is written through the
+// wrapper, never to the descriptor beneath it, even when the wrapper
+// exposes that descriptor.
+func TestWrappedConnectionsAreWrittenThroughTheirWrapper(t *testing.T) {
+	t.Parallel()
+	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
+	srv := httptest.NewUnstartedServer(h)
+	var written atomic.Int64
+	srv.Listener = meteredListener{srv.Listener, &written}
+	srv.Start()
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+	})
+	c := dial(t, wsURL(srv, "/ws?room=metered"))
+	waitFor(t, "the client in the room", func() bool { return len(h.Connections("metered")) == 1 })
+	before := written.Load() // the handshake's response
+	msg := writerPayload(1, 4<<10)
+	if err := h.Publish(testCtx(t), "metered", msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, b := readFrame(t, c); !bytes.Equal(b, msg) {
+		t.Fatalf("got %d bytes, not the message", len(b))
+	}
+	if got := written.Load() - before; got < int64(len(msg)) {
+		t.Fatalf("the wrapper's Write saw %d bytes of a %d-byte message: it was bypassed", got, len(msg))
 	}
 }
