@@ -141,10 +141,15 @@ func (g *registry) join(ctx context.Context, name string, c *conn, s *sub) (*roo
 		close(r.ready)
 	} else {
 		select {
-		case <-r.ready:
-		case <-ctx.Done():
-			g.release(r)
-			return nil, ctx.Err()
+		case <-r.ready: // the common case, checked first: ctx.Done() makes a
+			// channel per connection, which an idle connection would keep
+		default:
+			select {
+			case <-r.ready:
+			case <-ctx.Done():
+				g.release(r)
+				return nil, ctx.Err()
+			}
 		}
 	}
 	if r.err != nil {
