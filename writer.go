@@ -21,8 +21,9 @@ import (
 //     a room of 10,000 is 10,000 such writes shared by a few goroutines,
 //     not 10,000 goroutine wake-ups.
 //   - A connection's own writer goroutine, for what may wait: a socket
-//     whose buffer filled (its reader is slow), a connection without a
-//     file descriptor to write without waiting (TLS), and the close. It
+//     whose buffer filled (its reader is slow), a connection that is not
+//     the standard library's own TCP or Unix connection (TLS, a host's
+//     wrapper: see newSocket), and the close. It
 //     writes with WithWriteTimeout as the socket's deadline, and hands the
 //     connection back to the pool once its queue is empty.
 //
