@@ -99,3 +99,73 @@ func benchPublishRaw(b *testing.B, n int) {
 		b.Fatalf("%d slow consumers: the windows overflowed a queue", st.SlowConsumers)
 	}
 }
+
+// BenchmarkClientMessages measures the inbound path: raw-mode clients on
+// real loopback connections send 128-byte messages, which the server reads
+// and hands to a message hook. ns/op is per message received, the clients'
+// writes in the same process included. With one client each message finds
+// the reader idle (the worst case for waiting on readability first); with
+// 100, reads overlap.
+//
+//	go test -run '^$' -bench ClientMessages -benchmem .
+func BenchmarkClientMessages(b *testing.B) {
+	for _, n := range []int{1, 100} {
+		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) { benchClientMessages(b, n) })
+	}
+}
+
+func benchClientMessages(b *testing.B, n int) {
+	var got atomic.Int64
+	done := make(chan struct{})
+	total := int64(b.N)
+	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()),
+		pubsub.WithRateLimit(1e9, 1<<30),
+		pubsub.WithOnMessage(func(context.Context, *pubsub.ClientMessage) error {
+			if got.Add(1) == total {
+				close(done)
+			}
+			return nil
+		}))
+	srv := httptest.NewServer(h)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer func() {
+		cancel()
+		h.Close()
+		srv.Close()
+	}()
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+	conns := make([]*websocket.Conn, n)
+	for i := range conns {
+		c, _, err := websocket.Dial(ctx, url, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.CloseNow()
+		conns[i] = c
+	}
+	payload := []byte(strings.Repeat("m", 128))
+	b.ReportAllocs()
+	b.SetBytes(int64(len(payload)))
+	b.ResetTimer()
+	var senders sync.WaitGroup
+	for i, c := range conns {
+		count := b.N / n
+		if i < b.N%n {
+			count++
+		}
+		senders.Go(func() {
+			for range count {
+				if err := c.Write(ctx, websocket.MessageText, payload); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	senders.Wait()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		b.Fatalf("the server got %d of %d messages", got.Load(), total)
+	}
+}

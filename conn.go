@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -25,6 +26,7 @@ type conn struct {
 	h      *Handler
 	ws     *websocket.Conn // set once, before the writer may start
 	sock   *socket         // the hijacked connection under ws
+	br     *bufio.Reader   // ws's reader over sock
 	client Client
 	proto  bool
 	ctx    context.Context // ends when the connection is closing
@@ -378,6 +380,7 @@ func (c *conn) readLoop() {
 		// read context that ended would close the socket under a flushing
 		// writer, and a context costs a callback per read. Close and an
 		// expired Shutdown end the read with kill.
+		c.sock.waitReadable(c.br)
 		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			c.readFailed(err)

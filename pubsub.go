@@ -335,7 +335,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(h.cfg.maxMessageBytes)
 	c.mu.Lock()
-	c.ws, c.sock = ws, hw.sock
+	c.ws, c.sock, c.br = ws, hw.sock, hw.br
 	c.mu.Unlock()
 	if c.proto {
 		// Queued before the connection is reachable (register), so it is

@@ -37,3 +37,17 @@ func writeNonBlocking(fd int, p []byte) (int, error) {
 		}
 	}
 }
+
+// readable is a syscall.RawConn Read callback: it reports whether the
+// socket fd has a byte to read, the end of the stream or an error, by
+// peeking without waiting; false makes the RawConn wait for readability.
+func readable(fd uintptr) bool {
+	var b [1]byte
+	for {
+		_, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd,
+			uintptr(unsafe.Pointer(&b[0])), 1, syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		if errno != syscall.EINTR {
+			return errno != syscall.EAGAIN
+		}
+	}
+}

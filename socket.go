@@ -31,6 +31,7 @@ const (
 type hijacker struct {
 	http.ResponseWriter
 	sock *socket
+	br   *bufio.Reader // coder/websocket's reader over sock
 }
 
 func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -49,10 +50,8 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		}
 	}
 	w.sock = newSocket(nc, pre)
-	return w.sock, bufio.NewReadWriter(
-		bufio.NewReaderSize(w.sock, readBufferSize),
-		bufio.NewWriterSize(w.sock, writeBufferSize),
-	), nil
+	w.br = bufio.NewReaderSize(w.sock, readBufferSize)
+	return w.sock, bufio.NewReadWriter(w.br, bufio.NewWriterSize(w.sock, writeBufferSize)), nil
 }
 
 // Unwrap lets http.ResponseController reach the original writer.
@@ -213,4 +212,27 @@ func (s *socket) writeAll(p []byte) error {
 	}
 	_, err := s.Conn.Write(p)
 	return err
+}
+
+// waitReadable returns once the connection has something to read: bytes
+// in br (coder/websocket's buffer) or the socket, the end of the stream, or
+// an error. A connection's reader calls it before each read, so that an
+// idle connection waits here, a few calls deep, rather than deep inside
+// coder/websocket's Read: a goroutine parked with less than a quarter of
+// its stack in use has its stack halved by the garbage collector, and an
+// idle connection's reader keeps 2 KiB of stack instead of 4 (see
+// BENCHMARKS.md). Connections tryWrite cannot use return at once.
+func (s *socket) waitReadable(br *bufio.Reader) {
+	if s.fd < 0 || br.Buffered() > 0 || len(s.pre) > 0 {
+		return
+	}
+	sc, ok := s.Conn.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Read(readable) // an error (closed) is for the read that follows to report
 }

@@ -269,3 +269,69 @@ func TestHijackHandsOverSmallBuffersAndBufferedBytes(t *testing.T) {
 	}
 	_ = bufio.ErrBufferFull
 }
+
+func TestWaitReadableReturnsOnlyWhenThereIsSomethingToRead(t *testing.T) {
+	t.Parallel()
+	server, client := tcpPair(t)
+	s := newSocket(server, nil)
+	br := bufio.NewReaderSize(s, readBufferSize)
+	returned := func() <-chan struct{} {
+		done := make(chan struct{})
+		go func() {
+			s.waitReadable(br)
+			close(done)
+		}()
+		return done
+	}
+
+	done := returned()
+	select {
+	case <-done:
+		if canTryWrite {
+			t.Fatal("waitReadable returned with nothing to read")
+		}
+	case <-time.After(50 * time.Millisecond): // it waits, as it should
+	}
+	client.Write([]byte("ab"))
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitReadable did not return when bytes arrived")
+	}
+	// One byte read leaves one in br: no wait, even though the socket is empty.
+	if b, err := br.ReadByte(); err != nil || b != 'a' {
+		t.Fatalf("read %q, %v", b, err)
+	}
+	select {
+	case <-returned():
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitReadable waited with a byte buffered in the reader")
+	}
+	br.ReadByte()
+	// The end of the stream is something to read.
+	done = returned()
+	client.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitReadable did not return at the end of the stream")
+	}
+}
+
+func TestWaitReadableReturnsWhenTheSocketCloses(t *testing.T) {
+	t.Parallel()
+	server, _ := tcpPair(t)
+	s := newSocket(server, nil)
+	br := bufio.NewReaderSize(s, readBufferSize)
+	done := make(chan struct{})
+	go func() {
+		s.waitReadable(br)
+		close(done)
+	}()
+	s.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitReadable kept waiting on a closed socket")
+	}
+}
