@@ -125,7 +125,7 @@
 // would otherwise live as long as the connection. The connection is served
 // by one reader goroutine that the Handler owns and waits for in Shutdown
 // and Close, and heartbeats are a timer. An idle connection costs one
-// goroutine and about 10 KiB (see BENCHMARKS.md). Consequences of
+// goroutine and about 8 KiB (see BENCHMARKS.md). Consequences of
 // returning early: the request's context ends at the upgrade (hooks get a
 // context that lives as long as the connection instead), and middleware
 // around the Handler sees the request finish at the upgrade, so a request
