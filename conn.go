@@ -19,8 +19,9 @@ import (
 const closeAbnormal = 1006
 
 // conn is one WebSocket connection. Its reader goroutine (run, owned by the
-// Handler) owns the fields marked "reader". A writer goroutine runs only
-// while something is queued; it owns the socket's writes. Heartbeats are a
+// Handler) owns the fields marked "reader". Its queue is written by one
+// writer at a time, the Handler's writer pool or a goroutine of its own
+// (see writer.go), and only while something is queued. Heartbeats are a
 // timer, not a goroutine. An idle connection therefore costs one goroutine.
 type conn struct {
 	h      *Handler
