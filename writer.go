@@ -241,6 +241,8 @@ func (c *conn) writeLoop() {
 			var batch []*frame
 			if c.flush {
 				batch = c.takeLocked()
+			} else {
+				left = nil // unsent, like the queue; a frame cut short is still completed
 			}
 			c.mu.Unlock()
 			c.finish(left, batch)
@@ -296,9 +298,10 @@ func (c *conn) writeWait(left, batch []*frame) error {
 	return err
 }
 
-// finish writes what a pool writer left (completing a frame it cut short)
-// and batch (what was queued, when flushing), then sends the close frame
-// and closes the socket. It runs on the connection's own writer.
+// finish completes a frame a pool writer cut short (the socket's rest),
+// writes left and batch (what was queued, when flushing), then sends the
+// close frame and closes the socket. It runs on the connection's own
+// writer.
 func (c *conn) finish(left, batch []*frame) {
 	c.mu.Lock()
 	code, reason, abort := c.code, c.reason, c.abort
