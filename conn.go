@@ -381,7 +381,9 @@ func (c *conn) readLoop() {
 		// read context that ended would close the socket under a flushing
 		// writer, and a context costs a callback per read. Close and an
 		// expired Shutdown end the read with kill.
-		c.sock.waitReadable(c.br)
+		if c.idleRead() {
+			c.sock.waitReadable()
+		}
 		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			c.readFailed(err)
@@ -408,6 +410,18 @@ func (c *conn) readLoop() {
 			return
 		}
 	}
+}
+
+// idleRead reports whether the next read would wait on the network: no
+// byte is buffered, in coder/websocket's reader or carried over from the
+// handshake. Only the reader goroutine reads them, until the connection
+// closes: then coder's close handshake reads too, so the check is made
+// under mu and only before closing begins (beginClose takes mu), and
+// after it the reader goes straight to coder's Read, which orders the two.
+func (c *conn) idleRead() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closing && c.br.Buffered() == 0 && len(c.sock.pre) == 0
 }
 
 // readFailed records why reading ended: the peer's close frame, an

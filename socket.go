@@ -214,16 +214,17 @@ func (s *socket) writeAll(p []byte) error {
 	return err
 }
 
-// waitReadable returns once the connection has something to read: bytes
-// in br (coder/websocket's buffer) or the socket, the end of the stream, or
-// an error. A connection's reader calls it before each read, so that an
-// idle connection waits here, a few calls deep, rather than deep inside
-// coder/websocket's Read: a goroutine parked with less than a quarter of
-// its stack in use has its stack halved by the garbage collector, and an
-// idle connection's reader keeps 2 KiB of stack instead of 4 (see
-// BENCHMARKS.md). Connections tryWrite cannot use return at once.
-func (s *socket) waitReadable(br *bufio.Reader) {
-	if s.fd < 0 || br.Buffered() > 0 || len(s.pre) > 0 {
+// waitReadable returns once the socket has something to read: bytes, the
+// end of the stream, or an error (a closed socket among them). A
+// connection's reader calls it before each read that would otherwise wait
+// inside coder/websocket's Read (see conn.readLoop), so that an idle
+// connection waits here, a few calls deep: a goroutine parked with less
+// than a quarter of its stack in use has its stack halved by the garbage
+// collector, and an idle connection's reader keeps 2 KiB of stack instead
+// of 4 (see BENCHMARKS.md). It returns at once where tryWrite cannot be
+// used, and on platforms without a way to peek.
+func (s *socket) waitReadable() {
+	if s.fd < 0 {
 		return
 	}
 	sc, ok := s.Conn.(syscall.Conn)
