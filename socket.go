@@ -175,28 +175,42 @@ func (s *socket) hasRest() bool {
 	return len(s.rest) > 0
 }
 
-// tryWrite writes p without waiting: what the kernel does not take at once
-// is kept as the socket's rest, for writeAll (or coder's next Write) to
-// finish. It reports whether p went out whole. Only call it when canTry.
-func (s *socket) tryWrite(p []byte) (bool, error) {
-	s.mu.Lock()
+// tryResult is what a tryWrite did with its bytes.
+type tryResult uint8
+
+const (
+	tryWhole   tryResult = iota // all written
+	tryPartial                  // some written, the rest kept as the socket's rest
+	tryBusy                     // nothing written: another write holds the socket
+)
+
+// tryWrite writes p without waiting, not even for the socket's lock: a
+// write of coder/websocket's (a pong, a close frame) may hold it while it
+// waits on a full socket, and a pool goroutine must never wait behind one
+// connection. What the kernel does not take at once is kept as the
+// socket's rest, for writeAll (or coder's next Write) to finish. Only call
+// it when canTry.
+func (s *socket) tryWrite(p []byte) (tryResult, error) {
+	if !s.mu.TryLock() {
+		return tryBusy, nil
+	}
 	defer s.mu.Unlock()
 	if s.closing.Load() {
-		return false, net.ErrClosed
+		return tryBusy, net.ErrClosed
 	}
 	if len(s.rest) > 0 { // not expected: keep the order, let writeAll finish
 		s.rest = append(s.rest, p...)
-		return false, nil
+		return tryPartial, nil
 	}
 	n, err := writeNonBlocking(int(s.fd), p)
 	if err != nil {
-		return false, err
+		return tryBusy, err
 	}
 	if n == len(p) {
-		return true, nil
+		return tryWhole, nil
 	}
 	s.rest = append([]byte(nil), p[n:]...)
-	return false, nil
+	return tryPartial, nil
 }
 
 // writeAll writes the rest, then p, waiting as long as the socket's write

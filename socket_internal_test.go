@@ -50,9 +50,9 @@ func TestTryWriteNeverWaitsAndKeepsWhatTheSocketRefusedForFirst(t *testing.T) {
 		t.Fatal("a TCP connection should allow writes that never wait")
 	}
 	big := bytes.Repeat([]byte("a"), 64<<20) // far more than the kernel buffers hold
-	whole, err := s.tryWrite(big)
-	if err != nil || whole {
-		t.Fatalf("tryWrite of 64 MiB to a reader that reads nothing: whole %v, err %v; want a partial write", whole, err)
+	res, err := s.tryWrite(big)
+	if err != nil || res != tryPartial {
+		t.Fatalf("tryWrite of 64 MiB to a reader that reads nothing: %v, err %v; want a partial write", res, err)
 	}
 	if !s.hasRest() {
 		t.Fatal("the unwritten tail was not kept")
@@ -97,8 +97,8 @@ func TestTryWriteReportsAClosedSocket(t *testing.T) {
 	server, _ := tcpPair(t)
 	s := newSocket(server, nil)
 	server.Close()
-	if whole, err := s.tryWrite([]byte("x")); err == nil || whole {
-		t.Fatalf("tryWrite on a closed socket: whole %v, err %v; want an error", whole, err)
+	if res, err := s.tryWrite([]byte("x")); err == nil || res == tryWhole {
+		t.Fatalf("tryWrite on a closed socket: %v, err %v; want an error", res, err)
 	}
 }
 

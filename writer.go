@@ -150,21 +150,24 @@ func (c *conn) writePooled(buf *[]byte) (sent int) {
 // tryBatch writes batch without waiting, gathering frames into as few
 // writes as gatherLimit allows. It returns the data frames written (those
 // in the socket's rest included: they go out before anything else) and,
-// when the socket filled (full), the frames not yet written.
+// when the socket filled or another write held it (full), the frames not
+// yet written.
 func (c *conn) tryBatch(buf *[]byte, batch []*frame) (sent int, left []*frame, full bool, err error) {
 	for i := 0; i < len(batch); {
 		p, next, n := c.gather(batch, i, buf)
 		if p == nil {
 			break
 		}
-		whole, err := c.sock.tryWrite(p)
-		if err != nil {
+		res, err := c.sock.tryWrite(p)
+		switch {
+		case err != nil:
 			return sent, nil, false, err
+		case res == tryBusy:
+			return sent, batch[i:], true, nil
+		case res == tryPartial:
+			return sent + n, batch[next:], true, nil
 		}
 		sent += n
-		if !whole {
-			return sent, batch[next:], true, nil
-		}
 		i = next
 	}
 	return sent, nil, false, nil

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -141,5 +142,65 @@ func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool)
 			t.Fatalf("timed out waiting for %s", what)
 		case <-time.After(5 * time.Millisecond):
 		}
+	}
+}
+
+// A write of coder/websocket's that waits on a full socket holds the
+// socket's lock; the pool never waits behind it. The connection goes to its
+// own writer, and the pool goes on serving the others.
+func TestAPoolWriterNeverWaitsForABusySocket(t *testing.T) {
+	t.Parallel()
+	if !canTryWrite {
+		t.Skip("no writer pool on this platform")
+	}
+	h := NewHandler(WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	h.writers.max = 1 // one pool goroutine: if it waited, nobody would write
+	srv := httptest.NewServer(h)
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dialRoom := func(room string) (*websocket.Conn, *conn) {
+		ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?room="+room, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.CloseNow() })
+		var c *conn
+		// Registered (under h.mu) once its socket is set: the new one.
+		waitUntil(t, ctx, "the connection to "+room+" registered", func() bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			for _, x := range h.conns {
+				if x.raw != nil && x.raw.name == room {
+					c = x
+				}
+			}
+			return c != nil
+		})
+		return ws, c
+	}
+	wsA, a := dialRoom("a")
+	wsB, _ := dialRoom("b")
+
+	a.sock.mu.Lock() // as a control frame waiting on a full socket would
+	var once sync.Once
+	unlock := func() { once.Do(a.sock.mu.Unlock) }
+	t.Cleanup(unlock) // runs before the Handler's Close, even when the test fails
+	if err := h.Publish(ctx, "a", []byte("to a")); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, ctx, "a handed to its own writer", func() bool { return a.writerNow() == writerOwn })
+	if err := h.Publish(ctx, "b", []byte("to b")); err != nil {
+		t.Fatal(err)
+	}
+	if _, b, err := wsB.Read(ctx); err != nil || string(b) != "to b" {
+		t.Fatalf("b read %q, %v: the pool waited behind a's socket", b, err)
+	}
+	unlock()
+	if _, b, err := wsA.Read(ctx); err != nil || string(b) != "to a" {
+		t.Fatalf("a read %q, %v once its socket was free", b, err)
 	}
 }
