@@ -137,11 +137,12 @@
 // of at most GOMAXPROCS goroutines, running while something is queued,
 // writes each waiting connection's queue with one system call that never
 // waits, each message framed once and its bytes written as they are to
-// every subscriber. A connection whose socket is full (its client reads
-// slowly), one whose net.Conn is not the standard library's own TCP or Unix
-// connection (TLS, or a listener that wraps its connections), and the
-// close get a writer goroutine of their own, which waits on the socket up
-// to WithWriteTimeout.
+// every subscriber. A pool goroutine never waits on one connection: a
+// connection whose socket is full (its client reads slowly) or held by
+// another write (a pong or close frame waiting on a full socket), one whose
+// net.Conn is not the standard library's own TCP or Unix connection (TLS,
+// or a listener that wraps its connections), and the close get a writer
+// goroutine of their own, which waits on the socket up to WithWriteTimeout.
 //
 // # Shutdown
 //

@@ -21,7 +21,8 @@ import (
 //     a room of 10,000 is 10,000 such writes shared by a few goroutines,
 //     not 10,000 goroutine wake-ups.
 //   - A connection's own writer goroutine, for what may wait: a socket
-//     whose buffer filled (its reader is slow), a connection that is not
+//     whose buffer filled (its reader is slow) or whose lock another
+//     write holds (see socket.tryWrite), a connection that is not
 //     the standard library's own TCP or Unix connection (TLS, a host's
 //     wrapper: see newSocket), and the close. It
 //     writes with WithWriteTimeout as the socket's deadline, and hands the
