@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -250,5 +251,48 @@ func BenchmarkEnqueueTake(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkPublishManyRooms measures server-side publishes from parallel
+// goroutines (as many as -cpu says) into 1,000 rooms of one subscriber
+// each, through the memory broker: what the room registry's shards and
+// the broker's locks cost when publishes to different rooms meet. Each
+// publish is followed by its subscriber's take, as its writer would do, so
+// queues stay short.
+//
+//	go test -run '^$' -bench PublishManyRooms -benchmem -cpu 1,2 .
+func BenchmarkPublishManyRooms(b *testing.B) {
+	const rooms = 1000
+	h := benchHandler()
+	defer h.Close()
+	names := make([]string, rooms)
+	subs := make([]*conn, rooms)
+	for i := range names {
+		names[i] = fmt.Sprintf("room-%04d", i)
+		subs[i] = benchMembers(b, h, names[i], 1)[0]
+	}
+	payload := benchPayloads()[0].data
+	ctx := context.Background()
+	var next atomic.Uint32
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(397)) // each goroutine starts elsewhere in the rooms
+		for pb.Next() {
+			i = (i + 1) % rooms
+			if err := h.Publish(ctx, names[i], payload); err != nil {
+				b.Error(err)
+				return
+			}
+			drainQueues(subs[i : i+1])
+		}
+	})
+	b.StopTimer()
+	if st := h.Stats(); st.SlowConsumers != 0 {
+		b.Fatalf("%d slow consumers: the benchmark overflowed queues", st.SlowConsumers)
+	}
+	for _, c := range subs {
+		c.leaveAll()
 	}
 }
