@@ -302,10 +302,11 @@ func TestReportShowsEveryImplementationWithRatiosToTheFirst(t *testing.T) {
 		{Impl: "other", Scenario: "C", Err: "deliveries stopped", CloseCodes: map[int]int{4002: 3}},
 	}
 	var buf bytes.Buffer
-	WriteMarkdown(&buf, Header{Command: "go run ./cmd/compare", Machine: Machine{CPUs: 2, CPUModel: "X"}}, sc, results)
+	WriteMarkdown(&buf, Header{Command: "go run ./cmd/compare", Machine: Machine{CPUs: 2, CPUModel: "X"}, Rev: "commit abc1234"}, sc, results)
 	out := buf.String()
 	for _, want := range []string{
 		"command: `go run ./cmd/compare`",
+		"github.com/roomcast/pubsub (this repository, commit abc1234)",
 		"2 CPUs (X)",
 		"| metric | roomcast | other |",
 		"| memory per connection, RSS after GC (lower is better) | 10.0 KiB | 25.0 KiB (2.50×) |",

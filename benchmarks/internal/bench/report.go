@@ -16,16 +16,35 @@ type Header struct {
 	Started time.Time
 	Took    time.Duration
 	Machine Machine
+	// Rev is the roomcast commit the replace directive pointed at when the
+	// run started, when the binary was just built: the report is written
+	// at the end, and HEAD may have moved since.
+	Rev string
 }
 
-// NewHeader describes this machine and the module versions built in.
+// NewHeader describes this machine and the roomcast commit; call it as the
+// driver starts.
 func NewHeader(command string) Header {
-	return Header{Command: command, Started: time.Now(), Machine: machine()}
+	return Header{Command: command, Started: time.Now(), Machine: machine(), Rev: gitRev()}
+}
+
+// gitRev names the repository's HEAD, and says so when the tree had
+// uncommitted changes.
+func gitRev() string {
+	b, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return "unknown commit"
+	}
+	rev := "commit " + strings.TrimSpace(string(b))
+	if b, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(b) > 0 {
+		rev += " with uncommitted changes"
+	}
+	return rev
 }
 
 // versions lists the compared libraries as built into this binary, and the
-// roomcast commit the replace directive points at.
-func versions() []string {
+// roomcast commit the replace directive pointed at (rev).
+func versions(rev string) []string {
 	var out []string
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, d := range bi.Deps {
@@ -36,12 +55,8 @@ func versions() []string {
 			}
 		}
 	}
-	rev := "unknown commit"
-	if b, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output(); err == nil {
-		rev = "commit " + strings.TrimSpace(string(b))
-		if b, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(b) > 0 {
-			rev += " with uncommitted changes"
-		}
+	if rev == "" {
+		rev = "unknown commit"
 	}
 	return append([]string{"github.com/roomcast/pubsub (this repository, " + rev + ")"}, out...)
 }
@@ -148,7 +163,7 @@ func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result
 	fmt.Fprintf(w, "- command: `%s`\n", h.Command)
 	fmt.Fprintf(w, "- started %s, took %v\n", h.Started.UTC().Format(time.RFC3339), h.Took.Round(time.Second))
 	fmt.Fprintf(w, "- machine: %d CPUs (%s), %s memory, Linux %s, %s\n", m.CPUs, m.CPUModel, m.Memory, m.Kernel, m.Go)
-	fmt.Fprintf(w, "- versions: %s\n", strings.Join(versions(), ", "))
+	fmt.Fprintf(w, "- versions: %s\n", strings.Join(versions(h.Rev), ", "))
 	fmt.Fprintf(w, "- servers, clients and driver share the machine; everything is on 127.0.0.1\n")
 
 	var impls []string
