@@ -29,32 +29,11 @@ func (c *conn) writerNow() writerState {
 // when nothing is queued no pool goroutine is left.
 func TestAFullSocketGoesToItsOwnWriterAndBackToThePool(t *testing.T) {
 	t.Parallel()
-	if !canTryWrite {
-		t.Skip("no writer pool on this platform")
-	}
-	h := NewHandler(WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))), WithQueueLimits(DefaultQueueMessages, 256<<20))
-	srv := httptest.NewServer(h)
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
+	h, url := poolServer(t, nil, WithQueueLimits(DefaultQueueMessages, 256<<20))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?room=slow", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.CloseNow()
+	ws, c := dialRaw(t, ctx, h, url, "slow")
 	ws.SetReadLimit(-1)
-	var c *conn
-	waitUntil(t, ctx, "the connection registered", func() bool {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		for _, x := range h.conns {
-			c = x
-		}
-		return c != nil
-	})
 	if !c.sock.canTry() {
 		t.Fatal("a plain TCP connection should be written by the pool")
 	}
@@ -150,40 +129,12 @@ func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool)
 // own writer, and the pool goes on serving the others.
 func TestAPoolWriterNeverWaitsForABusySocket(t *testing.T) {
 	t.Parallel()
-	if !canTryWrite {
-		t.Skip("no writer pool on this platform")
-	}
-	h := NewHandler(WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
-	h.writers.max = 1 // one pool goroutine: if it waited, nobody would write
-	srv := httptest.NewServer(h)
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
+	// One pool goroutine: if it waited, nobody would write.
+	h, url := poolServer(t, func(h *Handler) { h.writers.max = 1 })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	dialRoom := func(room string) (*websocket.Conn, *conn) {
-		ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?room="+room, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ws.CloseNow() })
-		var c *conn
-		// Registered (under h.mu) once its socket is set: the new one.
-		waitUntil(t, ctx, "the connection to "+room+" registered", func() bool {
-			h.mu.Lock()
-			defer h.mu.Unlock()
-			for _, x := range h.conns {
-				if x.raw != nil && x.raw.name == room {
-					c = x
-				}
-			}
-			return c != nil
-		})
-		return ws, c
-	}
-	wsA, a := dialRoom("a")
-	wsB, _ := dialRoom("b")
+	wsA, a := dialRaw(t, ctx, h, url, "a")
+	wsB, _ := dialRaw(t, ctx, h, url, "b")
 
 	a.sock.mu.Lock() // as a control frame waiting on a full socket would
 	var once sync.Once
@@ -203,4 +154,49 @@ func TestAPoolWriterNeverWaitsForABusySocket(t *testing.T) {
 	if _, b, err := wsA.Read(ctx); err != nil || string(b) != "to a" {
 		t.Fatalf("a read %q, %v once its socket was free", b, err)
 	}
+}
+
+// poolServer serves a Handler built with opts (after setup, if any, has
+// adjusted it before any connection) for a test of the writer pool, which
+// it skips where there is no pool. It returns the Handler and the
+// WebSocket URL of its endpoint.
+func poolServer(t *testing.T, setup func(*Handler), opts ...Option) (*Handler, string) {
+	t.Helper()
+	if !canTryWrite {
+		t.Skip("no writer pool on this platform")
+	}
+	h := NewHandler(append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...)
+	if setup != nil {
+		setup(h)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+	})
+	return h, "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+}
+
+// dialRaw connects a raw-mode client to room and returns it with the
+// server's side of it, found once registered (under h.mu, after its socket
+// is set, so reading c.sock needs no lock).
+func dialRaw(t *testing.T, ctx context.Context, h *Handler, url, room string) (*websocket.Conn, *conn) {
+	t.Helper()
+	ws, _, err := websocket.Dial(ctx, url+"?room="+room, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.CloseNow() })
+	var c *conn
+	waitUntil(t, ctx, "the connection to "+room+" registered", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		for _, x := range h.conns {
+			if x.raw != nil && x.raw.name == room {
+				c = x
+			}
+		}
+		return c != nil
+	})
+	return ws, c
 }
