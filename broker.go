@@ -21,9 +21,11 @@ const (
 	// KindReset says this node's stream of the room broke: messages were
 	// lost that the broker cannot deliver (its connection to the cluster
 	// dropped and the history no longer holds them, or the engine lost the
-	// room's state). The Handler closes the room's subscribers on this node
-	// with 4006 after what they have queued, so they reconnect and recover
-	// exactly, or are told that they cannot. Only Kind and Room are set.
+	// room's state). A broker delivers it before any message past the lost
+	// ones. The Handler closes the room's subscribers on this node with
+	// 4006 after what they have queued, so they reconnect and recover
+	// exactly, or are told that they cannot; the next message starts the
+	// room's stream afresh. Only Kind and Room are set.
 	KindReset
 )
 
@@ -114,10 +116,14 @@ type HistoryResult struct {
 // nodes) checks an implementation.
 type Broker interface {
 	// Bind is called once, by NewHandler, before any other method; a second
-	// call panics (one broker serves one Handler). The
-	// broker calls deliver for each message and presence event of a room
-	// this node subscribed to: one room's in order, never two of one room
-	// at once. deliver only enqueues; it never blocks on a socket.
+	// call panics (one broker serves one Handler). The broker calls deliver
+	// for each message and presence event of a room this node subscribed
+	// to: one room's in order, never two of one room at once, and with no
+	// hole: after the first, each message is the next Seq of the same
+	// Epoch, unless a KindReset came first. A repeat is harmless (the
+	// Handler drops it); a hole without a reset is treated as one, so no
+	// subscriber ever sees it. deliver only enqueues; it never blocks on a
+	// socket.
 	Bind(deliver func(Message))
 	// Publish assigns data the room's next sequence number and a unique
 	// ID, appends it to the room's history (bounded by h), and delivers it

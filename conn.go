@@ -253,6 +253,12 @@ func (c *conn) beginCloseLocked(code int, reason string, flush bool) bool {
 	return true
 }
 
+// roomReset closes the connection with 4006 after what it has queued: a
+// room it joined lost messages it cannot be sent (see KindReset).
+func (c *conn) roomReset() {
+	c.beginClose(CloseRoomReset, "room stream reset; reconnect and recover", true)
+}
+
 // closeStatus is the code and reason the connection closed with.
 func (c *conn) closeStatus() (int, string) {
 	c.mu.Lock()

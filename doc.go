@@ -100,6 +100,15 @@
 //     nothing: one whose queue would overflow is closed with 4002, never
 //     silently skipped. Under DropOldest and KeepLatest the drops show as
 //     gaps in seq and in the counters.
+//   - A subscription's live stream has no hole within an epoch, whatever
+//     the broker. When this node learns that messages of a room are gone
+//     for good (its link to the cluster broke for longer than the history
+//     covers, or the broker lost the room's state), the room's subscribers
+//     here are closed with 4006 before anything past the hole: their last
+//     position is the last message before it, so a resubscribe from it
+//     recovers, or is told it cannot (history_too_short, epoch_changed).
+//     The Handler checks every delivery itself, so a broker that skips
+//     messages without saying so cannot make a subscriber skip them.
 //   - With history, a client that resubscribes with its last (epoch, seq)
 //     gets exactly the messages it missed, in order, before any live one,
 //     with no gap and no duplicate even while publishes race with the

@@ -72,9 +72,12 @@ type room struct {
 	dropped       atomic.Uint64 // messages a drop policy discarded, all subscribers
 	slowConsumers atomic.Uint64 // subscribers closed as slow consumers on this room's message
 
-	// The last message delivered, guarded by the broker's promise that one
-	// room's deliveries never overlap: a repeat is dropped, whatever the
-	// broker does, so delivery stays at most once.
+	// The last message the broker delivered, guarded by the broker's
+	// promise that one room's deliveries never overlap. A repeat is dropped,
+	// whatever the broker does, so delivery stays at most once; a message
+	// that does not follow it (a seq jump or a new epoch) is a hole in the
+	// stream and resets the room (see deliver). lastEpoch is empty until
+	// the life's first message, and again after a reset.
 	lastEpoch string
 	lastSeq   uint64
 }
@@ -88,11 +91,13 @@ type sub struct {
 	// a slow consumer, like a full queue.
 	buffering bool
 	pending   []*frame
-	// floor is the position the subscription caught up to: a broker whose
-	// live stream lags its history (Redis pub/sub beside a Lua read) may
-	// still deliver messages at or below it after the catch-up. They are
-	// dropped until the first newer one passes; one room's messages come
-	// in order, so none older can follow it.
+	// floor is the position the subscription caught up to (its history
+	// read, or the last buffered message it released). A broker whose live
+	// stream lags its history (Redis pub/sub beside a Lua read) may still
+	// deliver messages at or below it after the catch-up: they are
+	// dropped. The first newer one must be the floor's next, or the
+	// subscription would skip a hole: it is closed with 4006 instead. Once
+	// one passes, floorEpoch is cleared and the room's own check takes over.
 	floorEpoch string
 	floorSeq   uint64
 }
@@ -186,14 +191,26 @@ func (g *registry) catchUp(r *room, c *conn, first []*frame, epoch string, top u
 	for _, f := range first {
 		c.enqueue(f)
 	}
+	last := top
 	for _, f := range s.pending {
-		if f.m.Kind == KindMessage && f.m.Epoch == epoch && f.m.Seq <= top {
+		if f.m.Kind != KindMessage {
+			c.enqueue(f)
+			continue
+		}
+		if f.m.Epoch != epoch || f.m.Seq > last+1 {
+			// The live stream ran ahead of the history read: a hole no
+			// broker keeping its contract leaves, closed rather than skipped.
+			c.roomReset()
+			break
+		}
+		if f.m.Seq <= last {
 			continue // covered by the history read
 		}
 		c.enqueue(f)
+		last = f.m.Seq
 	}
 	s.buffering, s.pending = false, nil
-	s.floorEpoch, s.floorSeq = epoch, top
+	s.floorEpoch, s.floorSeq = epoch, last
 }
 
 // leave removes c from r, unsubscribing this node at the broker when c was
@@ -263,21 +280,30 @@ func (g *registry) deliver(m Message) {
 	if r == nil {
 		return
 	}
-	if m.Kind == KindReset {
-		// Subscribers cannot be told of a gap they cannot see: close them,
-		// after what they have queued, so they reconnect and recover.
-		r.mu.RLock()
-		for c := range r.subs {
-			c.beginClose(CloseRoomReset, "room stream reset; reconnect and recover", true)
-		}
-		r.mu.RUnlock()
+	switch m.Kind {
+	case KindReset:
+		// Messages are gone that the subscribers cannot be told of: close
+		// them, after what they have queued, so they reconnect and recover.
+		// The next message starts the stream afresh.
+		r.lastEpoch, r.lastSeq = "", 0
+		g.reset(r)
 		return
-	}
-	if m.Kind == KindMessage {
+	case KindMessage:
 		if m.Epoch == r.lastEpoch && m.Seq <= r.lastSeq {
 			return // delivered already
 		}
+		hole := r.lastEpoch != "" && (m.Epoch != r.lastEpoch || m.Seq != r.lastSeq+1)
 		r.lastEpoch, r.lastSeq = m.Epoch, m.Seq
+		if hole {
+			// The one place that keeps a live stream gap-free, whatever
+			// the broker: every subscriber is closed with 4006 before it
+			// could see a message past the hole, so its last position is
+			// the one before it. m starts the stream afresh for later
+			// subscribers, who catch up from history.
+			g.onErr("deliver", m.Room, errHole)
+			g.reset(r)
+			return
+		}
 	}
 	f := newRoomFrame(m, r)
 	r.mu.RLock()
@@ -289,11 +315,15 @@ func (g *registry) deliver(m Message) {
 		if m.Kind != KindMessage && !s.presence {
 			continue
 		}
-		if s.floorSeq != 0 && m.Kind == KindMessage {
+		if s.floorEpoch != "" && m.Kind == KindMessage {
 			if m.Epoch == s.floorEpoch && m.Seq <= s.floorSeq {
 				continue // replayed already, or covered by the catch-up
 			}
-			s.floorSeq = 0 // safe under the read lock: deliveries never overlap
+			if m.Epoch != s.floorEpoch || m.Seq != s.floorSeq+1 {
+				c.roomReset() // a hole between its catch-up and the live stream
+				continue
+			}
+			s.floorEpoch = "" // safe under the read lock: deliveries never overlap
 		}
 		if s.buffering {
 			// Deliveries of one room never overlap (the Broker contract),
@@ -306,6 +336,20 @@ func (g *registry) deliver(m Message) {
 			continue
 		}
 		c.enqueue(f)
+	}
+}
+
+// errHole is what the Handler logs when a broker delivered a message that
+// does not follow the last one: the broker lost messages and did not say
+// so with KindReset first.
+var errHole = errors.New("the broker skipped messages of the room without a reset; closing its subscribers with 4006")
+
+// reset closes every subscriber of r with 4006, after what it has queued.
+func (g *registry) reset(r *room) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for c := range r.subs {
+		c.roomReset()
 	}
 }
 
