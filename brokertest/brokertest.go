@@ -8,7 +8,15 @@
 //	}
 //
 // A multi-node adapter also calls RunCluster with a factory whose brokers,
-// within one test, share one backend: they are the nodes of one cluster.
+// within one test, share one backend: they are the nodes of one cluster;
+// and RunPartition with nodes whose link to the backend a test can cut
+// (internal/faultproxy is such a link, a TCP proxy).
+//
+// Every check also holds each node's deliveries to the rule the Handler
+// relies on: within a subscription, a room's messages follow one another
+// (the same epoch, seq one more than the last) unless a KindReset comes
+// first. A broker that cannot deliver what it lost says so before it
+// delivers anything past the hole.
 //
 // Each check is a subtest named after the guarantee it protects, and every
 // wait is bounded. The suite uses fresh random room names, so brokers may
@@ -38,10 +46,7 @@ const waitTimeout = 15 * time.Second
 
 // Run checks a single node: newBroker returns a fresh, unbound broker.
 func Run(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
-	checks := []struct {
-		name string
-		f    func(t *testing.T, newBroker func(t *testing.T) pubsub.Broker)
-	}{
+	runChecks(t, newBroker, []check[func(t *testing.T) pubsub.Broker]{
 		{"BindingTwicePanics", testBindTwice},
 		{"ConcurrentPublishersGetOneGaplessSequence", testSequence},
 		{"DeliveryFollowsInterestInOrderNeverConcurrently", testInterest},
@@ -53,33 +58,55 @@ func Run(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
 		{"PresenceCountsUsersOnceAcrossConnections", testPresence},
 		{"PresenceEventsOnFirstJoinAndLastLeaveOnlyWithEvents", testPresenceEvents},
 		{"ClosedBrokerFailsWithErrClosed", testClosed},
-	}
+	})
+}
+
+// check is one guarantee of the suite: a subtest of that name.
+type check[F any] struct {
+	name string
+	f    func(t *testing.T, factory F)
+}
+
+// runChecks runs each check as a parallel subtest with the factory.
+func runChecks[F any](t *testing.T, factory F, checks []check[F]) {
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			c.f(t, newBroker)
+			c.f(t, factory)
 		})
 	}
+}
+
+// A Link is a node's network path to its backend, which RunPartition cuts
+// and heals.
+type Link interface {
+	// Cut makes the backend unreachable from the node: its connections
+	// drop and new ones fail, until Heal.
+	Cut()
+	// Heal makes the backend reachable again.
+	Heal()
+}
+
+// RunPartition checks what a node cut off from its cluster does: newNode
+// returns a node of one cluster (every node of one test shares a backend)
+// and the link between that node and the backend.
+func RunPartition(t *testing.T, newNode func(t *testing.T) (pubsub.Broker, Link)) {
+	runChecks(t, newNode, []check[func(t *testing.T) (pubsub.Broker, Link)]{
+		{"ShortOutageIsFilledFromHistoryInOrder", testShortOutage},
+		{"LongOutageResetsBeforeAnythingPastTheHole", testLongOutage},
+		{"PublishDuringOutageFails", testPublishDuringOutage},
+	})
 }
 
 // RunCluster checks several nodes of one cluster: within one test, every
 // broker newNode returns shares one backend with the others.
 func RunCluster(t *testing.T, newNode func(t *testing.T) pubsub.Broker) {
-	checks := []struct {
-		name string
-		f    func(t *testing.T, newNode func(t *testing.T) pubsub.Broker)
-	}{
+	runChecks(t, newNode, []check[func(t *testing.T) pubsub.Broker]{
 		{"EveryNodeSeesOneSequenceInOrder", testClusterSequence},
 		{"OnlyInterestedNodesReceive", testClusterInterest},
 		{"HistoryAndPositionAreShared", testClusterHistory},
 		{"PresenceAndEventsAreShared", testClusterPresence},
-	}
-	for _, c := range checks {
-		t.Run(c.name, func(t *testing.T) {
-			t.Parallel()
-			c.f(t, newNode)
-		})
-	}
+	})
 }
 
 // node is a bound broker and what it delivered.
@@ -104,6 +131,9 @@ func newNode(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) *node {
 		if rooms := rec.overlapping(); len(rooms) > 0 {
 			t.Errorf("deliver ran concurrently for one room: %v", rooms)
 		}
+		for _, hole := range rec.holes() {
+			t.Errorf("a hole without a KindReset first: %s", hole)
+		}
 	})
 	return &node{t: t, b: b, rec: rec}
 }
@@ -114,7 +144,9 @@ type recorder struct {
 	msgs     map[string][]pubsub.Message
 	inflight map[string]int
 	overlap  map[string]bool
-	changed  chan struct{} // closed on every delivery, then replaced
+	last     map[string]pubsub.Message // the last message of each room's stream; absent after a subscribe or reset
+	hole     []string                  // messages that did not follow the last one, with no reset between
+	changed  chan struct{}             // closed on every delivery, then replaced
 }
 
 func newRecorder() *recorder {
@@ -122,6 +154,7 @@ func newRecorder() *recorder {
 		msgs:     make(map[string][]pubsub.Message),
 		inflight: make(map[string]int),
 		overlap:  make(map[string]bool),
+		last:     make(map[string]pubsub.Message),
 		changed:  make(chan struct{}),
 	}
 }
@@ -137,9 +170,43 @@ func (r *recorder) deliver(m pubsub.Message) {
 	r.mu.Lock()
 	r.inflight[m.Room]--
 	r.msgs[m.Room] = append(r.msgs[m.Room], m)
+	r.follow(m)
 	close(r.changed)
 	r.changed = make(chan struct{})
 	r.mu.Unlock()
+}
+
+// follow checks that m continues its room's stream, as the Handler needs:
+// the next seq of the same epoch, a repeat (which the Handler drops), or
+// anything at all after a reset or a new subscription.
+func (r *recorder) follow(m pubsub.Message) {
+	switch m.Kind {
+	case pubsub.KindReset:
+		delete(r.last, m.Room)
+	case pubsub.KindMessage:
+		last, ok := r.last[m.Room]
+		switch {
+		case !ok:
+		case m.Epoch == last.Epoch && m.Seq <= last.Seq:
+			return // a repeat
+		case m.Epoch != last.Epoch || m.Seq != last.Seq+1:
+			r.hole = append(r.hole, fmt.Sprintf("room %s: %s/%d after %s/%d", m.Room, m.Epoch, m.Seq, last.Epoch, last.Seq))
+		}
+		r.last[m.Room] = m
+	}
+}
+
+// restart forgets room's stream: a new subscription may start anywhere.
+func (r *recorder) restart(room string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.last, room)
+}
+
+func (r *recorder) holes() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.hole)
 }
 
 func (r *recorder) overlapping() []string {
@@ -231,6 +298,7 @@ var keep = pubsub.HistoryOptions{Size: 1000, TTL: time.Minute}
 
 func (n *node) subscribe(room string) {
 	n.t.Helper()
+	n.rec.restart(room)
 	if err := n.b.Subscribe(ctx(n.t), room); err != nil {
 		n.t.Fatalf("Subscribe(%s): %v", room, err)
 	}
@@ -754,4 +822,99 @@ func testClusterPresence(t *testing.T, newBroker func(t *testing.T) pubsub.Broke
 		}
 	}
 	checkPresence(t, "after ann left on both nodes", b.presence(r, true), pubsub.Presence{Count: 1, Connections: 1})
+}
+
+// partitionNode is a node of RunPartition with its link to the backend.
+func partitionNode(t *testing.T, newBroker func(t *testing.T) (pubsub.Broker, Link)) (*node, Link) {
+	t.Helper()
+	var link Link
+	n := newNode(t, func(t *testing.T) pubsub.Broker {
+		b, l := newBroker(t)
+		link = l
+		return b
+	})
+	if link == nil {
+		t.Fatal("the factory returned a nil Link")
+	}
+	return n, link
+}
+
+// outage publishes on node a before and during an outage of node b's link,
+// then heals it and returns b and what a's publishes returned, in order.
+func outage(t *testing.T, newBroker func(t *testing.T) (pubsub.Broker, Link), r string, h pubsub.HistoryOptions, during int) (b, a *node, all []pubsub.Message) {
+	a, _ = partitionNode(t, newBroker)
+	b, link := partitionNode(t, newBroker)
+	b.subscribe(r)
+	for i := range 3 {
+		all = append(all, a.publish(r, fmt.Sprint("before ", i), h))
+	}
+	b.rec.waitFor(t, r, "the messages before the outage", func(ms []pubsub.Message) bool { return len(ms) >= 3 })
+	link.Cut()
+	for i := range during {
+		all = append(all, a.publish(r, fmt.Sprint("during ", i), h))
+	}
+	link.Heal()
+	return b, a, all
+}
+
+func testShortOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.Broker, Link)) {
+	r := room(t)
+	h := pubsub.HistoryOptions{Size: 100, TTL: time.Minute}
+	b, a, all := outage(t, newBroker, r, h, 40)
+	all = append(all, a.publish(r, "after", h))
+	got := b.rec.waitData(t, r, []byte("after"))
+	checkMessages(t, "deliveries on the node that was cut off, its history holding what it missed", got, all)
+}
+
+func testLongOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.Broker, Link)) {
+	r := room(t)
+	h := pubsub.HistoryOptions{Size: 10, TTL: time.Minute}
+	b, a, all := outage(t, newBroker, r, h, 40)
+	isReset := func(m pubsub.Message) bool { return m.Kind == pubsub.KindReset }
+	got := b.rec.waitFor(t, r, "a KindReset: the node missed 40 messages and the room keeps 10", func(ms []pubsub.Message) bool {
+		return slices.ContainsFunc(ms, isReset)
+	})
+	// Before the reset: the messages before the outage, then perhaps some
+	// that follow on with no hole (the recorder checks that), never one
+	// past the hole.
+	if reset := slices.IndexFunc(got, isReset); reset < 3 {
+		t.Fatalf("a KindReset before the messages published before the outage: %s", describe(got))
+	}
+	checkMessages(t, "deliveries before the outage", got[:3], all[:3])
+	// After the reset the node's stream of the room goes on.
+	next := a.publish(r, "after the reset", h)
+	got = b.rec.waitData(t, r, []byte("after the reset"))
+	if last := got[len(got)-1]; last.ID != next.ID {
+		t.Fatalf("the node delivered %s after the message published after the reset", describe(got))
+	}
+}
+
+func testPublishDuringOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.Broker, Link)) {
+	n, link := partitionNode(t, newBroker)
+	r := room(t)
+	n.publish(r, "before", keep)
+	link.Cut()
+	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if m, err := n.b.Publish(c, r, []byte("during"), keep); err == nil {
+		t.Fatalf("Publish on a node cut off from its backend returned %+v and no error: the caller believes it published", m)
+	}
+	link.Heal()
+	// Once the node reaches its backend again, publishing works.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(waitTimeout)
+	for {
+		c, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := n.b.Publish(c, r, []byte("after"), keep)
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("Publish after the link healed: %v", err)
+		}
+	}
 }

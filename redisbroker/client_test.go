@@ -158,6 +158,12 @@ func (p *client) read() envelope {
 // that arrive first are kept for read.
 func (p *client) request(fields map[string]any) envelope {
 	p.t.Helper()
+	return p.reply(p.send(fields))
+}
+
+// send sends fields with a fresh id and returns the id.
+func (p *client) send(fields map[string]any) string {
+	p.t.Helper()
 	p.nextID++
 	id := fmt.Sprint("r", p.nextID)
 	fields["id"] = id
@@ -168,6 +174,13 @@ func (p *client) request(fields map[string]any) envelope {
 	if err := p.c.Write(testCtx(p.t), websocket.MessageText, b); err != nil {
 		p.t.Fatalf("write: %v", err)
 	}
+	return id
+}
+
+// reply reads until the reply to id; envelopes that arrive first are kept
+// for read.
+func (p *client) reply(id string) envelope {
+	p.t.Helper()
 	for {
 		e := p.readWire()
 		if e.ID == id && e.Type != "message" {

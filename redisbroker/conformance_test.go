@@ -18,16 +18,35 @@ func TestConformance(t *testing.T) {
 // Within one test every node shares one prefix: they are one cluster.
 func TestConformanceCluster(t *testing.T) {
 	t.Parallel()
+	prefix := clusterPrefix()
+	brokertest.RunCluster(t, func(t *testing.T) pubsub.Broker {
+		return newBroker(t, shared.Addr, prefix(t))
+	})
+}
+
+// Each node reaches Redis through a proxy of its own, which the suite cuts.
+func TestConformancePartition(t *testing.T) {
+	t.Parallel()
+	prefix := clusterPrefix()
+	brokertest.RunPartition(t, func(t *testing.T) (pubsub.Broker, brokertest.Link) {
+		proxy := startProxy(t, shared.Addr)
+		return newBroker(t, proxy.Addr(), prefix(t)), proxy
+	})
+}
+
+// clusterPrefix gives each test a prefix of its own, the same for every
+// node the test makes: the nodes of one test are one cluster.
+func clusterPrefix() func(t *testing.T) string {
 	var mu sync.Mutex
 	prefixes := make(map[*testing.T]string)
-	brokertest.RunCluster(t, func(t *testing.T) pubsub.Broker {
+	return func(t *testing.T) string {
 		mu.Lock()
+		defer mu.Unlock()
 		p, ok := prefixes[t]
 		if !ok {
 			p = uniquePrefix()
 			prefixes[t] = p
 		}
-		mu.Unlock()
-		return newBroker(t, shared.Addr, p)
-	})
+		return p
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/roomcast/pubsub/internal/faultproxy"
 	"github.com/roomcast/pubsub/internal/leaktest"
 	"github.com/roomcast/pubsub/redisbroker"
 	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
@@ -156,4 +157,16 @@ func newBroker(t testing.TB, addr, prefix string, opts ...redisbroker.Option) *r
 	t.Helper()
 	c := newClient(t, addr)
 	return redisbroker.New(c, append([]redisbroker.Option{redisbroker.WithPrefix(prefix), redisbroker.WithLogger(quietLogger())}, opts...)...)
+}
+
+// startProxy starts a fault-injecting proxy to addr, closed at cleanup
+// (after the clients and brokers registered later).
+func startProxy(t testing.TB, addr string) *faultproxy.Proxy {
+	t.Helper()
+	p, err := faultproxy.Start(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

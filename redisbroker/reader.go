@@ -164,9 +164,12 @@ func (b *Broker) reset(room string) {
 	b.deliver(pubsub.Message{Kind: pubsub.KindReset, Room: room})
 }
 
-// fill delivers the messages of epoch after seq from up to seq to that
-// the room's history still keeps, in order, and reports whether it found
-// them all. What it cannot find is logged.
+// fill delivers the messages of epoch after from, up to to, that follow on
+// from it in the room's history, in order, and reports whether it found
+// them all. It stops at the first hole (a message the history no longer
+// holds): nothing past a hole is delivered before the reset that must come
+// first, and the Handler would close the room's subscribers on it anyway.
+// What it cannot find is logged.
 func (b *Broker) fill(room, epoch string, from, to uint64) bool {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
@@ -195,13 +198,19 @@ func (b *Broker) fill(room, epoch string, from, to uint64) bool {
 			failure = err
 			break
 		}
-		if len(msgs) == 0 {
-			break
+		if len(msgs) == 0 || msgs[0].Seq != next+1 {
+			break // trimmed: the next one is gone
 		}
 		for _, m := range msgs {
+			if m.Seq != next+1 {
+				break
+			}
 			b.deliver(m)
 			got++
 			next = m.Seq
+		}
+		if next < msgs[len(msgs)-1].Seq {
+			break // a hole inside the batch
 		}
 	}
 	if got == want {

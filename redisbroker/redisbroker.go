@@ -34,10 +34,13 @@
 // published while it was down are not lost for this node's subscribers:
 // the node tracks the last (epoch, seq) it delivered per room, and on a
 // jump (or after resubscribing) it fills the gap from the room's history,
-// in order, before going on. What the history no longer holds is logged at
-// Error level; the subscribers then see a gap in seq, as under a dropping
-// slow-consumer policy. A room whose epoch changed under its subscribers
-// (Redis lost its data) is logged at Error level too.
+// in order, before going on. When the history no longer holds them, or the
+// room's epoch changed under its subscribers (Redis lost its data), the
+// broker logs it at Error level and delivers a pubsub.KindReset before
+// anything past the hole: the Handler closes the room's subscribers on
+// this node with 4006, after the messages they had, and a subscriber that
+// resubscribes from its last position is told plainly what it cannot
+// recover. A subscriber never sees a gap in seq on the same subscription.
 package redisbroker
 
 import (

@@ -1,0 +1,143 @@
+package redisbroker_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/coder/websocket"
+	"github.com/roomcast/pubsub"
+)
+
+// A node cut off from Redis while the room goes on: its subscribers either
+// get every message they missed, in order, on the same subscription, or
+// are closed with 4006 before anything past the hole, and told on their
+// resubscribe what they cannot recover. Never a silent gap.
+//
+// Three nodes share one Redis; node C reaches it through a proxy that the
+// test cuts (connections dropped), or blackholes (bytes lost while the
+// connections stay open, found out by go-redis's health checks), while
+// nodes A and B publish. Every room keeps 100 messages.
+func TestANodeCutOffFromRedisNeverSkipsSilently(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name     string
+		missed   int
+		drop     bool // blackhole instead of cutting the connections
+		recovers bool
+	}{
+		{"cut for fewer messages than history keeps", 40, false, true},
+		{"cut for more messages than history keeps", 150, false, false},
+		{"blackholed for more messages than history keeps", 150, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			p := uniquePrefix()
+			a := startNode(t, shared.Addr, p, nil)
+			b := startNode(t, shared.Addr, p, nil)
+			proxy := startProxy(t, shared.Addr)
+			c := startNode(t, proxy.Addr(), p, nil)
+
+			sub := dialProto(t, c.url(""))
+			ack := sub.subscribe("room", nil)
+			publishAlternately(t, "room", 1, 46, a, b)
+			checkSeqs(t, sub.readMessages("room", 46), ack.Epoch, 1, numbered(1, 46)...)
+
+			if tc.drop {
+				proxy.Drop()
+			} else {
+				proxy.Cut()
+			}
+			publishAlternately(t, "room", 47, 46+tc.missed, a, b)
+			proxy.Heal()
+			last := 46 + tc.missed + 1
+			a.publish(t, "room", fmt.Sprint(last))
+
+			if tc.recovers {
+				// The same subscription goes on, with every missed message.
+				checkSeqs(t, sub.readMessages("room", last-46), ack.Epoch, 47, numbered(47, last)...)
+				return
+			}
+			// The close comes before any message past the hole: the
+			// subscriber's last position stays 46.
+			expectCloseNext(t, sub, pubsub.CloseRoomReset)
+			again := dialProto(t, c.url(""))
+			ack2 := again.subscribe("room", map[string]any{"since": map[string]any{"epoch": ack.Epoch, "seq": 46}})
+			if ack2.Recovered == nil || *ack2.Recovered || ack2.Reason != pubsub.ReasonHistoryTooShort {
+				t.Fatalf("resubscribe from seq 46 after %d were published and 100 are kept: %s, want recovered false, reason history_too_short", tc.missed, ack2.raw)
+			}
+			a.publish(t, "room", "next")
+			if got := again.readMessages("room", 1)[0]; got.payload() != "next" || got.Seq != ack2.Seq+1 {
+				t.Fatalf("after the reset the resubscribed client got %s, want the next message", got.raw)
+			}
+		})
+	}
+}
+
+// A node whose link to Redis lags (the proxy holds every byte for a while)
+// delivers late but whole: its subscriber gets every message on the same
+// subscription, and a client that subscribes on it during the lag, whose
+// history read overtakes the lagging live stream, gets history then live
+// with no gap and no repeat.
+func TestANodeWhoseRedisLinkLagsDeliversEverythingOnce(t *testing.T) {
+	t.Parallel()
+	p := uniquePrefix()
+	a := startNode(t, shared.Addr, p, nil)
+	proxy := startProxy(t, shared.Addr)
+	c := startNode(t, proxy.Addr(), p, nil)
+	sub := dialProto(t, c.url(""))
+	ack := sub.subscribe("room", nil)
+	publishAlternately(t, "room", 1, 10, a)
+	checkSeqs(t, sub.readMessages("room", 10), ack.Epoch, 1, numbered(1, 10)...)
+
+	proxy.Stall()
+	publishAlternately(t, "room", 11, 160, a)
+	late := dialProto(t, c.url(""))
+	id := late.send(map[string]any{"type": "subscribe", "room": "room", "history": 100})
+	proxy.Heal()
+	ack2 := late.reply(id)
+	if ack2.Type != "ack" || ack2.Seq != 160 || ack2.Missed != 100 {
+		t.Fatalf("subscribe with history 100 during the lag: %s, want seq 160 and 100 missed", ack2.raw)
+	}
+	a.publish(t, "room", "161")
+	checkSeqs(t, sub.readMessages("room", 151), ack.Epoch, 11, numbered(11, 161)...)
+	checkSeqs(t, late.readMessages("room", 101), ack.Epoch, 61, numbered(61, 161)...)
+}
+
+// publishAlternately publishes the numbers from..to into room, in turn on
+// each node.
+func publishAlternately(t *testing.T, room string, from, to int, nodes ...*node) {
+	t.Helper()
+	for i := from; i <= to; i++ {
+		nodes[i%len(nodes)].publish(t, room, fmt.Sprint(i))
+	}
+}
+
+func numbered(from, to int) []string {
+	var out []string
+	for i := from; i <= to; i++ {
+		out = append(out, fmt.Sprint(i))
+	}
+	return out
+}
+
+// expectCloseNext expects the next frame (pings aside) to be a close with
+// code: no message first.
+func expectCloseNext(t *testing.T, p *client, code int) {
+	t.Helper()
+	if len(p.pending) > 0 {
+		t.Fatalf("got %s, want the connection closed with %d first", p.pending[0].raw, code)
+	}
+	for {
+		_, b, err := p.c.Read(testCtx(t))
+		if err == nil {
+			if string(b) == `{"type":"ping"}` {
+				continue
+			}
+			t.Fatalf("got %s, want the connection closed with %d first", b, code)
+		}
+		if got := websocket.CloseStatus(err); int(got) != code {
+			t.Fatalf("connection ended with %v, want close code %d", err, code)
+		}
+		return
+	}
+}
