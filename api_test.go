@@ -1335,11 +1335,11 @@ func newAPIBroker() *apiBroker {
 
 func (b *apiBroker) Bind(deliver func(pubsub.Message)) { b.inner.Bind(deliver) }
 
-func (b *apiBroker) Publish(ctx context.Context, room string, data []byte, h pubsub.HistoryOptions) (pubsub.Message, error) {
+func (b *apiBroker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
 	if b.failPublish.Load() {
-		return pubsub.Message{}, errAPIBrokerDown
+		return pubsub.PublishResult{}, errAPIBrokerDown
 	}
-	return b.inner.Publish(ctx, room, data, h)
+	return b.inner.Publish(ctx, room, data, o)
 }
 
 func (b *apiBroker) History(ctx context.Context, room string, q pubsub.HistoryQuery) (pubsub.HistoryResult, error) {
@@ -1716,12 +1716,12 @@ func TestMemoryBrokerSeqIncreasesStrictlyFromOnePerRoomUnderConcurrentPublish(t 
 	for g := range goroutines {
 		wg.Go(func() {
 			for i := range each {
-				m, err := b.Publish(ctx, rooms[(g+i)%len(rooms)], []byte{byte(i)}, pubsub.HistoryOptions{})
+				res, err := b.Publish(ctx, rooms[(g+i)%len(rooms)], []byte{byte(i)}, pubsub.PublishOptions{})
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				returned <- m
+				returned <- res.Message
 			}
 		})
 	}
@@ -1778,11 +1778,11 @@ func TestMemoryBrokerResumesAnEmptyRoomWithinTheGrace(t *testing.T) {
 	ctx := testCtx(t)
 	publish := func(wantSeq uint64) pubsub.Message {
 		t.Helper()
-		m, err := b.Publish(ctx, "r", []byte("x"), pubsub.HistoryOptions{})
-		if err != nil || m.Seq != wantSeq || m.Room != "r" {
-			t.Fatalf("Publish = %+v, %v; want seq %d", m, err, wantSeq)
+		res, err := b.Publish(ctx, "r", []byte("x"), pubsub.PublishOptions{})
+		if err != nil || res.Seq != wantSeq || res.Room != "r" {
+			t.Fatalf("Publish = %+v, %v; want seq %d", res, err, wantSeq)
 		}
-		return m
+		return res.Message
 	}
 	if err := b.Subscribe(ctx, "r"); err != nil {
 		t.Fatal(err)
@@ -1796,7 +1796,7 @@ func TestMemoryBrokerResumesAnEmptyRoomWithinTheGrace(t *testing.T) {
 	if err := b.Unsubscribe(ctx, "r"); err != nil {
 		t.Fatal(err)
 	}
-	if m, err := b.Publish(ctx, "r", []byte("x"), pubsub.HistoryOptions{}); err != nil || m.Seq != 0 || m.Epoch != "" {
+	if m, err := b.Publish(ctx, "r", []byte("x"), pubsub.PublishOptions{}); err != nil || m.Seq != 0 || m.Epoch != "" {
 		t.Fatalf("Publish to an idle room = %+v, %v; want the zero Message and nil", m, err)
 	}
 	if err := b.Subscribe(ctx, "r"); err != nil {
@@ -1815,7 +1815,7 @@ func TestMemoryBrokerResumesAnEmptyRoomWithinTheGrace(t *testing.T) {
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.Publish(ctx, "r", []byte("x"), pubsub.HistoryOptions{}); !errors.Is(err, pubsub.ErrClosed) {
+	if _, err := b.Publish(ctx, "r", []byte("x"), pubsub.PublishOptions{}); !errors.Is(err, pubsub.ErrClosed) {
 		t.Fatalf("Publish after Close = %v, want ErrClosed", err)
 	}
 	if err := b.Subscribe(ctx, "r"); !errors.Is(err, pubsub.ErrClosed) {

@@ -89,6 +89,33 @@ type HistoryOptions struct {
 	TTL  time.Duration // how long a message is kept, and how long an idle room's state outlives its last message
 }
 
+// PublishOptions says how a Broker keeps one publish.
+type PublishOptions struct {
+	// History bounds the room's history (the room's options).
+	History HistoryOptions
+	// Key, when set, makes the publish idempotent within its room: a
+	// broker that sequenced a publish with the same Key in the same room
+	// less than KeyTTL ago sequences, keeps and delivers nothing, and
+	// returns that first message's position with Duplicate set. The
+	// Handler namespaces keys (the backend's apart from each user's), so
+	// one party's keys never suppress another's publishes.
+	Key string
+	// KeyTTL is how long a broker remembers Key after the publish that
+	// sequenced it; the Handler passes WithIdempotencyWindow.
+	KeyTTL time.Duration
+}
+
+// PublishResult is where a publish landed.
+type PublishResult struct {
+	// Message is the message as sequenced. For a Duplicate it is the
+	// first publish's: its Kind, Room, ID, Epoch, Seq and Time, and no
+	// Data. The zero Message when a broker dropped the publish (a room
+	// with no history and no interested node).
+	Message
+	// Duplicate says Key was seen: nothing was sequenced or delivered.
+	Duplicate bool
+}
+
 // HistoryQuery selects messages from a room's history.
 type HistoryQuery struct {
 	Since  uint64 // only messages with Seq greater than Since
@@ -126,12 +153,14 @@ type Broker interface {
 	// socket.
 	Bind(deliver func(Message))
 	// Publish assigns data the room's next sequence number and a unique
-	// ID, appends it to the room's history (bounded by h), and delivers it
-	// to every interested node, atomically with respect to other publishes
-	// and History calls on the room. A room with no history and no
-	// interested node may drop it, returning the zero Message and a nil
-	// error. Publish must not retain data beyond the Message.
-	Publish(ctx context.Context, room string, data []byte, h HistoryOptions) (Message, error)
+	// ID, appends it to the room's history (bounded by o.History), and
+	// delivers it to every interested node, atomically with respect to
+	// other publishes and History calls on the room. With o.Key it is
+	// idempotent (see PublishOptions), across every node of the cluster
+	// and under concurrent publishes of one key. A room with no history
+	// and no interested node may drop it, returning the zero result and a
+	// nil error. Publish must not retain data beyond the Message.
+	Publish(ctx context.Context, room string, data []byte, o PublishOptions) (PublishResult, error)
 	// History returns the room's epoch, newest Seq and the messages q
 	// selects among those still kept.
 	History(ctx context.Context, room string, q HistoryQuery) (HistoryResult, error)
@@ -160,7 +189,9 @@ type Broker interface {
 // room's next life starts a new epoch.
 //
 // The grace lets a client that drops and comes back quickly, with nothing
-// missed, resume (recovered) even in a room that keeps no history.
+// missed, resume (recovered) even in a room that keeps no history. A room
+// also lives as long as it remembers an idempotency key: it remembers
+// each for its KeyTTL, and at most the newest MemoryKeysPerRoom of them.
 func NewMemoryBroker() Broker {
 	return &memoryBroker{rooms: make(map[string]*memoryRoom), now: time.Now}
 }
@@ -186,10 +217,12 @@ type memoryRoom struct {
 	seq      uint64
 	hist     []Message // oldest first
 	interest bool
-	conns    map[string]Member // presence: conn id -> member
-	members  map[string]int    // presence: member key -> its connections
-	ttl      time.Duration     // the history TTL the last publish applied
-	expires  time.Time         // when an idle room's state may be reclaimed
+	conns    map[string]Member  // presence: conn id -> member
+	members  map[string]int     // presence: member key -> its connections
+	ttl      time.Duration      // the history TTL the last publish applied
+	expires  time.Time          // when an idle room's state may be reclaimed
+	keys     map[string]Message // idempotency keys -> the message each sequenced (no Data)
+	keyOrder []keyed            // the keys, oldest first: expiry and the MemoryKeysPerRoom bound
 
 	// Guarded by the broker's mu: the heap never reads the room's own
 	// fields. idleAt may be early (a publish moved expires on); the sweep
@@ -201,6 +234,16 @@ type memoryRoom struct {
 // IdleRoomGrace is how long the memory broker keeps the state of an idle
 // room that keeps no history.
 const IdleRoomGrace = time.Minute
+
+// MemoryKeysPerRoom bounds the idempotency keys the memory broker
+// remembers per room: past it, the oldest is forgotten before its TTL.
+const MemoryKeysPerRoom = 10000
+
+// keyed is one remembered idempotency key.
+type keyed struct {
+	key     string
+	expires time.Time
+}
 
 // sweepBatch bounds the reclamation work one call does.
 const sweepBatch = 8
@@ -284,17 +327,25 @@ func (b *memoryBroker) settle(r *memoryRoom) {
 	}
 }
 
-func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, h HistoryOptions) (Message, error) {
-	r, err := b.room(room, h.Size > 0)
+func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, o PublishOptions) (PublishResult, error) {
+	h := o.History
+	r, err := b.room(room, h.Size > 0 || o.Key != "")
 	if r == nil {
-		return Message{}, err
+		return PublishResult{}, err
+	}
+	now := b.now()
+	if o.Key != "" {
+		r.forgetKeys(now)
+		if m, seen := r.keys[o.Key]; seen {
+			r.mu.Unlock()
+			return PublishResult{Message: m, Duplicate: true}, nil
+		}
 	}
 	if !r.interest && h.Size == 0 {
 		// Nobody listens and nothing is kept: the message goes nowhere.
-		r.mu.Unlock()
-		return Message{}, nil
+		b.settleLater(r)
+		return PublishResult{}, nil
 	}
-	now := b.now()
 	r.seq++
 	m := Message{Kind: KindMessage, Room: room, ID: uuid.NewString(), Epoch: r.epoch, Seq: r.seq, Time: now, Data: data}
 	if h.Size > 0 {
@@ -305,6 +356,9 @@ func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, h 
 	} else {
 		r.hist = nil
 	}
+	if o.Key != "" {
+		r.rememberKey(o.Key, m, now.Add(o.KeyTTL))
+	}
 	if r.interest {
 		b.deliver(m)
 	}
@@ -313,7 +367,44 @@ func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, h 
 	if idle {
 		b.settle(r)
 	}
-	return m, nil
+	return PublishResult{Message: m}, nil
+}
+
+// rememberKey keeps key until expires, within MemoryKeysPerRoom, and keeps
+// the room's state at least that long.
+func (r *memoryRoom) rememberKey(key string, m Message, expires time.Time) {
+	if r.keys == nil {
+		r.keys = make(map[string]Message)
+	}
+	if len(r.keyOrder) >= MemoryKeysPerRoom {
+		delete(r.keys, r.keyOrder[0].key)
+		r.keyOrder[0] = keyed{}
+		r.keyOrder = r.keyOrder[1:]
+	}
+	m.Data = nil
+	r.keys[key] = m
+	r.keyOrder = append(r.keyOrder, keyed{key, expires})
+	if r.expires.Before(expires) {
+		r.expires = expires
+	}
+}
+
+// forgetKeys drops the keys that expired by now, oldest first (keys with a
+// shorter TTL behind a longer one wait for it: the bound still holds).
+func (r *memoryRoom) forgetKeys(now time.Time) {
+	n := 0
+	for n < len(r.keyOrder) && !r.keyOrder[n].expires.After(now) {
+		delete(r.keys, r.keyOrder[n].key)
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	clear(r.keyOrder[:n])
+	r.keyOrder = r.keyOrder[n:]
+	if len(r.keyOrder) == 0 {
+		r.keyOrder = nil // let the backing array go
+	}
 }
 
 // trim drops what the room's history no longer keeps: the oldest past

@@ -66,11 +66,11 @@ func (b *memoryBroker) idleCount() int {
 
 func mustPublish(t *testing.T, b *memoryBroker, room, data string, h HistoryOptions) Message {
 	t.Helper()
-	m, err := b.Publish(context.Background(), room, []byte(data), h)
+	res, err := b.Publish(context.Background(), room, []byte(data), PublishOptions{History: h})
 	if err != nil {
 		t.Fatalf("Publish(%q): %v", room, err)
 	}
-	return m
+	return res.Message
 }
 
 func mustHistory(t *testing.T, b *memoryBroker, room string, q HistoryQuery) HistoryResult {
@@ -433,5 +433,67 @@ func TestMemoryBrokerPresenceCountsAUserOnceAndAnnouncesFirstAndLast(t *testing.
 	})
 	if fmt.Sprint(events) != want {
 		t.Fatalf("presence events %v, want %v", events, want)
+	}
+}
+
+func mustPublishKey(t *testing.T, b *memoryBroker, room, key string, ttl time.Duration) PublishResult {
+	t.Helper()
+	res, err := b.Publish(context.Background(), room, []byte(key), PublishOptions{Key: key, KeyTTL: ttl})
+	if err != nil {
+		t.Fatalf("Publish(%q, key %q): %v", room, key, err)
+	}
+	return res
+}
+
+// A room remembers at most MemoryKeysPerRoom keys: past it the oldest is
+// forgotten early, so memory stays bounded however fast keys come.
+func TestMemoryBrokerRemembersAtMostMemoryKeysPerRoom(t *testing.T) {
+	t.Parallel()
+	b, _, _ := newClockedBroker(t)
+	if err := b.Subscribe(context.Background(), "r"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range MemoryKeysPerRoom + 1 {
+		mustPublishKey(t, b, "r", fmt.Sprint("k", i), time.Hour)
+	}
+	if res := mustPublishKey(t, b, "r", "k1", time.Hour); !res.Duplicate {
+		t.Fatalf("key k1, the oldest still within the bound: %+v, want a duplicate", res)
+	}
+	if res := mustPublishKey(t, b, "r", "k0", time.Hour); res.Duplicate {
+		t.Fatalf("key k0, past the bound: %+v, want it forgotten", res)
+	}
+	b.mu.Lock()
+	r := b.rooms["r"]
+	b.mu.Unlock()
+	r.mu.Lock()
+	n, order := len(r.keys), len(r.keyOrder)
+	r.mu.Unlock()
+	if n != MemoryKeysPerRoom || order != MemoryKeysPerRoom {
+		t.Fatalf("the room holds %d keys (%d in order), want %d", n, order, MemoryKeysPerRoom)
+	}
+}
+
+// A room's state lives as long as it remembers a key, even when it keeps
+// no history: a resend within the key's TTL is recognised after the room
+// went idle, not sequenced in a new epoch.
+func TestMemoryBrokerKeepsAnIdleRoomWhileItRemembersAKey(t *testing.T) {
+	t.Parallel()
+	b, clock, _ := newClockedBroker(t)
+	ctx := context.Background()
+	if err := b.Subscribe(ctx, "r"); err != nil {
+		t.Fatal(err)
+	}
+	first := mustPublishKey(t, b, "r", "k", 10*time.Minute)
+	if err := b.Unsubscribe(ctx, "r"); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(IdleRoomGrace + time.Minute)
+	if res := mustPublishKey(t, b, "r", "k", 10*time.Minute); !res.Duplicate || res.Epoch != first.Epoch || res.Seq != first.Seq {
+		t.Fatalf("the key after the room was idle past its grace: %+v, want the first publish's position", res)
+	}
+	clock.Advance(10 * time.Minute)
+	mustPublish(t, b, "other", "sweep", HistoryOptions{Size: 1, TTL: time.Second}) // calls reclaim lazily
+	if n := b.roomCount(); n != 1 {
+		t.Fatalf("%d rooms held after the key expired, want only the other room", n)
 	}
 }

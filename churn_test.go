@@ -560,11 +560,11 @@ func (b *churnFlakyBroker) Unsubscribe(ctx context.Context, room string) error {
 	return b.Broker.Unsubscribe(ctx, room)
 }
 
-func (b *churnFlakyBroker) Publish(ctx context.Context, room string, data []byte, h pubsub.HistoryOptions) (pubsub.Message, error) {
+func (b *churnFlakyBroker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
 	if b.failing.Load() && b.publishes.Add(1)%4 == 0 {
-		return pubsub.Message{}, errChurnBrokerDown
+		return pubsub.PublishResult{}, errChurnBrokerDown
 	}
-	return b.Broker.Publish(ctx, room, data, h)
+	return b.Broker.Publish(ctx, room, data, o)
 }
 
 // churnOutcomes counts what callers were told.

@@ -518,11 +518,11 @@ func (b protoFailingBroker) Subscribe(ctx context.Context, room string) error {
 	return b.Broker.Subscribe(ctx, room)
 }
 
-func (b protoFailingBroker) Publish(ctx context.Context, room string, data []byte, h pubsub.HistoryOptions) (pubsub.Message, error) {
+func (b protoFailingBroker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
 	if room == "broken-publish" {
-		return pubsub.Message{}, errors.New("broker down: secret-broker-detail")
+		return pubsub.PublishResult{}, errors.New("broker down: secret-broker-detail")
 	}
-	return b.Broker.Publish(ctx, room, data, h)
+	return b.Broker.Publish(ctx, room, data, o)
 }
 
 // TestProtocolErrorCodes reaches every error code over the wire, checks the

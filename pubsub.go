@@ -575,7 +575,7 @@ func (h *Handler) publish(ctx context.Context, room string, data []byte) error {
 	if len(data) > h.cfg.queueBytes {
 		return ErrTooLarge
 	}
-	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), h.cfg.roomOptions(room).history()); err != nil {
+	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), PublishOptions{History: h.cfg.roomOptions(room).history()}); err != nil {
 		return err
 	}
 	h.stats.published.Add(1)

@@ -58,6 +58,9 @@ func Run(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
 		{"PresenceCountsUsersOnceAcrossConnections", testPresence},
 		{"PresenceEventsOnFirstJoinAndLastLeaveOnlyWithEvents", testPresenceEvents},
 		{"ClosedBrokerFailsWithErrClosed", testClosed},
+		{"AKeyIsSequencedOncePerRoom", testKeyOnce},
+		{"ConcurrentPublishesOfOneKeySequenceOnce", testKeyConcurrent},
+		{"AKeyIsForgottenAfterKeyTTL", testKeyTTL},
 	})
 }
 
@@ -106,6 +109,7 @@ func RunCluster(t *testing.T, newNode func(t *testing.T) pubsub.Broker) {
 		{"OnlyInterestedNodesReceive", testClusterInterest},
 		{"HistoryAndPositionAreShared", testClusterHistory},
 		{"PresenceAndEventsAreShared", testClusterPresence},
+		{"AKeyIsSeenByEveryNode", testClusterKey},
 	})
 }
 
@@ -313,11 +317,34 @@ func (n *node) unsubscribe(room string) {
 
 func (n *node) publish(room, data string, h pubsub.HistoryOptions) pubsub.Message {
 	n.t.Helper()
-	m, err := n.b.Publish(ctx(n.t), room, []byte(data), h)
+	res, err := n.b.Publish(ctx(n.t), room, []byte(data), pubsub.PublishOptions{History: h})
 	if err != nil {
 		n.t.Fatalf("Publish(%s, %q): %v", room, data, err)
 	}
-	return m
+	if res.Duplicate {
+		n.t.Fatalf("Publish(%s, %q) with no key returned Duplicate", room, data)
+	}
+	return res.Message
+}
+
+// publishKey publishes data with an idempotency key remembered for ttl.
+func (n *node) publishKey(room, data, key string, ttl time.Duration) pubsub.PublishResult {
+	n.t.Helper()
+	res, err := n.b.Publish(ctx(n.t), room, []byte(data), pubsub.PublishOptions{History: keep, Key: key, KeyTTL: ttl})
+	if err != nil {
+		n.t.Fatalf("Publish(%s, %q, key %q): %v", room, data, key, err)
+	}
+	return res
+}
+
+// checkDuplicate checks that res is a duplicate of first: the first
+// publish's position and no new message.
+func checkDuplicate(t *testing.T, what string, res pubsub.PublishResult, first pubsub.Message) {
+	t.Helper()
+	if !res.Duplicate || res.Kind != pubsub.KindMessage || res.Room != first.Room || res.ID != first.ID ||
+		res.Epoch != first.Epoch || res.Seq != first.Seq || !res.Time.Equal(first.Time) {
+		t.Fatalf("%s: %+v, want Duplicate with the first publish's position %s/%d id %s", what, res, first.Epoch, first.Seq, first.ID)
+	}
 }
 
 func (n *node) history(room string, q pubsub.HistoryQuery) pubsub.HistoryResult {
@@ -405,12 +432,12 @@ func testSequence(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
 	for g := range publishers {
 		wg.Go(func() {
 			for i := range each {
-				m, err := n.b.Publish(ctx(t), r, fmt.Appendf(nil, "p%d-%d", g, i), keep)
+				res, err := n.b.Publish(ctx(t), r, fmt.Appendf(nil, "p%d-%d", g, i), pubsub.PublishOptions{History: keep})
 				if err != nil {
 					t.Errorf("Publish: %v", err)
 					return
 				}
-				results[g] = append(results[g], m)
+				results[g] = append(results[g], res.Message)
 			}
 		})
 	}
@@ -695,7 +722,7 @@ func testClosed(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
 	if err := b.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	if _, err := b.Publish(ctx(t), room(t), []byte("x"), keep); !errors.Is(err, pubsub.ErrClosed) {
+	if _, err := b.Publish(ctx(t), room(t), []byte("x"), pubsub.PublishOptions{History: keep}); !errors.Is(err, pubsub.ErrClosed) {
 		t.Fatalf("Publish after Close: %v, want an error wrapping pubsub.ErrClosed", err)
 	}
 }
@@ -715,13 +742,13 @@ func testClusterSequence(t *testing.T, newBroker func(t *testing.T) pubsub.Broke
 		for g := range perNode {
 			wg.Go(func() {
 				for i := range each {
-					m, err := n.b.Publish(ctx(t), r, fmt.Appendf(nil, "%p-%d-%d", n, g, i), keep)
+					res, err := n.b.Publish(ctx(t), r, fmt.Appendf(nil, "%p-%d-%d", n, g, i), pubsub.PublishOptions{History: keep})
 					if err != nil {
 						t.Errorf("Publish: %v", err)
 						return
 					}
 					mu.Lock()
-					all = append(all, m)
+					all = append(all, res.Message)
 					mu.Unlock()
 				}
 			})
@@ -896,7 +923,7 @@ func testPublishDuringOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.
 	link.Cut()
 	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if m, err := n.b.Publish(c, r, []byte("during"), keep); err == nil {
+	if m, err := n.b.Publish(c, r, []byte("during"), pubsub.PublishOptions{History: keep}); err == nil {
 		t.Fatalf("Publish on a node cut off from its backend returned %+v and no error: the caller believes it published", m)
 	}
 	link.Heal()
@@ -906,7 +933,7 @@ func testPublishDuringOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.
 	deadline := time.After(waitTimeout)
 	for {
 		c, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := n.b.Publish(c, r, []byte("after"), keep)
+		_, err := n.b.Publish(c, r, []byte("after"), pubsub.PublishOptions{History: keep})
 		cancel()
 		if err == nil {
 			return
@@ -916,5 +943,102 @@ func testPublishDuringOutage(t *testing.T, newBroker func(t *testing.T) (pubsub.
 		case <-deadline:
 			t.Fatalf("Publish after the link healed: %v", err)
 		}
+	}
+}
+
+// keyTTL is long enough that no check's key expires while it runs.
+const keyTTL = time.Minute
+
+func testKeyOnce(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
+	n := newNode(t, newBroker)
+	r, other := room(t), room(t)
+	n.subscribe(r)
+	first := n.publishKey(r, "first", "k1", keyTTL)
+	if first.Duplicate || first.Seq != 1 {
+		t.Fatalf("the first publish of a key: %+v, want seq 1, not a duplicate", first)
+	}
+	checkDuplicate(t, "the same key again, with other data", n.publishKey(r, "again", "k1", keyTTL), first.Message)
+	second := n.publishKey(r, "second", "k2", keyTTL)
+	if second.Duplicate || second.Seq != 2 {
+		t.Fatalf("another key: %+v, want seq 2", second)
+	}
+	if res := n.publishKey(other, "other room", "k1", keyTTL); res.Duplicate {
+		t.Fatalf("key k1 in another room: %+v, want it sequenced (keys are per room)", res)
+	}
+	noKey := n.publish(r, "no key", keep)
+	got := n.rec.waitData(t, r, []byte("no key"))
+	checkMessages(t, "deliveries: a duplicate is never delivered", got, []pubsub.Message{first.Message, second.Message, noKey})
+	res := n.history(r, pubsub.HistoryQuery{Limit: 10})
+	checkMessages(t, "history: a duplicate is never kept", res.Messages, []pubsub.Message{first.Message, second.Message, noKey})
+}
+
+func testKeyConcurrent(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
+	n := newNode(t, newBroker)
+	r := room(t)
+	n.subscribe(r)
+	const publishers = 8
+	results := make([]pubsub.PublishResult, publishers)
+	var wg sync.WaitGroup
+	for g := range publishers {
+		wg.Go(func() {
+			res, err := n.b.Publish(ctx(t), r, fmt.Appendf(nil, "attempt %d", g), pubsub.PublishOptions{History: keep, Key: "k", KeyTTL: keyTTL})
+			if err != nil {
+				t.Errorf("Publish: %v", err)
+			}
+			results[g] = res
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	firsts := slices.DeleteFunc(slices.Clone(results), func(res pubsub.PublishResult) bool { return res.Duplicate })
+	if len(firsts) != 1 {
+		t.Fatalf("%d concurrent publishes of one key: %d were sequenced, want exactly 1", publishers, len(firsts))
+	}
+	for _, res := range results {
+		if res.Duplicate {
+			checkDuplicate(t, "a concurrent publish of the key", res, firsts[0].Message)
+		}
+	}
+	n.publish(r, "marker", keep)
+	if got := n.rec.waitData(t, r, []byte("marker")); len(got) != 2 {
+		t.Fatalf("deliveries %s, want the one message and the marker", describe(got))
+	}
+}
+
+func testKeyTTL(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
+	n := newNode(t, newBroker)
+	r := room(t)
+	n.subscribe(r)
+	const ttl = 300 * time.Millisecond
+	first := n.publishKey(r, "first", "k", ttl)
+	checkDuplicate(t, "the key again at once", n.publishKey(r, "again", "k", ttl), first.Message)
+	// Once ttl passed the key is forgotten: the same key sequences anew.
+	var res pubsub.PublishResult
+	n.pollHistory(r, "the key to be forgotten", func(pubsub.HistoryResult) bool {
+		res = n.publishKey(r, "after ttl", "k", ttl)
+		return !res.Duplicate
+	})
+	if res.Seq != 2 || res.Epoch != first.Epoch {
+		t.Fatalf("the key after its ttl: %+v, want seq 2 of epoch %s", res, first.Epoch)
+	}
+	if since := time.Since(first.Time); since < ttl-50*time.Millisecond {
+		// Compared with the broker's own clock (first.Time), loosely.
+		t.Fatalf("the key was forgotten %v after its publish, before its ttl of %v", since, ttl)
+	}
+}
+
+func testClusterKey(t *testing.T, newBroker func(t *testing.T) pubsub.Broker) {
+	a, b := newNode(t, newBroker), newNode(t, newBroker)
+	r := room(t)
+	a.subscribe(r)
+	b.subscribe(r)
+	first := a.publishKey(r, "on a", "k", keyTTL)
+	// A client whose publish got through on node a resends it on node b.
+	checkDuplicate(t, "the key on node b", b.publishKey(r, "on b", "k", keyTTL), first.Message)
+	marker := b.publish(r, "marker", keep)
+	for _, n := range []*node{a, b} {
+		checkMessages(t, "deliveries", n.rec.waitData(t, r, []byte("marker")), []pubsub.Message{first.Message, marker})
 	}
 }

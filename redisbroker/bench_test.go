@@ -35,7 +35,7 @@ func benchPublish(b *testing.B, room func(int64) string) {
 	br := newBroker(b, shared.Addr, uniquePrefix())
 	br.Bind(func(pubsub.Message) {})
 	b.Cleanup(func() { br.Close() })
-	h := pubsub.HistoryOptions{Size: 100, TTL: time.Minute}
+	h := pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}}
 	data := make([]byte, 128)
 	var n atomic.Int64
 	b.SetParallelism(16)
@@ -80,7 +80,7 @@ func benchLatency(b *testing.B, publishers int) {
 		b.Fatal(err)
 	}
 	runPublishers(b, publishers, func(data []byte) error {
-		_, err := a.Publish(testCtx(b), "lat", data, pubsub.HistoryOptions{Size: 100, TTL: time.Minute})
+		_, err := a.Publish(testCtx(b), "lat", data, pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}})
 		return err
 	})
 	lat.report(b)

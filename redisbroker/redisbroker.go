@@ -18,7 +18,9 @@
 // the expiries, and PUBLISHes the message on the room's channel, so
 // sequencing, history and fan-out are one atomic step. A node SUBSCRIBEs to
 // the channel of each room it has subscribers in, so a message goes to
-// exactly the nodes that want it.
+// exactly the nodes that want it. A publish with an idempotency key checks
+// and records the key in the same script, so a key is sequenced once
+// whichever node its publishes reach, however many race.
 //
 // Presence entries carry an expiry: each node refreshes its own every
 // third of WithPresenceTTL, so a crashed node's members disappear, with
@@ -145,11 +147,12 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 // keys are one room's Redis keys; see scripts.go.
 type keys struct {
 	meta, hist, pres, conns, users, channel string
+	idempotency                             string // the prefix of its idempotency keys
 }
 
 func (b *Broker) keys(room string) keys {
 	base := b.cfg.prefix + ":{" + room + "}"
-	return keys{base + ":m", base + ":h", base + ":p", base + ":c", base + ":u", base}
+	return keys{base + ":m", base + ":h", base + ":p", base + ":c", base + ":u", base, base + ":k:"}
 }
 
 // roomOf is the room whose channel ch is, or "".
@@ -222,35 +225,49 @@ func (b *Broker) Close() error {
 
 // Publish runs the publish script: sequence, history, expiry and fan-out
 // in one atomic step. With h.Size > 0 and no h.TTL, messages have no age
-// bound and the history lives as long as the room's state (WithRoomTTL). A retry of the same call that Redis already ran
-// (go-redis retries after a lost reply) returns the first result instead
-// of sequencing the message twice.
-func (b *Broker) Publish(ctx context.Context, room string, data []byte, h pubsub.HistoryOptions) (pubsub.Message, error) {
+// bound and the history lives as long as the room's state (WithRoomTTL). A
+// retry of the same call that Redis already ran (go-redis retries after a
+// lost reply) returns the first result instead of sequencing the message
+// twice. An idempotency key is a key of the room's own (so it shares the
+// room's cluster slot) that expires with o.KeyTTL; a key whose message
+// belongs to an older epoch of the room no longer counts.
+func (b *Broker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
 	if b.isClosed() {
-		return pubsub.Message{}, pubsub.ErrClosed
+		return pubsub.PublishResult{}, pubsub.ErrClosed
 	}
 	k := b.keys(room)
+	h := o.History
 	id := uuid.NewString()
 	size := max(h.Size, 0)
 	ttl := int64(0)
 	if size > 0 {
 		ttl = ms(h.TTL)
 	}
-	vals, err := publishScript.Run(ctx, b.client, []string{k.meta, k.hist},
-		data, id, uuid.NewString(), size, ttl, ms(b.cfg.roomTTL), k.channel).Slice()
+	rkeys := []string{k.meta, k.hist}
+	if o.Key != "" {
+		rkeys = append(rkeys, k.idempotency+o.Key)
+	}
+	vals, err := publishScript.Run(ctx, b.client, rkeys,
+		data, id, uuid.NewString(), size, ttl, ms(b.cfg.roomTTL), k.channel, max(ms(o.KeyTTL), 1)).Slice()
 	if err != nil {
-		return pubsub.Message{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, err)
+		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, err)
 	}
 	epoch, seq, err := position(vals)
-	if err != nil || len(vals) != 3 {
-		return pubsub.Message{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
+	if err != nil || len(vals) < 3 || len(vals) > 4 {
+		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
 	}
 	ts, _ := vals[2].(string)
 	t, ok := parseMicros(ts)
 	if !ok {
-		return pubsub.Message{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
+		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
 	}
-	return pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: id, Epoch: epoch, Seq: seq, Time: t, Data: data}, nil
+	m := pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: id, Epoch: epoch, Seq: seq, Time: t, Data: data}
+	if len(vals) == 4 { // the key's first message
+		m.ID, _ = vals[3].(string)
+		m.Data = nil
+		return pubsub.PublishResult{Message: m, Duplicate: true}, nil
+	}
+	return pubsub.PublishResult{Message: m}, nil
 }
 
 // History returns the room's position and the kept messages q selects. A

@@ -19,6 +19,8 @@ import "github.com/redis/go-redis/v9"
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
 //	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
 //	P:{R}    the room's pub/sub channel.
+//	P:{R}:k:K  string: "epoch seq id time" of the message that idempotency
+//	         key K sequenced; it expires with the key's TTL.
 //
 // Times come from the server (TIME), so every node agrees on them.
 //
@@ -124,15 +126,24 @@ end
 `
 
 // publishScript sequences, stores and fans out one message.
-// KEYS: meta, hist. ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel.
-// Returns epoch, seq, time (µs).
+// KEYS: meta, hist, and the idempotency key's key when there is one.
+// ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel, key ttl ms.
+// Returns epoch, seq, time (µs); for a key seen before, epoch, seq, time
+// and id of the message it sequenced.
 var publishScript = redis.NewScript(luaPrelude + `
-local meta, hist = KEYS[1], KEYS[2]
+local meta, hist, kkey = KEYS[1], KEYS[2], KEYS[3]
 local size, ttl, idle = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local e = redis.call('HGET', meta, 'e')
 if e then
   local last = redis.call('HMGET', meta, 'l', 's', 't')
   if last[1] == ARGV[2] then return {e, last[2], last[3]} end
+  if kkey then
+    local prev = redis.call('GET', kkey)
+    if prev then
+      local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
+      if pe == e then return {pe, ps, pt, pi} end
+    end
+  end
 else
   e = ensure(meta, hist, ARGV[3], idle)
 end
@@ -154,6 +165,7 @@ end
 if ttl > idle then idle = ttl end
 redis.call('PEXPIRE', meta, idle)
 redis.call('PUBLISH', ARGV[7], 'm' .. f(e) .. f(seq) .. f(ARGV[2]) .. f(ts) .. ARGV[1])
+if kkey then redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. ts, 'PX', ARGV[8]) end
 return {e, seq, ts}
 `)
 
