@@ -16,6 +16,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/examples/chat/chatapp"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -31,7 +32,7 @@ func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard
 func startChat(t *testing.T) (*pubsub.Handler, *httptest.Server) {
 	t.Helper()
 	h := newHandler(quietLogger())
-	srv := httptest.NewServer(newMux(h))
+	srv := httptest.NewServer(chatapp.Mux(h))
 	t.Cleanup(func() {
 		h.Close()
 		srv.Close()
@@ -419,7 +420,7 @@ func TestServeClosesWebSocketsWithGoingAwayWhenItsContextEnds(t *testing.T) {
 	}
 	ctx, stop := context.WithCancel(testCtx(t))
 	served := make(chan error, 1)
-	go func() { served <- serve(ctx, ln, newHandler(quietLogger())) }()
+	go func() { served <- chatapp.Serve(ctx, ln, newHandler(quietLogger())) }()
 
 	u := "ws://" + ln.Addr().String() + "/ws?room=lobby"
 	c, _, err := websocket.Dial(testCtx(t), u, nil)
