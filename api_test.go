@@ -19,6 +19,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -133,10 +135,10 @@ func apiReadDirect(t *testing.T, p *protoClient) envelope {
 }
 
 // apiCloseCode returns the close code of err, or -1 when err is not a close.
-func apiCloseCode(err error) int {
+func apiCloseCode(err error) protocol.CloseCode {
 	var ce websocket.CloseError
 	if errors.As(err, &ce) {
-		return int(ce.Code)
+		return protocol.CloseCode(ce.Code)
 	}
 	return -1
 }
@@ -473,11 +475,11 @@ func TestDisconnectClosesConnectionWith4003AndReason(t *testing.T) {
 	if err := h.Disconnect(id, "again"); !errors.Is(err, pubsub.ErrConnNotFound) {
 		t.Fatalf("second Disconnect = %v, want ErrConnNotFound", err)
 	}
-	if reason := expectClose(t, p.c, pubsub.CloseDisconnected); reason != "kicked by admin" {
+	if reason := expectClose(t, p.c, protocol.CloseDisconnected); reason != "kicked by admin" {
 		t.Fatalf("close reason %q, want %q", reason, "kicked by admin")
 	}
 	ev := hooks.waitDisconnect(t, id)
-	if ev.Code != pubsub.CloseDisconnected || ev.Reason != "kicked by admin" {
+	if ev.Code != protocol.CloseDisconnected || ev.Reason != "kicked by admin" {
 		t.Fatalf("OnDisconnect code %d reason %q, want 4003 %q", ev.Code, ev.Reason, "kicked by admin")
 	}
 	if err := h.Disconnect(id, "again"); !errors.Is(err, pubsub.ErrConnNotFound) {
@@ -515,7 +517,7 @@ func TestDisconnectTruncatesLongReasonToAValidClose(t *testing.T) {
 			if err := h.Disconnect(p.welcome.ConnID, tc.reason); err != nil {
 				t.Fatal(err)
 			}
-			got := expectClose(t, p.c, pubsub.CloseDisconnected)
+			got := expectClose(t, p.c, protocol.CloseDisconnected)
 			if got != tc.want || !utf8.ValidString(got) {
 				t.Fatalf("close reason %q (%d bytes), want %q (%d bytes)", got, len(got), tc.want, len(tc.want))
 			}
@@ -541,7 +543,7 @@ func TestDisconnectUserClosesEveryConnectionOfTheUserAndCountsThem(t *testing.T)
 		t.Fatalf("second DisconnectUser(alice) = %d, want 0: both were already closing", n)
 	}
 	for _, c := range []*websocket.Conn{tab1.c, tab2} {
-		if reason := expectClose(t, c, pubsub.CloseDisconnected); reason != "account locked" {
+		if reason := expectClose(t, c, protocol.CloseDisconnected); reason != "account locked" {
 			t.Fatalf("close reason %q, want %q", reason, "account locked")
 		}
 	}
@@ -638,7 +640,7 @@ func TestStatsCountExactlyInAControlledScenario(t *testing.T) {
 	if err := h.Publish(ctx, "bad room", []byte("x")); err == nil {
 		t.Fatal("Publish to an invalid room succeeded")
 	}
-	a.mustError(map[string]any{"type": "publish", "room": "bad room", "text": "x"}, pubsub.CodeInvalidRoom)
+	a.mustError(map[string]any{"type": "publish", "room": "bad room", "text": "x"}, protocol.CodeInvalidRoom)
 	want.MessagesIn = 5
 	apiWaitStats(t, h, want)
 
@@ -734,7 +736,7 @@ func TestOnDisconnectReportsTheCloseCode(t *testing.T) {
 		p := dialProto(t, wsURL(srv, "/ws"))
 		p.c.Close(websocket.StatusNormalClosure, "done here")
 		ev := hooks.waitDisconnect(t, p.welcome.ConnID)
-		if ev.Code != pubsub.CloseNormal || ev.Reason != "done here" {
+		if ev.Code != protocol.CloseNormal || ev.Reason != "done here" {
 			t.Fatalf("OnDisconnect code %d reason %q, want 1000 %q", ev.Code, ev.Reason, "done here")
 		}
 	})
@@ -758,8 +760,8 @@ func TestOnDisconnectReportsTheCloseCode(t *testing.T) {
 		if err := h.Disconnect(p.welcome.ConnID, "bye"); err != nil {
 			t.Fatal(err)
 		}
-		expectClose(t, p.c, pubsub.CloseDisconnected)
-		if ev := hooks.waitDisconnect(t, p.welcome.ConnID); ev.Code != pubsub.CloseDisconnected || ev.Reason != "bye" {
+		expectClose(t, p.c, protocol.CloseDisconnected)
+		if ev := hooks.waitDisconnect(t, p.welcome.ConnID); ev.Code != protocol.CloseDisconnected || ev.Reason != "bye" {
 			t.Fatalf("OnDisconnect code %d reason %q, want 4003 \"bye\"", ev.Code, ev.Reason)
 		}
 	})
@@ -886,7 +888,7 @@ func TestSlowConsumerIsDisconnectedWhileOthersGetEveryMessageInOrder(t *testing.
 	// Reading now lets a close handshake the server began finish at once.
 	apiReadUntilEnd(t, slowConn)
 	ev := hooks.waitDisconnect(t, slow.ID)
-	if ev.Code != pubsub.CloseSlowConsumer {
+	if ev.Code != protocol.CloseSlowConsumer {
 		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
 	}
 	if n := h.Stats().SlowConsumers; n != 1 {
@@ -923,7 +925,7 @@ func TestSlowConsumerByteBoundAloneDisconnects(t *testing.T) {
 	// Reading now lets a close handshake the server began finish at once.
 	apiReadUntilEnd(t, slowConn)
 	ev := hooks.waitDisconnect(t, slow.ID)
-	if ev.Code != pubsub.CloseSlowConsumer {
+	if ev.Code != protocol.CloseSlowConsumer {
 		t.Fatalf("slow consumer closed with %d %q, want 4002", ev.Code, ev.Reason)
 	}
 	if n := h.Stats().SlowConsumers; n != 1 {
@@ -1120,7 +1122,7 @@ func TestShutdownDeliversQueuedMessagesBeforeGoingAway(t *testing.T) {
 			t.Fatalf("message %.8q, want #%d", b, i)
 		}
 	}
-	expectClose(t, c, pubsub.CloseGoingAway)
+	expectClose(t, c, protocol.CloseGoingAway)
 	select {
 	case err := <-done:
 		if err != nil {
@@ -1129,7 +1131,7 @@ func TestShutdownDeliversQueuedMessagesBeforeGoingAway(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("Shutdown did not return")
 	}
-	if ev, _ := hooks.disconnected(id); ev.Code != pubsub.CloseGoingAway {
+	if ev, _ := hooks.disconnected(id); ev.Code != protocol.CloseGoingAway {
 		t.Fatalf("OnDisconnect code %d, want 1001", ev.Code)
 	}
 }
@@ -1148,8 +1150,8 @@ func TestShutdownRefusesNewUpgradesWith503(t *testing.T) {
 
 	// During Shutdown.
 	dialStatus(t, wsURL(srv, "/ws?room=r"), nil, http.StatusServiceUnavailable)
-	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusServiceUnavailable, pubsub.Subprotocol)
-	expectClose(t, c, pubsub.CloseGoingAway)
+	dialStatus(t, wsURL(srv, "/ws"), nil, http.StatusServiceUnavailable, protocol.Subprotocol)
+	expectClose(t, c, protocol.CloseGoingAway)
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
@@ -1173,7 +1175,7 @@ func TestShutdownReturnsOnlyAfterEveryServeHTTPCallEnded(t *testing.T) {
 	}
 	waitFor(t, "five connections", func() bool { return h.Stats().Connections == 5 })
 	ctx := testCtx(t)
-	codes := make(chan int, len(conns))
+	codes := make(chan protocol.CloseCode, len(conns))
 	for _, c := range conns {
 		go func() {
 			for {
@@ -1198,12 +1200,12 @@ func TestShutdownReturnsOnlyAfterEveryServeHTTPCallEnded(t *testing.T) {
 		t.Fatalf("after Shutdown: %d OnDisconnect calls, want %d", len(ds), len(conns))
 	}
 	for _, d := range ds {
-		if d.Code != pubsub.CloseGoingAway {
+		if d.Code != protocol.CloseGoingAway {
 			t.Errorf("OnDisconnect code %d for %s, want 1001", d.Code, d.Client.ID)
 		}
 	}
 	for range conns {
-		if code := <-codes; code != pubsub.CloseGoingAway {
+		if code := <-codes; code != protocol.CloseGoingAway {
 			t.Errorf("a client saw close code %d, want 1001", code)
 		}
 	}
@@ -1243,7 +1245,7 @@ func TestShutdownTwiceAndCloseAfterShutdownAreSafeAndCloseTheBrokerOnce(t *testi
 	ctx := testCtx(t)
 	done := make(chan error, 1)
 	go func() { done <- h.Shutdown(ctx) }()
-	expectClose(t, p.c, pubsub.CloseGoingAway)
+	expectClose(t, p.c, protocol.CloseGoingAway)
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
@@ -1285,7 +1287,7 @@ func TestCloseEndsEveryConnectionAtOnce(t *testing.T) {
 		t.Fatalf("after Close: %d OnDisconnect calls, want 2", len(ds))
 	}
 	for _, d := range ds {
-		if d.Code != pubsub.CloseGoingAway {
+		if d.Code != protocol.CloseGoingAway {
 			t.Errorf("OnDisconnect code %d, want 1001", d.Code)
 		}
 	}
@@ -1461,7 +1463,7 @@ type apiChurnConn struct {
 }
 
 func apiChurnDial(ctx context.Context, url string) (*apiChurnConn, error) {
-	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		return nil, err
 	}
@@ -1622,7 +1624,7 @@ func TestBrokerSubscribeFailureIsUnavailableAndTheServerRecovers(t *testing.T) {
 	h, srv := newServer(t, pubsub.WithBroker(b))
 	p := dialProto(t, wsURL(srv, "/ws"))
 
-	e := p.mustError(map[string]any{"type": "subscribe", "room": "r"}, pubsub.CodeUnavailable)
+	e := p.mustError(map[string]any{"type": "subscribe", "room": "r"}, protocol.CodeUnavailable)
 	if strings.Contains(e.Message, errAPIBrokerDown.Error()) {
 		t.Errorf("the client was sent the broker's error text: %s", e.raw)
 	}
@@ -1659,14 +1661,14 @@ func TestBrokerPublishFailureIsWrappedAndUnavailable(t *testing.T) {
 	if !errors.Is(err, errAPIBrokerDown) || !strings.HasPrefix(err.Error(), "pubsub: ") {
 		t.Fatalf("Publish with a failing broker = %v, want a \"pubsub: \" error wrapping the broker's", err)
 	}
-	e := p.mustError(map[string]any{"type": "publish", "room": "r", "text": "x"}, pubsub.CodeUnavailable)
+	e := p.mustError(map[string]any{"type": "publish", "room": "r", "text": "x"}, protocol.CodeUnavailable)
 	if strings.Contains(e.Message, errAPIBrokerDown.Error()) {
 		t.Errorf("the client was sent the broker's error text: %s", e.raw)
 	}
 	if err := raw.Write(ctx, websocket.MessageText, []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	expectClose(t, raw, pubsub.CloseTryAgainLater)
+	expectClose(t, raw, protocol.CloseTryAgainLater)
 	if n := h.Stats().Published; n != 0 {
 		t.Fatalf("Stats().Published = %d after failed publishes, want 0", n)
 	}

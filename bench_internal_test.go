@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/roomcast/pubsub/internal/wire"
 )
 
 // benchPayloads are the payload shapes a publish classifies and encodes:
@@ -188,7 +190,7 @@ func BenchmarkEncodeMessage(b *testing.B) {
 		b.Run(p.name, func(b *testing.B) {
 			m := Message{Kind: KindMessage, Room: "orders:42", ID: "0b0e9a3c-0d5e-4d5f-9a57-8d8e3f7d6c1b",
 				Epoch: "6f1c2e0a", Seq: 123456, Time: time.Now(), Data: p.data}
-			kind := classify(p.data)
+			kind := wire.Classify(p.data)
 			b.ReportAllocs()
 			b.SetBytes(int64(len(p.data)))
 			for i := 0; i < b.N; i++ {
@@ -208,7 +210,7 @@ func BenchmarkClassify(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(p.data)))
 			for i := 0; i < b.N; i++ {
-				classify(p.data)
+				wire.Classify(p.data)
 			}
 		})
 	}
@@ -224,7 +226,7 @@ func BenchmarkAppendJSONString(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(p.data)))
 			for i := 0; i < b.N; i++ {
-				buf = appendJSONString(buf[:0], p.data)
+				buf = wire.AppendString(buf[:0], p.data)
 			}
 		})
 	}

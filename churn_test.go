@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -85,7 +87,7 @@ func (d *churnDialer) dial(ctx context.Context, url string, proto bool) (*churnC
 	cc := &churnConn{proto: proto}
 	opts := &websocket.DialOptions{HTTPClient: d.client}
 	if proto {
-		opts.Subprotocols = []string{pubsub.Subprotocol}
+		opts.Subprotocols = []string{protocol.Subprotocol}
 	}
 	c, resp, err := websocket.Dial(context.WithValue(ctx, churnTCPKey{}, &cc.tcp), url, opts)
 	if err != nil {
@@ -419,7 +421,7 @@ func TestChurnLeavesNoConnectionRoomGoroutineOrMemoryBehind(t *testing.T) {
 	h, srv := newServer(t, pubsub.WithClientPublish(true), pubsub.WithRateLimit(1e6, 1_000_000),
 		pubsub.WithOnDisconnect(func(e pubsub.DisconnectEvent) {
 			endsMu.Lock()
-			ends[strconv.Itoa(e.Code)]++
+			ends[strconv.Itoa(int(e.Code))]++
 			endsMu.Unlock()
 		}))
 	d := newChurnDialer(t)
@@ -512,7 +514,7 @@ func TestChurnWriteThatTimesOutClosesTheClientWith4002(t *testing.T) {
 	}
 	events.mu.Lock()
 	for _, ev := range events.disconnects {
-		if ev.Code != pubsub.CloseSlowConsumer || !strings.Contains(ev.Reason, "write timed out") {
+		if ev.Code != protocol.CloseSlowConsumer || !strings.Contains(ev.Reason, "write timed out") {
 			t.Errorf("client %s closed with %d %q, want 4002 \"slow consumer: write timed out\"", ev.Client.ID, ev.Code, ev.Reason)
 		}
 	}
@@ -603,7 +605,7 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 		switch code := websocket.CloseStatus(err); {
 		case err == nil:
 			out.add("raw publish: ok")
-		case code == pubsub.CloseTryAgainLater:
+		case protocol.CloseCode(code) == protocol.CloseTryAgainLater:
 			out.add("raw publish: 1013")
 		default:
 			return err
@@ -621,7 +623,7 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 		return err
 	case e.Type == "ack":
 		out.add("subscribe: ack")
-	case e.Type == "error" && e.Code == pubsub.CodeUnavailable:
+	case e.Type == "error" && e.Code == protocol.CodeUnavailable:
 		out.add("subscribe: unavailable")
 	default:
 		return fmt.Errorf("subscribe: %s", e.raw)
@@ -636,7 +638,7 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 		if subscribed && !saw {
 			return cc.await(ctx, mine)
 		}
-	case e.Type == "error" && e.Code == pubsub.CodeUnavailable:
+	case e.Type == "error" && e.Code == protocol.CodeUnavailable:
 		out.add("publish: unavailable")
 	default:
 		return fmt.Errorf("publish: %s", e.raw)

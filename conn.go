@@ -11,12 +11,10 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 )
-
-// closeAbnormal marks a connection that ended without a close handshake of
-// ours to send: the peer closed it, or the socket failed.
-const closeAbnormal = 1006
 
 // conn is one WebSocket connection. Its reader goroutine (run, owned by the
 // Handler) owns the fields marked "reader". Its queue is written by one
@@ -49,7 +47,7 @@ type conn struct {
 	latest  map[*room]int // KeepLatest rooms: index of the room's frame in queue
 	dropped atomic.Uint64 // frames a drop policy discarded
 	closing bool
-	code    int
+	code    protocol.CloseCode
 	reason  string
 	flush   bool
 	abort   bool        // close without a close frame (set with closing)
@@ -199,7 +197,7 @@ func (c *conn) closeSlow(r *room, reason string, abort bool) {
 	}
 	depth, bytes := c.qlen, c.qbytes
 	c.abort = abort
-	c.beginCloseLocked(CloseSlowConsumer, reason, false)
+	c.beginCloseLocked(protocol.CloseSlowConsumer, reason, false)
 	c.mu.Unlock()
 	c.h.stats.slowConsumers.Add(1)
 	roomName := ""
@@ -234,13 +232,13 @@ func (c *conn) queueState() (msgs, bytes int, lag time.Duration) {
 // beginClose starts closing the connection with code and reason. With
 // flush, what is queued is written first. Only the first call counts; it
 // reports whether this call was it.
-func (c *conn) beginClose(code int, reason string, flush bool) bool {
+func (c *conn) beginClose(code protocol.CloseCode, reason string, flush bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.beginCloseLocked(code, reason, flush)
 }
 
-func (c *conn) beginCloseLocked(code int, reason string, flush bool) bool {
+func (c *conn) beginCloseLocked(code protocol.CloseCode, reason string, flush bool) bool {
 	if c.closing {
 		return false
 	}
@@ -256,11 +254,11 @@ func (c *conn) beginCloseLocked(code int, reason string, flush bool) bool {
 // roomReset closes the connection with 4006 after what it has queued: a
 // room it joined lost messages it cannot be sent (see KindReset).
 func (c *conn) roomReset() {
-	c.beginClose(CloseRoomReset, "room stream reset; reconnect and recover", true)
+	c.beginClose(protocol.CloseRoomReset, "room stream reset; reconnect and recover", true)
 }
 
 // closeStatus is the code and reason the connection closed with.
-func (c *conn) closeStatus() (int, string) {
+func (c *conn) closeStatus() (protocol.CloseCode, string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.code, c.reason
@@ -290,12 +288,12 @@ func (c *conn) heartbeat() {
 	}
 	c.beat.Reset(cfg.heartbeat)
 	if cfg.idleTimeout > 0 && time.Since(time.Unix(0, c.lastApp.Load())) > cfg.idleTimeout {
-		c.beginCloseLocked(CloseIdleTimeout, "idle timeout", false)
+		c.beginCloseLocked(protocol.CloseIdleTimeout, "idle timeout", false)
 		return
 	}
 	if c.proto {
 		if silent > cfg.heartbeat+cfg.heartbeatWait {
-			c.beginCloseLocked(CloseHeartbeatTimeout, "heartbeat timeout", false)
+			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
 			return
 		}
 		c.enqueueControlLocked(pingFrame)
@@ -325,9 +323,9 @@ func (c *conn) ping() {
 		// made coder/websocket close the socket, and the reader may have
 		// recorded that as lost (1006) first: the timeout is the cause.
 		if !c.closing {
-			c.beginCloseLocked(CloseHeartbeatTimeout, "heartbeat timeout", false)
-		} else if c.code == closeAbnormal {
-			c.code, c.reason = CloseHeartbeatTimeout, "heartbeat timeout"
+			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
+		} else if c.code == protocol.CloseAbnormal {
+			c.code, c.reason = protocol.CloseHeartbeatTimeout, "heartbeat timeout"
 		}
 		c.mu.Unlock()
 		return
@@ -364,7 +362,7 @@ func (c *conn) kill() {
 // every room and reports the disconnect.
 func (c *conn) run() {
 	c.readLoop()
-	c.beginClose(closeAbnormal, "connection lost", false) // no-op when already closing
+	c.beginClose(protocol.CloseAbnormal, "connection lost", false) // no-op when already closing
 	c.wg.Wait()
 	c.leaveAll()
 	c.h.unregister(c)
@@ -397,11 +395,11 @@ func (c *conn) readLoop() {
 		}
 		c.lastSeen.Store(time.Now().UnixNano())
 		if typ == websocket.MessageBinary && c.proto {
-			c.beginClose(CloseUnsupportedData, "protocol mode accepts text frames only", false)
+			c.beginClose(protocol.CloseUnsupportedData, "protocol mode accepts text frames only", false)
 			return
 		}
 		if typ == websocket.MessageText && !utf8.Valid(data) {
-			c.beginClose(CloseInvalidPayload, "text frame is not valid UTF-8", false)
+			c.beginClose(protocol.CloseInvalidPayload, "text frame is not valid UTF-8", false)
 			return
 		}
 		var ok bool
@@ -436,22 +434,22 @@ func (c *conn) readFailed(err error) {
 	var ce websocket.CloseError
 	switch {
 	case errors.As(err, &ce):
-		c.beginClose(closeAbnormal, "", false)
+		c.beginClose(protocol.CloseAbnormal, "", false)
 		c.mu.Lock()
-		if c.code == closeAbnormal {
-			c.code, c.reason = int(ce.Code), ce.Reason // the peer's own words
+		if c.code == protocol.CloseAbnormal {
+			c.code, c.reason = protocol.CloseCode(ce.Code), ce.Reason // the peer's own words
 		}
 		c.mu.Unlock()
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		// The library already sent 1009; record it.
-		c.beginClose(closeAbnormal, "", false)
+		c.beginClose(protocol.CloseAbnormal, "", false)
 		c.mu.Lock()
-		if c.code == closeAbnormal {
-			c.code, c.reason = CloseMessageTooBig, "message too big"
+		if c.code == protocol.CloseAbnormal {
+			c.code, c.reason = protocol.CloseMessageTooBig, "message too big"
 		}
 		c.mu.Unlock()
 	default:
-		c.beginClose(closeAbnormal, "connection lost", false)
+		c.beginClose(protocol.CloseAbnormal, "connection lost", false)
 	}
 }
 
@@ -477,36 +475,36 @@ func (c *conn) allow() bool {
 // connection stays open.
 func (c *conn) handleRaw(data []byte, binary bool) bool {
 	if !c.allow() {
-		c.beginClose(CloseRateLimited, "rate limit exceeded", false)
+		c.beginClose(protocol.CloseRateLimited, "rate limit exceeded", false)
 		return false
 	}
 	if c.h.cfg.onMessage != nil {
 		m := &ClientMessage{Client: c.client, Room: c.rawRoomName(), Data: data, Binary: binary, c: c}
 		switch err := c.h.callOnMessage(c.ctx, m); {
 		case errors.Is(err, errHookPanicked):
-			c.beginClose(CloseInternalError, "internal error", false)
+			c.beginClose(protocol.CloseInternalError, "internal error", false)
 			return false
 		case err != nil:
-			c.beginClose(ClosePolicyViolation, "message rejected", false)
+			c.beginClose(protocol.ClosePolicyViolation, "message rejected", false)
 			return false
 		}
 		return true
 	}
 	room := c.rawRoomName()
 	if room == "" {
-		c.beginClose(ClosePolicyViolation, "no room to publish to", false)
+		c.beginClose(protocol.ClosePolicyViolation, "no room to publish to", false)
 		return false
 	}
 	if perr := c.authorizePublish(room); perr != nil {
-		if perr.code == CodeInternal {
-			c.beginClose(CloseInternalError, "internal error", false)
+		if perr.code == protocol.CodeInternal {
+			c.beginClose(protocol.CloseInternalError, "internal error", false)
 		} else {
-			c.beginClose(ClosePolicyViolation, "publish not allowed", false)
+			c.beginClose(protocol.ClosePolicyViolation, "publish not allowed", false)
 		}
 		return false
 	}
 	if perr := c.h.publishFromClient(c.ctx, room, data); perr != nil {
-		c.beginClose(CloseTryAgainLater, "publish failed, try again later", false)
+		c.beginClose(protocol.CloseTryAgainLater, "publish failed, try again later", false)
 		return false
 	}
 	return true
@@ -526,7 +524,7 @@ func (c *conn) handleEnvelope(data []byte) bool {
 	case !c.allow():
 		// Every envelope but pong counts, malformed ones included, so a
 		// flood of garbage is throttled like any other.
-		perr = &protoError{CodeRateLimited, "rate limit exceeded; the message was dropped"}
+		perr = &protoError{protocol.CodeRateLimited, "rate limit exceeded; the message was dropped"}
 	case perr == nil && in.Type == "ping":
 		return c.reply(newControlFrame(encodePong(in.ID)))
 	case perr == nil:
@@ -557,13 +555,13 @@ func (c *conn) dispatch(in *inbound) *protoError {
 	switch in.Type {
 	case "subscribe":
 		if err := h.cfg.roomValidator(in.Room); err != nil {
-			return &protoError{CodeInvalidRoom, err.Error()}
+			return &protoError{protocol.CodeInvalidRoom, err.Error()}
 		}
 		if _, ok := c.rooms[in.Room]; ok {
 			return nil // already subscribed: idempotent
 		}
 		if len(c.rooms) >= h.cfg.maxRooms {
-			return &protoError{CodeTooManyRooms, "this connection is in the maximum number of rooms"}
+			return &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
 		}
 		if len(in.Info) > h.cfg.maxInfo {
 			return badRequest(`"info" is larger than ` + strconv.Itoa(h.cfg.maxInfo) + " bytes")
@@ -573,35 +571,35 @@ func (c *conn) dispatch(in *inbound) *protoError {
 		}
 		if _, err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, in.ID); err != nil {
 			h.brokerFailed("subscribe", in.Room, err)
-			return &protoError{CodeUnavailable, "could not subscribe; try again later"}
+			return &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
 		}
 		return errAcked // subscribe queued the ack, ahead of the room's messages
 	case "presence":
 		r, ok := c.rooms[in.Room]
 		if !ok {
-			return &protoError{CodeNotJoined, "subscribe to the room to see its presence"}
+			return &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
 		}
 		if r.opts.Presence == PresenceOff {
-			return &protoError{CodeNotSupported, "this room does not track presence"}
+			return &protoError{protocol.CodeNotSupported, "this room does not track presence"}
 		}
 		p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
 		if err != nil {
 			h.brokerFailed("presence", in.Room, err)
-			return &protoError{CodeUnavailable, "could not read presence; try again later"}
+			return &protoError{protocol.CodeUnavailable, "could not read presence; try again later"}
 		}
 		c.reply(newControlFrame(encodePresence(in.ID, in.Room, p)))
 		return errAcked
 	case "unsubscribe":
 		r, ok := c.rooms[in.Room]
 		if !ok {
-			return &protoError{CodeNotJoined, "this connection is not subscribed to that room"}
+			return &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
 		}
 		c.forget(in.Room)
 		h.rooms.leave(r, c)
 		return nil
 	case "publish":
 		if err := h.cfg.roomValidator(in.Room); err != nil {
-			return &protoError{CodeInvalidRoom, err.Error()}
+			return &protoError{protocol.CodeInvalidRoom, err.Error()}
 		}
 		if perr := c.authorizePublish(in.Room); perr != nil {
 			return perr
@@ -609,23 +607,23 @@ func (c *conn) dispatch(in *inbound) *protoError {
 		return h.publishFromClient(c.ctx, in.Room, in.payload)
 	case "send":
 		if h.cfg.onMessage == nil {
-			return &protoError{CodeNotSupported, "this server does not handle messages sent to it"}
+			return &protoError{protocol.CodeNotSupported, "this server does not handle messages sent to it"}
 		}
 		if in.Room != "" {
 			if err := h.cfg.roomValidator(in.Room); err != nil {
-				return &protoError{CodeInvalidRoom, err.Error()}
+				return &protoError{protocol.CodeInvalidRoom, err.Error()}
 			}
 		}
 		m := &ClientMessage{Client: c.client, Room: in.Room, Data: in.payload, c: c}
 		switch err := h.callOnMessage(c.ctx, m); {
 		case errors.Is(err, errHookPanicked):
-			return &protoError{CodeInternal, "internal error"}
+			return &protoError{protocol.CodeInternal, "internal error"}
 		case err != nil:
-			return &protoError{CodeRejected, "the server rejected the message"}
+			return &protoError{protocol.CodeRejected, "the server rejected the message"}
 		}
 		return nil
 	}
-	return &protoError{CodeUnknownType, "unknown type"} // unreachable: decodeInbound checked
+	return &protoError{protocol.CodeUnknownType, "unknown type"} // unreachable: decodeInbound checked
 }
 
 // errAcked tells handleEnvelope that dispatch queued its own reply.
@@ -683,13 +681,13 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 		out.recovery = true
 		switch {
 		case since.Epoch != res.Epoch:
-			out.reason, msgs = ReasonEpochChanged, nil
+			out.reason, msgs = protocol.ReasonEpochChanged, nil
 		case *since.Seq > res.Top:
-			out.reason, msgs = ReasonUnknownPosition, nil
+			out.reason, msgs = protocol.ReasonUnknownPosition, nil
 		case *since.Seq < res.Top && (len(msgs) == 0 || msgs[0].Seq != *since.Seq+1):
-			out.reason, msgs = ReasonHistoryTooShort, nil
+			out.reason, msgs = protocol.ReasonHistoryTooShort, nil
 		case *since.Seq < res.Top && msgs[len(msgs)-1].Seq != res.Top:
-			out.reason, msgs = ReasonTooManyMissed, nil
+			out.reason, msgs = protocol.ReasonTooManyMissed, nil
 		default:
 			out.recovered = true
 		}
@@ -715,9 +713,9 @@ func (c *conn) authorize(a Action, room string) *protoError {
 	}
 	switch err := c.h.callAuthorize(c.ctx, c.client, a, room); {
 	case errors.Is(err, errHookPanicked):
-		return &protoError{CodeInternal, "internal error"}
+		return &protoError{protocol.CodeInternal, "internal error"}
 	case err != nil:
-		return &protoError{CodeForbidden, "not allowed to " + string(a) + " in this room"}
+		return &protoError{protocol.CodeForbidden, "not allowed to " + string(a) + " in this room"}
 	}
 	return nil
 }
@@ -726,7 +724,7 @@ func (c *conn) authorize(a Action, room string) *protoError {
 // set, otherwise WithClientPublish.
 func (c *conn) authorizePublish(room string) *protoError {
 	if c.h.cfg.authorize == nil && !c.h.cfg.clientPublish {
-		return &protoError{CodeForbidden, "clients may not publish on this server"}
+		return &protoError{protocol.CodeForbidden, "clients may not publish on this server"}
 	}
 	return c.authorize(ActionPublish, room)
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"sync"
 	"time"
+
+	"github.com/roomcast/pubsub/internal/wire"
 )
 
 // frame is one outbound message, built once and shared by every queue it
@@ -13,7 +15,7 @@ import (
 type frame struct {
 	m       Message // room messages and presence events; Data is the raw-mode payload
 	room    *room   // the room whose policy applies; nil for direct and control frames
-	kind    payloadKind
+	kind    wire.Kind
 	size    int       // what the frame counts against a queue's byte bound
 	at      time.Time // when it was published, for lag
 	data    bool      // carries a payload (room or direct message)
@@ -32,7 +34,7 @@ func newRoomFrame(m Message, r *room) *frame {
 		return &frame{m: m, room: r, size: 64, at: m.Time, control: true,
 			encode: func() []byte { return encodePresenceEvent(m) }}
 	}
-	kind := classify(m.Data)
+	kind := wire.Classify(m.Data)
 	return &frame{
 		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true,
 		encode: func() []byte { return encodeMessage(m, kind) },
@@ -40,7 +42,7 @@ func newRoomFrame(m Message, r *room) *frame {
 }
 
 func newDirectFrame(p []byte) *frame {
-	kind := classify(p)
+	kind := wire.Classify(p)
 	return &frame{
 		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true,
 		encode: func() []byte { return encodeDirect(p, kind) },
@@ -64,7 +66,7 @@ func (f *frame) wire(proto bool) []byte {
 	}
 	f.rawOnce.Do(func() {
 		op := byte(opText)
-		if f.kind == kindBinary {
+		if f.kind == wire.Binary {
 			op = opBinary
 		}
 		f.rawWire = wireFrame(op, f.m.Data)

@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/roomcast/pubsub/internal/wire"
+	"github.com/roomcast/pubsub/protocol"
 )
 
 // Fuzz targets for every parser of client input beside the envelope
@@ -158,13 +161,13 @@ func fuzzTokens(lines []string) []string {
 func FuzzUpgradeHeaders(f *testing.F) {
 	for _, s := range [][4]string{
 		{"GET", "Upgrade", "websocket", ""},
-		{"GET", "keep-alive, Upgrade", "WebSocket", Subprotocol},
-		{"GET", "upgrade", "websocket", "chat.v2, " + Subprotocol},
+		{"GET", "keep-alive, Upgrade", "WebSocket", protocol.Subprotocol},
+		{"GET", "upgrade", "websocket", "chat.v2, " + protocol.Subprotocol},
 		{"GET", "upgrade", "websocket", "chat.v2"},
 		{"GET", "upgrade", "websocket", " , ,"},
 		{"POST", "Upgrade", "websocket", ""},
 		{"GET", "close", "h2c", "ROOMCAST.V1"},
-		{"GET", "Upgrade\nclose", "\nwebsocket", "\n" + Subprotocol + "\n"},
+		{"GET", "Upgrade\nclose", "\nwebsocket", "\n" + protocol.Subprotocol + "\n"},
 		{"GET", "Upgrade", "websocket", "roomcast.v1x,roomcast.v"},
 	} {
 		f.Add(s[0], s[1], s[2], s[3])
@@ -194,7 +197,7 @@ func FuzzUpgradeHeaders(f *testing.F) {
 		ours, foreign := false, false
 		for _, t := range fuzzTokens(r.Header.Values("Sec-WebSocket-Protocol")) {
 			switch {
-			case t == Subprotocol:
+			case t == protocol.Subprotocol:
 				ours = true
 			case t != "":
 				foreign = true
@@ -204,7 +207,7 @@ func FuzzUpgradeHeaders(f *testing.F) {
 		switch {
 		case ours:
 			if mode != ModeProtocol || !ok {
-				t.Fatalf("selectMode = %v, %v with %s offered, want protocol mode", mode, ok, Subprotocol)
+				t.Fatalf("selectMode = %v, %v with %s offered, want protocol mode", mode, ok, protocol.Subprotocol)
 			}
 		case foreign:
 			if ok {
@@ -290,7 +293,7 @@ func fuzzValidUTF8(s string) string {
 // fuzzPayload checks one outbound envelope: valid UTF-8, valid JSON, with
 // exactly the payload field its kind names, holding the payload. It
 // returns the decoded envelope's other fields.
-func fuzzPayload(t *testing.T, env, p []byte, kind payloadKind) map[string]json.RawMessage {
+func fuzzPayload(t *testing.T, env, p []byte, kind wire.Kind) map[string]json.RawMessage {
 	t.Helper()
 	if !utf8.Valid(env) || !json.Valid(env) {
 		t.Fatalf("envelope %q is not valid UTF-8 JSON", env)
@@ -309,18 +312,18 @@ func fuzzPayload(t *testing.T, env, p []byte, kind payloadKind) map[string]json.
 		t.Fatalf("envelope %q has %d payload fields, want 1", env, n)
 	}
 	switch kind {
-	case kindJSON:
+	case wire.JSON:
 		// The value is embedded as is, and classify keeps JSON with white
 		// space around it out of "data": a decoder gets exactly p.
 		if got, ok := fields["data"]; !ok || !bytes.Equal(got, p) {
 			t.Fatalf("payload %q: data %q", p, got)
 		}
-	case kindText:
+	case wire.Text:
 		var s string
 		if err := json.Unmarshal(fields["text"], &s); err != nil || s != string(p) {
 			t.Fatalf("payload %q: text %q (%v)", p, fields["text"], err)
 		}
-	case kindBinary:
+	case wire.Binary:
 		var s string
 		if err := json.Unmarshal(fields["binary"], &s); err != nil {
 			t.Fatalf("payload %q: binary %q (%v)", p, fields["binary"], err)
@@ -346,16 +349,16 @@ func FuzzEncodeMessageRoundTrip(f *testing.F) {
 	}
 	f.Add([]byte("x"), "a\"b\\c\xff", "e\u2029", "", uint64(1<<63), int64(-1))
 	f.Fuzz(func(t *testing.T, data []byte, room, epoch, id string, seq uint64, ms int64) {
-		kind := classify(data)
-		if (kind == kindBinary) != !utf8.Valid(data) {
-			t.Fatalf("classify(%q) = %d: binary must be exactly the invalid UTF-8", data, kind)
+		kind := wire.Classify(data)
+		if (kind == wire.Binary) != !utf8.Valid(data) {
+			t.Fatalf("wire.Classify(%q) = %d: binary must be exactly the invalid UTF-8", data, kind)
 		}
-		if kind == kindJSON && !json.Valid(data) {
-			t.Fatalf("classify(%q) = JSON for invalid JSON", data)
+		if kind == wire.JSON && !json.Valid(data) {
+			t.Fatalf("wire.Classify(%q) = JSON for invalid JSON", data)
 		}
 		trimmed := len(data) > 0 && strings.TrimSpace(string(data[:1])) != "" && strings.TrimSpace(string(data[len(data)-1:])) != ""
-		if kind == kindText && trimmed && json.Valid(data) {
-			t.Fatalf("classify(%q) = text for JSON with no white space around it", data)
+		if kind == wire.Text && trimmed && json.Valid(data) {
+			t.Fatalf("wire.Classify(%q) = text for JSON with no white space around it", data)
 		}
 		m := Message{Kind: KindMessage, Room: room, Epoch: epoch, ID: id, Seq: seq, Time: time.UnixMilli(ms), Data: data}
 		env := encodeMessage(m, kind)

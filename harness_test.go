@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/internal/leaktest"
@@ -118,7 +120,7 @@ func readText(t *testing.T, c *websocket.Conn, want string) {
 }
 
 // expectClose reads until the connection closes and checks the close code.
-func expectClose(t *testing.T, c *websocket.Conn, code int) string {
+func expectClose(t *testing.T, c *websocket.Conn, code protocol.CloseCode) string {
 	t.Helper()
 	ctx := testCtx(t)
 	for {
@@ -130,7 +132,7 @@ func expectClose(t *testing.T, c *websocket.Conn, code int) string {
 		if !errors.As(err, &ce) {
 			t.Fatalf("connection ended with %v, want close code %d", err, code)
 		}
-		if int(ce.Code) != code {
+		if protocol.CloseCode(ce.Code) != code {
 			t.Fatalf("close code %d (%q), want %d", ce.Code, ce.Reason, code)
 		}
 		return ce.Reason
@@ -139,18 +141,18 @@ func expectClose(t *testing.T, c *websocket.Conn, code int) string {
 
 // envelope is any server envelope, decoded loosely for assertions.
 type envelope struct {
-	Type    string          `json:"type"`
-	ID      string          `json:"id"`
-	Room    string          `json:"room"`
-	Epoch   string          `json:"epoch"`
-	Seq     uint64          `json:"seq"`
-	Data    json.RawMessage `json:"data"`
-	Text    *string         `json:"text"`
-	Binary  *string         `json:"binary"`
-	Code    string          `json:"code"`
-	Message string          `json:"message"`
-	ConnID  string          `json:"conn_id"`
-	UserID  string          `json:"user_id"`
+	Type    string             `json:"type"`
+	ID      string             `json:"id"`
+	Room    string             `json:"room"`
+	Epoch   string             `json:"epoch"`
+	Seq     uint64             `json:"seq"`
+	Data    json.RawMessage    `json:"data"`
+	Text    *string            `json:"text"`
+	Binary  *string            `json:"binary"`
+	Code    protocol.ErrorCode `json:"code"`
+	Message string             `json:"message"`
+	ConnID  string             `json:"conn_id"`
+	UserID  string             `json:"user_id"`
 	raw     []byte
 }
 
@@ -166,9 +168,9 @@ type protoClient struct {
 // dialProto connects in protocol mode and consumes the welcome.
 func dialProto(t *testing.T, url string) *protoClient {
 	t.Helper()
-	c := dial(t, url, pubsub.Subprotocol)
-	if c.Subprotocol() != pubsub.Subprotocol {
-		t.Fatalf("negotiated subprotocol %q, want %q", c.Subprotocol(), pubsub.Subprotocol)
+	c := dial(t, url, protocol.Subprotocol)
+	if c.Subprotocol() != protocol.Subprotocol {
+		t.Fatalf("negotiated subprotocol %q, want %q", c.Subprotocol(), protocol.Subprotocol)
 	}
 	p := &protoClient{t: t, c: c}
 	p.welcome = p.read()
@@ -254,7 +256,7 @@ func (p *protoClient) mustAck(fields map[string]any) {
 }
 
 // mustError sends a request and expects an error with code.
-func (p *protoClient) mustError(fields map[string]any, code string) envelope {
+func (p *protoClient) mustError(fields map[string]any, code protocol.ErrorCode) envelope {
 	p.t.Helper()
 	e := p.request(fields)
 	if e.Type != "error" || e.Code != code {

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -130,7 +132,7 @@ func TestIdleTimeoutCloseCodeIs4005(t *testing.T) {
 	t.Parallel()
 	_, srv := newServer(t, pubsub.WithIdleTimeout(50*time.Millisecond), pubsub.WithHeartbeat(20*time.Millisecond, 10*time.Second))
 	c := dial(t, wsURL(srv, "/ws?room=quiet"))
-	if reason := expectClose(t, c, pubsub.CloseIdleTimeout); reason != "idle timeout" {
+	if reason := expectClose(t, c, protocol.CloseIdleTimeout); reason != "idle timeout" {
 		t.Fatalf("reason %q", reason)
 	}
 }
@@ -262,7 +264,7 @@ func TestDefaultRateLimitAllowsABurstOf50(t *testing.T) {
 		switch e := p.read(); {
 		case e.Type == "pong":
 			pongs++
-		case e.Type == "error" && e.Code == pubsub.CodeRateLimited:
+		case e.Type == "error" && e.Code == protocol.CodeRateLimited:
 			limited++
 		default:
 			t.Fatalf("unexpected %s", e.raw)

@@ -2,33 +2,13 @@ package pubsub
 
 import (
 	"bytes"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"strconv"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/roomcast/pubsub/internal/wire"
-)
-
-// Subprotocol is the WebSocket subprotocol of protocol mode. A client that
-// offers it speaks JSON envelopes (see PROTOCOL.md); a client that offers no
-// subprotocol is in raw mode.
-const Subprotocol = "roomcast.v1"
-
-// Error codes sent in protocol-mode "error" envelopes. PROTOCOL.md lists when
-// each is sent.
-const (
-	CodeBadRequest   = "bad_request"    // malformed JSON, missing or mistyped field
-	CodeUnknownType  = "unknown_type"   // a "type" this version does not know
-	CodeInvalidRoom  = "invalid_room"   // the room name fails validation
-	CodeForbidden    = "forbidden"      // the authorize hook (or the default policy) denied it
-	CodeTooManyRooms = "too_many_rooms" // one more room than WithMaxRooms
-	CodeRateLimited  = "rate_limited"   // past WithRateLimit; the message was dropped
-	CodeNotJoined    = "not_subscribed" // unsubscribe from a room not joined
-	CodeNotSupported = "not_supported"  // "send" with no server-side message handler
-	CodeRejected     = "rejected"       // the server-side message handler returned an error
-	CodeUnavailable  = "unavailable"    // the broker failed; retrying later may succeed
-	CodeInternal     = "internal"       // a hook panicked; the server logged it
 )
 
 const maxRequestID = 64
@@ -61,12 +41,13 @@ type position struct {
 // protoError is an error answered to the client with a code and a message
 // written for the client (never internal error text).
 type protoError struct {
-	code, msg string
+	code protocol.ErrorCode
+	msg  string
 }
 
-func (e *protoError) Error() string { return e.code + ": " + e.msg }
+func (e *protoError) Error() string { return string(e.code) + ": " + e.msg }
 
-func badRequest(msg string) *protoError { return &protoError{CodeBadRequest, msg} }
+func badRequest(msg string) *protoError { return &protoError{protocol.CodeBadRequest, msg} }
 
 // decodeInbound parses one protocol-mode text frame. It never panics, and it
 // fills in.payload for the types that carry one. On error the returned
@@ -120,7 +101,7 @@ func decodeInbound(b []byte) (inbound, *protoError) {
 		in.payload = p
 		return in, nil
 	default:
-		return in, &protoError{CodeUnknownType, "unknown type " + strconv.Quote(in.Type)}
+		return in, &protoError{protocol.CodeUnknownType, "unknown type " + strconv.Quote(in.Type)}
 	}
 }
 
@@ -148,72 +129,35 @@ func (in *inbound) checkSubscribe() *protoError {
 }
 
 func (in *inbound) decodePayload() ([]byte, *protoError) {
-	n := 0
-	if in.Data != nil {
-		n++
+	p, kind, err := wire.DecodePayload(in.Data, in.Text, in.Binary)
+	if err != nil {
+		return nil, badRequest(err.Error())
 	}
-	if in.Text != nil {
-		n++
+	if kind == wire.JSON {
+		p = bytes.Clone(p) // in.Data aliases the frame, which the reader reuses
 	}
-	if in.Binary != nil {
-		n++
-	}
-	if n != 1 {
-		return nil, badRequest(`exactly one of "data", "text" or "binary" is required`)
-	}
-	switch {
-	case in.Data != nil:
-		return bytes.Clone(in.Data), nil
-	case in.Text != nil:
-		return []byte(*in.Text), nil
-	default:
-		p, err := base64.StdEncoding.DecodeString(*in.Binary)
-		if err != nil {
-			return nil, badRequest(`"binary" is not standard base64`)
-		}
-		return p, nil
-	}
-}
-
-// payloadKind says how a payload travels: as JSON in "data", as a string in
-// "text", or base64 in "binary" (see wire.Classify, shared with the Go
-// client). Raw mode sends the first two as text frames and the last as a
-// binary frame.
-type payloadKind = wire.Kind
-
-const (
-	kindJSON   = wire.JSON
-	kindText   = wire.Text
-	kindBinary = wire.Binary
-)
-
-func classify(p []byte) payloadKind { return wire.Classify(p) }
-
-// appendPayload appends the payload field ("data", "text" or "binary") of
-// an envelope.
-func appendPayload(b []byte, p []byte, kind payloadKind) []byte {
-	return wire.AppendPayload(b, p, kind)
+	return p, nil
 }
 
 // encodeMessage is the envelope of a room message, built once per publish.
-func encodeMessage(m Message, kind payloadKind) []byte {
+func encodeMessage(m Message, kind wire.Kind) []byte {
 	b := make([]byte, 0, 128+len(m.Room)+len(m.Epoch)+len(m.ID)+len(m.Data)*4/3)
 	b = append(b, `{"type":"message","room":`...)
-	b = appendJSONString(b, []byte(m.Room))
+	b = wire.AppendString(b, m.Room)
 	b = append(b, `,"epoch":`...)
-	b = appendJSONString(b, []byte(m.Epoch))
+	b = wire.AppendString(b, m.Epoch)
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, m.Seq, 10)
 	if m.ID != "" {
 		b = append(b, `,"message_id":`...)
-		b = appendJSONString(b, []byte(m.ID))
+		b = wire.AppendString(b, m.ID)
 	}
 	if !m.Time.IsZero() {
 		b = append(b, `,"time":`...)
 		b = strconv.AppendInt(b, m.Time.UnixMilli(), 10)
 	}
 	b = append(b, ',')
-	b = appendPayload(b, m.Data, kind)
+	b = wire.AppendPayload(b, m.Data, kind)
 	return append(b, '}')
 }
 
@@ -225,7 +169,7 @@ func encodePresenceEvent(m Message) []byte {
 	} else {
 		b = append(b, `{"type":"leave","room":`...)
 	}
-	b = appendJSONString(b, []byte(m.Room))
+	b = wire.AppendString(b, m.Room)
 	b = appendMemberFields(b, m.Member.ConnID, m.Member.UserID, m.Member.Info)
 	return append(b, '}')
 }
@@ -233,11 +177,11 @@ func encodePresenceEvent(m Message) []byte {
 func appendMemberFields(b []byte, connID, userID string, info json.RawMessage) []byte {
 	if connID != "" {
 		b = append(b, `,"conn_id":`...)
-		b = appendJSONString(b, []byte(connID))
+		b = wire.AppendString(b, connID)
 	}
 	if userID != "" {
 		b = append(b, `,"user_id":`...)
-		b = appendJSONString(b, []byte(userID))
+		b = wire.AppendString(b, userID)
 	}
 	if len(info) > 0 {
 		b = append(b, `,"info":`...)
@@ -252,37 +196,29 @@ type subscribed struct {
 	epoch     string
 	top       uint64
 	presence  PresenceMode
-	recovery  bool   // the client asked to recover
-	recovered bool   // and got exactly what it missed
-	reason    string // why not, when it did not
-	missed    int    // messages replayed before live ones
+	recovery  bool            // the client asked to recover
+	recovered bool            // and got exactly what it missed
+	reason    protocol.Reason // why not, when it did not
+	missed    int             // messages replayed before live ones
 }
-
-// Recovery refusal reasons, in a subscribe ack's "reason".
-const (
-	ReasonEpochChanged    = "epoch_changed"     // the room's state was lost since the client's position
-	ReasonHistoryTooShort = "history_too_short" // messages after the position are no longer kept
-	ReasonUnknownPosition = "unknown_position"  // the position is ahead of the room
-	ReasonTooManyMissed   = "too_many_missed"   // more missed than one connection's queue holds
-)
 
 func encodeSubscribed(id string, s subscribed) []byte {
 	b := append([]byte(nil), `{"type":"ack","id":`...)
-	b = appendJSONString(b, []byte(id))
+	b = wire.AppendString(b, id)
 	b = append(b, `,"room":`...)
-	b = appendJSONString(b, []byte(s.room))
+	b = wire.AppendString(b, s.room)
 	b = append(b, `,"epoch":`...)
-	b = appendJSONString(b, []byte(s.epoch))
+	b = wire.AppendString(b, s.epoch)
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, s.top, 10)
 	b = append(b, `,"presence":`...)
-	b = appendJSONString(b, []byte(s.presence.String()))
+	b = wire.AppendString(b, s.presence.String())
 	if s.recovery {
 		b = append(b, `,"recovered":`...)
 		b = strconv.AppendBool(b, s.recovered)
 		if s.reason != "" {
 			b = append(b, `,"reason":`...)
-			b = appendJSONString(b, []byte(s.reason))
+			b = wire.AppendString(b, s.reason)
 		}
 	}
 	b = append(b, `,"missed":`...)
@@ -295,10 +231,10 @@ func encodePresence(id, room string, p Presence) []byte {
 	b := append([]byte(nil), `{"type":"presence"`...)
 	if id != "" {
 		b = append(b, `,"id":`...)
-		b = appendJSONString(b, []byte(id))
+		b = wire.AppendString(b, id)
 	}
 	b = append(b, `,"room":`...)
-	b = appendJSONString(b, []byte(room))
+	b = wire.AppendString(b, room)
 	b = append(b, `,"count":`...)
 	b = strconv.AppendInt(b, int64(p.Count), 10)
 	b = append(b, `,"connections":`...)
@@ -314,7 +250,7 @@ func encodePresence(id, room string, p Presence) []byte {
 				if j > 0 {
 					b = append(b, ',')
 				}
-				b = appendJSONString(b, []byte(id))
+				b = wire.AppendString(b, id)
 			}
 			b = append(b, ']')
 			b = appendMemberFields(b, "", m.UserID, m.Info)
@@ -326,16 +262,16 @@ func encodePresence(id, room string, p Presence) []byte {
 }
 
 // encodeDirect is the envelope of a message sent to one connection or user.
-func encodeDirect(p []byte, kind payloadKind) []byte {
+func encodeDirect(p []byte, kind wire.Kind) []byte {
 	b := make([]byte, 0, 24+len(p)*4/3)
 	b = append(b, `{"type":"direct",`...)
-	b = appendPayload(b, p, kind)
+	b = wire.AppendPayload(b, p, kind)
 	return append(b, '}')
 }
 
 func encodeAck(id string) []byte {
 	b := append([]byte(nil), `{"type":"ack","id":`...)
-	b = appendJSONString(b, []byte(id))
+	b = wire.AppendString(b, id)
 	return append(b, '}')
 }
 
@@ -343,13 +279,13 @@ func encodeError(id string, e *protoError) []byte {
 	b := append([]byte(nil), `{"type":"error",`...)
 	if id != "" {
 		b = append(b, `"id":`...)
-		b = appendJSONString(b, []byte(id))
+		b = wire.AppendString(b, id)
 		b = append(b, ',')
 	}
 	b = append(b, `"code":`...)
-	b = appendJSONString(b, []byte(e.code))
+	b = wire.AppendString(b, e.code)
 	b = append(b, `,"message":`...)
-	b = appendJSONString(b, []byte(e.msg))
+	b = wire.AppendString(b, e.msg)
 	return append(b, '}')
 }
 
@@ -365,7 +301,7 @@ type welcome struct {
 }
 
 func encodeWelcome(w welcome) []byte {
-	w.Type, w.Protocol = "welcome", Subprotocol
+	w.Type, w.Protocol = "welcome", protocol.Subprotocol
 	b, _ := json.Marshal(w) // a struct of strings and numbers cannot fail
 	return b
 }
@@ -378,9 +314,6 @@ func encodePong(id string) []byte {
 		return []byte(`{"type":"pong"}`)
 	}
 	b := append([]byte(nil), `{"type":"pong","id":`...)
-	b = appendJSONString(b, []byte(id))
+	b = wire.AppendString(b, id)
 	return append(b, '}')
 }
-
-// appendJSONString appends s as a JSON string (see wire.AppendString).
-func appendJSONString(b []byte, s []byte) []byte { return wire.AppendString(b, s) }

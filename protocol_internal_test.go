@@ -9,6 +9,9 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/roomcast/pubsub/internal/wire"
+	"github.com/roomcast/pubsub/protocol"
 )
 
 // Internal tests of protocol.go: the envelope decoder, the JSON string
@@ -23,11 +26,11 @@ func TestDecodeInbound(t *testing.T) {
 	tests := []struct {
 		name    string
 		in      string
-		typ     string  // want in.Type (checked on success only)
-		room    string  // want in.Room (checked on success only)
-		id      string  // want in.ID, on success and on error (the salvaged id)
-		payload *string // want in.payload; nil means no payload
-		code    string  // want error code; "" means success
+		typ     string             // want in.Type (checked on success only)
+		room    string             // want in.Room (checked on success only)
+		id      string             // want in.ID, on success and on error (the salvaged id)
+		payload *string            // want in.payload; nil means no payload
+		code    protocol.ErrorCode // want error code; "" means success
 	}{
 		// Valid envelopes.
 		{name: "ping", in: `{"type":"ping"}`, typ: "ping"},
@@ -52,47 +55,47 @@ func TestDecodeInbound(t *testing.T) {
 		{name: "leading and trailing whitespace", in: " \n{\"type\":\"ping\"}\t ", typ: "ping"},
 
 		// bad_request: not a JSON object.
-		{name: "empty input", in: ``, code: CodeBadRequest},
-		{name: "not JSON", in: `hello`, code: CodeBadRequest},
-		{name: "truncated object loses its id", in: `{"type":"subscribe","room":"a","id":"r1"`, code: CodeBadRequest},
-		{name: "trailing comma", in: `{"type":"ping","id":"r1",}`, code: CodeBadRequest},
-		{name: "trailing garbage", in: `{"type":"ping","id":"r1"} x`, code: CodeBadRequest},
-		{name: "array", in: `[{"type":"ping"}]`, code: CodeBadRequest},
-		{name: "string", in: `"ping"`, code: CodeBadRequest},
-		{name: "number", in: `42`, code: CodeBadRequest},
-		{name: "null", in: `null`, code: CodeBadRequest},
+		{name: "empty input", in: ``, code: protocol.CodeBadRequest},
+		{name: "not JSON", in: `hello`, code: protocol.CodeBadRequest},
+		{name: "truncated object loses its id", in: `{"type":"subscribe","room":"a","id":"r1"`, code: protocol.CodeBadRequest},
+		{name: "trailing comma", in: `{"type":"ping","id":"r1",}`, code: protocol.CodeBadRequest},
+		{name: "trailing garbage", in: `{"type":"ping","id":"r1"} x`, code: protocol.CodeBadRequest},
+		{name: "array", in: `[{"type":"ping"}]`, code: protocol.CodeBadRequest},
+		{name: "string", in: `"ping"`, code: protocol.CodeBadRequest},
+		{name: "number", in: `42`, code: protocol.CodeBadRequest},
+		{name: "null", in: `null`, code: protocol.CodeBadRequest},
 
 		// bad_request: mistyped fields; the id is salvaged when it is a string.
-		{name: "room is a number", in: `{"type":"subscribe","room":5,"id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "type is a number", in: `{"type":1,"id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "text is a number", in: `{"type":"publish","room":"a","text":5,"id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "binary is an array", in: `{"type":"publish","room":"a","binary":["/w=="],"id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "id is a number", in: `{"type":"subscribe","room":"a","id":7}`, code: CodeBadRequest},
-		{name: "id is an object", in: `{"type":"ping","id":{"a":"b"}}`, code: CodeBadRequest},
-		{name: "mistyped field with a long id drops the id", in: `{"type":"subscribe","room":5,"id":"` + id65 + `"}`, code: CodeBadRequest},
+		{name: "room is a number", in: `{"type":"subscribe","room":5,"id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "type is a number", in: `{"type":1,"id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "text is a number", in: `{"type":"publish","room":"a","text":5,"id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "binary is an array", in: `{"type":"publish","room":"a","binary":["/w=="],"id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "id is a number", in: `{"type":"subscribe","room":"a","id":7}`, code: protocol.CodeBadRequest},
+		{name: "id is an object", in: `{"type":"ping","id":{"a":"b"}}`, code: protocol.CodeBadRequest},
+		{name: "mistyped field with a long id drops the id", in: `{"type":"subscribe","room":5,"id":"` + id65 + `"}`, code: protocol.CodeBadRequest},
 
 		// bad_request: missing or invalid fields.
-		{name: "id over 64 bytes", in: `{"type":"ping","id":"` + id65 + `"}`, code: CodeBadRequest},
-		{name: "missing type", in: `{"room":"a","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "empty type", in: `{"type":"","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "subscribe without room", in: `{"type":"subscribe","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "subscribe with empty room", in: `{"type":"subscribe","room":"","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "unsubscribe without room", in: `{"type":"unsubscribe","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "publish without room", in: `{"type":"publish","text":"x","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "publish without payload", in: `{"type":"publish","room":"a","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "send without payload", in: `{"type":"send","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "data and text", in: `{"type":"publish","room":"a","data":1,"text":"1","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "text and binary", in: `{"type":"send","text":"1","binary":"MQ==","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "all three payloads", in: `{"type":"publish","room":"a","data":1,"text":"1","binary":"MQ==","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "binary not base64", in: `{"type":"publish","room":"a","binary":"***","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "binary URL-safe alphabet", in: `{"type":"publish","room":"a","binary":"_-8=","id":"r1"}`, id: "r1", code: CodeBadRequest},
-		{name: "binary missing padding", in: `{"type":"publish","room":"a","binary":"/w","id":"r1"}`, id: "r1", code: CodeBadRequest},
+		{name: "id over 64 bytes", in: `{"type":"ping","id":"` + id65 + `"}`, code: protocol.CodeBadRequest},
+		{name: "missing type", in: `{"room":"a","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "empty type", in: `{"type":"","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "subscribe without room", in: `{"type":"subscribe","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "subscribe with empty room", in: `{"type":"subscribe","room":"","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "unsubscribe without room", in: `{"type":"unsubscribe","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "publish without room", in: `{"type":"publish","text":"x","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "publish without payload", in: `{"type":"publish","room":"a","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "send without payload", in: `{"type":"send","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "data and text", in: `{"type":"publish","room":"a","data":1,"text":"1","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "text and binary", in: `{"type":"send","text":"1","binary":"MQ==","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "all three payloads", in: `{"type":"publish","room":"a","data":1,"text":"1","binary":"MQ==","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "binary not base64", in: `{"type":"publish","room":"a","binary":"***","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "binary URL-safe alphabet", in: `{"type":"publish","room":"a","binary":"_-8=","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "binary missing padding", in: `{"type":"publish","room":"a","binary":"/w","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 
 		// unknown_type.
-		{name: "unknown type", in: `{"type":"frobnicate","id":"r1"}`, id: "r1", code: CodeUnknownType},
-		{name: "type is case-sensitive", in: `{"type":"Subscribe","room":"a","id":"r1"}`, id: "r1", code: CodeUnknownType},
-		{name: "server-only type ack", in: `{"type":"ack","id":"r1"}`, id: "r1", code: CodeUnknownType},
-		{name: "server-only type message", in: `{"type":"message","room":"a","data":1,"id":"r1"}`, id: "r1", code: CodeUnknownType},
+		{name: "unknown type", in: `{"type":"frobnicate","id":"r1"}`, id: "r1", code: protocol.CodeUnknownType},
+		{name: "type is case-sensitive", in: `{"type":"Subscribe","room":"a","id":"r1"}`, id: "r1", code: protocol.CodeUnknownType},
+		{name: "server-only type ack", in: `{"type":"ack","id":"r1"}`, id: "r1", code: protocol.CodeUnknownType},
+		{name: "server-only type message", in: `{"type":"message","room":"a","data":1,"id":"r1"}`, id: "r1", code: protocol.CodeUnknownType},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -164,24 +167,24 @@ func replaceInvalidUTF8(s []byte) string {
 	return b.String()
 }
 
-// checkJSONString checks appendJSONString(prefix, s) against encoding/json.
+// checkJSONString checks wire.AppendString(prefix, s) against encoding/json.
 func checkJSONString(t *testing.T, s []byte) {
 	t.Helper()
 	prefix := []byte("pre")
-	out := appendJSONString(bytes.Clone(prefix), s)
+	out := wire.AppendString(bytes.Clone(prefix), s)
 	if !bytes.HasPrefix(out, prefix) {
 		t.Fatalf("appendJSONString overwrote its destination: %q", out)
 	}
 	out = out[len(prefix):]
 	if !json.Valid(out) || !utf8.Valid(out) {
-		t.Fatalf("appendJSONString(%q) = %q, not valid UTF-8 JSON", s, out)
+		t.Fatalf("wire.AppendString(%q) = %q, not valid UTF-8 JSON", s, out)
 	}
 	if bytes.Contains(out, []byte("\u2028")) || bytes.Contains(out, []byte("\u2029")) {
-		t.Fatalf("appendJSONString(%q) = %q leaves U+2028/U+2029 unescaped", s, out)
+		t.Fatalf("wire.AppendString(%q) = %q leaves U+2028/U+2029 unescaped", s, out)
 	}
 	var got string
 	if err := json.Unmarshal(out, &got); err != nil {
-		t.Fatalf("appendJSONString(%q) = %q: %v", s, out, err)
+		t.Fatalf("wire.AppendString(%q) = %q: %v", s, out, err)
 	}
 	ref, err := json.Marshal(string(s))
 	if err != nil {
@@ -192,10 +195,10 @@ func checkJSONString(t *testing.T, s []byte) {
 		t.Fatal(err)
 	}
 	if got != want {
-		t.Fatalf("appendJSONString(%q) decodes to %q, encoding/json's to %q", s, got, want)
+		t.Fatalf("wire.AppendString(%q) decodes to %q, encoding/json's to %q", s, got, want)
 	}
 	if want := replaceInvalidUTF8(s); got != want {
-		t.Fatalf("appendJSONString(%q) decodes to %q, want %q", s, got, want)
+		t.Fatalf("wire.AppendString(%q) decodes to %q, want %q", s, got, want)
 	}
 }
 
@@ -256,8 +259,8 @@ func TestAppendJSONStringExactOutput(t *testing.T) {
 		{"é", `"é"`},
 	}
 	for _, tt := range tests {
-		if got := string(appendJSONString(nil, []byte(tt.in))); got != tt.want {
-			t.Errorf("appendJSONString(%q) = %s, want %s", tt.in, got, tt.want)
+		if got := string(wire.AppendString(nil, []byte(tt.in))); got != tt.want {
+			t.Errorf("wire.AppendString(%q) = %s, want %s", tt.in, got, tt.want)
 		}
 	}
 }
@@ -267,37 +270,37 @@ func TestClassify(t *testing.T) {
 	tests := []struct {
 		name string
 		in   string
-		want payloadKind
+		want wire.Kind
 	}{
-		{"JSON object", `{"a":1}`, kindJSON},
-		{"empty object", `{}`, kindJSON},
-		{"JSON array", `[1,"x",null]`, kindJSON},
-		{"JSON number", `42`, kindJSON},
-		{"JSON string", `"hi"`, kindJSON},
-		{"JSON null", `null`, kindJSON},
-		{"JSON true", `true`, kindJSON},
+		{"JSON object", `{"a":1}`, wire.JSON},
+		{"empty object", `{}`, wire.JSON},
+		{"JSON array", `[1,"x",null]`, wire.JSON},
+		{"JSON number", `42`, wire.JSON},
+		{"JSON string", `"hi"`, wire.JSON},
+		{"JSON null", `null`, wire.JSON},
+		{"JSON true", `true`, wire.JSON},
 		// As text, so a protocol client decodes exactly these bytes; in
 		// "data" a JSON decoder would drop the white space.
-		{"JSON with surrounding whitespace", " 7\n", kindText},
-		{"JSON with non-ASCII", `{"é":"✓"}`, kindJSON},
-		{"empty payload", ``, kindText},
-		{"whitespace only", " \n", kindText},
-		{"plain text", `hello`, kindText},
-		{"truncated JSON", `{"a":`, kindText},
-		{"two JSON values", `42 43`, kindText},
-		{"non-ASCII text", `héllo ✓`, kindText},
-		{"NUL is valid UTF-8", "\x00", kindText},
-		{"invalid UTF-8", "\xff", kindBinary},
-		{"NUL and invalid byte", "\x00\xff", kindBinary},
-		{"truncated rune", "abc\xe2\x80", kindBinary},
+		{"JSON with surrounding whitespace", " 7\n", wire.Text},
+		{"JSON with non-ASCII", `{"é":"✓"}`, wire.JSON},
+		{"empty payload", ``, wire.Text},
+		{"whitespace only", " \n", wire.Text},
+		{"plain text", `hello`, wire.Text},
+		{"truncated JSON", `{"a":`, wire.Text},
+		{"two JSON values", `42 43`, wire.Text},
+		{"non-ASCII text", `héllo ✓`, wire.Text},
+		{"NUL is valid UTF-8", "\x00", wire.Text},
+		{"invalid UTF-8", "\xff", wire.Binary},
+		{"NUL and invalid byte", "\x00\xff", wire.Binary},
+		{"truncated rune", "abc\xe2\x80", wire.Binary},
 		// encoding/json accepts invalid UTF-8 inside strings; as "data" it
 		// would make a text frame that is not UTF-8.
-		{"JSON string with invalid UTF-8", "\"\xff\"", kindBinary},
-		{"JSON object with invalid UTF-8", "{\"a\":\"\xc3\"}", kindBinary},
+		{"JSON string with invalid UTF-8", "\"\xff\"", wire.Binary},
+		{"JSON object with invalid UTF-8", "{\"a\":\"\xc3\"}", wire.Binary},
 	}
 	for _, tt := range tests {
-		if got := classify([]byte(tt.in)); got != tt.want {
-			t.Errorf("%s: classify(%q) = %d, want %d", tt.name, tt.in, got, tt.want)
+		if got := wire.Classify([]byte(tt.in)); got != tt.want {
+			t.Errorf("%s: wire.Classify(%q) = %d, want %d", tt.name, tt.in, got, tt.want)
 		}
 	}
 }
@@ -369,7 +372,7 @@ func TestEncodeMessage(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			m := Message{Room: `odd"room\` + "\u2028", Epoch: "ep-1", Seq: 18446744073709551615, Data: tt.in}
-			d := decodeEnvelope(t, encodeMessage(m, classify(tt.in)))
+			d := decodeEnvelope(t, encodeMessage(m, wire.Classify(tt.in)))
 			if want := []string{"epoch", tt.field, "room", "seq", "type"}; !slices.Equal(d.keys, slices.Sorted(slices.Values(want))) {
 				t.Fatalf("keys %v, want %v", d.keys, want)
 			}
@@ -392,7 +395,7 @@ func TestEncodeDirect(t *testing.T) {
 	for _, tt := range payloadCases {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			d := decodeEnvelope(t, encodeDirect(tt.in, classify(tt.in)))
+			d := decodeEnvelope(t, encodeDirect(tt.in, wire.Classify(tt.in)))
 			if want := slices.Sorted(slices.Values([]string{tt.field, "type"})); !slices.Equal(d.keys, want) {
 				t.Fatalf("keys %v, want %v", d.keys, want)
 			}
@@ -418,12 +421,12 @@ func TestEncodeAck(t *testing.T) {
 
 func TestEncodeError(t *testing.T) {
 	t.Parallel()
-	e := &protoError{CodeRejected, `the "server" said no\` + "\n"}
+	e := &protoError{protocol.CodeRejected, `the "server" said no\` + "\n"}
 	d := decodeEnvelope(t, encodeError(`r"1`, e))
 	if !slices.Equal(d.keys, []string{"code", "id", "message", "type"}) {
 		t.Fatalf("keys %v", d.keys)
 	}
-	if d.str(t, "type") != "error" || d.str(t, "id") != `r"1` || d.str(t, "code") != e.code || d.str(t, "message") != e.msg {
+	if d.str(t, "type") != "error" || d.str(t, "id") != `r"1` || d.str(t, "code") != string(e.code) || d.str(t, "message") != e.msg {
 		t.Fatalf("got %v", d.fields)
 	}
 	// No id: the key is left out rather than sent empty.
@@ -440,7 +443,7 @@ func TestEncodeWelcome(t *testing.T) {
 	if err := json.Unmarshal(b, &w); err != nil {
 		t.Fatal(err)
 	}
-	want := welcome{Type: "welcome", Protocol: Subprotocol, ConnID: "c", UserID: "u", HeartbeatMS: 1, TimeoutMS: 2, MaxMessageBytes: 3, MaxRooms: 4}
+	want := welcome{Type: "welcome", Protocol: protocol.Subprotocol, ConnID: "c", UserID: "u", HeartbeatMS: 1, TimeoutMS: 2, MaxMessageBytes: 3, MaxRooms: 4}
 	if w != want {
 		t.Fatalf("welcome %+v, want %+v", w, want)
 	}
@@ -460,11 +463,6 @@ func TestControlEnvelopes(t *testing.T) {
 			t.Errorf("got %s, want %s", c.got, c.want)
 		}
 	}
-}
-
-var knownCodes = []string{
-	CodeBadRequest, CodeUnknownType, CodeInvalidRoom, CodeForbidden, CodeTooManyRooms,
-	CodeRateLimited, CodeNotJoined, CodeNotSupported, CodeRejected, CodeUnavailable, CodeInternal,
 }
 
 // FuzzDecodeInbound: the decoder never panics, never returns an id over
@@ -489,10 +487,10 @@ func FuzzDecodeInbound(f *testing.F) {
 			t.Fatalf("id of %d bytes", len(in.ID))
 		}
 		if err != nil {
-			if !slices.Contains(knownCodes, err.code) || err.msg == "" {
+			if !slices.Contains(protocol.ErrorCodes(), err.code) || err.msg == "" {
 				t.Fatalf("error %q %q: unknown code or no message", err.code, err.msg)
 			}
-			if err.code != CodeBadRequest && err.code != CodeUnknownType {
+			if err.code != protocol.CodeBadRequest && err.code != protocol.CodeUnknownType {
 				t.Fatalf("the decoder answered %q, a code only dispatch may use", err.code)
 			}
 			if in.payload != nil {

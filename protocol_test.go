@@ -15,6 +15,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 	"github.com/roomcast/pubsub"
@@ -113,7 +115,7 @@ func protoPipeline(t *testing.T, p *protoClient, reqs ...map[string]any) []envel
 func protoDialHeader(t *testing.T, url string, header http.Header) *websocket.Conn {
 	t.Helper()
 	c, resp, err := websocket.Dial(testCtx(t), url, &websocket.DialOptions{
-		HTTPHeader: header, Subprotocols: []string{pubsub.Subprotocol},
+		HTTPHeader: header, Subprotocols: []string{protocol.Subprotocol},
 	})
 	if err != nil {
 		status := 0
@@ -364,7 +366,7 @@ func TestProtocolUnsubscribeStopsDelivery(t *testing.T) {
 	if m := p.readMessage("kept"); string(m.Data) != `"here"` {
 		t.Fatalf("got %s", m.raw)
 	}
-	p.mustError(map[string]any{"type": "unsubscribe", "room": "left"}, pubsub.CodeNotJoined)
+	p.mustError(map[string]any{"type": "unsubscribe", "room": "left"}, protocol.CodeNotSubscribed)
 }
 
 func TestProtocolSubscribeIsIdempotent(t *testing.T) {
@@ -390,7 +392,7 @@ func TestProtocolSubscribeIsIdempotent(t *testing.T) {
 	}
 	// One unsubscribe undoes both subscribes.
 	p.mustAck(map[string]any{"type": "unsubscribe", "room": "once"})
-	p.mustError(map[string]any{"type": "unsubscribe", "room": "once"}, pubsub.CodeNotJoined)
+	p.mustError(map[string]any{"type": "unsubscribe", "room": "once"}, protocol.CodeNotSubscribed)
 }
 
 func TestProtocolManyRoomsMultiplexedOnOneConnection(t *testing.T) {
@@ -549,59 +551,59 @@ func TestProtocolErrorCodes(t *testing.T) {
 		opts  []pubsub.Option
 		setup func(p *protoClient)
 		req   string
-		code  string
+		code  protocol.ErrorCode
 		id    string // the id the error must carry; "" means none
 	}{
-		{name: "malformed JSON", req: `{"type":"subscribe","room":"a","id":"e1"`, code: pubsub.CodeBadRequest},
-		{name: "not an object", req: `["subscribe","a"]`, code: pubsub.CodeBadRequest},
-		{name: "a bare string", req: `"ping"`, code: pubsub.CodeBadRequest},
-		{name: "room is a number", req: `{"type":"subscribe","room":5,"id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "id is a number", req: `{"type":"subscribe","room":"a","id":7}`, code: pubsub.CodeBadRequest},
-		{name: "text is a number", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","text":5,"id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "missing type", req: `{"room":"a","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "subscribe without room", req: `{"type":"subscribe","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "unsubscribe without room", req: `{"type":"unsubscribe","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "publish without room", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","text":"x","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "publish without payload", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "publish with two payloads", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","data":1,"text":"1","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "send with two payloads", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","text":"1","binary":"MQ==","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "invalid base64", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","binary":"not base64!","id":"e1"}`, code: pubsub.CodeBadRequest, id: "e1"},
-		{name: "id over 64 bytes", req: `{"type":"subscribe","room":"a","id":"` + id65 + `"}`, code: pubsub.CodeBadRequest},
+		{name: "malformed JSON", req: `{"type":"subscribe","room":"a","id":"e1"`, code: protocol.CodeBadRequest},
+		{name: "not an object", req: `["subscribe","a"]`, code: protocol.CodeBadRequest},
+		{name: "a bare string", req: `"ping"`, code: protocol.CodeBadRequest},
+		{name: "room is a number", req: `{"type":"subscribe","room":5,"id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "id is a number", req: `{"type":"subscribe","room":"a","id":7}`, code: protocol.CodeBadRequest},
+		{name: "text is a number", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","text":5,"id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "missing type", req: `{"room":"a","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "subscribe without room", req: `{"type":"subscribe","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "unsubscribe without room", req: `{"type":"unsubscribe","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "publish without room", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","text":"x","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "publish without payload", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "publish with two payloads", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","data":1,"text":"1","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "send with two payloads", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","text":"1","binary":"MQ==","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "invalid base64", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a","binary":"not base64!","id":"e1"}`, code: protocol.CodeBadRequest, id: "e1"},
+		{name: "id over 64 bytes", req: `{"type":"subscribe","room":"a","id":"` + id65 + `"}`, code: protocol.CodeBadRequest},
 		{
 			name: "payload over the queue bound",
 			opts: []pubsub.Option{clientPublish, pubsub.WithQueueLimits(64, 1024)},
 			req:  `{"type":"publish","room":"a","text":"` + strings.Repeat("x", 1025) + `","id":"e1"}`,
-			code: pubsub.CodeBadRequest, id: "e1",
+			code: protocol.CodeBadRequest, id: "e1",
 		},
-		{name: "unknown type", req: `{"type":"frobnicate","id":"e1"}`, code: pubsub.CodeUnknownType, id: "e1"},
-		{name: "server-only type", req: `{"type":"ack","id":"e1"}`, code: pubsub.CodeUnknownType, id: "e1"},
-		{name: "room with a bad character", req: `{"type":"subscribe","room":"a b","id":"e1"}`, code: pubsub.CodeInvalidRoom, id: "e1"},
-		{name: "room with non-ASCII", req: `{"type":"subscribe","room":"café","id":"e1"}`, code: pubsub.CodeInvalidRoom, id: "e1"},
-		{name: "room too long", req: `{"type":"subscribe","room":"` + strings.Repeat("r", pubsub.DefaultMaxRoomNameLength+1) + `","id":"e1"}`, code: pubsub.CodeInvalidRoom, id: "e1"},
-		{name: "publish to a bad room", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a*","text":"x","id":"e1"}`, code: pubsub.CodeInvalidRoom, id: "e1"},
-		{name: "send to a bad room", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","room":"a*","text":"x","id":"e1"}`, code: pubsub.CodeInvalidRoom, id: "e1"},
-		{name: "publish under the default policy", req: `{"type":"publish","room":"a","text":"x","id":"e1"}`, code: pubsub.CodeForbidden, id: "e1"},
-		{name: "authorize denies subscribe", opts: []pubsub.Option{denySecret}, req: `{"type":"subscribe","room":"secret","id":"e1"}`, code: pubsub.CodeForbidden, id: "e1"},
-		{name: "authorize denies publish despite client publish", opts: []pubsub.Option{clientPublish, denySecret}, req: `{"type":"publish","room":"secret","text":"x","id":"e1"}`, code: pubsub.CodeForbidden, id: "e1"},
+		{name: "unknown type", req: `{"type":"frobnicate","id":"e1"}`, code: protocol.CodeUnknownType, id: "e1"},
+		{name: "server-only type", req: `{"type":"ack","id":"e1"}`, code: protocol.CodeUnknownType, id: "e1"},
+		{name: "room with a bad character", req: `{"type":"subscribe","room":"a b","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "room with non-ASCII", req: `{"type":"subscribe","room":"café","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "room too long", req: `{"type":"subscribe","room":"` + strings.Repeat("r", pubsub.DefaultMaxRoomNameLength+1) + `","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "publish to a bad room", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a*","text":"x","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "send to a bad room", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","room":"a*","text":"x","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "publish under the default policy", req: `{"type":"publish","room":"a","text":"x","id":"e1"}`, code: protocol.CodeForbidden, id: "e1"},
+		{name: "authorize denies subscribe", opts: []pubsub.Option{denySecret}, req: `{"type":"subscribe","room":"secret","id":"e1"}`, code: protocol.CodeForbidden, id: "e1"},
+		{name: "authorize denies publish despite client publish", opts: []pubsub.Option{clientPublish, denySecret}, req: `{"type":"publish","room":"secret","text":"x","id":"e1"}`, code: protocol.CodeForbidden, id: "e1"},
 		{
 			name:  "one room more than WithMaxRooms",
 			opts:  []pubsub.Option{pubsub.WithMaxRooms(2)},
 			setup: func(p *protoClient) { p.subscribe("a"); p.subscribe("b") },
-			req:   `{"type":"subscribe","room":"c","id":"e1"}`, code: pubsub.CodeTooManyRooms, id: "e1",
+			req:   `{"type":"subscribe","room":"c","id":"e1"}`, code: protocol.CodeTooManyRooms, id: "e1",
 		},
-		{name: "unsubscribe a room not joined", req: `{"type":"unsubscribe","room":"a","id":"e1"}`, code: pubsub.CodeNotJoined, id: "e1"},
-		{name: "send without a message hook", req: `{"type":"send","text":"x","id":"e1"}`, code: pubsub.CodeNotSupported, id: "e1"},
-		{name: "message hook returns an error", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","text":"x","id":"e1"}`, code: pubsub.CodeRejected, id: "e1"},
-		{name: "message hook panics", opts: []pubsub.Option{panicky}, req: `{"type":"send","text":"x","id":"e1"}`, code: pubsub.CodeInternal, id: "e1"},
+		{name: "unsubscribe a room not joined", req: `{"type":"unsubscribe","room":"a","id":"e1"}`, code: protocol.CodeNotSubscribed, id: "e1"},
+		{name: "send without a message hook", req: `{"type":"send","text":"x","id":"e1"}`, code: protocol.CodeNotSupported, id: "e1"},
+		{name: "message hook returns an error", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","text":"x","id":"e1"}`, code: protocol.CodeRejected, id: "e1"},
+		{name: "message hook panics", opts: []pubsub.Option{panicky}, req: `{"type":"send","text":"x","id":"e1"}`, code: protocol.CodeInternal, id: "e1"},
 		{
 			name: "broker fails subscribe",
 			opts: []pubsub.Option{pubsub.WithBroker(protoFailingBroker{pubsub.NewMemoryBroker()})},
-			req:  `{"type":"subscribe","room":"broken","id":"e1"}`, code: pubsub.CodeUnavailable, id: "e1",
+			req:  `{"type":"subscribe","room":"broken","id":"e1"}`, code: protocol.CodeUnavailable, id: "e1",
 		},
 		{
 			name: "broker fails publish",
 			opts: []pubsub.Option{clientPublish, pubsub.WithBroker(protoFailingBroker{pubsub.NewMemoryBroker()})},
-			req:  `{"type":"publish","room":"broken-publish","text":"x","id":"e1"}`, code: pubsub.CodeUnavailable, id: "e1",
+			req:  `{"type":"publish","room":"broken-publish","text":"x","id":"e1"}`, code: protocol.CodeUnavailable, id: "e1",
 		},
 	}
 	for _, tt := range tests {
@@ -642,7 +644,7 @@ func TestProtocolTooManyRoomsFreesUpAfterUnsubscribe(t *testing.T) {
 	p := dialProto(t, wsURL(srv, "/ws"))
 	p.subscribe("a")
 	p.subscribe("b")
-	p.mustError(map[string]any{"type": "subscribe", "room": "c"}, pubsub.CodeTooManyRooms)
+	p.mustError(map[string]any{"type": "subscribe", "room": "c"}, protocol.CodeTooManyRooms)
 	p.mustAck(map[string]any{"type": "unsubscribe", "room": "a"})
 	p.subscribe("c")
 }
@@ -668,7 +670,7 @@ func TestProtocolRateLimitDropsMessageThenRecovers(t *testing.T) {
 			t.Fatalf("request %d within the burst: got %s, want ack", i, e.raw)
 		}
 	}
-	if e := replies[3]; e.Type != "error" || e.Code != pubsub.CodeRateLimited || e.ID == "" {
+	if e := replies[3]; e.Type != "error" || e.Code != protocol.CodeRateLimited || e.ID == "" {
 		t.Fatalf("request past the burst: got %s, want rate_limited with its id", e.raw)
 	}
 	if h.Stats().RateLimited == 0 {
@@ -682,7 +684,7 @@ func TestProtocolRateLimitDropsMessageThenRecovers(t *testing.T) {
 			recovered = true
 			break
 		}
-		if e.Code != pubsub.CodeRateLimited {
+		if e.Code != protocol.CodeRateLimited {
 			t.Fatalf("got %s while waiting for the bucket to refill", e.raw)
 		}
 	}
@@ -721,9 +723,9 @@ func TestProtocolHookPanicIsInternalAndServerKeepsWorking(t *testing.T) {
 	bystander.subscribe("calm")
 	before := h.Stats().HookPanics
 
-	p.mustError(map[string]any{"type": "send", "text": "boom"}, pubsub.CodeInternal)
-	p.mustError(map[string]any{"type": "subscribe", "room": "boom"}, pubsub.CodeInternal)
-	p.mustError(map[string]any{"type": "publish", "room": "boom", "text": "x"}, pubsub.CodeInternal)
+	p.mustError(map[string]any{"type": "send", "text": "boom"}, protocol.CodeInternal)
+	p.mustError(map[string]any{"type": "subscribe", "room": "boom"}, protocol.CodeInternal)
+	p.mustError(map[string]any{"type": "publish", "room": "boom", "text": "x"}, protocol.CodeInternal)
 	if got := h.Stats().HookPanics - before; got != 3 {
 		t.Fatalf("Stats().HookPanics grew by %d, want 3", got)
 	}
@@ -1011,11 +1013,11 @@ func TestProtocolViolationClosesWithDocumentedCode(t *testing.T) {
 		name string
 		typ  websocket.MessageType
 		data []byte
-		code int
+		code protocol.CloseCode
 	}{
-		{"binary frame", websocket.MessageBinary, []byte(`{"type":"ping"}`), pubsub.CloseUnsupportedData},
-		{"text frame with invalid UTF-8", websocket.MessageText, []byte("{\"type\":\"ping\",\"x\":\"\xff\"}"), pubsub.CloseInvalidPayload},
-		{"message over WithMaxMessageBytes", websocket.MessageText, protoPadPing(maxBytes + 1), pubsub.CloseMessageTooBig},
+		{"binary frame", websocket.MessageBinary, []byte(`{"type":"ping"}`), protocol.CloseUnsupportedData},
+		{"text frame with invalid UTF-8", websocket.MessageText, []byte("{\"type\":\"ping\",\"x\":\"\xff\"}"), protocol.CloseInvalidPayload},
+		{"message over WithMaxMessageBytes", websocket.MessageText, protoPadPing(maxBytes + 1), protocol.CloseMessageTooBig},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1125,11 +1127,11 @@ func TestProtocolSilentClientIsClosedWith4001(t *testing.T) {
 	p := dialProto(t, wsURL(srv, "/ws"))
 	// The client reads (pings flow) but never sends.
 	readText(t, p.c, `{"type":"ping"}`)
-	expectClose(t, p.c, pubsub.CloseHeartbeatTimeout)
+	expectClose(t, p.c, protocol.CloseHeartbeatTimeout)
 	select {
 	case ev := <-disconnected:
-		if ev.Code != pubsub.CloseHeartbeatTimeout {
-			t.Fatalf("OnDisconnect code %d, want %d", ev.Code, pubsub.CloseHeartbeatTimeout)
+		if ev.Code != protocol.CloseHeartbeatTimeout {
+			t.Fatalf("OnDisconnect code %d, want %d", ev.Code, protocol.CloseHeartbeatTimeout)
 		}
 	case <-testCtx(t).Done():
 		t.Fatal("OnDisconnect not called")
@@ -1151,18 +1153,18 @@ func TestProtocolMalformedEnvelopesCountAgainstTheRateLimit(t *testing.T) {
 	p := dialProto(t, wsURL(srv, "/ws"))
 	for i := range 3 {
 		p.send(`{"id":` + fmt.Sprint(i) + `,`) // not even JSON
-		if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeBadRequest {
+		if e := p.read(); e.Type != "error" || e.Code != protocol.CodeBadRequest {
 			t.Fatalf("garbage %d: got %s, want bad_request", i, e.raw)
 		}
 	}
 	p.send(`not json either`)
-	if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeRateLimited {
+	if e := p.read(); e.Type != "error" || e.Code != protocol.CodeRateLimited {
 		t.Fatalf("garbage past the burst: got %s, want rate_limited", e.raw)
 	}
 	// A pong is never limited: the connection stays open and quiet.
 	p.send(`{"type":"pong"}`)
 	p.send(`{"type":"ping","id":"x"}`)
-	if e := p.read(); e.Type != "error" || e.Code != pubsub.CodeRateLimited || e.ID != "x" {
+	if e := p.read(); e.Type != "error" || e.Code != protocol.CodeRateLimited || e.ID != "x" {
 		t.Fatalf("ping past the burst: got %s, want rate_limited for x", e.raw)
 	}
 }

@@ -20,6 +20,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 )
@@ -43,25 +45,6 @@ var (
 
 // errHookPanicked is what a hook call returns when the hook panicked.
 var errHookPanicked = errors.New("pubsub: hook panicked")
-
-// Close codes the server sends, beside the standard ones. PROTOCOL.md says
-// when each is used.
-const (
-	CloseNormal           = 1000 // the client's own close, echoed
-	CloseGoingAway        = 1001 // Shutdown or Close: reconnect elsewhere or later
-	CloseUnsupportedData  = 1003 // a binary frame in protocol mode
-	CloseInvalidPayload   = 1007 // a text frame that is not UTF-8
-	ClosePolicyViolation  = 1008 // raw mode: publish not allowed, or rejected by the message hook
-	CloseMessageTooBig    = 1009 // a message over WithMaxMessageBytes
-	CloseInternalError    = 1011 // a hook panicked (raw mode)
-	CloseTryAgainLater    = 1013 // raw mode: the broker failed a publish
-	CloseHeartbeatTimeout = 4001 // the peer showed no life within the heartbeat timeout
-	CloseSlowConsumer     = 4002 // the outbound queue passed its bound
-	CloseDisconnected     = 4003 // the server called Disconnect or DisconnectUser
-	CloseRateLimited      = 4004 // raw mode: past WithRateLimit
-	CloseIdleTimeout      = 4005 // no message either way for WithIdleTimeout
-	CloseRoomReset        = 4006 // the broker lost messages of a joined room: reconnect and recover
-)
 
 // Mode is how a connection talks: raw frames or protocol envelopes.
 type Mode uint8
@@ -115,8 +98,8 @@ type ConnectEvent struct {
 // DisconnectEvent is passed to the WithOnDisconnect callback.
 type DisconnectEvent struct {
 	Client Client
-	Code   int    // the close code, 1006 when the connection was lost without one
-	Reason string // the close reason
+	Code   protocol.CloseCode // the close code; CloseAbnormal (1006) when the connection was lost without one
+	Reason string             // the close reason
 }
 
 // ClientMessage is a message a client addressed to the server, passed to
@@ -241,7 +224,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	mode, ok := selectMode(r)
 	if !ok {
-		h.refuse(w, r, http.StatusBadRequest, "unsupported subprotocol; this server speaks "+Subprotocol+" or none (raw mode)")
+		h.refuse(w, r, http.StatusBadRequest, "unsupported subprotocol; this server speaks "+protocol.Subprotocol+" or none (raw mode)")
 		return
 	}
 	if !h.originAllowed(r) {
@@ -302,7 +285,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if room != "" {
 			if perr := c.authorize(ActionSubscribe, room); perr != nil {
 				status := http.StatusForbidden
-				if perr.code == CodeInternal {
+				if perr.code == protocol.CodeInternal {
 					status = http.StatusInternalServerError
 				}
 				h.refuse(w, r, status, perr.msg)
@@ -325,7 +308,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	if mode == ModeProtocol {
-		opts.Subprotocols = []string{Subprotocol}
+		opts.Subprotocols = []string{protocol.Subprotocol}
 	}
 	hw := &hijacker{ResponseWriter: w}
 	ws, err := websocket.Accept(hw, r, opts)
@@ -350,7 +333,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		})))
 	}
 	if !h.register(c) {
-		c.beginClose(CloseGoingAway, "server shutting down", false)
+		c.beginClose(protocol.CloseGoingAway, "server shutting down", false)
 		c.wg.Wait()
 		return
 	}
@@ -471,7 +454,7 @@ func selectMode(r *http.Request) (Mode, bool) {
 	for _, v := range r.Header.Values("Sec-WebSocket-Protocol") {
 		for t := range strings.SplitSeq(v, ",") {
 			t = strings.TrimSpace(t)
-			if t == Subprotocol {
+			if t == protocol.Subprotocol {
 				return ModeProtocol, true
 			}
 			if t != "" {
@@ -592,10 +575,10 @@ func (h *Handler) publishFromClient(ctx context.Context, room string, data []byt
 	case errors.Is(err, ErrTooLarge):
 		return badRequest("the payload is larger than the server's queue bound")
 	case errors.Is(err, ErrClosed):
-		return &protoError{CodeUnavailable, "the server is shutting down"}
+		return &protoError{protocol.CodeUnavailable, "the server is shutting down"}
 	default:
 		h.brokerFailed("publish", room, err)
-		return &protoError{CodeUnavailable, "could not publish; try again later"}
+		return &protoError{protocol.CodeUnavailable, "could not publish; try again later"}
 	}
 }
 
@@ -754,7 +737,7 @@ func (h *Handler) Disconnect(connID, reason string) error {
 	h.mu.Lock()
 	c := h.conns[connID]
 	h.mu.Unlock()
-	if c == nil || !c.beginClose(CloseDisconnected, reason, false) {
+	if c == nil || !c.beginClose(protocol.CloseDisconnected, reason, false) {
 		return fmt.Errorf("pubsub: disconnect %q: %w", connID, ErrConnNotFound)
 	}
 	return nil
@@ -765,7 +748,7 @@ func (h *Handler) Disconnect(connID, reason string) error {
 func (h *Handler) DisconnectUser(userID, reason string) int {
 	n := 0
 	for _, c := range h.userConns(userID) {
-		if c.beginClose(CloseDisconnected, reason, false) {
+		if c.beginClose(protocol.CloseDisconnected, reason, false) {
 			n++ // a connection already closing is not closed by this call
 		}
 	}
@@ -839,7 +822,7 @@ func (h *Handler) drain(ctx context.Context, conns []*conn) {
 			case <-ctx.Done():
 			}
 		}
-		c.beginClose(CloseGoingAway, "server shutting down", true)
+		c.beginClose(protocol.CloseGoingAway, "server shutting down", true)
 	}
 }
 
@@ -849,7 +832,7 @@ func (h *Handler) drain(ctx context.Context, conns []*conn) {
 func (h *Handler) Close() error {
 	conns := h.beginShutdown()
 	for _, c := range conns {
-		c.beginClose(CloseGoingAway, "server shutting down", false)
+		c.beginClose(protocol.CloseGoingAway, "server shutting down", false)
 		c.kill()
 	}
 	h.cancel()

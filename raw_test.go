@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -273,7 +275,7 @@ func TestRawWithoutRoomGetsDirectMessagesAndMayNotPublish(t *testing.T) {
 			readText(t, c, "just for you")
 
 			rawWriteText(t, c, "anyone there?")
-			expectClose(t, c, pubsub.ClosePolicyViolation)
+			expectClose(t, c, protocol.ClosePolicyViolation)
 			if n := h.Stats().Published; n != 0 {
 				t.Fatalf("Stats().Published = %d, want 0", n)
 			}
@@ -373,11 +375,11 @@ func TestRawClientPublishPolicy(t *testing.T) {
 		name       string
 		opts       []pubsub.Option
 		published  bool
-		closeCode  int
+		closeCode  protocol.CloseCode
 		hookPanics uint64
 	}{
-		{name: "default refuses with 1008", closeCode: pubsub.ClosePolicyViolation},
-		{name: "WithClientPublish(false) refuses with 1008", opts: []pubsub.Option{pubsub.WithClientPublish(false)}, closeCode: pubsub.ClosePolicyViolation},
+		{name: "default refuses with 1008", closeCode: protocol.ClosePolicyViolation},
+		{name: "WithClientPublish(false) refuses with 1008", opts: []pubsub.Option{pubsub.WithClientPublish(false)}, closeCode: protocol.ClosePolicyViolation},
 		{name: "WithClientPublish(true) allows", opts: []pubsub.Option{pubsub.WithClientPublish(true)}, published: true},
 		{
 			name: "authorize allowing overrides WithClientPublish(false)",
@@ -389,11 +391,11 @@ func TestRawClientPublishPolicy(t *testing.T) {
 		},
 		{
 			name: "authorize denying overrides WithClientPublish(true)",
-			opts: []pubsub.Option{pubsub.WithClientPublish(true), pubsub.WithAuthorize(denyPublish)}, closeCode: pubsub.ClosePolicyViolation,
+			opts: []pubsub.Option{pubsub.WithClientPublish(true), pubsub.WithAuthorize(denyPublish)}, closeCode: protocol.ClosePolicyViolation,
 		},
 		{
 			name: "authorize panicking closes with 1011",
-			opts: []pubsub.Option{pubsub.WithClientPublish(true), pubsub.WithAuthorize(panicOnPublish)}, closeCode: pubsub.CloseInternalError, hookPanics: 1,
+			opts: []pubsub.Option{pubsub.WithClientPublish(true), pubsub.WithAuthorize(panicOnPublish)}, closeCode: protocol.CloseInternalError, hookPanics: 1,
 		},
 	}
 	for _, tt := range tests {
@@ -523,18 +525,18 @@ func TestRawOnMessageFailureClosesOnlyThatClient(t *testing.T) {
 	tests := []struct {
 		name       string
 		hook       func(context.Context, *pubsub.ClientMessage) error
-		code       int
+		code       protocol.CloseCode
 		hookPanics uint64
 	}{
 		{
 			name: "error closes with 1008",
 			hook: func(context.Context, *pubsub.ClientMessage) error { return errors.New("bad command") },
-			code: pubsub.ClosePolicyViolation,
+			code: protocol.ClosePolicyViolation,
 		},
 		{
 			name:       "panic closes with 1011",
 			hook:       func(context.Context, *pubsub.ClientMessage) error { panic("on message bug") },
-			code:       pubsub.CloseInternalError,
+			code:       protocol.CloseInternalError,
 			hookPanics: 1,
 		},
 	}
@@ -610,7 +612,7 @@ func TestRawRateLimitClosesWith4004(t *testing.T) {
 	for _, m := range []string{"m1", "m2", "m3", "m4"} {
 		rawWriteText(t, flooder, m)
 	}
-	expectClose(t, flooder, pubsub.CloseRateLimited)
+	expectClose(t, flooder, protocol.CloseRateLimited)
 	// The burst of three went through; the fourth did not.
 	readText(t, listener, "m1")
 	readText(t, listener, "m2")
@@ -890,9 +892,9 @@ func TestRawSubprotocolNegotiation(t *testing.T) {
 	t.Run("foreign and ours is protocol mode", func(t *testing.T) {
 		t.Parallel()
 		_, srv := newServer(t)
-		c := dial(t, wsURL(srv, "/ws?room=lobby"), "chat.v2", pubsub.Subprotocol)
-		if got := c.Subprotocol(); got != pubsub.Subprotocol {
-			t.Fatalf("negotiated %q, want %q", got, pubsub.Subprotocol)
+		c := dial(t, wsURL(srv, "/ws?room=lobby"), "chat.v2", protocol.Subprotocol)
+		if got := c.Subprotocol(); got != protocol.Subprotocol {
+			t.Fatalf("negotiated %q, want %q", got, protocol.Subprotocol)
 		}
 		typ, b := readFrame(t, c)
 		if typ != websocket.MessageText || !strings.Contains(string(b), `"type":"welcome"`) {
@@ -970,10 +972,10 @@ func TestRawHeartbeatClosesClientThatNeverReadsWith4001(t *testing.T) {
 		return errors.Is(h.PublishToConn(testCtx(t), silentID, []byte("probe")), pubsub.ErrConnNotFound)
 	})
 	// Reading now lets the server's close handshake finish at once.
-	expectClose(t, silent, pubsub.CloseHeartbeatTimeout)
+	expectClose(t, silent, protocol.CloseHeartbeatTimeout)
 	e := rawRecv(t, disconnected, "the disconnect hook")
-	if e.Client.ID != silentID || e.Code != pubsub.CloseHeartbeatTimeout {
-		t.Fatalf("disconnect of %s with %d %q, want %s with %d", e.Client.ID, e.Code, e.Reason, silentID, pubsub.CloseHeartbeatTimeout)
+	if e.Client.ID != silentID || e.Code != protocol.CloseHeartbeatTimeout {
+		t.Fatalf("disconnect of %s with %d %q, want %s with %d", e.Client.ID, e.Code, e.Reason, silentID, protocol.CloseHeartbeatTimeout)
 	}
 
 	// The client that kept reading outlived it and is still served.

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -68,9 +70,9 @@ func TestBrokerResetClosesTheRoomsSubscribersAfterTheirQueue(t *testing.T) {
 	if m := p.readMessage("broken"); m.Text == nil || *m.Text != "queued before the reset" {
 		t.Fatalf("got %s first, want the queued message", m.raw)
 	}
-	expectClose(t, p.c, pubsub.CloseRoomReset)
+	expectClose(t, p.c, protocol.CloseRoomReset)
 	readText(t, raw, "queued before the reset")
-	expectClose(t, raw, pubsub.CloseRoomReset)
+	expectClose(t, raw, protocol.CloseRoomReset)
 
 	// Subscribers of other rooms are not touched.
 	if err := h.Publish(testCtx(t), "fine", []byte("still here")); err != nil {
@@ -90,10 +92,10 @@ func TestAHoleInTheStreamClosesSubscribersBeforeAnythingPastIt(t *testing.T) {
 		name      string
 		history   int // the room keeps this many messages
 		recovered bool
-		reason    string
+		reason    protocol.Reason
 	}{
 		{"history still holds the hole", 10, true, ""},
-		{"history no longer holds it", 2, false, pubsub.ReasonHistoryTooShort},
+		{"history no longer holds it", 2, false, protocol.ReasonHistoryTooShort},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -112,8 +114,8 @@ func TestAHoleInTheStreamClosesSubscribersBeforeAnythingPastIt(t *testing.T) {
 			b.loseSeqs(4, 5)
 			publishNumbered(t, h, "r", 4, 6)
 			// Nothing past the hole arrives: the close comes first.
-			expectCloseNext(t, p.c, pubsub.CloseRoomReset)
-			expectCloseNext(t, raw, pubsub.CloseRoomReset)
+			expectCloseNext(t, p.c, protocol.CloseRoomReset)
+			expectCloseNext(t, raw, protocol.CloseRoomReset)
 
 			p2 := dialProto(t, wsURL(srv, "/ws"))
 			ack2, f := subscribeWith(p2, map[string]any{"room": "r", "since": since(ack.Epoch, 3)})
@@ -149,12 +151,12 @@ func TestAHoleBetweenCatchUpAndTheLiveStreamClosesTheSubscriber(t *testing.T) {
 	expectSeqs(p, "r", 1, 2)
 	b.loseSeqs(3)
 	publishNumbered(t, h, "r", 3, 4)
-	expectCloseNext(t, p.c, pubsub.CloseRoomReset)
+	expectCloseNext(t, p.c, protocol.CloseRoomReset)
 }
 
 // expectCloseNext expects the next thing on c to be a close with code: no
 // data frame first.
-func expectCloseNext(t *testing.T, c *websocket.Conn, code int) {
+func expectCloseNext(t *testing.T, c *websocket.Conn, code protocol.CloseCode) {
 	t.Helper()
 	for {
 		typ, b, err := c.Read(testCtx(t))
@@ -165,7 +167,7 @@ func expectCloseNext(t *testing.T, c *websocket.Conn, code int) {
 			t.Fatalf("got %s, want the connection closed with %d first", b, code)
 		}
 		var ce websocket.CloseError
-		if !errors.As(err, &ce) || int(ce.Code) != code {
+		if !errors.As(err, &ce) || protocol.CloseCode(ce.Code) != code {
 			t.Fatalf("connection ended with %v, want close code %d", err, code)
 		}
 		return

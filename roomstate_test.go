@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -26,16 +28,16 @@ import (
 // stateFields are the room-state fields of a server envelope that the
 // harness's envelope does not decode.
 type stateFields struct {
-	MessageID   string          `json:"message_id"`
-	Time        int64           `json:"time"`
-	Presence    string          `json:"presence"` // subscribe ack
-	Recovered   *bool           `json:"recovered"`
-	Reason      *string         `json:"reason"`
-	Missed      *int            `json:"missed"`
-	Count       *int            `json:"count"`       // presence reply
-	Connections *int            `json:"connections"` // presence reply
-	Members     *[]memberView   `json:"members"`     // presence reply
-	Info        json.RawMessage `json:"info"`        // join and leave
+	MessageID   string           `json:"message_id"`
+	Time        int64            `json:"time"`
+	Presence    string           `json:"presence"` // subscribe ack
+	Recovered   *bool            `json:"recovered"`
+	Reason      *protocol.Reason `json:"reason"`
+	Missed      *int             `json:"missed"`
+	Count       *int             `json:"count"`       // presence reply
+	Connections *int             `json:"connections"` // presence reply
+	Members     *[]memberView    `json:"members"`     // presence reply
+	Info        json.RawMessage  `json:"info"`        // join and leave
 }
 
 type memberView struct {
@@ -152,7 +154,7 @@ func event(typ string, p *protoClient) string {
 func dialProtoAs(t *testing.T, url string, header http.Header) *protoClient {
 	t.Helper()
 	c, resp, err := websocket.Dial(testCtx(t), url, &websocket.DialOptions{
-		Subprotocols: []string{pubsub.Subprotocol}, HTTPHeader: header,
+		Subprotocols: []string{protocol.Subprotocol}, HTTPHeader: header,
 	})
 	if err != nil {
 		status := 0
@@ -583,7 +585,7 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 		since  map[string]any
 		epoch  string // the epoch the ack must carry ("" for: not the since epoch)
 		top    uint64
-		reason string
+		reason protocol.Reason
 	}
 	for _, tt := range []struct {
 		name string
@@ -599,7 +601,7 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 				publishNumbered(t, h, room, 1, 2)
 				expectSeqs(p, room, 1, 2)
 				p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
-				return setup{since("not-an-epoch", 1), ack.Epoch, 2, pubsub.ReasonEpochChanged}
+				return setup{since("not-an-epoch", 1), ack.Epoch, 2, protocol.ReasonEpochChanged}
 			},
 		},
 		{
@@ -611,7 +613,7 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 				expectSeqs(p, room, 1)
 				p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
 				publishNumbered(t, h, room, 2, 11)
-				return setup{since(ack.Epoch, 1), ack.Epoch, 11, pubsub.ReasonHistoryTooShort}
+				return setup{since(ack.Epoch, 1), ack.Epoch, 11, protocol.ReasonHistoryTooShort}
 			},
 		},
 		{
@@ -622,7 +624,7 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 				publishNumbered(t, h, room, 1, 2)
 				expectSeqs(p, room, 1, 2)
 				p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
-				return setup{since(ack.Epoch, 7), ack.Epoch, 2, pubsub.ReasonUnknownPosition}
+				return setup{since(ack.Epoch, 7), ack.Epoch, 2, protocol.ReasonUnknownPosition}
 			},
 		},
 		{
@@ -634,7 +636,7 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 				expectSeqs(p, room, 1)
 				p.mustAck(map[string]any{"type": "unsubscribe", "room": room})
 				publishNumbered(t, h, room, 2, 21) // 20 missed, all kept, 8 fit the queue
-				return setup{since(ack.Epoch, 1), ack.Epoch, 21, pubsub.ReasonTooManyMissed}
+				return setup{since(ack.Epoch, 1), ack.Epoch, 21, protocol.ReasonTooManyMissed}
 			},
 		},
 	} {
@@ -684,12 +686,12 @@ func TestSubscribeRejectsMalformedRoomStateFields(t *testing.T) {
 	} {
 		fields["type"] = "subscribe"
 		fields["room"] = "bad"
-		if e := p.request(fields); e.Type != "error" || e.Code != pubsub.CodeBadRequest {
-			t.Errorf("%s: got %s, want error %q", name, e.raw, pubsub.CodeBadRequest)
+		if e := p.request(fields); e.Type != "error" || e.Code != protocol.CodeBadRequest {
+			t.Errorf("%s: got %s, want error %q", name, e.raw, protocol.CodeBadRequest)
 		}
 	}
 	// None of them subscribed, and the connection still works.
-	p.mustError(map[string]any{"type": "presence", "room": "bad"}, pubsub.CodeNotJoined)
+	p.mustError(map[string]any{"type": "presence", "room": "bad"}, protocol.CodeNotSubscribed)
 	subscribeWith(p, map[string]any{"room": "good", "info": map[string]string{"name": "ann"}})
 	subscribeWith(p, map[string]any{"room": "good2", "info": nil})
 }
@@ -1063,7 +1065,7 @@ func TestPresenceOffRoomTracksNothing(t *testing.T) {
 	if got := readUntilMarker(a, room, m); len(got) != 0 {
 		t.Fatalf("a presence-off room sent %s", got[0].raw)
 	}
-	a.mustError(map[string]any{"type": "presence", "room": room}, pubsub.CodeNotSupported)
+	a.mustError(map[string]any{"type": "presence", "room": room}, protocol.CodeNotSupported)
 	if p, err := h.Presence(testCtx(t), room); err != nil || p.Count != 0 || p.Connections != 0 || p.Members != nil {
 		t.Fatalf("h.Presence = %+v, %v; want the zero Presence", p, err)
 	}
@@ -1076,14 +1078,14 @@ func TestPresenceRequestNeedsASubscription(t *testing.T) {
 	a := dialProto(t, url)
 	b := dialProto(t, url)
 	b.subscribe("room")
-	a.mustError(map[string]any{"type": "presence", "room": "room"}, pubsub.CodeNotJoined)
+	a.mustError(map[string]any{"type": "presence", "room": "room"}, protocol.CodeNotSubscribed)
 }
 
 func TestIdentityInfoThatIsNotJSONFailsTheUpgradeWith500(t *testing.T) {
 	t.Parallel()
 	_, srv := newServer(t, headerAuth())
 	header := http.Header{"X-User": {"ann"}, "X-Info": {`{"name": Ann}`}}
-	dialStatus(t, wsURL(srv, "/ws"), header, http.StatusInternalServerError, pubsub.Subprotocol)
+	dialStatus(t, wsURL(srv, "/ws"), header, http.StatusInternalServerError, protocol.Subprotocol)
 	dialStatus(t, wsURL(srv, "/ws?room=r"), header, http.StatusInternalServerError)
 	// Valid info is accepted.
 	dialProtoAs(t, wsURL(srv, "/ws"), http.Header{"X-User": {"ann"}, "X-Info": {`{"name":"Ann"}`}})
@@ -1104,7 +1106,7 @@ func disconnects() (pubsub.Option, <-chan pubsub.DisconnectEvent) {
 	return pubsub.WithOnDisconnect(func(ev pubsub.DisconnectEvent) { ch <- ev }), ch
 }
 
-func expectDisconnect(t *testing.T, ch <-chan pubsub.DisconnectEvent, connID string, code int) {
+func expectDisconnect(t *testing.T, ch <-chan pubsub.DisconnectEvent, connID string, code protocol.CloseCode) {
 	t.Helper()
 	ctx := testCtx(t)
 	for {
@@ -1157,8 +1159,8 @@ func TestSlowConsumerInADisconnectRoomIsClosedWith4002AndCounted(t *testing.T) {
 	if got := h.Stats().Dropped; got != 0 {
 		t.Fatalf("Stats().Dropped = %d, want 0: a disconnect room never drops", got)
 	}
-	expectClose(t, p.c, pubsub.CloseSlowConsumer)
-	expectDisconnect(t, discs, p.welcome.ConnID, pubsub.CloseSlowConsumer)
+	expectClose(t, p.c, protocol.CloseSlowConsumer)
+	expectDisconnect(t, discs, p.welcome.ConnID, protocol.CloseSlowConsumer)
 }
 
 // gapReader reads one room's messages, counting what it got and the seqs
@@ -1317,8 +1319,8 @@ func TestKeepLatestAndDisconnectRoomsOnOneConnectionEachApplyTheirOwnPolicy(t *t
 	if ticker.Dropped == 0 || feed.Dropped != 0 {
 		t.Fatalf("dropped: ticker %d, feed %d; want ticker values replaced, no feed message dropped", ticker.Dropped, feed.Dropped)
 	}
-	expectClose(t, p.c, pubsub.CloseSlowConsumer)
-	expectDisconnect(t, discs, p.welcome.ConnID, pubsub.CloseSlowConsumer)
+	expectClose(t, p.c, protocol.CloseSlowConsumer)
+	expectDisconnect(t, discs, p.welcome.ConnID, protocol.CloseSlowConsumer)
 }
 
 func TestStatsShowAStuckSubscriberFirstWithItsQueueAndLag(t *testing.T) {
@@ -1509,7 +1511,7 @@ func expectTickerValue(t *testing.T, h *pubsub.Handler, p *protoClient, top int)
 	for {
 		_, b, err := p.c.Read(ctx)
 		var ce websocket.CloseError
-		if errors.As(err, &ce) && int(ce.Code) == pubsub.CloseSlowConsumer {
+		if errors.As(err, &ce) && protocol.CloseCode(ce.Code) == protocol.CloseSlowConsumer {
 			return // closed, not silently stale: acceptable
 		}
 		if err != nil {
@@ -1551,16 +1553,16 @@ func TestRecoveryAfterTheServerLostItsStateSaysEpochChanged(t *testing.T) {
 	ack := b.request(map[string]any{"type": "subscribe", "room": "orders",
 		"since": map[string]any{"epoch": last.Epoch, "seq": last.Seq}})
 	var got struct {
-		Recovered *bool  `json:"recovered"`
-		Reason    string `json:"reason"`
-		Missed    int    `json:"missed"`
-		Epoch     string `json:"epoch"`
+		Recovered *bool           `json:"recovered"`
+		Reason    protocol.Reason `json:"reason"`
+		Missed    int             `json:"missed"`
+		Epoch     string          `json:"epoch"`
 	}
 	if err := json.Unmarshal(ack.raw, &got); err != nil {
 		t.Fatal(err)
 	}
-	if ack.Type != "ack" || got.Recovered == nil || *got.Recovered || got.Reason != pubsub.ReasonEpochChanged || got.Missed != 0 || got.Epoch == last.Epoch {
-		t.Fatalf("ack %s: want recovered false, reason %q, nothing replayed, a new epoch", ack.raw, pubsub.ReasonEpochChanged)
+	if ack.Type != "ack" || got.Recovered == nil || *got.Recovered || got.Reason != protocol.ReasonEpochChanged || got.Missed != 0 || got.Epoch == last.Epoch {
+		t.Fatalf("ack %s: want recovered false, reason %q, nothing replayed, a new epoch", ack.raw, protocol.ReasonEpochChanged)
 	}
 	// The subscription is live on the new server.
 	if err := h2.Publish(testCtx(t), "orders", []byte(`{"n":2}`)); err != nil {

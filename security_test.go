@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -338,13 +340,13 @@ type secRow struct {
 	attack  func(t *testing.T, s *secEnv, r *secRow)
 
 	// The documented outcome.
-	status int    // the upgrade is refused with this HTTP status
-	code   string // protocol mode: the error code; the connection stays open
-	id     string // ... and the id the error carries ("": none could be read)
-	ack    bool   // protocol mode: acked, with id
-	close  int    // the connection is closed with this code
-	reason string // ... and a reason containing this
-	want   string // the outcome in words, for rows none of the above says
+	status int                // the upgrade is refused with this HTTP status
+	code   protocol.ErrorCode // protocol mode: the error code; the connection stays open
+	id     string             // ... and the id the error carries ("": none could be read)
+	ack    bool               // protocol mode: acked, with id
+	close  protocol.CloseCode // the connection is closed with this code
+	reason string             // ... and a reason containing this
+	want   string             // the outcome in words, for rows none of the above says
 
 	after func(t *testing.T, s *secEnv) // further checks of the row's outcome
 }
@@ -358,7 +360,7 @@ func (r *secRow) outcome() string {
 	case r.ack:
 		return "ack"
 	case r.code != "":
-		return "error " + r.code
+		return "error " + string(r.code)
 	default:
 		return fmt.Sprintf("close %d %q", r.close, r.reason)
 	}
@@ -468,7 +470,7 @@ func (s *secEnv) sendFrames(t *testing.T, r *secRow) {
 		code, reason := secCloseOf(t, c)
 		// 1009 is sent by the WebSocket library with its own reason; the
 		// server reports its own to the host.
-		if code != r.close || (r.close != pubsub.CloseMessageTooBig && !strings.Contains(reason, r.reason)) {
+		if code != r.close || (r.close != protocol.CloseMessageTooBig && !strings.Contains(reason, r.reason)) {
 			t.Fatalf("closed with %d %q, want %d with %q", code, reason, r.close, r.reason)
 		}
 		ev := s.events.disconnected(t, connID)
@@ -511,7 +513,7 @@ func (s *secEnv) sendFrames(t *testing.T, r *secRow) {
 
 // secCloseOf reads until the connection closes and returns the close code
 // and reason; a connection that ends without a close frame fails the test.
-func secCloseOf(t *testing.T, c *websocket.Conn) (int, string) {
+func secCloseOf(t *testing.T, c *websocket.Conn) (protocol.CloseCode, string) {
 	t.Helper()
 	ctx := testCtx(t)
 	for {
@@ -523,7 +525,7 @@ func secCloseOf(t *testing.T, c *websocket.Conn) (int, string) {
 		if !errors.As(err, &ce) {
 			t.Fatalf("the connection ended with %v, want a close frame", err)
 		}
-		return int(ce.Code), ce.Reason
+		return protocol.CloseCode(ce.Code), ce.Reason
 	}
 }
 
@@ -658,7 +660,7 @@ func secDialTCP(t *testing.T, url string, subprotocols ...string) (*websocket.Co
 // secVanish: a subscribed protocol client whose TCP connection is reset,
 // with no close frame, as when a network drops.
 func secVanish(t *testing.T, s *secEnv, r *secRow) {
-	c, tcp := secDialTCP(t, s.url("/ws?token=mallory"), pubsub.Subprotocol)
+	c, tcp := secDialTCP(t, s.url("/ws?token=mallory"), protocol.Subprotocol)
 	p := &protoClient{t: t, c: c}
 	if p.welcome = p.read(); p.welcome.Type != "welcome" {
 		t.Fatalf("first envelope %s, want welcome", p.welcome.raw)
@@ -808,37 +810,37 @@ func secRows() []secRow {
 		},
 
 		// ---- protocol mode: an error code, the connection stays open ----
-		{name: "malformed JSON is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"`)}, code: pubsub.CodeBadRequest},
-		{name: "JSON array instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`[{"type":"ping","id":"atk"}]`)}, code: pubsub.CodeBadRequest},
-		{name: "JSON number instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`42`)}, code: pubsub.CodeBadRequest},
-		{name: "JSON string instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`"subscribe"`)}, code: pubsub.CodeBadRequest},
-		{name: "unknown type is unknown_type", mode: proto, frames: []secFrame{secText(`{"type":"frobnicate","id":"atk"}`)}, code: pubsub.CodeUnknownType, id: "atk"},
-		{name: "missing type is bad_request", mode: proto, frames: []secFrame{secText(`{"room":"lobby","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "missing room is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "room as a number is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":7,"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "id as an object is bad_request without id", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":{"a":1}}`)}, code: pubsub.CodeBadRequest},
+		{name: "malformed JSON is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"`)}, code: protocol.CodeBadRequest},
+		{name: "JSON array instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`[{"type":"ping","id":"atk"}]`)}, code: protocol.CodeBadRequest},
+		{name: "JSON number instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`42`)}, code: protocol.CodeBadRequest},
+		{name: "JSON string instead of an object is bad_request", mode: proto, frames: []secFrame{secText(`"subscribe"`)}, code: protocol.CodeBadRequest},
+		{name: "unknown type is unknown_type", mode: proto, frames: []secFrame{secText(`{"type":"frobnicate","id":"atk"}`)}, code: protocol.CodeUnknownType, id: "atk"},
+		{name: "missing type is bad_request", mode: proto, frames: []secFrame{secText(`{"room":"lobby","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "missing room is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "room as a number is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":7,"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "id as an object is bad_request without id", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":{"a":1}}`)}, code: protocol.CodeBadRequest},
 		{
 			name: "publish with data and a 65-byte id is bad_request without id", mode: proto, opts: []pubsub.Option{clientPublish},
-			frames: []secFrame{secText(`{"type":"publish","room":"lobby","data":{"a":1},"id":"` + id65 + `"}`)}, code: pubsub.CodeBadRequest,
+			frames: []secFrame{secText(`{"type":"publish","room":"lobby","data":{"a":1},"id":"` + id65 + `"}`)}, code: protocol.CodeBadRequest,
 		},
 		{
 			name: "publish with no payload field is bad_request", mode: proto, opts: []pubsub.Option{clientPublish},
-			frames: []secFrame{secText(`{"type":"publish","room":"lobby","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk",
+			frames: []secFrame{secText(`{"type":"publish","room":"lobby","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk",
 		},
 		{
 			name: "publish with two payload fields is bad_request", mode: proto, opts: []pubsub.Option{clientPublish},
-			frames: []secFrame{secText(`{"type":"publish","room":"lobby","data":1,"text":"1","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk",
+			frames: []secFrame{secText(`{"type":"publish","room":"lobby","data":1,"text":"1","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk",
 		},
 		{
 			name: "publish with invalid base64 is bad_request", mode: proto, opts: []pubsub.Option{clientPublish},
-			frames: []secFrame{secText(`{"type":"publish","room":"lobby","binary":"*not base64*","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk",
+			frames: []secFrame{secText(`{"type":"publish","room":"lobby","binary":"*not base64*","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk",
 		},
 		{
 			name: "publish larger than any queue is bad_request", mode: proto, opts: []pubsub.Option{clientPublish, pubsub.WithQueueLimits(64, 1024)},
-			frames: []secFrame{secText(`{"type":"publish","room":"lobby","text":"` + strings.Repeat("x", 1025) + `","id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk",
+			frames: []secFrame{secText(`{"type":"publish","room":"lobby","text":"` + strings.Repeat("x", 1025) + `","id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk",
 		},
-		{name: "room with forbidden characters is invalid_room", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"<script>","id":"atk"}`)}, code: pubsub.CodeInvalidRoom, id: "atk"},
-		{name: "room of 129 bytes is invalid_room", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"` + room129 + `","id":"atk"}`)}, code: pubsub.CodeInvalidRoom, id: "atk"},
+		{name: "room with forbidden characters is invalid_room", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"<script>","id":"atk"}`)}, code: protocol.CodeInvalidRoom, id: "atk"},
+		{name: "room of 129 bytes is invalid_room", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"` + room129 + `","id":"atk"}`)}, code: protocol.CodeInvalidRoom, id: "atk"},
 		{
 			name: "one room more than WithMaxRooms is too_many_rooms", mode: proto, opts: []pubsub.Option{pubsub.WithMaxRooms(2)},
 			frames: []secFrame{
@@ -846,11 +848,11 @@ func secRows() []secRow {
 				secText(`{"type":"subscribe","room":"b","id":"a2"}`),
 				secText(`{"type":"subscribe","room":"c","id":"atk"}`),
 			},
-			code: pubsub.CodeTooManyRooms, id: "atk",
+			code: protocol.CodeTooManyRooms, id: "atk",
 		},
 		{
 			name: "publish flood past the rate limit is rate_limited", mode: proto, opts: []pubsub.Option{clientPublish, noRefill(5)},
-			frames: publishFlood, code: pubsub.CodeRateLimited, id: "p5",
+			frames: publishFlood, code: protocol.CodeRateLimited, id: "p5",
 			after: secStats(func(st pubsub.Stats) string {
 				if st.RateLimited != 1 {
 					return fmt.Sprintf("Stats().RateLimited = %d, want 1", st.RateLimited)
@@ -860,7 +862,7 @@ func secRows() []secRow {
 		},
 		{
 			name: "subscribe flood past the rate limit is rate_limited", mode: proto, opts: []pubsub.Option{noRefill(10)},
-			frames: subscribeFlood, code: pubsub.CodeRateLimited, id: "s10",
+			frames: subscribeFlood, code: protocol.CodeRateLimited, id: "s10",
 			after: func(t *testing.T, s *secEnv) {
 				// Only the ten subscribes within the burst joined a room.
 				waitFor(t, "every flood subscribe to be answered", func() bool { return s.h.Stats().RateLimited == 20 })
@@ -872,28 +874,28 @@ func secRows() []secRow {
 		{
 			name: "subscribe denied by authorize is forbidden", mode: proto,
 			opts:   []pubsub.Option{secAuthorize(func(pubsub.Action) error { return pubsub.ErrForbidden })},
-			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"}`)}, code: pubsub.CodeForbidden, id: "atk",
+			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"}`)}, code: protocol.CodeForbidden, id: "atk",
 		},
-		{name: "publish under the default policy is forbidden", mode: proto, frames: []secFrame{secText(`{"type":"publish","room":"lobby","text":"x","id":"atk"}`)}, code: pubsub.CodeForbidden, id: "atk"},
-		{name: "since with a numeric epoch is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","since":{"epoch":5,"seq":1},"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "since without seq is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","since":{"epoch":"e"},"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "history over the maximum is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","history":100001,"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
-		{name: "negative history is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","history":-1,"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
+		{name: "publish under the default policy is forbidden", mode: proto, frames: []secFrame{secText(`{"type":"publish","room":"lobby","text":"x","id":"atk"}`)}, code: protocol.CodeForbidden, id: "atk"},
+		{name: "since with a numeric epoch is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","since":{"epoch":5,"seq":1},"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "since without seq is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","since":{"epoch":"e"},"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "history over the maximum is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","history":100001,"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
+		{name: "negative history is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","history":-1,"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
 		{
 			name: "info over WithMaxInfoBytes is bad_request", mode: proto,
 			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":{"pad":"` + strings.Repeat("x", pubsub.DefaultMaxInfoBytes) + `"},"id":"atk"}`)},
-			code:   pubsub.CodeBadRequest, id: "atk",
+			code:   protocol.CodeBadRequest, id: "atk",
 		},
-		{name: "info that is not an object is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":[1,2],"id":"atk"}`)}, code: pubsub.CodeBadRequest, id: "atk"},
+		{name: "info that is not an object is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":[1,2],"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
 		{
 			name: "authorize panicking is internal", mode: proto,
 			opts:   []pubsub.Option{secAuthorize(func(pubsub.Action) error { panic("authorize bug") })},
-			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"}`)}, code: pubsub.CodeInternal, id: "atk", after: secHookPanics(1),
+			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","id":"atk"}`)}, code: protocol.CodeInternal, id: "atk", after: secHookPanics(1),
 		},
 		{
 			name: "on_message panicking is internal", mode: proto,
 			opts:   []pubsub.Option{secOnMessage(func() error { panic("on_message bug") })},
-			frames: []secFrame{secText(`{"type":"send","text":"x","id":"atk"}`)}, code: pubsub.CodeInternal, id: "atk", after: secHookPanics(1),
+			frames: []secFrame{secText(`{"type":"send","text":"x","id":"atk"}`)}, code: protocol.CodeInternal, id: "atk", after: secHookPanics(1),
 		},
 		{
 			name: "unknown fields are ignored", mode: proto,
@@ -902,17 +904,17 @@ func secRows() []secRow {
 		},
 
 		// ---- closed with a close code ----
-		{name: "frame over WithMaxMessageBytes closes 1009", mode: proto, opts: []pubsub.Option{pubsub.WithMaxMessageBytes(1024)}, frames: []secFrame{secText(`{"type":"ping","pad":"` + strings.Repeat("x", 1024) + `"}`)}, close: pubsub.CloseMessageTooBig, reason: "message too big"},
-		{name: "raw frame over WithMaxMessageBytes closes 1009", opts: []pubsub.Option{clientPublish, pubsub.WithMaxMessageBytes(1024)}, frames: []secFrame{secText(strings.Repeat("x", 1025))}, close: pubsub.CloseMessageTooBig, reason: "message too big"},
-		{name: "binary frame in protocol mode closes 1003", mode: proto, frames: []secFrame{secBinary(`{"type":"ping"}`)}, close: pubsub.CloseUnsupportedData, reason: "text frames only"},
-		{name: "invalid UTF-8 in a text frame closes 1007", mode: proto, frames: []secFrame{secText("{\"type\":\"ping\",\"x\":\"\xc3\x28\"}")}, close: pubsub.CloseInvalidPayload, reason: "not valid UTF-8"},
-		{name: "raw invalid UTF-8 in a text frame closes 1007", opts: []pubsub.Option{clientPublish}, frames: []secFrame{secText("\xff\xfe")}, close: pubsub.CloseInvalidPayload, reason: "not valid UTF-8"},
+		{name: "frame over WithMaxMessageBytes closes 1009", mode: proto, opts: []pubsub.Option{pubsub.WithMaxMessageBytes(1024)}, frames: []secFrame{secText(`{"type":"ping","pad":"` + strings.Repeat("x", 1024) + `"}`)}, close: protocol.CloseMessageTooBig, reason: "message too big"},
+		{name: "raw frame over WithMaxMessageBytes closes 1009", opts: []pubsub.Option{clientPublish, pubsub.WithMaxMessageBytes(1024)}, frames: []secFrame{secText(strings.Repeat("x", 1025))}, close: protocol.CloseMessageTooBig, reason: "message too big"},
+		{name: "binary frame in protocol mode closes 1003", mode: proto, frames: []secFrame{secBinary(`{"type":"ping"}`)}, close: protocol.CloseUnsupportedData, reason: "text frames only"},
+		{name: "invalid UTF-8 in a text frame closes 1007", mode: proto, frames: []secFrame{secText("{\"type\":\"ping\",\"x\":\"\xc3\x28\"}")}, close: protocol.CloseInvalidPayload, reason: "not valid UTF-8"},
+		{name: "raw invalid UTF-8 in a text frame closes 1007", opts: []pubsub.Option{clientPublish}, frames: []secFrame{secText("\xff\xfe")}, close: protocol.CloseInvalidPayload, reason: "not valid UTF-8"},
 		{
 			name: "raw publish flood past the rate limit closes 4004", opts: []pubsub.Option{clientPublish, noRefill(3)},
-			frames: []secFrame{secText("f1"), secText("f2"), secText("f3"), secText("f4")}, close: pubsub.CloseRateLimited, reason: "rate limit",
+			frames: []secFrame{secText("f1"), secText("f2"), secText("f3"), secText("f4")}, close: protocol.CloseRateLimited, reason: "rate limit",
 		},
-		{name: "raw publish under the default policy closes 1008", frames: []secFrame{secText("hello")}, close: pubsub.ClosePolicyViolation, reason: "publish not allowed"},
-		{name: "raw publish without a room closes 1008", path: "/ws?token=mallory", opts: []pubsub.Option{clientPublish}, frames: []secFrame{secText("hello")}, close: pubsub.ClosePolicyViolation, reason: "no room"},
+		{name: "raw publish under the default policy closes 1008", frames: []secFrame{secText("hello")}, close: protocol.ClosePolicyViolation, reason: "publish not allowed"},
+		{name: "raw publish without a room closes 1008", path: "/ws?token=mallory", opts: []pubsub.Option{clientPublish}, frames: []secFrame{secText("hello")}, close: protocol.ClosePolicyViolation, reason: "no room"},
 		{
 			name: "raw publish whose authorize hook panics closes 1011",
 			opts: []pubsub.Option{secAuthorize(func(a pubsub.Action) error {
@@ -921,26 +923,26 @@ func secRows() []secRow {
 				}
 				return nil
 			})},
-			frames: []secFrame{secText("hello")}, close: pubsub.CloseInternalError, reason: "internal error", after: secHookPanics(1),
+			frames: []secFrame{secText("hello")}, close: protocol.CloseInternalError, reason: "internal error", after: secHookPanics(1),
 		},
 		{
 			name: "raw message whose on_message hook panics closes 1011", opts: []pubsub.Option{secOnMessage(func() error { panic("on_message bug") })},
-			frames: []secFrame{secText("hello")}, close: pubsub.CloseInternalError, reason: "internal error", after: secHookPanics(1),
+			frames: []secFrame{secText("hello")}, close: protocol.CloseInternalError, reason: "internal error", after: secHookPanics(1),
 		},
 		{
 			name: "raw message the on_message hook rejects closes 1008", opts: []pubsub.Option{secOnMessage(func() error { return errors.New("no") })},
-			frames: []secFrame{secText("hello")}, close: pubsub.ClosePolicyViolation, reason: "message rejected",
+			frames: []secFrame{secText("hello")}, close: protocol.ClosePolicyViolation, reason: "message rejected",
 		},
 
 		// ---- resource attacks ----
 		{
 			name:   "client that never reads closes 4002",
 			opts:   []pubsub.Option{pubsub.WithQueueLimits(16, 256<<10), pubsub.WithWriteTimeout(time.Minute)},
-			attack: secNeverReads, close: pubsub.CloseSlowConsumer, reason: "slow consumer",
+			attack: secNeverReads, close: protocol.CloseSlowConsumer, reason: "slow consumer",
 		},
-		{name: "client that stops answering heartbeats closes 4001", opts: []pubsub.Option{heartbeat}, attack: secSilent, close: pubsub.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
-		{name: "raw client that never answers a ping closes 4001", opts: []pubsub.Option{heartbeat}, attack: secNoPong, close: pubsub.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
-		{name: "message that is never finished closes 4001", opts: []pubsub.Option{heartbeat}, attack: secFragment, close: pubsub.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
+		{name: "client that stops answering heartbeats closes 4001", opts: []pubsub.Option{heartbeat}, attack: secSilent, close: protocol.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
+		{name: "raw client that never answers a ping closes 4001", opts: []pubsub.Option{heartbeat}, attack: secNoPong, close: protocol.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
+		{name: "message that is never finished closes 4001", opts: []pubsub.Option{heartbeat}, attack: secFragment, close: protocol.CloseHeartbeatTimeout, reason: "heartbeat timeout"},
 		{
 			name: "client that vanishes without a close frame is cleaned up as 1006", attack: secVanish, close: 1006,
 			want: "OnDisconnect with 1006; the connection and its membership are gone",

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 )
 
@@ -132,7 +134,7 @@ func (c *conn) writePooled(buf *[]byte) (sent int) {
 	c.recycleLocked(batch)
 	switch {
 	case err != nil:
-		c.beginCloseLocked(closeAbnormal, "write failed", false)
+		c.beginCloseLocked(protocol.CloseAbnormal, "write failed", false)
 		c.handOverLocked()
 	case full:
 		c.rest = left
@@ -261,12 +263,12 @@ func (c *conn) writeLoop() {
 		c.mu.Unlock()
 		if err := c.writeWait(left, batch); err != nil {
 			if c.sock.isClosing() {
-				c.beginClose(closeAbnormal, "connection closed", false)
+				c.beginClose(protocol.CloseAbnormal, "connection closed", false)
 			} else if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
 				// Not reading for WithWriteTimeout is not keeping up.
 				c.closeSlow(nil, "slow consumer: write timed out", true)
 			} else {
-				c.beginClose(closeAbnormal, "write failed", false)
+				c.beginClose(protocol.CloseAbnormal, "write failed", false)
 			}
 		}
 	}
@@ -310,7 +312,7 @@ func (c *conn) finish(left, batch []*frame) {
 	c.mu.Lock()
 	code, reason, abort := c.code, c.reason, c.abort
 	c.mu.Unlock()
-	if code == closeAbnormal || abort {
+	if code == protocol.CloseAbnormal || abort {
 		_ = c.ws.CloseNow() // the peer is gone or reads nothing: no handshake
 		return
 	}

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -62,7 +64,7 @@ func TestTLSClientsGetEveryMessageWhole(t *testing.T) {
 		}
 	}
 
-	pc, _, err := websocket.Dial(ctx, base, &websocket.DialOptions{HTTPClient: srv.Client(), Subprotocols: []string{pubsub.Subprotocol}})
+	pc, _, err := websocket.Dial(ctx, base, &websocket.DialOptions{HTTPClient: srv.Client(), Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +86,7 @@ func TestTLSClientsGetEveryMessageWhole(t *testing.T) {
 	if err := h.Disconnect(h.Connections("tls")[0].ID, "bye"); err != nil {
 		t.Fatal(err)
 	}
-	expectClose(t, c, pubsub.CloseDisconnected)
+	expectClose(t, c, protocol.CloseDisconnected)
 }
 
 // The server's pings, its pongs to the client's pings and the messages

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 )
 
@@ -40,31 +42,31 @@ var (
 )
 
 // Error is an error the server answered a request with. Branch on Code
-// (the Code constants); Message is for people.
+// (protocol.CodeForbidden, …); Message is for people.
 type Error struct {
-	Code    string
+	Code    protocol.ErrorCode
 	Message string
 }
 
-func (e *Error) Error() string { return e.Code + ": " + e.Message }
+func (e *Error) Error() string { return string(e.Code) + ": " + e.Message }
 
 // CloseError is how the server ended a connection: its close code and
-// reason (PROTOCOL.md section 4). Code 1006 means the connection was lost
-// without a close frame.
+// reason (PROTOCOL.md section 4). protocol.CloseAbnormal (1006) means
+// the connection was lost without a close frame.
 type CloseError struct {
-	Code   int
+	Code   protocol.CloseCode
 	Reason string
 	err    error // the underlying error, for 1006
 }
 
 func (e *CloseError) Error() string {
-	if e.Code == closeAbnormal {
+	if e.Code == protocol.CloseAbnormal {
 		if e.err != nil {
 			return "client: connection lost: " + e.err.Error()
 		}
 		return "client: connection lost"
 	}
-	return "client: connection closed by the server with " + strconv.Itoa(e.Code) + " " + strconv.Quote(e.Reason)
+	return "client: connection closed by the server with " + strconv.Itoa(int(e.Code)) + " " + strconv.Quote(e.Reason)
 }
 
 func (e *CloseError) Unwrap() error { return e.err }
@@ -85,8 +87,6 @@ func (e *DialError) Error() string {
 
 func (e *DialError) Unwrap() error { return e.Err }
 
-const closeAbnormal = 1006
-
 // permanent reports whether err ends the Client rather than calling for a
 // reconnection: the close codes that say the client must change (1003,
 // 1007, 1008), that the server disconnected it on purpose (4003) or closed
@@ -96,7 +96,8 @@ func permanent(err error) bool {
 	var ce *CloseError
 	if errors.As(err, &ce) {
 		switch ce.Code {
-		case 1003, 1007, 1008, 4003, 4005:
+		case protocol.CloseUnsupportedData, protocol.CloseInvalidPayload, protocol.ClosePolicyViolation,
+			protocol.CloseDisconnected, protocol.CloseIdleTimeout:
 			return true
 		}
 		return false
@@ -109,7 +110,7 @@ func permanent(err error) bool {
 	return errors.Is(err, errNoSubprotocol)
 }
 
-var errNoSubprotocol = errors.New("the server did not select subprotocol " + Subprotocol)
+var errNoSubprotocol = errors.New("the server did not select subprotocol " + protocol.Subprotocol)
 
 // State is the Client's connection state.
 type State uint8
@@ -255,7 +256,7 @@ func (c *Client) connect(ctx context.Context) (*session, error) {
 	ws, resp, err := websocket.Dial(ctx, c.url, &websocket.DialOptions{
 		HTTPClient:   c.cfg.httpClient,
 		HTTPHeader:   c.cfg.header,
-		Subprotocols: []string{Subprotocol},
+		Subprotocols: []string{protocol.Subprotocol},
 	})
 	if err != nil {
 		de := &DialError{Err: err}
@@ -264,7 +265,7 @@ func (c *Client) connect(ctx context.Context) (*session, error) {
 		}
 		return nil, de
 	}
-	if ws.Subprotocol() != Subprotocol {
+	if ws.Subprotocol() != protocol.Subprotocol {
 		ws.CloseNow()
 		return nil, &DialError{Err: errNoSubprotocol}
 	}
@@ -479,7 +480,7 @@ func (c *Client) cleanupLocked(sub *Subscription) error {
 	}
 	id := c.newID()
 	sess.addPending(id, &pending{ch: make(chan *inbound, 1), onReply: func(r *inbound) error {
-		if r.Code != CodeRateLimited {
+		if r.Code != protocol.CodeRateLimited {
 			c.forget(sub)
 		}
 		return nil
@@ -817,12 +818,12 @@ func (c *Client) resubscribe(s *session, subs []*Subscription) error {
 				return err // the connection ended
 			}
 			switch e.Code {
-			case CodeRateLimited:
+			case protocol.CodeRateLimited:
 				if !sleepFor(c.ctx, s.done, delay) {
 					return ErrDisconnected
 				}
 				continue
-			case CodeUnavailable, CodeInternal:
+			case protocol.CodeUnavailable, protocol.CodeInternal:
 				return fmt.Errorf("client: resubscribe to room %q: %w", sub.room, err)
 			}
 			c.endSubscription(sub, fmt.Errorf("client: resubscribe to room %q: %w", sub.room, err))
@@ -922,9 +923,9 @@ func (c *Client) read(s *session) {
 func readError(err error) error {
 	var ce websocket.CloseError
 	if errors.As(err, &ce) {
-		return &CloseError{Code: int(ce.Code), Reason: ce.Reason}
+		return &CloseError{Code: protocol.CloseCode(ce.Code), Reason: ce.Reason}
 	}
-	return &CloseError{Code: closeAbnormal, err: err}
+	return &CloseError{Code: protocol.CloseAbnormal, err: err}
 }
 
 // route handles one envelope; an error ends the connection.

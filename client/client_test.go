@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/client"
@@ -224,7 +226,7 @@ func stateCollector() (*collector[stateChange], client.Option) {
 }
 
 // closeCode matches a state change caused by a close with code.
-func closeCode(code int) func(stateChange) bool {
+func closeCode(code protocol.CloseCode) func(stateChange) bool {
 	return func(s stateChange) bool {
 		var ce *client.CloseError
 		return errors.As(s.err, &ce) && ce.Code == code
@@ -240,7 +242,7 @@ func msgString(m client.Message) string {
 }
 
 // wantCode checks that err is an *Error with code.
-func wantCode(t *testing.T, err error, code string) {
+func wantCode(t *testing.T, err error, code protocol.ErrorCode) {
 	t.Helper()
 	var e *client.Error
 	if !errors.As(err, &e) || e.Code != code {
@@ -302,56 +304,29 @@ func TestRequestsRefusedByTheServerReturnItsErrorCode(t *testing.T) {
 	nop := func(client.Message) {}
 
 	_, err := c.Subscribe(ctx, "bad room", nop)
-	wantCode(t, err, client.CodeInvalidRoom)
+	wantCode(t, err, protocol.CodeInvalidRoom)
 	err = c.Publish(ctx, "chat", []byte("hi"))
-	wantCode(t, err, client.CodeForbidden) // clients may not publish on this server
+	wantCode(t, err, protocol.CodeForbidden) // clients may not publish on this server
 	err = c.Send(ctx, "", []byte("hi"))
-	wantCode(t, err, client.CodeNotSupported) // no message handler
+	wantCode(t, err, protocol.CodeNotSupported) // no message handler
 	_, err = c.Subscribe(ctx, "big", nop, client.Info(json.RawMessage(`{"pad":"`+strings.Repeat("x", 2000)+`"}`)))
-	wantCode(t, err, client.CodeBadRequest)
+	wantCode(t, err, protocol.CodeBadRequest)
 
 	sub, err := c.Subscribe(ctx, "quiet", nop)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, err = sub.Presence(ctx)
-	wantCode(t, err, client.CodeNotSupported)
+	wantCode(t, err, protocol.CodeNotSupported)
 	_, err = c.Subscribe(ctx, "second", nop)
-	wantCode(t, err, client.CodeTooManyRooms)
+	wantCode(t, err, protocol.CodeTooManyRooms)
 
 	// A refused subscribe leaves nothing behind: the room can be tried
 	// again, and is refused again rather than "already subscribed".
 	_, err = c.Subscribe(ctx, "bad room", nop)
-	wantCode(t, err, client.CodeInvalidRoom)
+	wantCode(t, err, protocol.CodeInvalidRoom)
 	if e := (*client.Error)(nil); !errors.As(err, &e) || e.Message == "" {
 		t.Fatalf("error %v has no message", err)
-	}
-}
-
-func TestErrorCodesAndReasonsMatchTheServer(t *testing.T) {
-	t.Parallel()
-	pairs := [][2]string{
-		{client.CodeBadRequest, pubsub.CodeBadRequest},
-		{client.CodeUnknownType, pubsub.CodeUnknownType},
-		{client.CodeInvalidRoom, pubsub.CodeInvalidRoom},
-		{client.CodeForbidden, pubsub.CodeForbidden},
-		{client.CodeTooManyRooms, pubsub.CodeTooManyRooms},
-		{client.CodeRateLimited, pubsub.CodeRateLimited},
-		{client.CodeNotSubscribed, pubsub.CodeNotJoined},
-		{client.CodeNotSupported, pubsub.CodeNotSupported},
-		{client.CodeRejected, pubsub.CodeRejected},
-		{client.CodeUnavailable, pubsub.CodeUnavailable},
-		{client.CodeInternal, pubsub.CodeInternal},
-		{client.ReasonEpochChanged, pubsub.ReasonEpochChanged},
-		{client.ReasonHistoryTooShort, pubsub.ReasonHistoryTooShort},
-		{client.ReasonTooManyMissed, pubsub.ReasonTooManyMissed},
-		{client.ReasonUnknownPosition, pubsub.ReasonUnknownPosition},
-		{client.Subprotocol, pubsub.Subprotocol},
-	}
-	for _, p := range pairs {
-		if p[0] != p[1] {
-			t.Errorf("client has %q where the server has %q", p[0], p[1])
-		}
 	}
 }
 
@@ -601,7 +576,7 @@ func TestDirectMessagesAndSendReachTheirHandlers(t *testing.T) {
 	if m := direct.next(t, "the reply"); string(m.Data) != "echo:lobby:hi" || m.Kind != client.KindText || m.Room != "" {
 		t.Fatalf("got %+v", m)
 	}
-	wantCode(t, c.Send(ctx, "", []byte("bad")), client.CodeRejected)
+	wantCode(t, c.Send(ctx, "", []byte("bad")), protocol.CodeRejected)
 
 	if err := ts.handler().PublishToConn(ctx, c.ConnID(), []byte(`{"n":1}`)); err != nil {
 		t.Fatal(err)
@@ -723,7 +698,7 @@ func TestRecoveryIsRefusedWithEpochChangedAfterTheServerLostTheRoom(t *testing.T
 	ts.swap(restarted)
 	states.waitFor(t, "going away", closeCode(1001))
 	r := recs.next(t, "the recovery")
-	if r.Recovered || r.Reason != client.ReasonEpochChanged || r.Missed != 0 || r.Err != nil || r.Epoch == old.Epoch {
+	if r.Recovered || r.Reason != protocol.ReasonEpochChanged || r.Missed != 0 || r.Err != nil || r.Epoch == old.Epoch {
 		t.Fatalf("got %+v, want recovery refused with epoch_changed and a new epoch", r)
 	}
 	publish(t, restarted, "room", "new")
@@ -830,11 +805,11 @@ func TestSubscriptionTheServerNoLongerAllowsEndsWithAnError(t *testing.T) {
 	if r.Room != "vip" || r.Recovered {
 		t.Fatalf("got %+v", r)
 	}
-	wantCode(t, r.Err, client.CodeForbidden)
+	wantCode(t, r.Err, protocol.CodeForbidden)
 	states.waitFor(t, "reconnected", isState(client.StateConnected))
 	// The subscription is gone: subscribing again is a fresh request.
 	_, err := c.Subscribe(ctx, "vip", func(client.Message) {})
-	wantCode(t, err, client.CodeForbidden)
+	wantCode(t, err, protocol.CodeForbidden)
 }
 
 func TestWithoutReconnectTheClientStopsWhenTheConnectionEnds(t *testing.T) {
@@ -911,7 +886,7 @@ func startFake(t *testing.T, welcome string, serve func(n int, ws *websocket.Con
 	f.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		f.wg.Add(1)
 		defer f.wg.Done()
-		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{client.Subprotocol}})
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{protocol.Subprotocol}})
 		if err != nil {
 			return
 		}
@@ -948,7 +923,7 @@ const quietWelcome = `{"type":"welcome","protocol":"roomcast.v1","conn_id":"fake
 func TestCloseCodesDecideWhetherTheClientReconnects(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
-		code      int
+		code      protocol.CloseCode
 		reconnect bool
 	}{
 		{1001, true}, {1006, true}, {1011, true}, {1013, true}, {4001, true}, {4002, true}, {4006, true},

@@ -1,39 +1,12 @@
 package client
 
 import (
-	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"strconv"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/roomcast/pubsub/internal/wire"
-)
-
-// Subprotocol is the WebSocket subprotocol this client speaks.
-const Subprotocol = "roomcast.v1"
-
-// Error codes of the server's "error" envelopes (PROTOCOL.md section 3.5),
-// found in Error.Code. Branch on these, never on Error.Message.
-const (
-	CodeBadRequest    = "bad_request"    // the request was malformed; do not retry it
-	CodeUnknownType   = "unknown_type"   // the server does not know the request's type
-	CodeInvalidRoom   = "invalid_room"   // the room name fails the server's validation
-	CodeForbidden     = "forbidden"      // the server does not allow this subscribe or publish
-	CodeTooManyRooms  = "too_many_rooms" // the connection is in the most rooms it may join
-	CodeRateLimited   = "rate_limited"   // sent too fast; the request was dropped; retry slower
-	CodeNotSubscribed = "not_subscribed" // presence or unsubscribe of a room not joined
-	CodeNotSupported  = "not_supported"  // no message handler on the server, or presence off in the room
-	CodeRejected      = "rejected"       // the server's message handler refused a Send
-	CodeUnavailable   = "unavailable"    // the server could not do it now; retry with backoff
-	CodeInternal      = "internal"       // the server failed; retry with backoff
-)
-
-// Reasons a recovery was refused (Recovery.Reason), PROTOCOL.md section 3.7.
-const (
-	ReasonEpochChanged    = "epoch_changed"     // the room's state was lost (server restart, room reclaimed)
-	ReasonHistoryTooShort = "history_too_short" // some missed messages are no longer kept
-	ReasonTooManyMissed   = "too_many_missed"   // more were missed than one connection may have queued
-	ReasonUnknownPosition = "unknown_position"  // the position is ahead of the room
 )
 
 // Kind is how a payload travelled: the server chooses it from the bytes.
@@ -145,8 +118,8 @@ type inbound struct {
 	Binary    *string         `json:"binary"`
 
 	// error
-	Code    string `json:"code"`
-	Message string `json:"message"`
+	Code    protocol.ErrorCode `json:"code"`
+	Message string             `json:"message"`
 
 	// join and leave; conn_id and user_id also in welcome
 	ConnID string          `json:"conn_id"`
@@ -154,10 +127,10 @@ type inbound struct {
 	Info   json.RawMessage `json:"info"`
 
 	// ack of a subscribe
-	Presence  string `json:"presence"`
-	Missed    int    `json:"missed"`
-	Recovered *bool  `json:"recovered"`
-	Reason    string `json:"reason"`
+	Presence  string          `json:"presence"`
+	Missed    int             `json:"missed"`
+	Recovered *bool           `json:"recovered"`
+	Reason    protocol.Reason `json:"reason"`
 
 	// presence reply
 	Count       int `json:"count"`
@@ -178,31 +151,8 @@ type inbound struct {
 
 // payload decodes the envelope's one payload field.
 func (in *inbound) payload() ([]byte, Kind, error) {
-	n := 0
-	if in.Data != nil {
-		n++
-	}
-	if in.Text != nil {
-		n++
-	}
-	if in.Binary != nil {
-		n++
-	}
-	if n != 1 {
-		return nil, 0, errors.New(`not exactly one of "data", "text" and "binary"`)
-	}
-	switch {
-	case in.Data != nil:
-		return in.Data, KindJSON, nil
-	case in.Text != nil:
-		return []byte(*in.Text), KindText, nil
-	default:
-		p, err := base64.StdEncoding.DecodeString(*in.Binary)
-		if err != nil {
-			return nil, 0, errors.New(`"binary" is not standard base64`)
-		}
-		return p, KindBinary, nil
-	}
+	p, kind, err := wire.DecodePayload(in.Data, in.Text, in.Binary)
+	return p, Kind(kind), err
 }
 
 // err is the reply's error, for an "error" envelope.

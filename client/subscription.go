@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/roomcast/pubsub/protocol"
 )
 
 // Message is one message of a room, or a direct message (with only Data
@@ -74,9 +76,9 @@ type Recovery struct {
 	// disconnected follow, before any live one. When false, the missed
 	// messages are lost: reload the room's state from the application.
 	Recovered bool
-	// Reason says why recovery was refused (the Reason constants); empty
-	// when Recovered.
-	Reason string
+	// Reason says why recovery was refused (protocol.ReasonEpochChanged,
+	// …); empty when Recovered.
+	Reason protocol.Reason
 	// Missed is how many messages the server replays now.
 	Missed int
 	// Epoch and Seq are the room's position when the subscription resumed.
@@ -166,7 +168,7 @@ func (s *Subscription) unsubscribe(ctx context.Context) error {
 		return nil
 	}
 	forget := func(r *inbound) error {
-		if r.Code != CodeRateLimited {
+		if r.Code != protocol.CodeRateLimited {
 			c.forget(s)
 		}
 		return nil
@@ -178,7 +180,7 @@ func (s *Subscription) unsubscribe(ctx context.Context) error {
 		switch {
 		case err == nil:
 			return nil
-		case errors.As(err, &e) && e.Code == CodeRateLimited:
+		case errors.As(err, &e) && e.Code == protocol.CodeRateLimited:
 			if !sleepFor(ctx, sess.done, delay) {
 				// The connection ended (and the server forgot the room),
 				// or ctx did: then the server may still send the room's

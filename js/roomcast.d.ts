@@ -4,6 +4,48 @@
 /** The WebSocket subprotocol the client speaks: "roomcast.v1". */
 export declare const PROTOCOL: "roomcast.v1";
 
+/** Close codes (PROTOCOL.md section 4); the names of Go's package protocol. */
+export declare const CLOSE: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  UNSUPPORTED_DATA: 1003;
+  ABNORMAL: 1006;
+  INVALID_PAYLOAD: 1007;
+  POLICY_VIOLATION: 1008;
+  MESSAGE_TOO_BIG: 1009;
+  INTERNAL_ERROR: 1011;
+  TRY_AGAIN_LATER: 1013;
+  HEARTBEAT_TIMEOUT: 4001;
+  SLOW_CONSUMER: 4002;
+  DISCONNECTED: 4003;
+  RATE_LIMITED: 4004;
+  IDLE_TIMEOUT: 4005;
+  ROOM_RESET: 4006;
+}>;
+
+/** Error codes of the server's "error" envelopes (PROTOCOL.md 3.5). */
+export declare const ERROR: Readonly<{
+  BAD_REQUEST: "bad_request";
+  UNKNOWN_TYPE: "unknown_type";
+  INVALID_ROOM: "invalid_room";
+  FORBIDDEN: "forbidden";
+  TOO_MANY_ROOMS: "too_many_rooms";
+  RATE_LIMITED: "rate_limited";
+  NOT_SUBSCRIBED: "not_subscribed";
+  NOT_SUPPORTED: "not_supported";
+  REJECTED: "rejected";
+  UNAVAILABLE: "unavailable";
+  INTERNAL: "internal";
+}>;
+
+/** Why a recovery was refused (PROTOCOL.md 3.7). */
+export declare const REASON: Readonly<{
+  EPOCH_CHANGED: "epoch_changed";
+  HISTORY_TOO_SHORT: "history_too_short";
+  TOO_MANY_MISSED: "too_many_missed";
+  UNKNOWN_POSITION: "unknown_position";
+}>;
+
 /** The connection's state. */
 export type State = "connecting" | "open" | "reconnecting" | "closed";
 

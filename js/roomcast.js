@@ -12,6 +12,52 @@
 export const PROTOCOL = "roomcast.v1";
 
 /**
+ * The protocol's vocabulary (PROTOCOL.md sections 3.5, 3.7 and 4), the same
+ * names as the Go package github.com/roomcast/pubsub/protocol: a Go test
+ * checks that every name and value here matches it.
+ */
+export const CLOSE = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  UNSUPPORTED_DATA: 1003,
+  ABNORMAL: 1006,
+  INVALID_PAYLOAD: 1007,
+  POLICY_VIOLATION: 1008,
+  MESSAGE_TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011,
+  TRY_AGAIN_LATER: 1013,
+  HEARTBEAT_TIMEOUT: 4001,
+  SLOW_CONSUMER: 4002,
+  DISCONNECTED: 4003,
+  RATE_LIMITED: 4004,
+  IDLE_TIMEOUT: 4005,
+  ROOM_RESET: 4006,
+});
+
+/** Error codes of the server's "error" envelopes (PROTOCOL.md 3.5). */
+export const ERROR = Object.freeze({
+  BAD_REQUEST: "bad_request",
+  UNKNOWN_TYPE: "unknown_type",
+  INVALID_ROOM: "invalid_room",
+  FORBIDDEN: "forbidden",
+  TOO_MANY_ROOMS: "too_many_rooms",
+  RATE_LIMITED: "rate_limited",
+  NOT_SUBSCRIBED: "not_subscribed",
+  NOT_SUPPORTED: "not_supported",
+  REJECTED: "rejected",
+  UNAVAILABLE: "unavailable",
+  INTERNAL: "internal",
+});
+
+/** Why a recovery was refused (PROTOCOL.md 3.7). */
+export const REASON = Object.freeze({
+  EPOCH_CHANGED: "epoch_changed",
+  HISTORY_TOO_SHORT: "history_too_short",
+  TOO_MANY_MISSED: "too_many_missed",
+  UNKNOWN_POSITION: "unknown_position",
+});
+
+/**
  * The error a request's Promise rejects with. `code` is one of the server's
  * error codes (PROTOCOL.md section 3.5) or one of the client's own:
  * "disconnected" (the request was not sent, or its connection dropped
@@ -41,10 +87,12 @@ export class RoomcastError extends Error {
 // protocol (1003 binary frame, 1007 invalid UTF-8, 1008 policy).
 // 4005: the server closed an idle connection; come back on the app's next
 // action (connect again), not at once.
-const FINAL_CLOSE_CODES = new Set([1003, 1007, 1008, 4003, 4005]);
+const FINAL_CLOSE_CODES = new Set([
+  CLOSE.UNSUPPORTED_DATA, CLOSE.INVALID_PAYLOAD, CLOSE.POLICY_VIOLATION, CLOSE.DISCONNECTED, CLOSE.IDLE_TIMEOUT,
+]);
 
 // Error codes worth retrying a subscribe for, after a delay.
-const TRANSIENT_CODES = new Set(["rate_limited", "unavailable", "internal"]);
+const TRANSIENT_CODES = new Set([ERROR.RATE_LIMITED, ERROR.UNAVAILABLE, ERROR.INTERNAL]);
 
 /**
  * Opens a client connection to a roomcast server in protocol mode. The
@@ -210,7 +258,7 @@ export class Client {
     try {
       ws = new this._WebSocket(this._url, PROTOCOL);
     } catch (err) {
-      this._drop(1006, `cannot open a WebSocket: ${err?.message ?? err}`);
+      this._drop(CLOSE.ABNORMAL, `cannot open a WebSocket: ${err?.message ?? err}`);
       return;
     }
     this._ws = ws;
@@ -220,13 +268,13 @@ export class Client {
     const limit = this._opts.connectTimeout;
     this._deadTimer = this._timers.setTimeout(() => {
       this._deadTimer = null;
-      this._drop(1006, `connect timeout: no welcome within ${limit} ms`);
+      this._drop(CLOSE.ABNORMAL, `connect timeout: no welcome within ${limit} ms`);
     }, limit);
     ws.onmessage = (ev) => this._onFrame(ev.data);
-    ws.onclose = (ev) => this._drop(ev.code || 1006, ev.reason || "");
+    ws.onclose = (ev) => this._drop(ev.code || CLOSE.ABNORMAL, ev.reason || "");
     // Browsers follow an error with a close (1006), but Node 20's WebSocket
     // fires no close after a refused connection: the error is the drop.
-    ws.onerror = () => this._drop(1006, "connection failed");
+    ws.onerror = () => this._drop(CLOSE.ABNORMAL, "connection failed");
   }
 
   /**
@@ -357,7 +405,7 @@ export class Client {
       const silent = this._timers.now() - this._lastSeen;
       if (silent >= this._deadAfter) {
         this._deadTimer = null;
-        this._drop(4001, "heartbeat timeout: nothing received from the server");
+        this._drop(CLOSE.HEARTBEAT_TIMEOUT, "heartbeat timeout: nothing received from the server");
         return;
       }
       this._deadTimer = this._timers.setTimeout(check, this._deadAfter - silent);
@@ -454,7 +502,7 @@ export class Subscription {
       this._client._send(
         { type: "unsubscribe", room: this.room },
         () => resolve(),
-        (err) => (err.code === "disconnected" || err.code === "not_subscribed" ? resolve() : reject(err)),
+        (err) => (err.code === "disconnected" || err.code === ERROR.NOT_SUBSCRIBED ? resolve() : reject(err)),
       );
     });
   }

@@ -6,14 +6,17 @@ import (
 	"net/http/httptest"
 	"strings"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"encoding/binary"
 	"fmt"
-	"github.com/coder/websocket"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 
 	"github.com/roomcast/pubsub"
 )
@@ -201,7 +204,7 @@ type benchClient struct {
 
 func benchDial(b *testing.B, n *node) *benchClient {
 	ctx := testCtx(b)
-	c, _, err := websocket.Dial(ctx, n.url(""), &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	c, _, err := websocket.Dial(ctx, n.url(""), &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		b.Fatal(err)
 	}

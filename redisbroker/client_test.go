@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/redisbroker"
@@ -78,7 +80,7 @@ type envelope struct {
 	ConnID      string          `json:"conn_id"`
 	UserID      string          `json:"user_id"`
 	Recovered   *bool           `json:"recovered"`
-	Reason      string          `json:"reason"`
+	Reason      protocol.Reason `json:"reason"`
 	Missed      int             `json:"missed"`
 	Count       int             `json:"count"`
 	Connections int             `json:"connections"`
@@ -108,7 +110,7 @@ type client struct {
 
 func dialProto(t *testing.T, url string) *client {
 	t.Helper()
-	c, _, err := websocket.Dial(testCtx(t), url, &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	c, _, err := websocket.Dial(testCtx(t), url, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		t.Fatalf("dial %s: %v", url, err)
 	}
@@ -242,14 +244,14 @@ func checkSeqs(t *testing.T, got []envelope, epoch string, firstSeq uint64, payl
 }
 
 // expectClose reads until the connection closes and checks its close code.
-func (p *client) expectClose(t *testing.T, code int) {
+func (p *client) expectClose(t *testing.T, code protocol.CloseCode) {
 	t.Helper()
 	for {
 		_, _, err := p.c.Read(testCtx(t))
 		if err == nil {
 			continue
 		}
-		if got := websocket.CloseStatus(err); int(got) != code {
+		if got := websocket.CloseStatus(err); protocol.CloseCode(got) != code {
 			t.Fatalf("connection ended with %v, want close code %d", err, code)
 		}
 		return

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -129,7 +131,7 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 		return e, nil
 	}
 	dial := func(url string) (*websocket.Conn, error) {
-		c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+		c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 		if err != nil {
 			return nil, err
 		}
@@ -154,7 +156,7 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 	subscribed <- struct{}{}
 	for {
 		if _, err := read(c); err != nil {
-			if websocket.CloseStatus(err) != pubsub.CloseGoingAway {
+			if protocol.CloseCode(websocket.CloseStatus(err)) != protocol.CloseGoingAway {
 				return nil, fmt.Errorf("on node A: %w, want a 1001 drain", err)
 			}
 			break

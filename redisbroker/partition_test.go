@@ -4,8 +4,9 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
-	"github.com/roomcast/pubsub"
 )
 
 // A node cut off from Redis while the room goes on: its subscribers either
@@ -59,10 +60,10 @@ func TestANodeCutOffFromRedisNeverSkipsSilently(t *testing.T) {
 			}
 			// The close comes before any message past the hole: the
 			// subscriber's last position stays 46.
-			expectCloseNext(t, sub, pubsub.CloseRoomReset)
+			expectCloseNext(t, sub, protocol.CloseRoomReset)
 			again := dialProto(t, c.url(""))
 			ack2 := again.subscribe("room", map[string]any{"since": map[string]any{"epoch": ack.Epoch, "seq": 46}})
-			if ack2.Recovered == nil || *ack2.Recovered || ack2.Reason != pubsub.ReasonHistoryTooShort {
+			if ack2.Recovered == nil || *ack2.Recovered || ack2.Reason != protocol.ReasonHistoryTooShort {
 				t.Fatalf("resubscribe from seq 46 after %d were published and 100 are kept: %s, want recovered false, reason history_too_short", tc.missed, ack2.raw)
 			}
 			a.publish(t, "room", "next")
@@ -122,7 +123,7 @@ func numbered(from, to int) []string {
 
 // expectCloseNext expects the next frame (pings aside) to be a close with
 // code: no message first.
-func expectCloseNext(t *testing.T, p *client, code int) {
+func expectCloseNext(t *testing.T, p *client, code protocol.CloseCode) {
 	t.Helper()
 	if len(p.pending) > 0 {
 		t.Fatalf("got %s, want the connection closed with %d first", p.pending[0].raw, code)
@@ -135,7 +136,7 @@ func expectCloseNext(t *testing.T, p *client, code int) {
 			}
 			t.Fatalf("got %s, want the connection closed with %d first", b, code)
 		}
-		if got := websocket.CloseStatus(err); int(got) != code {
+		if got := websocket.CloseStatus(err); protocol.CloseCode(got) != code {
 			t.Fatalf("connection ended with %v, want close code %d", err, code)
 		}
 		return

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/redis/go-redis/v9"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/redisbroker"
@@ -62,7 +64,7 @@ func TestRedisRestartThatLostItsDataChangesTheEpoch(t *testing.T) {
 	publishWhenBack(t, a, "room", "after")
 	// The subscriber is not left in a silently new stream: it is closed
 	// (4006) and, coming back with its position, told it cannot recover.
-	c.expectClose(t, pubsub.CloseRoomReset)
+	c.expectClose(t, protocol.CloseRoomReset)
 	waitFor(t, "the lost state to be logged at Error", func() bool {
 		return logs.find(slog.LevelError, "epoch changed", "room") || logs.find(slog.LevelError, "state is gone", "room")
 	})
@@ -112,7 +114,7 @@ func TestPublishFailsWhileRedisIsDownAndSubscriptionsResume(t *testing.T) {
 	// subscriber is closed (4006) rather than left with a silent gap; a
 	// client that comes back is served live again.
 	publishWhenBack(t, a, "live", "after")
-	c.expectClose(t, pubsub.CloseRoomReset)
+	c.expectClose(t, protocol.CloseRoomReset)
 	c2 := dialProto(t, a.url(""))
 	c2.subscribe("live", nil)
 	publishWhenBack(t, a, "live", "after 2")
@@ -218,7 +220,7 @@ func TestGapHistoryCannotFillResetsTheRoomsSubscribers(t *testing.T) {
 		return logs.find(slog.LevelError, "messages were lost", "room")
 	})
 	_ = ack
-	c.expectClose(t, pubsub.CloseRoomReset)
+	c.expectClose(t, protocol.CloseRoomReset)
 }
 
 func TestCloseReturnsWhileRedisIsDown(t *testing.T) {

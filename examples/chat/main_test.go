@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/examples/chat/chatapp"
@@ -103,7 +105,7 @@ type proto struct {
 
 func dialProto(t *testing.T, srv *httptest.Server) *proto {
 	t.Helper()
-	c, _, err := websocket.Dial(testCtx(t), wsURL(srv, "/ws"), &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	c, _, err := websocket.Dial(testCtx(t), wsURL(srv, "/ws"), &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}

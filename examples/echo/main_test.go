@@ -12,8 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
-	"github.com/roomcast/pubsub"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -88,9 +89,9 @@ func TestEchoAnswersEachRawMessageToItsSender(t *testing.T) {
 
 func TestEchoAnswersProtocolSendWithDirectMessageAndAck(t *testing.T) {
 	t.Parallel()
-	c := dial(t, startEcho(t), pubsub.Subprotocol)
-	if c.Subprotocol() != pubsub.Subprotocol {
-		t.Fatalf("negotiated %q, want %q", c.Subprotocol(), pubsub.Subprotocol)
+	c := dial(t, startEcho(t), protocol.Subprotocol)
+	if c.Subprotocol() != protocol.Subprotocol {
+		t.Fatalf("negotiated %q, want %q", c.Subprotocol(), protocol.Subprotocol)
 	}
 	type envelope struct {
 		Type string  `json:"type"`

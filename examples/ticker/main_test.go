@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub/protocol"
+
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 )
@@ -86,7 +88,7 @@ type proto struct {
 
 func dialProto(t *testing.T, wsURL string) *proto {
 	t.Helper()
-	c, _, err := websocket.Dial(testCtx(t), wsURL, &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+	c, _, err := websocket.Dial(testCtx(t), wsURL, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		t.Fatalf("dial %s: %v", wsURL, err)
 	}

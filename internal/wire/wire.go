@@ -6,6 +6,7 @@ package wire
 import (
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"unicode/utf8"
 )
 
@@ -125,4 +126,36 @@ func decodeRune[S ~string | ~[]byte](s S) (rune, int) {
 		return utf8.DecodeRune(v)
 	}
 	return utf8.DecodeRuneInString(string(s)) // a named string or byte-slice type
+}
+
+// Errors of DecodePayload, which each side turns into its own.
+var (
+	ErrPayloadCount  = errors.New(`exactly one of "data", "text" or "binary" is required`)
+	ErrPayloadBase64 = errors.New(`"binary" is not standard base64`)
+)
+
+// DecodePayload returns the bytes an envelope's one payload field carries,
+// and its kind: data is the raw "data" value, text and binary the decoded
+// "text" and "binary" strings (nil when absent). The bytes of data are
+// data itself, not a copy.
+func DecodePayload(data json.RawMessage, text, binary *string) ([]byte, Kind, error) {
+	n := 0
+	for _, present := range []bool{data != nil, text != nil, binary != nil} {
+		if present {
+			n++
+		}
+	}
+	switch {
+	case n != 1:
+		return nil, 0, ErrPayloadCount
+	case data != nil:
+		return data, JSON, nil
+	case text != nil:
+		return []byte(*text), Text, nil
+	}
+	p, err := base64.StdEncoding.DecodeString(*binary)
+	if err != nil {
+		return nil, 0, ErrPayloadBase64
+	}
+	return p, Binary, nil
 }

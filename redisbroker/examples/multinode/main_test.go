@@ -15,7 +15,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/redis/go-redis/v9"
-	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/protocol"
 	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
 )
 
@@ -78,7 +78,7 @@ func TestNodesShareTheLobbyAndItsMembers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	dial := func(srv *httptest.Server) *websocket.Conn {
-		c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws", &websocket.DialOptions{Subprotocols: []string{pubsub.Subprotocol}})
+		c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws", &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 		if err != nil {
 			t.Fatal(err)
 		}
