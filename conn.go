@@ -44,7 +44,7 @@ type conn struct {
 	spare   []*frame
 	qlen    int           // frames in queue, nils aside
 	qbytes  int           // their bytes
-	latest  map[*room]int // KeepLatest rooms: index of the room's frame in queue
+	latest  map[*room]int // SlowConsumerKeepLatest rooms: index of the room's frame in queue
 	dropped atomic.Uint64 // frames a drop policy discarded
 	closing bool
 	code    protocol.CloseCode
@@ -75,7 +75,7 @@ func newConn(h *Handler, cl Client) *conn {
 // enqueue adds f to the outbound queue without blocking. When the queue is
 // full, the oldest queued message of a DropOldest room goes first (counted
 // against its own room), whatever room f is from; when none is queued, f's
-// room's policy decides: Disconnect closes the connection as a slow
+// room's policy decides: SlowConsumerDisconnect closes the connection as a slow
 // consumer, DropOldest drops f, and KeepLatest queues f past the bound (at
 // most one message per KeepLatest room is ever queued, so the excess is
 // bounded by the rooms joined). A KeepLatest message replaces its room's
@@ -91,7 +91,7 @@ func (c *conn) enqueue(f *frame) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if policy == KeepLatest && !f.replay {
+	if policy == SlowConsumerKeepLatest && !f.replay {
 		if i, ok := c.latest[f.room]; ok {
 			old := c.queue[i]
 			c.queue[i] = f
@@ -107,23 +107,23 @@ func (c *conn) enqueue(f *frame) bool {
 			c.countDrop(evicted.room)
 			continue
 		}
-		if policy == Disconnect {
+		if policy == SlowConsumerDisconnect {
 			c.mu.Unlock()
 			c.slowConsumer(f.room)
 			return false
 		}
-		if policy == DropOldest {
+		if policy == SlowConsumerDropOldest {
 			// Nothing older may go: f is its room's oldest droppable message.
 			c.mu.Unlock()
 			c.countDrop(f.room)
 			return false
 		}
-		break // KeepLatest: its one pending value may exceed the bound
+		break // SlowConsumerKeepLatest: its one pending value may exceed the bound
 	}
 	c.queue = append(c.queue, f)
 	c.qlen++
 	c.qbytes += f.size
-	if policy == KeepLatest && !f.replay {
+	if policy == SlowConsumerKeepLatest && !f.replay {
 		if c.latest == nil {
 			c.latest = make(map[*room]int)
 		}
@@ -140,7 +140,7 @@ func (c *conn) enqueue(f *frame) bool {
 // up.
 func (c *conn) dropOldestLocked() *frame {
 	for i, f := range c.queue {
-		if f == nil || f.policy() != DropOldest {
+		if f == nil || f.policy() != SlowConsumerDropOldest {
 			continue
 		}
 		c.queue[i] = nil
@@ -165,7 +165,7 @@ func (c *conn) compactLocked() {
 	c.queue = kept
 	clear(c.latest)
 	for i, f := range c.queue {
-		if f.policy() == KeepLatest && !f.replay {
+		if f.policy() == SlowConsumerKeepLatest && !f.replay {
 			c.latest[f.room] = i
 		}
 	}

@@ -87,7 +87,8 @@
 // PresenceCounts keeps very large rooms cheap (no events, counts only).
 //
 // A subscriber that cannot keep up meets its room's SlowConsumerPolicy:
-// Disconnect (the default), DropOldest or KeepLatest (for tickers). Each
+// SlowConsumerDisconnect (the default), SlowConsumerDropOldest, or
+// SlowConsumerKeepLatest (for tickers). Each
 // outcome is counted in Stats, RoomStats and ConnStats, which also show
 // every subscriber's queue depth and lag.
 //
@@ -96,9 +97,9 @@
 //   - Within a room, messages carry a strictly increasing sequence number
 //     (from 1 in each epoch) and every subscriber receives them in that
 //     order. Live delivery is at most once per connection.
-//   - Under the Disconnect policy a connection that stays open has missed
+//   - Under SlowConsumerDisconnect a connection that stays open has missed
 //     nothing: one whose queue would overflow is closed with 4002, never
-//     silently skipped. Under DropOldest and KeepLatest the drops show as
+//     silently skipped. Under the dropping policies the drops show as
 //     gaps in seq and in the counters.
 //   - A subscription's live stream has no hole within an epoch, whatever
 //     the broker. When this node learns that messages of a room are gone

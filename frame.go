@@ -19,7 +19,7 @@ type frame struct {
 	size    int       // what the frame counts against a queue's byte bound
 	at      time.Time // when it was published, for lag
 	data    bool      // carries a payload (room or direct message)
-	replay  bool      // replayed from history: never replaced by a KeepLatest room
+	replay  bool      // replayed from history: never replaced by a SlowConsumerKeepLatest room
 	control bool      // a protocol-mode reply or event: never sent in raw mode
 
 	encode    func() []byte // the protocol-mode envelope
@@ -77,7 +77,7 @@ func (f *frame) wire(proto bool) []byte {
 // policy is the slow-consumer policy that applies to f.
 func (f *frame) policy() SlowConsumerPolicy {
 	if f.room == nil || !f.data {
-		return Disconnect
+		return SlowConsumerDisconnect
 	}
 	return f.room.opts.SlowConsumer
 }

@@ -43,29 +43,31 @@ const (
 type SlowConsumerPolicy uint8
 
 const (
-	// Disconnect closes the subscriber with 4002 "slow consumer" when its
-	// queue is full and no DropOldest message is queued to make room. The
-	// default: a client that stays connected has missed nothing.
-	Disconnect SlowConsumerPolicy = iota
-	// DropOldest lets the room's queued messages be discarded, oldest first,
-	// to make room in a full queue (for a message of any room); when none
-	// is queued, the room's new message itself is dropped. The subscriber
-	// sees a gap in seq.
-	DropOldest
-	// KeepLatest keeps at most one of the room's messages queued per
-	// subscriber: a newer one replaces the one still waiting, whether or
-	// not the queue is full, and the newest value always arrives (it may
-	// exceed the queue bound by that one message per room). For tickers,
-	// where only the newest value matters; the subscriber sees gaps in seq.
-	// Messages replayed from history are never replaced.
-	KeepLatest
+	// SlowConsumerDisconnect closes the subscriber with 4002 "slow
+	// consumer" when its queue is full and no drop-oldest message is
+	// queued to make room. The default: a client that stays connected has
+	// missed nothing.
+	SlowConsumerDisconnect SlowConsumerPolicy = iota
+	// SlowConsumerDropOldest lets the room's queued messages be discarded,
+	// oldest first, to make room in a full queue (for a message of any
+	// room); when none is queued, the room's new message itself is
+	// dropped. The subscriber sees a gap in seq.
+	SlowConsumerDropOldest
+	// SlowConsumerKeepLatest keeps at most one of the room's messages
+	// queued per subscriber: a newer one replaces the one still waiting,
+	// whether or not the queue is full, and the newest value always
+	// arrives (it may exceed the queue bound by that one message per
+	// room). For tickers, where only the newest value matters; the
+	// subscriber sees gaps in seq. Messages replayed from history are
+	// never replaced.
+	SlowConsumerKeepLatest
 )
 
 func (p SlowConsumerPolicy) String() string {
 	switch p {
-	case DropOldest:
+	case SlowConsumerDropOldest:
 		return "drop-oldest"
-	case KeepLatest:
+	case SlowConsumerKeepLatest:
 		return "keep-latest"
 	}
 	return "disconnect"
@@ -124,8 +126,8 @@ func (o RoomOptions) normalize() RoomOptions {
 	if o.Presence > PresenceOff {
 		o.Presence = PresenceOn
 	}
-	if o.SlowConsumer > KeepLatest {
-		o.SlowConsumer = Disconnect
+	if o.SlowConsumer > SlowConsumerKeepLatest {
+		o.SlowConsumer = SlowConsumerDisconnect
 	}
 	return o
 }
@@ -245,7 +247,7 @@ func (c *config) validate() {
 	if c.room.Presence > PresenceOff {
 		bad("WithPresence(%d): not a PresenceMode", c.room.Presence)
 	}
-	if c.room.SlowConsumer > KeepLatest {
+	if c.room.SlowConsumer > SlowConsumerKeepLatest {
 		bad("WithSlowConsumerPolicy(%d): not a SlowConsumerPolicy", c.room.SlowConsumer)
 	}
 	if c.maxConns < 0 || c.maxConnsPerUser < 0 {
@@ -422,7 +424,7 @@ func WithPresence(m PresenceMode) Option {
 }
 
 // WithSlowConsumerPolicy sets what every room does when a subscriber's
-// queue is full. Default: Disconnect. WithRoomOptions can set it per room.
+// queue is full. Default: SlowConsumerDisconnect. WithRoomOptions can set it per room.
 func WithSlowConsumerPolicy(p SlowConsumerPolicy) Option {
 	return func(c *config) { c.room.SlowConsumer = p }
 }

@@ -130,7 +130,7 @@ type Stats struct {
 	MessagesOut   uint64 // room and direct messages written to clients
 	Published     uint64 // messages published into rooms, by the server and clients
 	SlowConsumers uint64 // connections closed because their queue overflowed or a write timed out
-	Dropped       uint64 // messages discarded by a DropOldest or KeepLatest room
+	Dropped       uint64 // messages discarded by a SlowConsumerDropOldest or SlowConsumerKeepLatest room
 	RateLimited   uint64 // client messages refused by the rate limit
 	Refused       uint64 // upgrades refused (origin, authentication, room, shutdown)
 	HookPanics    uint64 // panics recovered from hooks
@@ -682,7 +682,7 @@ type ConnStats struct {
 	QueueMessages int           // messages waiting to be written
 	QueueBytes    int           // their payload bytes
 	Lag           time.Duration // age of the oldest waiting message; 0 when none waits
-	Dropped       uint64        // messages a DropOldest or KeepLatest room discarded for it
+	Dropped       uint64        // messages a SlowConsumerDropOldest or SlowConsumerKeepLatest room discarded for it
 }
 
 // RoomStats is how a room's subscribers on this node are keeping up.

@@ -363,7 +363,7 @@ func TestRoomOptionsAreBroughtIntoRange(t *testing.T) {
 		case "bad-modes":
 			o.Presence, o.SlowConsumer = 42, 42
 		case "keep-latest":
-			o.Presence, o.SlowConsumer = pubsub.PresenceCounts, pubsub.KeepLatest
+			o.Presence, o.SlowConsumer = pubsub.PresenceCounts, pubsub.SlowConsumerKeepLatest
 		}
 	}))
 	for room, want := range map[string]pubsub.RoomOptions{
@@ -371,8 +371,8 @@ func TestRoomOptionsAreBroughtIntoRange(t *testing.T) {
 		"negative-size": {},
 		"huge-size":     {HistorySize: pubsub.MaxHistorySize, HistoryTTL: time.Minute},
 		"ttl-no-size":   {},
-		"bad-modes":     {Presence: pubsub.PresenceOn, SlowConsumer: pubsub.Disconnect},
-		"keep-latest":   {Presence: pubsub.PresenceCounts, SlowConsumer: pubsub.KeepLatest},
+		"bad-modes":     {Presence: pubsub.PresenceOn, SlowConsumer: pubsub.SlowConsumerDisconnect},
+		"keep-latest":   {Presence: pubsub.PresenceCounts, SlowConsumer: pubsub.SlowConsumerKeepLatest},
 	} {
 		if got := h.RoomStats(room).Options; got != want {
 			t.Errorf("room %q: options %+v, want %+v", room, got, want)
@@ -1185,7 +1185,7 @@ func TestDropOldestRoomKeepsASlowConsumerWithACountedGap(t *testing.T) {
 	h, srv := newServer(t, pubsub.WithQueueLimits(16, 4<<20),
 		pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
 			if room == "feed" {
-				o.SlowConsumer = pubsub.DropOldest
+				o.SlowConsumer = pubsub.SlowConsumerDropOldest
 			}
 		}))
 	const (
@@ -1208,7 +1208,7 @@ func TestDropOldestRoomKeepsASlowConsumerWithACountedGap(t *testing.T) {
 	if st.Dropped == 0 {
 		t.Fatalf("ConnStats.Dropped = 0 after %d unread messages of 16 KiB, want drops", n)
 	}
-	if rs := h.RoomStats(room); rs.Dropped != st.Dropped || rs.Options.SlowConsumer != pubsub.DropOldest || rs.SlowConsumers != 0 {
+	if rs := h.RoomStats(room); rs.Dropped != st.Dropped || rs.Options.SlowConsumer != pubsub.SlowConsumerDropOldest || rs.SlowConsumers != 0 {
 		t.Fatalf("RoomStats: dropped %d, policy %v, slow consumers %d; want %d, drop-oldest, 0", rs.Dropped, rs.Options.SlowConsumer, rs.SlowConsumers, st.Dropped)
 	}
 	if s := h.Stats(); s.Dropped != st.Dropped || s.SlowConsumers != 0 {
@@ -1249,7 +1249,7 @@ func tickerValue(t *testing.T, e envelope) int {
 
 func TestKeepLatestRoomQueuesOnlyTheNewestValue(t *testing.T) {
 	t.Parallel()
-	h, srv := newServer(t, pubsub.WithSlowConsumerPolicy(pubsub.KeepLatest))
+	h, srv := newServer(t, pubsub.WithSlowConsumerPolicy(pubsub.SlowConsumerKeepLatest))
 	const (
 		room = "ticker"
 		n    = 1000 // 32 MB unread: the writer blocks early
@@ -1294,7 +1294,7 @@ func TestKeepLatestAndDisconnectRoomsOnOneConnectionEachApplyTheirOwnPolicy(t *t
 	h, srv := newServer(t, pubsub.WithQueueLimits(8, 4<<20), onDisc,
 		pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
 			if room == "ticker" {
-				o.SlowConsumer = pubsub.KeepLatest
+				o.SlowConsumer = pubsub.SlowConsumerKeepLatest
 			}
 		}))
 	p := dialProto(t, wsURL(srv, "/ws"))
@@ -1325,7 +1325,7 @@ func TestKeepLatestAndDisconnectRoomsOnOneConnectionEachApplyTheirOwnPolicy(t *t
 
 func TestStatsShowAStuckSubscriberFirstWithItsQueueAndLag(t *testing.T) {
 	t.Parallel()
-	h, srv := newServer(t, pubsub.WithQueueLimits(16, 4<<20), pubsub.WithSlowConsumerPolicy(pubsub.DropOldest))
+	h, srv := newServer(t, pubsub.WithQueueLimits(16, 4<<20), pubsub.WithSlowConsumerPolicy(pubsub.SlowConsumerDropOldest))
 	const room = "stats"
 	url := wsURL(srv, "/ws")
 	stuck := dialProto(t, url)
@@ -1371,7 +1371,7 @@ func TestStatsShowAStuckSubscriberFirstWithItsQueueAndLag(t *testing.T) {
 // subscriber's gap in a room matches that room's counter.
 func TestDropsAreCountedAgainstTheRoomThatLostTheMessage(t *testing.T) {
 	t.Parallel()
-	h, srv := newServer(t, pubsub.WithQueueLimits(8, 4<<20), pubsub.WithSlowConsumerPolicy(pubsub.DropOldest))
+	h, srv := newServer(t, pubsub.WithQueueLimits(8, 4<<20), pubsub.WithSlowConsumerPolicy(pubsub.SlowConsumerDropOldest))
 	p := dialProto(t, wsURL(srv, "/ws"))
 	p.subscribe("busy")
 	p.subscribe("quiet")
@@ -1407,7 +1407,7 @@ func TestDropsAreCountedAgainstTheRoomThatLostTheMessage(t *testing.T) {
 // behind the ack's back.
 func TestReplayInAKeepLatestRoomDeliversWhatTheAckAnnounces(t *testing.T) {
 	t.Parallel()
-	h, srv := newServer(t, pubsub.WithHistory(10, time.Minute), pubsub.WithSlowConsumerPolicy(pubsub.KeepLatest))
+	h, srv := newServer(t, pubsub.WithHistory(10, time.Minute), pubsub.WithSlowConsumerPolicy(pubsub.SlowConsumerKeepLatest))
 	const room = "ticker"
 	url := wsURL(srv, "/ws")
 	p := dialProto(t, url)
@@ -1451,7 +1451,7 @@ func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 			pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
 				switch room {
 				case "ticker":
-					o.SlowConsumer = pubsub.KeepLatest
+					o.SlowConsumer = pubsub.SlowConsumerKeepLatest
 				case "other":
 					o.SlowConsumer = other
 				}
@@ -1465,7 +1465,7 @@ func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 
 	t.Run("queue full of a disconnect room", func(t *testing.T) {
 		t.Parallel()
-		h, p := newClient(t, pubsub.Disconnect)
+		h, p := newClient(t, pubsub.SlowConsumerDisconnect)
 		// Fill the socket and then the queue, stopping exactly at the
 		// bound (one more would close the connection).
 		top := 0
@@ -1488,7 +1488,7 @@ func TestKeepLatestNewestValueIsNotLostBehindAFullQueue(t *testing.T) {
 
 	t.Run("evicted by a drop-oldest room", func(t *testing.T) {
 		t.Parallel()
-		h, p := newClient(t, pubsub.DropOldest)
+		h, p := newClient(t, pubsub.SlowConsumerDropOldest)
 		top := publishUntil(t, h, "other", 20_000, func(int) []byte { return payload }, func() bool {
 			st, _ := h.ConnStats(p.welcome.ConnID)
 			return st.Dropped >= 64 // the queue has turned over many times: the writer is stuck

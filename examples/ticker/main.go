@@ -8,7 +8,7 @@
 //	go run ./examples/ticker -addr :9000  # or anywhere else
 //
 // Clients only listen here: they may not publish (the default). The rooms
-// use the KeepLatest slow-consumer policy: a subscriber that falls behind
+// use the SlowConsumerKeepLatest policy: a subscriber that falls behind
 // (a phone on a bad network, a background tab) is not disconnected, and is
 // not sent a backlog of stale prices either; each room keeps at most one
 // message waiting per subscriber, the newest. Each room also keeps its
@@ -109,7 +109,7 @@ func newHandler(logger *slog.Logger) *pubsub.Handler {
 		pubsub.WithLogger(logger),
 		pubsub.WithRoomOptions(func(room string, o *pubsub.RoomOptions) {
 			if strings.HasPrefix(room, roomPrefix) {
-				o.SlowConsumer = pubsub.KeepLatest
+				o.SlowConsumer = pubsub.SlowConsumerKeepLatest
 				o.HistorySize, o.HistoryTTL = 1, time.Hour
 				o.Presence = pubsub.PresenceOff
 			}

@@ -190,12 +190,12 @@ func TestTickerPricesFlowToSubscribersOfEverySymbol(t *testing.T) {
 func TestTickerRoomsUseKeepLatestAndKeepTheLastPrice(t *testing.T) {
 	t.Parallel()
 	h, srv := startTicker(t)
-	want := pubsub.RoomOptions{HistorySize: 1, HistoryTTL: time.Hour, Presence: pubsub.PresenceOff, SlowConsumer: pubsub.KeepLatest}
+	want := pubsub.RoomOptions{HistorySize: 1, HistoryTTL: time.Hour, Presence: pubsub.PresenceOff, SlowConsumer: pubsub.SlowConsumerKeepLatest}
 	if got := h.RoomStats("ticker:BTC").Options; got != want {
 		t.Fatalf("ticker:BTC options %+v, want %+v", got, want)
 	}
 	// Other rooms keep the defaults: the policy is for the feed only.
-	if got := h.RoomStats("news").Options; got.SlowConsumer != pubsub.Disconnect || got.HistorySize != 0 {
+	if got := h.RoomStats("news").Options; got.SlowConsumer != pubsub.SlowConsumerDisconnect || got.HistorySize != 0 {
 		t.Fatalf("news options %+v, want the defaults", got)
 	}
 
@@ -216,7 +216,7 @@ func TestTickerRoomsUseKeepLatestAndKeepTheLastPrice(t *testing.T) {
 		t.Fatalf("replayed %+v, want the latest price 2", q)
 	}
 	st := h.RoomStats("ticker:ETH")
-	if st.Subscribers != 1 || st.Options != (pubsub.RoomOptions{HistorySize: 1, HistoryTTL: time.Hour, Presence: pubsub.PresenceOff, SlowConsumer: pubsub.KeepLatest}) {
+	if st.Subscribers != 1 || st.Options != (pubsub.RoomOptions{HistorySize: 1, HistoryTTL: time.Hour, Presence: pubsub.PresenceOff, SlowConsumer: pubsub.SlowConsumerKeepLatest}) {
 		t.Fatalf("live room stats %+v, want one subscriber and keep-latest", st)
 	}
 }
