@@ -78,8 +78,8 @@ func benchMembers(b *testing.B, h *Handler, room string, n int) []*conn {
 	cs := make([]*conn, n)
 	for i := range cs {
 		c := newConn(h, Client{ID: fmt.Sprintf("conn-%08d", i), Mode: ModeRaw})
-		c.queue = make([]*frame, 0, benchDrainEvery)
-		c.spare = make([]*frame, 0, benchDrainEvery)
+		c.q.frames = make([]*frame, 0, benchDrainEvery)
+		c.q.spare = make([]*frame, 0, benchDrainEvery)
 		if _, err := c.subscribe(room, nil, 0, false, nil, ""); err != nil {
 			b.Fatal(err)
 		}
@@ -98,7 +98,7 @@ const benchDrainEvery = 256
 func drainQueues(cs []*conn) {
 	for _, c := range cs {
 		c.mu.Lock()
-		batch := c.takeLocked()
+		batch := c.q.take()
 		c.mu.Unlock()
 		c.recycle(batch)
 	}
@@ -139,8 +139,8 @@ func BenchmarkFanOut(b *testing.B) {
 				b.Fatalf("%d slow consumers: the benchmark overflowed queues", st.SlowConsumers)
 			}
 			// Drains ran before publishes 256, 512, ...: the rest is queued.
-			if want := b.N - benchDrainEvery*((b.N-1)/benchDrainEvery); cs[n-1].qlen != want {
-				b.Fatalf("the last subscriber has %d queued, want %d: every publish since the last drain", cs[n-1].qlen, want)
+			if want := b.N - benchDrainEvery*((b.N-1)/benchDrainEvery); cs[n-1].q.len() != want {
+				b.Fatalf("the last subscriber has %d queued, want %d: every publish since the last drain", cs[n-1].q.len(), want)
 			}
 			drainQueues(cs)
 			for _, c := range cs {

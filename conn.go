@@ -40,11 +40,7 @@ type conn struct {
 	lastApp  atomic.Int64 // the last message either way, heartbeats aside (WithIdleTimeout)
 
 	mu      sync.Mutex
-	queue   []*frame // may hold nils: frames a drop policy removed
-	spare   []*frame
-	qlen    int           // frames in queue, nils aside
-	qbytes  int           // their bytes
-	latest  map[*room]int // SlowConsumerKeepLatest rooms: index of the room's frame in queue
+	q       queue         // the outbound queue
 	dropped atomic.Uint64 // frames a drop policy discarded
 	closing bool
 	code    protocol.CloseCode
@@ -72,103 +68,28 @@ func newConn(h *Handler, cl Client) *conn {
 	return c
 }
 
-// enqueue adds f to the outbound queue without blocking. When the queue is
-// full, the oldest queued message of a DropOldest room goes first (counted
-// against its own room), whatever room f is from; when none is queued, f's
-// room's policy decides: SlowConsumerDisconnect closes the connection as a slow
-// consumer, DropOldest drops f, and KeepLatest queues f past the bound (at
-// most one message per KeepLatest room is ever queued, so the excess is
-// bounded by the rooms joined). A KeepLatest message replaces its room's
-// message still queued, full queue or not. It reports whether f was queued.
+// enqueue queues f without blocking, under its room's slow-consumer
+// policy (see queue.push), and makes sure a writer will write it. A frame
+// that overflows the queue under SlowConsumerDisconnect closes the
+// connection as a slow consumer. It reports whether f was queued.
 func (c *conn) enqueue(f *frame) bool {
 	if !c.proto && f.control {
 		return false // raw mode carries payloads only
 	}
-	cfg := &c.h.cfg
-	policy := f.policy()
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
 		return false
 	}
-	if policy == SlowConsumerKeepLatest && !f.replay {
-		if i, ok := c.latest[f.room]; ok {
-			old := c.queue[i]
-			c.queue[i] = f
-			c.qbytes += f.size - old.size
-			c.startWriterLocked()
-			c.mu.Unlock()
-			c.countDrop(old.room)
-			return true
-		}
+	out := c.q.push(f, c.h.cfg.queue, c)
+	if out == queued {
+		c.startWriterLocked()
 	}
-	for c.qlen >= cfg.queueMessages || c.qbytes+f.size > cfg.queueBytes {
-		if evicted := c.dropOldestLocked(); evicted != nil {
-			c.countDrop(evicted.room)
-			continue
-		}
-		if policy == SlowConsumerDisconnect {
-			c.mu.Unlock()
-			c.slowConsumer(f.room)
-			return false
-		}
-		if policy == SlowConsumerDropOldest {
-			// Nothing older may go: f is its room's oldest droppable message.
-			c.mu.Unlock()
-			c.countDrop(f.room)
-			return false
-		}
-		break // SlowConsumerKeepLatest: its one pending value may exceed the bound
-	}
-	c.queue = append(c.queue, f)
-	c.qlen++
-	c.qbytes += f.size
-	if policy == SlowConsumerKeepLatest && !f.replay {
-		if c.latest == nil {
-			c.latest = make(map[*room]int)
-		}
-		c.latest[f.room] = len(c.queue) - 1
-	}
-	c.startWriterLocked()
 	c.mu.Unlock()
-	return true
-}
-
-// dropOldestLocked removes the oldest queued message of a DropOldest room
-// and returns it, or nil when none is queued. It leaves a nil in its place
-// (so KeepLatest indexes stay valid) and compacts the queue when nils pile
-// up.
-func (c *conn) dropOldestLocked() *frame {
-	for i, f := range c.queue {
-		if f == nil || f.policy() != SlowConsumerDropOldest {
-			continue
-		}
-		c.queue[i] = nil
-		c.qlen--
-		c.qbytes -= f.size
-		if len(c.queue) > 2*c.h.cfg.queueMessages {
-			c.compactLocked()
-		}
-		return f
+	if out == overflow {
+		c.closeSlow(f.room, "slow consumer", false)
 	}
-	return nil
-}
-
-func (c *conn) compactLocked() {
-	kept := c.queue[:0]
-	for _, f := range c.queue {
-		if f != nil {
-			kept = append(kept, f)
-		}
-	}
-	clear(c.queue[len(kept):])
-	c.queue = kept
-	clear(c.latest)
-	for i, f := range c.queue {
-		if f.policy() == SlowConsumerKeepLatest && !f.replay {
-			c.latest[f.room] = i
-		}
-	}
+	return out == queued
 }
 
 // countDrop counts a frame of room r that a drop policy discarded.
@@ -180,12 +101,6 @@ func (c *conn) countDrop(r *room) {
 	}
 }
 
-// slowConsumer closes the connection as a slow consumer, counting it
-// against room r (nil for a direct or control message).
-func (c *conn) slowConsumer(r *room) {
-	c.closeSlow(r, "slow consumer", false)
-}
-
 // closeSlow closes the connection as a slow consumer and counts it. With
 // abort, the socket is closed without a close frame: one whose write timed
 // out is full, and a close handshake would only wait for it.
@@ -195,7 +110,7 @@ func (c *conn) closeSlow(r *room, reason string, abort bool) {
 		c.mu.Unlock()
 		return
 	}
-	depth, bytes := c.qlen, c.qbytes
+	depth, bytes := c.q.len(), c.q.size()
 	c.abort = abort
 	c.beginCloseLocked(protocol.CloseSlowConsumer, reason, false)
 	c.mu.Unlock()
@@ -220,13 +135,7 @@ func (c *conn) stats() ConnStats {
 func (c *conn) queueState() (msgs, bytes int, lag time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, f := range c.queue {
-		if f != nil && !f.at.IsZero() {
-			lag = time.Since(f.at)
-			break
-		}
-	}
-	return c.qlen, c.qbytes, lag
+	return c.q.len(), c.q.size(), c.q.lag(time.Now())
 }
 
 // beginClose starts closing the connection with code and reason. With
@@ -296,7 +205,9 @@ func (c *conn) heartbeat() {
 			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
 			return
 		}
-		c.enqueueControlLocked(pingFrame)
+		if c.q.pushIfRoom(pingFrame, c.h.cfg.queue) {
+			c.startWriterLocked()
+		}
 		return
 	}
 	// Raw mode: the ping is the liveness check, not a deadline on silent.
@@ -332,19 +243,6 @@ func (c *conn) ping() {
 	}
 	c.mu.Unlock()
 	c.lastSeen.Store(time.Now().UnixNano())
-}
-
-// enqueueControlLocked queues a protocol-mode control frame when the queue
-// has room; a heartbeat that finds the queue full is skipped (the queue
-// itself will show the client's life or overflow).
-func (c *conn) enqueueControlLocked(f *frame) {
-	if c.qlen >= c.h.cfg.queueMessages || c.qbytes+f.size > c.h.cfg.queueBytes {
-		return
-	}
-	c.queue = append(c.queue, f)
-	c.qlen++
-	c.qbytes += f.size
-	c.startWriterLocked()
 }
 
 // kill ends the connection at once. Closing the TCP connection under the
@@ -661,7 +559,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	}
 	// A catch-up never exceeds what the queue can hold: more would close
 	// the connection as a slow consumer before it could read any of it.
-	capacity := min(r.opts.HistorySize, h.cfg.queueMessages-1)
+	capacity := min(r.opts.HistorySize, h.cfg.queue.messages-1)
 	q := HistoryQuery{}
 	switch {
 	case since != nil:

@@ -158,8 +158,7 @@ type config struct {
 	writeTimeout    time.Duration
 	heartbeat       time.Duration
 	heartbeatWait   time.Duration
-	queueMessages   int
-	queueBytes      int
+	queue           queueLimits
 	maxConns        int
 	maxConnsPerUser int
 	idleTimeout     time.Duration
@@ -183,8 +182,7 @@ func defaultConfig() config {
 		writeTimeout:    DefaultWriteTimeout,
 		heartbeat:       DefaultHeartbeatInterval,
 		heartbeatWait:   DefaultHeartbeatTimeout,
-		queueMessages:   DefaultQueueMessages,
-		queueBytes:      DefaultQueueBytes,
+		queue:           queueLimits{DefaultQueueMessages, DefaultQueueBytes},
 		maxInfo:         DefaultMaxInfoBytes,
 		maxConnsPerUser: DefaultMaxConnectionsPerUser,
 		drainBatch:      DefaultDrainBatch,
@@ -262,8 +260,8 @@ func (c *config) validate() {
 	if c.maxInfo < 0 || c.maxInfo > 64<<10 {
 		bad("WithMaxInfoBytes(%d): want 0 to 64 KiB", c.maxInfo)
 	}
-	if c.queueMessages < 1 || c.queueBytes < 1 {
-		bad("WithQueueLimits(%d, %d): want at least 1 message and 1 byte", c.queueMessages, c.queueBytes)
+	if c.queue.messages < 1 || c.queue.bytes < 1 {
+		bad("WithQueueLimits(%d, %d): want at least 1 message and 1 byte", c.queue.messages, c.queue.bytes)
 	}
 }
 
@@ -400,7 +398,7 @@ func WithHeartbeat(interval, timeout time.Duration) Option {
 // messages behind (about a second of a flood on loopback) without being
 // cut off.
 func WithQueueLimits(messages, bytes int) Option {
-	return func(c *config) { c.queueMessages, c.queueBytes = messages, bytes }
+	return func(c *config) { c.queue.messages, c.queue.bytes = messages, bytes }
 }
 
 // WithBroker sets the broker that carries publishes between nodes. One

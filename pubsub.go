@@ -183,7 +183,7 @@ func NewHandler(opts ...Option) *Handler {
 	}
 	h.writers.max, h.writers.out = runtime.GOMAXPROCS(0), &h.stats.messagesOut
 	h.ctx, h.cancel = context.WithCancel(context.Background())
-	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queueMessages, h.brokerFailed)
+	h.rooms = newRegistry(cfg.broker, h.cfg.roomOptions, cfg.queue.messages, h.brokerFailed)
 	cfg.broker.Bind(h.rooms.deliver)
 	return h
 }
@@ -555,7 +555,7 @@ func (h *Handler) publish(ctx context.Context, room string, data []byte) error {
 	if err := h.cfg.roomValidator(room); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalidRoom, err)
 	}
-	if len(data) > h.cfg.queueBytes {
+	if len(data) > h.cfg.queue.bytes {
 		return ErrTooLarge
 	}
 	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), PublishOptions{History: h.cfg.roomOptions(room).history()}); err != nil {
@@ -592,7 +592,7 @@ func (h *Handler) isClosing() bool {
 // message. It never blocks; it fails with ErrConnNotFound when no open
 // connection has that id.
 func (h *Handler) PublishToConn(ctx context.Context, connID string, data []byte) error {
-	if len(data) > h.cfg.queueBytes {
+	if len(data) > h.cfg.queue.bytes {
 		return fmt.Errorf("pubsub: publish to connection %q: %w", connID, ErrTooLarge)
 	}
 	h.mu.Lock()
@@ -608,7 +608,7 @@ func (h *Handler) PublishToConn(ctx context.Context, connID string, data []byte)
 // a direct message. It fails with ErrConnNotFound when the user has no
 // open connection.
 func (h *Handler) PublishToUser(ctx context.Context, userID string, data []byte) error {
-	if len(data) > h.cfg.queueBytes {
+	if len(data) > h.cfg.queue.bytes {
 		return fmt.Errorf("pubsub: publish to user %q: %w", userID, ErrTooLarge)
 	}
 	f := newDirectFrame(bytes.Clone(data))

@@ -329,7 +329,7 @@ func (g *registry) deliver(m Message) {
 			// Deliveries of one room never overlap (the Broker contract),
 			// so this append is safe under the read lock.
 			if len(s.pending) >= g.maxPending {
-				c.slowConsumer(r)
+				c.closeSlow(r, "slow consumer", false)
 				continue
 			}
 			s.pending = append(s.pending, f)

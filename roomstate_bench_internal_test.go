@@ -28,7 +28,7 @@ func benchmarkJoin(b *testing.B, mode PresenceMode, members int) {
 	const room = "big"
 	member := func(i int) (*conn, *sub) {
 		c := newConn(h, Client{ID: fmt.Sprintf("conn-%08d", i), Mode: ModeProtocol})
-		c.queue = make([]*frame, 0, 512) // a steady-state queue: no growth inside the timer
+		c.q.frames = make([]*frame, 0, 512) // a steady-state queue: no growth inside the timer
 		return c, &sub{presence: true, member: Member{ConnID: c.client.ID}}
 	}
 	all := make([]*conn, 0, members+b.N)
@@ -36,8 +36,9 @@ func benchmarkJoin(b *testing.B, mode PresenceMode, members int) {
 	drain := func() {
 		for _, c := range all {
 			c.mu.Lock()
-			clear(c.queue)
-			c.queue, c.qlen, c.qbytes = c.queue[:0], 0, 0
+			batch := c.q.take()
+			clear(batch)
+			c.q.recycle(batch, h.cfg.queue)
 			c.mu.Unlock()
 		}
 	}

@@ -63,7 +63,7 @@ func (c *conn) startWriterLocked() {
 // once the socket is there, for what was queued before the upgrade.
 func (c *conn) wakeWriter() {
 	c.mu.Lock()
-	if c.qlen > 0 || c.closing {
+	if c.q.len() > 0 || c.closing {
 		c.startWriterLocked()
 	}
 	c.mu.Unlock()
@@ -76,27 +76,12 @@ func (c *conn) handOverLocked() {
 	go c.writeLoop()
 }
 
-// takeLocked removes and returns everything queued.
-func (c *conn) takeLocked() []*frame {
-	batch := c.queue
-	c.queue, c.spare = c.spare[:0], nil
-	c.qlen, c.qbytes = 0, 0
-	clear(c.latest)
-	return batch
-}
-
-// recycle hands a written batch's backing array back for the next take.
+// recycle hands a written batch's backing array back to the queue.
 func (c *conn) recycle(batch []*frame) {
 	clear(batch)
 	c.mu.Lock()
-	c.recycleLocked(batch)
+	c.q.recycle(batch, c.h.cfg.queue)
 	c.mu.Unlock()
-}
-
-func (c *conn) recycleLocked(batch []*frame) {
-	if c.spare == nil && cap(batch) <= 2*c.h.cfg.queueMessages {
-		c.spare = batch[:0]
-	}
 }
 
 // writePooled writes one batch of a pooled connection on a pool goroutine,
@@ -111,13 +96,13 @@ func (c *conn) writePooled(buf *[]byte) (sent int) {
 		c.mu.Unlock()
 		return 0
 	}
-	if c.qlen == 0 {
+	if c.q.len() == 0 {
 		c.writer = writerIdle
 		c.mu.Unlock()
 		c.wg.Done()
 		return 0
 	}
-	batch := c.takeLocked()
+	batch := c.q.take()
 	c.mu.Unlock()
 
 	sent, left, full, err := c.tryBatch(buf, batch)
@@ -131,7 +116,7 @@ func (c *conn) writePooled(buf *[]byte) (sent int) {
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.recycleLocked(batch)
+	c.q.recycle(batch, c.h.cfg.queue)
 	switch {
 	case err != nil:
 		c.beginCloseLocked(protocol.CloseAbnormal, "write failed", false)
@@ -141,7 +126,7 @@ func (c *conn) writePooled(buf *[]byte) (sent int) {
 		c.handOverLocked()
 	case c.closing:
 		c.handOverLocked()
-	case c.qlen > 0:
+	case c.q.len() > 0:
 		c.h.writers.push(c) // behind the connections already waiting
 	default:
 		c.writer = writerIdle
@@ -246,7 +231,7 @@ func (c *conn) writeLoop() {
 		if c.closing {
 			var batch []*frame
 			if c.flush {
-				batch = c.takeLocked()
+				batch = c.q.take()
 			} else {
 				left = nil // unsent, like the queue; a frame cut short is still completed
 			}
@@ -254,12 +239,12 @@ func (c *conn) writeLoop() {
 			c.finish(left, batch)
 			return // the writer stays writerOwn: the socket is done
 		}
-		if !first && c.qlen == 0 {
+		if !first && c.q.len() == 0 {
 			c.writer = writerIdle
 			c.mu.Unlock()
 			return
 		}
-		batch := c.takeLocked()
+		batch := c.q.take()
 		c.mu.Unlock()
 		if err := c.writeWait(left, batch); err != nil {
 			if c.sock.isClosing() {
