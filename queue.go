@@ -9,11 +9,11 @@ import "time"
 // protocol replies follow SlowConsumerDisconnect. A queue is guarded by its
 // connection's mu; its writer takes the frames out with take.
 type queue struct {
-	frames []*frame       // oldest first; may hold nils: frames a drop policy removed
-	spare  []*frame       // a written batch's backing array, for the next take
-	n      int            // frames queued, nils aside
-	bytes  int            // their size
-	latest map[*room]int  // SlowConsumerKeepLatest rooms: the index of the room's frame in frames
+	frames []*frame      // oldest first; may hold nils: frames a drop policy removed
+	spare  []*frame      // a written batch's backing array, for the next take
+	n      int           // frames queued, nils aside
+	bytes  int           // their size
+	latest map[*room]int // SlowConsumerKeepLatest rooms: the index of the room's frame in frames
 }
 
 // queueLimits bound a queue (WithQueueLimits).
