@@ -200,7 +200,9 @@ func (c *config) roomOptions(room string) RoomOptions {
 	return o.normalize()
 }
 
-// validate panics on the first value out of range. It runs once, in NewHandler.
+// validate fills in the defaults that need construction (the logger, the
+// room validator, the memory broker) and panics on the first value out of
+// range. It runs once, in NewHandler.
 func (c *config) validate() {
 	bad := func(format string, args ...any) {
 		panic("pubsub: " + fmt.Sprintf(format, args...))

@@ -86,9 +86,10 @@ type room struct {
 type sub struct {
 	presence bool // wants join and leave events
 	member   Member
-	// buffering holds live messages while the subscription catches up
-	// from history; nil once live. A full buffer closes the connection as
-	// a slow consumer, like a full queue.
+	// buffering is set while the subscription catches up from history:
+	// live messages wait in pending until catchUp releases them, and
+	// pending is nil once live. A full pending closes the connection as a
+	// slow consumer, like a full queue.
 	buffering bool
 	pending   []*frame
 	// floor is the position the subscription caught up to (its history

@@ -168,13 +168,6 @@ func (s *socket) writeRestLocked() error {
 	return nil
 }
 
-// hasRest reports whether a tryWrite left bytes that must go out first.
-func (s *socket) hasRest() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.rest) > 0
-}
-
 // tryResult is what a tryWrite did with its bytes.
 type tryResult uint8
 

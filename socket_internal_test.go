@@ -54,7 +54,10 @@ func TestTryWriteNeverWaitsAndKeepsWhatTheSocketRefusedForFirst(t *testing.T) {
 	if err != nil || res != tryPartial {
 		t.Fatalf("tryWrite of 64 MiB to a reader that reads nothing: %v, err %v; want a partial write", res, err)
 	}
-	if !s.hasRest() {
+	s.mu.Lock()
+	kept := len(s.rest)
+	s.mu.Unlock()
+	if kept == 0 {
 		t.Fatal("the unwritten tail was not kept")
 	}
 	// A control frame written now (coder/websocket's path) must follow the
@@ -84,7 +87,10 @@ func TestTryWriteNeverWaitsAndKeepsWhatTheSocketRefusedForFirst(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("bytes reordered: the control frame did not wait for the rest")
 	}
-	if s.hasRest() {
+	s.mu.Lock()
+	kept = len(s.rest)
+	s.mu.Unlock()
+	if kept != 0 {
 		t.Fatal("rest kept after it was written")
 	}
 }

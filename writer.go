@@ -23,12 +23,12 @@ import (
 //     a room of 10,000 is 10,000 such writes shared by a few goroutines,
 //     not 10,000 goroutine wake-ups.
 //   - A connection's own writer goroutine, for what may wait: a socket
-//     whose buffer filled (its reader is slow) or whose lock another
-//     write holds (see socket.tryWrite), a connection that is not
-//     the standard library's own TCP or Unix connection (TLS, a host's
-//     wrapper: see newSocket), and the close. It
-//     writes with WithWriteTimeout as the socket's deadline, and hands the
-//     connection back to the pool once its queue is empty.
+//     whose buffer filled (its reader is slow) or whose lock another write
+//     holds (see socket.tryWrite), a connection that is not the standard
+//     library's own TCP or Unix connection (TLS, a host's wrapper: see
+//     newSocket), and the close. It writes with WithWriteTimeout as the
+//     socket's deadline, and hands the connection back to the pool once
+//     its queue is empty.
 //
 // Both write every frame's bytes as frame.wire built them, several queued
 // frames gathered into one write.
@@ -44,7 +44,7 @@ const (
 
 // startWriterLocked makes sure a writer will write what is queued (or the
 // close). Before the upgrade (no socket yet) frames wait in the queue, and
-// serve starts the writer then. The writer's time counts in c.wg.
+// conn.start wakes the writer then. The writer's time counts in c.wg.
 func (c *conn) startWriterLocked() {
 	if c.writer != writerIdle || c.sock == nil {
 		return
@@ -59,7 +59,7 @@ func (c *conn) startWriterLocked() {
 	c.h.writers.push(c)
 }
 
-// wakeWriter starts the writer when something waits: ServeHTTP calls it
+// wakeWriter starts the writer when something waits: conn.start calls it
 // once the socket is there, for what was queued before the upgrade.
 func (c *conn) wakeWriter() {
 	c.mu.Lock()

@@ -329,10 +329,11 @@ func (c *Client) State() State {
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Err is nil while the Client runs. Once Done is closed it is ErrClosed
-// after Close, or why the Client stopped: a *CloseError with a code that
-// forbids reconnecting (1003, 1007, 1008, 4003), a *DialError refusing a
-// reconnection with a 4xx status, or the connection's end under
-// WithoutReconnect.
+// after Close, or why the Client stopped: a *CloseError with a code after
+// which reconnecting would not help (1003, 1007, 1008, 4003, and 4005: the
+// server closed the idle connection, so dial again when there is something
+// to do), a *DialError refusing a reconnection with a 4xx status (but 408
+// and 429), or the connection's end under WithoutReconnect.
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

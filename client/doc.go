@@ -19,10 +19,10 @@
 // Subscribe, Unsubscribe, Publish, Send and Presence wait for the server's
 // answer, bounded by their context. (Writing the request is bounded by
 // the Client itself, never by that context: a caller giving up does not
-// cost the connection.) A refusal is an *Error whose Code is
-// one of the Code constants (use errors.As). While the Client has no
-// connection they fail at once with ErrDisconnected; after Close, with
-// ErrClosed.
+// cost the connection.) A refusal is an *Error whose Code is one of the
+// error codes of package protocol, such as protocol.CodeForbidden (use
+// errors.As). While the Client has no connection they fail at once with
+// ErrDisconnected; after Close, with ErrClosed.
 //
 // # Delivery
 //

@@ -16,7 +16,7 @@ type Option func(*config)
 const (
 	DefaultMinBackoff  = 500 * time.Millisecond
 	DefaultMaxBackoff  = 30 * time.Second
-	DefaultBufferSize  = 1024
+	DefaultBufferSize  = 4096
 	DefaultDialTimeout = 10 * time.Second
 	DefaultReadLimit   = 32 << 20
 )
@@ -135,8 +135,9 @@ func WithOnDirect(h Handler) Option {
 // message silently: it closes the connection, waits until the slow handler
 // has caught up, reconnects and recovers the missed messages from the
 // room's history (see Recovery), reporting ErrSlowHandler to WithOnState.
-// The default matches the server's default queue, so an empty buffer can
-// hold any replay the server sends. Default: 1024; at least 1.
+// The default is the server's default queue (4,096 messages), so an empty
+// buffer holds any replay a server with default limits sends: a replay is
+// never more than the server's queue holds. Default: 4096; at least 1.
 func WithBufferSize(n int) Option {
 	return func(c *config) { c.bufferSize = n }
 }

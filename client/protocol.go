@@ -30,10 +30,6 @@ func (k Kind) String() string {
 	return "Kind(" + strconv.Itoa(int(k)) + ")"
 }
 
-// classify picks the payload field for outbound bytes, as the server does
-// (wire.Classify): the server's copy of the bytes is exact.
-func classify(p []byte) Kind { return Kind(wire.Classify(p)) }
-
 // appendPayload appends the payload field, without a leading comma.
 func appendPayload(b, p []byte) []byte { return wire.AppendPayload(b, p, wire.Classify(p)) }
 

@@ -1,0 +1,382 @@
+package pubsub
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+	"github.com/roomcast/pubsub/protocol"
+)
+
+// readLoop reads client messages until the connection closes.
+func (c *conn) readLoop() {
+	for {
+		// No deadline and no context: liveness is the heartbeat's job, a
+		// read context that ended would close the socket under a flushing
+		// writer, and a context costs a callback per read. Close and an
+		// expired Shutdown end the read with kill.
+		if c.idleRead() {
+			c.sock.waitReadable()
+		}
+		typ, data, err := c.ws.Read(context.Background())
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+		c.lastSeen.Store(time.Now().UnixNano())
+		if typ == websocket.MessageBinary && c.proto {
+			c.beginClose(protocol.CloseUnsupportedData, "protocol mode accepts text frames only", false)
+			return
+		}
+		if typ == websocket.MessageText && !utf8.Valid(data) {
+			c.beginClose(protocol.CloseInvalidPayload, "text frame is not valid UTF-8", false)
+			return
+		}
+		var ok bool
+		if c.proto {
+			ok = c.handleEnvelope(data) // counts MessagesIn, heartbeats aside
+		} else {
+			c.h.stats.messagesIn.Add(1)
+			c.lastApp.Store(time.Now().UnixNano())
+			ok = c.handleRaw(data, typ == websocket.MessageBinary)
+		}
+		if !ok {
+			return
+		}
+	}
+}
+
+// idleRead reports whether the next read would wait on the network: no
+// byte is buffered, in coder/websocket's reader or carried over from the
+// handshake. Only the reader goroutine reads them, until the connection
+// closes: then coder's close handshake reads too, so the check is made
+// under mu and only before closing begins (beginClose takes mu), and
+// after it the reader goes straight to coder's Read, which orders the two.
+func (c *conn) idleRead() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closing && c.br.Buffered() == 0 && len(c.sock.pre) == 0
+}
+
+// readFailed records why reading ended: the peer's close frame, an
+// oversized message, or a dead socket.
+func (c *conn) readFailed(err error) {
+	var ce websocket.CloseError
+	switch {
+	case errors.As(err, &ce):
+		c.closeLost(protocol.CloseCode(ce.Code), ce.Reason) // the peer's own words
+	case errors.Is(err, websocket.ErrMessageTooBig):
+		c.closeLost(protocol.CloseMessageTooBig, "message too big") // the library already sent 1009
+	default:
+		c.beginClose(protocol.CloseAbnormal, "connection lost", false)
+	}
+}
+
+// allow takes a token from the connection's rate-limit bucket.
+func (c *conn) allow() bool {
+	cfg := &c.h.cfg
+	now := time.Now()
+	c.tokens += now.Sub(c.refill).Seconds() * cfg.rateLimit
+	c.refill = now
+	if max := float64(cfg.rateBurst); c.tokens > max {
+		c.tokens = max
+	}
+	if c.tokens < 1 {
+		c.h.stats.rateLimited.Add(1)
+		return false
+	}
+	c.tokens--
+	return true
+}
+
+// handleRaw handles one raw-mode frame: to the message hook when set,
+// otherwise published to the connection's room. It reports whether the
+// connection stays open.
+func (c *conn) handleRaw(data []byte, binary bool) bool {
+	if !c.allow() {
+		c.beginClose(protocol.CloseRateLimited, "rate limit exceeded", false)
+		return false
+	}
+	if c.h.cfg.onMessage != nil {
+		m := &ClientMessage{Client: c.client, Room: c.rawRoomName(), Data: data, Binary: binary, c: c}
+		if v := verdictOf(c.h.callOnMessage(c.ctx, m)); v != allowed {
+			c.beginClose(v.closeCode(), v.reason("message rejected"), false)
+			return false
+		}
+		return true
+	}
+	room := c.rawRoomName()
+	if room == "" {
+		c.beginClose(protocol.ClosePolicyViolation, "no room to publish to", false)
+		return false
+	}
+	if v := c.authorizePublish(room); v != allowed {
+		c.beginClose(v.closeCode(), v.reason("publish not allowed"), false)
+		return false
+	}
+	if perr := c.h.publishFromClient(c.ctx, room, data); perr != nil {
+		c.beginClose(protocol.CloseTryAgainLater, "publish failed, try again later", false)
+		return false
+	}
+	return true
+}
+
+// handleEnvelope handles one protocol-mode envelope and answers it: with
+// the reply dispatch queued, an error, or an ack when the request has an
+// id. It reports whether the connection stays open.
+func (c *conn) handleEnvelope(data []byte) bool {
+	in, perr := decodeInbound(data)
+	if perr != nil || (in.Type != "ping" && in.Type != "pong") {
+		c.h.stats.messagesIn.Add(1) // a data message: heartbeats are not counted
+		c.lastApp.Store(time.Now().UnixNano())
+	}
+	replied := false
+	switch {
+	case perr == nil && in.Type == "pong":
+		return true // the answer to our ping; liveness was noted on read
+	case !c.allow():
+		// Every envelope but pong counts, malformed ones included, so a
+		// flood of garbage is throttled like any other.
+		perr = &protoError{protocol.CodeRateLimited, "rate limit exceeded; the message was dropped"}
+	case perr == nil && in.Type == "ping":
+		c.enqueue(newControlFrame(encodePong(in.ID)))
+		replied = true
+	case perr == nil:
+		replied, perr = c.dispatch(&in)
+	}
+	switch {
+	case perr != nil:
+		c.h.log.Debug("pubsub: client request refused", "conn_id", c.client.ID,
+			"user_id", c.client.UserID, "room", in.Room, "err", perr)
+		c.enqueue(newControlFrame(encodeError(in.ID, perr)))
+	case !replied && in.ID != "":
+		c.enqueue(newControlFrame(encodeAck(in.ID)))
+	}
+	// A reply that did not fit closed the connection as a slow consumer.
+	return !c.isClosing()
+}
+
+// dispatch handles one request. It reports replied when it queued the
+// reply itself (a subscribe's ack goes ahead of the room's messages; a
+// presence request is answered by a presence envelope); otherwise
+// handleEnvelope answers: perr, or an ack when the request has an id.
+func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	switch in.Type {
+	case "subscribe":
+		if perr := h.checkRoom(in.Room); perr != nil {
+			return false, perr
+		}
+		if _, ok := c.rooms[in.Room]; ok {
+			return false, nil // already subscribed: idempotent
+		}
+		if len(c.rooms) >= h.cfg.maxRooms {
+			return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
+		}
+		if len(in.Info) > h.cfg.maxInfo {
+			return false, badRequest(`"info" is larger than ` + strconv.Itoa(h.cfg.maxInfo) + " bytes")
+		}
+		if v := c.authorize(ActionSubscribe, in.Room); v != allowed {
+			return false, v.protoError(protocol.CodeForbidden, "not allowed to subscribe in this room")
+		}
+		if err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, in.ID); err != nil {
+			h.brokerFailed("subscribe", in.Room, err)
+			return false, &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
+		}
+		return in.ID != "", nil
+	case "presence":
+		r, ok := c.rooms[in.Room]
+		if !ok {
+			return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
+		}
+		if r.opts.Presence == PresenceOff {
+			return false, &protoError{protocol.CodeNotSupported, "this room does not track presence"}
+		}
+		p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
+		if err != nil {
+			h.brokerFailed("presence", in.Room, err)
+			return false, &protoError{protocol.CodeUnavailable, "could not read presence; try again later"}
+		}
+		c.enqueue(newControlFrame(encodePresence(in.ID, in.Room, p)))
+		return true, nil
+	case "unsubscribe":
+		r, ok := c.rooms[in.Room]
+		if !ok {
+			return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
+		}
+		c.forget(in.Room)
+		h.rooms.leave(r, c)
+		return false, nil
+	case "publish":
+		if perr := h.checkRoom(in.Room); perr != nil {
+			return false, perr
+		}
+		if v := c.authorizePublish(in.Room); v != allowed {
+			return false, v.protoError(protocol.CodeForbidden, c.publishDenied())
+		}
+		return false, h.publishFromClient(c.ctx, in.Room, in.payload)
+	case "send":
+		if h.cfg.onMessage == nil {
+			return false, &protoError{protocol.CodeNotSupported, "this server does not handle messages sent to it"}
+		}
+		if in.Room != "" {
+			if perr := h.checkRoom(in.Room); perr != nil {
+				return false, perr
+			}
+		}
+		m := &ClientMessage{Client: c.client, Room: in.Room, Data: in.payload, c: c}
+		if v := verdictOf(h.callOnMessage(c.ctx, m)); v != allowed {
+			return false, v.protoError(protocol.CodeRejected, "the server rejected the message")
+		}
+		return false, nil
+	}
+	return false, &protoError{protocol.CodeUnknownType, "unknown type"} // unreachable: decodeInbound checked
+}
+
+func (c *conn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closing
+}
+
+// subscribe joins room for this connection and queues, in this order, the
+// ack (when id is set), the messages the client asked to catch up on
+// (since its position, or the room's last history messages), then the
+// live messages. It is shared by protocol subscribes and raw-mode joins.
+func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, id string) error {
+	h := c.h
+	if len(c.client.Info) > 0 {
+		info = c.client.Info // the server's word wins
+	}
+	catchUp := c.proto || history > 0
+	s := &sub{
+		presence:  presence && c.proto,
+		member:    Member{ConnID: c.client.ID, UserID: c.client.UserID, Info: info},
+		buffering: catchUp,
+	}
+	r, err := h.rooms.join(c.ctx, room, c, s)
+	if err != nil {
+		return err
+	}
+	c.keep(room, r)
+	if !catchUp {
+		return nil
+	}
+	out := subscribed{room: room, presence: r.opts.Presence}
+	// A catch-up never exceeds what the queue can hold: more would close
+	// the connection as a slow consumer before it could read any of it.
+	capacity := min(r.opts.HistorySize, h.cfg.queue.messages-1)
+	q := HistoryQuery{}
+	switch {
+	case since != nil:
+		q = HistoryQuery{Since: *since.Seq, Limit: max(capacity, 1)}
+	case history > 0:
+		q = HistoryQuery{Limit: min(history, capacity), Latest: true}
+	}
+	res, err := h.cfg.broker.History(c.ctx, room, q)
+	if err != nil {
+		c.forget(room)
+		h.rooms.leave(r, c)
+		return err
+	}
+	out.epoch, out.top = res.Epoch, res.Top
+	msgs := res.Messages
+	if since != nil {
+		out.recovery = true
+		switch {
+		case since.Epoch != res.Epoch:
+			out.reason, msgs = protocol.ReasonEpochChanged, nil
+		case *since.Seq > res.Top:
+			out.reason, msgs = protocol.ReasonUnknownPosition, nil
+		case *since.Seq < res.Top && (len(msgs) == 0 || msgs[0].Seq != *since.Seq+1):
+			out.reason, msgs = protocol.ReasonHistoryTooShort, nil
+		case *since.Seq < res.Top && msgs[len(msgs)-1].Seq != res.Top:
+			out.reason, msgs = protocol.ReasonTooManyMissed, nil
+		default:
+			out.recovered = true
+		}
+	}
+	out.missed = len(msgs)
+	first := make([]*frame, 0, len(msgs)+1)
+	if id != "" {
+		first = append(first, newControlFrame(encodeSubscribed(id, out)))
+	}
+	for _, m := range msgs {
+		f := newRoomFrame(m, r)
+		f.replay = true // the ack announced exactly these
+		first = append(first, f)
+	}
+	h.rooms.catchUp(r, c, first, res.Epoch, res.Top)
+	return nil
+}
+
+// authorize asks the authorize hook, when set, about action in room.
+func (c *conn) authorize(a Action, room string) verdict {
+	if c.h.cfg.authorize == nil {
+		return allowed
+	}
+	return verdictOf(c.h.callAuthorize(c.ctx, c.client, a, room))
+}
+
+// authorizePublish applies the publish policy: the authorize hook when
+// set, otherwise WithClientPublish.
+func (c *conn) authorizePublish(room string) verdict {
+	if c.h.cfg.authorize == nil && !c.h.cfg.clientPublish {
+		return denied
+	}
+	return c.authorize(ActionPublish, room)
+}
+
+// publishDenied says why a publish was denied, for the client.
+func (c *conn) publishDenied() string {
+	if c.h.cfg.authorize == nil {
+		return "clients may not publish on this server"
+	}
+	return "not allowed to publish in this room"
+}
+
+// rawRoomName is a raw connection's room, "" when it joined none (its
+// messages go to the message hook).
+func (c *conn) rawRoomName() string {
+	if c.raw == nil {
+		return ""
+	}
+	return c.raw.name
+}
+
+// keep records a room the connection joined. A raw connection has at most
+// one, in a field: an idle connection should not pay for a map.
+func (c *conn) keep(name string, r *room) {
+	if !c.proto {
+		c.raw = r
+		return
+	}
+	if c.rooms == nil {
+		c.rooms = make(map[string]*room, 1)
+	}
+	c.rooms[name] = r
+}
+
+func (c *conn) forget(name string) {
+	if !c.proto {
+		c.raw = nil
+		return
+	}
+	delete(c.rooms, name)
+}
+
+// leaveAll leaves every room; it runs once the reader has ended.
+func (c *conn) leaveAll() {
+	if r := c.raw; r != nil {
+		c.raw = nil
+		c.h.rooms.leave(r, c)
+	}
+	for name, r := range c.rooms {
+		delete(c.rooms, name)
+		c.h.rooms.leave(r, c)
+	}
+}
