@@ -256,7 +256,7 @@ func TestMemoryBrokerKeepsASubscribedRoomWhateverItsTTL(t *testing.T) {
 		t.Fatal(err)
 	}
 	poke(t, b, 1) // History trims what expired; the room now keeps nothing
-	clock.Advance(IdleRoomGrace + time.Millisecond)
+	clock.Advance(idleRoomGrace + time.Millisecond)
 	poke(t, b, 4)
 	if n := b.roomCount(); n != 0 {
 		t.Fatalf("broker holds %d rooms after the last interest left a room with expired history and the grace passed, want 0", n)
@@ -374,11 +374,11 @@ func TestMemoryBrokerStartsANewEpochAfterReclamation(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Within the grace the room resumes where it was.
-		clock.Advance(IdleRoomGrace - time.Millisecond)
+		clock.Advance(idleRoomGrace - time.Millisecond)
 		if res := mustHistory(t, b, "r", HistoryQuery{}); res.Epoch != m1.Epoch || res.Top != 1 {
 			t.Fatalf("within the grace: (%q, %d), want (%q, 1)", res.Epoch, res.Top, m1.Epoch)
 		}
-		clock.Advance(IdleRoomGrace + time.Millisecond)
+		clock.Advance(idleRoomGrace + time.Millisecond)
 		poke(t, b, 4)
 		if n := b.roomCount(); n != 0 {
 			t.Fatalf("a room that keeps nothing outlived its grace: %d rooms held", n)
@@ -445,7 +445,7 @@ func mustPublishKey(t *testing.T, b *memoryBroker, room, key string, ttl time.Du
 	return res
 }
 
-// A room remembers at most MemoryKeysPerRoom keys: past it the oldest is
+// A room remembers at most memoryKeysPerRoom keys: past it the oldest is
 // forgotten early, so memory stays bounded however fast keys come.
 func TestMemoryBrokerRemembersAtMostMemoryKeysPerRoom(t *testing.T) {
 	t.Parallel()
@@ -453,7 +453,7 @@ func TestMemoryBrokerRemembersAtMostMemoryKeysPerRoom(t *testing.T) {
 	if err := b.Subscribe(context.Background(), "r"); err != nil {
 		t.Fatal(err)
 	}
-	for i := range MemoryKeysPerRoom + 1 {
+	for i := range memoryKeysPerRoom + 1 {
 		mustPublishKey(t, b, "r", fmt.Sprint("k", i), time.Hour)
 	}
 	if res := mustPublishKey(t, b, "r", "k1", time.Hour); !res.Duplicate {
@@ -468,8 +468,8 @@ func TestMemoryBrokerRemembersAtMostMemoryKeysPerRoom(t *testing.T) {
 	r.mu.Lock()
 	n, order := len(r.keys), len(r.keyOrder)
 	r.mu.Unlock()
-	if n != MemoryKeysPerRoom || order != MemoryKeysPerRoom {
-		t.Fatalf("the room holds %d keys (%d in order), want %d", n, order, MemoryKeysPerRoom)
+	if n != memoryKeysPerRoom || order != memoryKeysPerRoom {
+		t.Fatalf("the room holds %d keys (%d in order), want %d", n, order, memoryKeysPerRoom)
 	}
 }
 
@@ -487,7 +487,7 @@ func TestMemoryBrokerKeepsAnIdleRoomWhileItRemembersAKey(t *testing.T) {
 	if err := b.Unsubscribe(ctx, "r"); err != nil {
 		t.Fatal(err)
 	}
-	clock.Advance(IdleRoomGrace + time.Minute)
+	clock.Advance(idleRoomGrace + time.Minute)
 	if res := mustPublishKey(t, b, "r", "k", 10*time.Minute); !res.Duplicate || res.Epoch != first.Epoch || res.Seq != first.Seq {
 		t.Fatalf("the key after the room was idle past its grace: %+v, want the first publish's position", res)
 	}

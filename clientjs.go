@@ -10,20 +10,17 @@ import (
 	"time"
 )
 
-// The browser client, embedded so a page needs no bundler and no CDN.
-//
-//go:embed js/roomcast.js js/roomcast.d.ts
-var clientFiles embed.FS
-
-// ClientScript is the file name under the Handler's path (WithPath) at
-// which the Handler serves the browser client, an ES module:
+// The browser client, embedded so a page needs no bundler and no CDN. The
+// Handler serves it below its path (WithPath), an ES module:
 //
 //	import { connect } from "/ws/roomcast.js";
 //
-// Its TypeScript declarations are served beside it, at roomcast.d.ts. Mount
-// the Handler on the path and below it (mux.Handle("/ws/", h) beside
+// with its TypeScript declarations beside it, at roomcast.d.ts. Mount the
+// Handler on the path and below it (mux.Handle("/ws/", h) beside
 // mux.Handle("/ws", h)), or use Middleware, so these requests reach it.
-const ClientScript = "roomcast.js"
+//
+//go:embed js/roomcast.js js/roomcast.d.ts
+var clientFiles embed.FS
 
 type clientFile struct {
 	body  []byte

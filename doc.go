@@ -53,10 +53,11 @@
 // and, when the host sets it, per server (WithMaxConnections), before any
 // WebSocket resource is spent. The handshake itself is read by the host's
 // http.Server: set its ReadHeaderTimeout, or a client that never finishes
-// its request line holds a connection open. Clients may not publish until the host says so. Every
-// client input is bounded: message size (WithMaxMessageBytes), rooms per
-// connection (WithMaxRooms), room names (ValidRoomName), message rate
-// (WithRateLimit). Each With function documents its default.
+// its request line holds a connection open. Clients may not publish until
+// the host says so. Every client input is bounded: message size
+// (WithMaxMessageBytes), rooms per connection (WithMaxRooms), room names
+// (ValidRoomName), message rate (WithRateLimit). Each With function
+// documents its default.
 //
 // # Close codes
 //
@@ -70,6 +71,18 @@
 //	4004  rate limited (raw mode; protocol mode gets an error envelope)
 //	4005  idle timeout (WithIdleTimeout; off by default)
 //	4006  room reset: the broker lost messages of a joined room (KindReset)
+//
+// Package protocol names them (protocol.CloseSlowConsumer, with a String
+// method), and the protocol's error codes and recovery reasons, for the
+// server, the Go client and the host alike: DisconnectEvent.Code is a
+// protocol.CloseCode.
+//
+// # The browser client
+//
+// The Handler serves its browser client, an ES module with TypeScript
+// declarations, below its path: a page imports it from "/ws/roomcast.js"
+// with no bundler and no CDN. Mount the Handler on the path and below it
+// (mux.Handle("/ws", h) and mux.Handle("/ws/", h)), or use Middleware.
 //
 // # Room state
 //
@@ -88,9 +101,9 @@
 //
 // A subscriber that cannot keep up meets its room's SlowConsumerPolicy:
 // SlowConsumerDisconnect (the default), SlowConsumerDropOldest, or
-// SlowConsumerKeepLatest (for tickers). Each
-// outcome is counted in Stats, RoomStats and ConnStats, which also show
-// every subscriber's queue depth and lag.
+// SlowConsumerKeepLatest (for tickers). Each outcome is counted in Stats,
+// RoomStats and ConnStats, which also show every subscriber's queue depth
+// and lag.
 //
 // # Guarantees
 //
@@ -128,20 +141,19 @@
 //     had queued and then closed with 1001, and every goroutine the Handler
 //     started has ended when Shutdown returns.
 //
-// # Goroutines and memory
+// # Memory
 //
-// NewHandler starts none. ServeHTTP returns as soon as a connection is
-// upgraded: net/http then frees the request's buffers and stack, which
-// would otherwise live as long as the connection. The connection is served
-// by one reader goroutine that the Handler owns and waits for in Shutdown
-// and Close, and heartbeats are a timer. An idle connection costs one
-// goroutine and about 8 KiB (see BENCHMARKS.md). Consequences of
-// returning early: the request's context ends at the upgrade (hooks get a
-// context that lives as long as the connection instead), and middleware
-// around the Handler sees the request finish at the upgrade, so a request
-// logger reports the upgrade, not the connection's life. Hooks run on the
-// connection's reader goroutine, or on the request's goroutine before the
-// upgrade.
+// NewHandler starts no goroutine. ServeHTTP returns as soon as a
+// connection is upgraded: net/http then frees the request's buffers and
+// stack, which would otherwise live as long as the connection. The
+// connection is served by one reader goroutine that the Handler owns, and
+// heartbeats are a timer. An idle connection costs one goroutine and about
+// 8 KiB (see BENCHMARKS.md). Consequences of returning early: the
+// request's context ends at the upgrade (hooks get a context that lives as
+// long as the connection instead), and middleware around the Handler sees
+// the request finish at the upgrade, so a request logger reports the
+// upgrade, not the connection's life. Hooks run on the connection's reader
+// goroutine, or on the request's goroutine before the upgrade.
 //
 // Writing needs no goroutine per connection. A publish only queues; a pool
 // of at most GOMAXPROCS goroutines, running while something is queued,
@@ -153,6 +165,81 @@
 // net.Conn is not the standard library's own TCP or Unix connection (TLS,
 // or a listener that wraps its connections), and the close get a writer
 // goroutine of their own, which waits on the socket up to WithWriteTimeout.
+//
+// # Goroutines and locks
+//
+// Every goroutine has one owner that starts it and waits for it:
+//
+//   - The connection's reader (conn.run, reader.go): started by conn.start
+//     once the upgrade registered the connection; counted in the Handler's
+//     live group (at registration, under the Handler's mu, so never after
+//     Shutdown began waiting); waited for by Shutdown and Close. It reads,
+//     dispatches, runs the hooks of its connection, and at the end waits
+//     for the connection's other goroutines before leaving its rooms.
+//   - The writer pool (writerPool.work, writer.go): at most GOMAXPROCS
+//     goroutines, started by writerPool.push when a connection has
+//     something queued and fewer are running, ending when no connection
+//     waits; the Handler's writers group, waited for by Shutdown and Close
+//     after the readers.
+//   - A connection's own writer (conn.writeLoop): for a full or busy
+//     socket, TLS or a host's wrapped connection, and the close. Started
+//     by the connection (startWriterLocked, or handOverLocked, which hands
+//     the pool's count over); counted in the connection's wg; waited for
+//     by its reader.
+//   - A raw-mode ping (conn.ping), started by the heartbeat; counted in
+//     the connection's wg.
+//   - The heartbeat (conn.heartbeat), a time.AfterFunc timer armed by
+//     conn.start and stopped by beginClose; while its callback runs it
+//     counts in the connection's wg (unless closing began), so it never
+//     outlives the connection.
+//   - Shutdown's waiter: Shutdown starts one goroutine that waits for the
+//     groups above and closes a channel, and returns only after receiving
+//     from it.
+//
+// A connection's wg gets no Add once the connection is closing (every Add
+// is made under its mu, after checking), so its reader's Wait, after
+// beginClose, sees them all. Brokers own their goroutines and stop them in
+// Close; the memory broker has none.
+//
+// Locks are taken in this order, never the other way: the broker's own
+// (the memory broker's, then one room's), a registry shard's, a room's,
+// a connection's, the writer pool's. The Handler's mu and a socket's mu
+// are leaves: nothing else is taken while either is held. No lock of the
+// Handler, a room or a connection is held across a hook call, a broker
+// call or a socket write; the socket's own lock is held across a write,
+// to keep our frames and coder/websocket's control frames whole. A room's
+// deliveries never overlap (the Broker contract), which is why deliver
+// writes a subscription's catch-up state under the room's read lock:
+// catchUp, the only other writer, takes the write lock.
+//
+// # Where things are
+//
+// One concept per file; the data path reads in one direction, publish →
+// broker → room → queue → writer → socket:
+//
+//	doc.go         this overview
+//	pubsub.go      Handler, NewHandler, the publish API, Shutdown and Close
+//	upgrade.go     ServeHTTP: request checks, authentication, admission, mode, hijack, registration
+//	hooks.go       Identity, Client and the hooks' events; calling hooks, their verdicts
+//	options.go     every Option, its default and range; RoomOptions
+//	middleware.go  Middleware and FromContext
+//	conn.go        one connection's life: close, heartbeats, the end
+//	reader.go      reading a connection and dispatching its requests; subscribe
+//	room.go        the room registry, joining, catching up, fan-out, resets
+//	queue.go       a connection's bounded outbound queue and the slow-consumer policies
+//	writer.go      the writer pool and a connection's own writer
+//	socket.go      the hijacked connection under coder/websocket
+//	frame.go       a message framed once per mode, shared by every queue
+//	protocol.go    encoding and decoding protocol-mode envelopes (no I/O)
+//	stats.go       Stats, RoomStats, ConnStats
+//	broker.go      the Broker interface and the types it carries
+//	memory.go      the in-process broker, the default
+//	clientjs.go    the embedded browser client
+//
+// Beside it: package protocol (the wire vocabulary), package client (the
+// Go client), package pubsubtest (the test kit), package brokertest (the
+// Broker conformance suite), js/ (the browser client), and a module per
+// broker on another engine (redisbroker, pgbroker, natsbroker).
 //
 // # Shutdown
 //
@@ -170,5 +257,12 @@
 //
 // A Broker carries publishes between nodes and owns each room's sequence,
 // history and presence. The default, NewMemoryBroker, serves a single
-// process; adapters for other engines live in their own modules.
+// process; adapters for other engines live in their own modules, and
+// brokertest checks each against the Broker contract.
+//
+// # Testing an app
+//
+// Package pubsubtest serves a Handler (or the whole app) on a loopback
+// port and dials real raw and protocol clients, so an app tests its own
+// authentication, authorization and publishing end to end.
 package pubsub

@@ -102,8 +102,8 @@ func FuzzRawQuery(f *testing.F) {
 		case wildcard != "":
 			named = wildcard
 		default:
-			named, _ = strings.CutPrefix(path, DefaultPath+"/")
-			if !strings.HasPrefix(path, DefaultPath+"/") {
+			named, _ = strings.CutPrefix(path, defaultPath+"/")
+			if !strings.HasPrefix(path, defaultPath+"/") {
 				named = ""
 			}
 		}
@@ -133,11 +133,11 @@ func FuzzRawQuery(f *testing.F) {
 				t.Fatalf("rawHistory without a value = %d, %v", n, err)
 			}
 		case err != nil:
-			if convErr == nil && want >= 0 && want <= MaxHistorySize {
+			if convErr == nil && want >= 0 && want <= maxHistorySize {
 				t.Fatalf("rawHistory refused %q: %v", v, err)
 			}
-		case n < 0 || n > MaxHistorySize || convErr != nil || n != want:
-			t.Fatalf("rawHistory(%q) = %d, want a number from 0 to %d equal to the value", v, n, MaxHistorySize)
+		case n < 0 || n > maxHistorySize || convErr != nil || n != want:
+			t.Fatalf("rawHistory(%q) = %d, want a number from 0 to %d equal to the value", v, n, maxHistorySize)
 		}
 	})
 }

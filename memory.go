@@ -16,13 +16,13 @@ import (
 // goroutines. A room's state (epoch, sequence, history, presence) lives
 // while this node is subscribed to it, then while its history holds a
 // message younger than its TTL, or, when it keeps nothing, for
-// IdleRoomGrace; then it is reclaimed, lazily, by later calls, and the
+// a minute (idleRoomGrace); then it is reclaimed, lazily, by later calls, and the
 // room's next life starts a new epoch.
 //
 // The grace lets a client that drops and comes back quickly, with nothing
 // missed, resume (recovered) even in a room that keeps no history. A room
 // also lives as long as it remembers an idempotency key: it remembers
-// each for its KeyTTL, and at most the newest MemoryKeysPerRoom of them.
+// each for its KeyTTL, and at most the newest 10,000 of them.
 func NewMemoryBroker() Broker {
 	return &memoryBroker{rooms: make(map[string]*memoryRoom), now: time.Now}
 }
@@ -53,7 +53,7 @@ type memoryRoom struct {
 	ttl      time.Duration      // the history TTL the last publish applied
 	expires  time.Time          // when an idle room's state may be reclaimed
 	keys     map[string]Message // idempotency keys -> the message each sequenced (no Data)
-	keyOrder []keyed            // the keys, oldest first: expiry and the MemoryKeysPerRoom bound
+	keyOrder []keyed            // the keys, oldest first: expiry and the memoryKeysPerRoom bound
 
 	// Guarded by the broker's mu: the heap never reads the room's own
 	// fields. idleAt may be early (a publish moved expires on); the sweep
@@ -62,13 +62,13 @@ type memoryRoom struct {
 	idleIndex int // position in the idle heap, -1 when not in it
 }
 
-// IdleRoomGrace is how long the memory broker keeps the state of an idle
+// idleRoomGrace is how long the memory broker keeps the state of an idle
 // room that keeps no history.
-const IdleRoomGrace = time.Minute
+const idleRoomGrace = time.Minute
 
-// MemoryKeysPerRoom bounds the idempotency keys the memory broker
+// memoryKeysPerRoom bounds the idempotency keys the memory broker
 // remembers per room: past it, the oldest is forgotten before its TTL.
-const MemoryKeysPerRoom = 10000
+const memoryKeysPerRoom = 10000
 
 // keyed is one remembered idempotency key.
 type keyed struct {
@@ -146,7 +146,7 @@ func (b *memoryBroker) settle(r *memoryRoom) {
 	if len(r.hist) == 0 {
 		// Nothing kept: keep the epoch and sequence a little while, so a
 		// client back soon with nothing missed can resume.
-		if grace := b.now().Add(IdleRoomGrace); r.expires.Before(grace) {
+		if grace := b.now().Add(idleRoomGrace); r.expires.Before(grace) {
 			r.expires = grace
 		}
 	}
@@ -201,13 +201,13 @@ func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, o 
 	return PublishResult{Message: m}, nil
 }
 
-// rememberKey keeps key until expires, within MemoryKeysPerRoom, and keeps
+// rememberKey keeps key until expires, within memoryKeysPerRoom, and keeps
 // the room's state at least that long.
 func (r *memoryRoom) rememberKey(key string, m Message, expires time.Time) {
 	if r.keys == nil {
 		r.keys = make(map[string]Message)
 	}
-	if len(r.keyOrder) >= MemoryKeysPerRoom {
+	if len(r.keyOrder) >= memoryKeysPerRoom {
 		delete(r.keys, r.keyOrder[0].key)
 		r.keyOrder[0] = keyed{}
 		r.keyOrder = r.keyOrder[1:]

@@ -17,24 +17,24 @@ type Option func(*config)
 
 // Defaults, one place for every documented default.
 const (
-	DefaultPath              = "/ws"
-	DefaultMaxMessageBytes   = 64 << 10
-	DefaultMaxRooms          = 100
-	DefaultMaxRoomNameLength = 128
-	DefaultRateLimit         = 20
-	DefaultRateBurst         = 50
-	DefaultWriteTimeout      = 10 * time.Second
-	DefaultHeartbeatInterval = 25 * time.Second
-	DefaultHeartbeatTimeout  = 10 * time.Second
-	DefaultQueueMessages     = 4096
-	DefaultQueueBytes        = 4 << 20
-	DefaultHistoryTTL        = 10 * time.Minute
-	MaxHistorySize           = 100_000
-	DefaultMaxInfoBytes      = 1024
+	defaultPath              = "/ws"
+	defaultMaxMessageBytes   = 64 << 10
+	defaultMaxRooms          = 100
+	defaultMaxRoomNameLength = 128
+	defaultRateLimit         = 20
+	defaultRateBurst         = 50
+	defaultWriteTimeout      = 10 * time.Second
+	defaultHeartbeatInterval = 25 * time.Second
+	defaultHeartbeatTimeout  = 10 * time.Second
+	defaultQueueMessages     = 4096
+	defaultQueueBytes        = 4 << 20
+	defaultHistoryTTL        = 10 * time.Minute
+	maxHistorySize           = 100_000
+	defaultMaxInfoBytes      = 1024
 
-	DefaultMaxConnectionsPerUser = 100
-	DefaultDrainBatch            = 1000
-	DefaultDrainInterval         = 100 * time.Millisecond
+	defaultMaxConnectionsPerUser = 100
+	defaultDrainBatch            = 1000
+	defaultDrainInterval         = 100 * time.Millisecond
 )
 
 // SlowConsumerPolicy is what a room does when a subscriber's outbound queue
@@ -102,11 +102,11 @@ func (m PresenceMode) String() string {
 // tracks presence with events, and disconnects slow consumers.
 type RoomOptions struct {
 	// HistorySize is how many messages the room keeps for recovery and
-	// History; 0 keeps none. At most MaxHistorySize.
+	// History; 0 keeps none. At most 100,000.
 	HistorySize int
 	// HistoryTTL is how long a message is kept, and how long an idle
 	// room's state outlives its last message. With HistorySize > 0 and no
-	// TTL, DefaultHistoryTTL applies: no room is kept forever.
+	// TTL, 10 minutes applies: no room is kept forever.
 	HistoryTTL time.Duration
 	// Presence is how the room tracks its members.
 	Presence PresenceMode
@@ -116,9 +116,9 @@ type RoomOptions struct {
 
 // normalize brings a hook's answer into range, as documented on the fields.
 func (o RoomOptions) normalize() RoomOptions {
-	o.HistorySize = min(max(o.HistorySize, 0), MaxHistorySize)
+	o.HistorySize = min(max(o.HistorySize, 0), maxHistorySize)
 	if o.HistorySize > 0 && o.HistoryTTL <= 0 {
-		o.HistoryTTL = DefaultHistoryTTL
+		o.HistoryTTL = defaultHistoryTTL
 	}
 	if o.HistorySize == 0 {
 		o.HistoryTTL = 0
@@ -174,19 +174,19 @@ type config struct {
 
 func defaultConfig() config {
 	return config{
-		path:            DefaultPath,
-		maxMessageBytes: DefaultMaxMessageBytes,
-		maxRooms:        DefaultMaxRooms,
-		rateLimit:       DefaultRateLimit,
-		rateBurst:       DefaultRateBurst,
-		writeTimeout:    DefaultWriteTimeout,
-		heartbeat:       DefaultHeartbeatInterval,
-		heartbeatWait:   DefaultHeartbeatTimeout,
-		queue:           queueLimits{DefaultQueueMessages, DefaultQueueBytes},
-		maxInfo:         DefaultMaxInfoBytes,
-		maxConnsPerUser: DefaultMaxConnectionsPerUser,
-		drainBatch:      DefaultDrainBatch,
-		drainInterval:   DefaultDrainInterval,
+		path:            defaultPath,
+		maxMessageBytes: defaultMaxMessageBytes,
+		maxRooms:        defaultMaxRooms,
+		rateLimit:       defaultRateLimit,
+		rateBurst:       defaultRateBurst,
+		writeTimeout:    defaultWriteTimeout,
+		heartbeat:       defaultHeartbeatInterval,
+		heartbeatWait:   defaultHeartbeatTimeout,
+		queue:           queueLimits{defaultQueueMessages, defaultQueueBytes},
+		maxInfo:         defaultMaxInfoBytes,
+		maxConnsPerUser: defaultMaxConnectionsPerUser,
+		drainBatch:      defaultDrainBatch,
+		drainInterval:   defaultDrainInterval,
 	}
 }
 
@@ -239,10 +239,10 @@ func (c *config) validate() {
 	if c.heartbeat < 10*time.Millisecond || c.heartbeatWait < 10*time.Millisecond {
 		bad("WithHeartbeat(%v, %v): want both at least 10ms", c.heartbeat, c.heartbeatWait)
 	}
-	if c.room.HistorySize < 0 || c.room.HistorySize > MaxHistorySize || c.room.HistoryTTL < 0 ||
+	if c.room.HistorySize < 0 || c.room.HistorySize > maxHistorySize || c.room.HistoryTTL < 0 ||
 		(c.room.HistorySize > 0 && c.room.HistoryTTL == 0) {
 		bad("WithHistory(%d, %v): want a size from 0 to %d and, with a size, a positive TTL",
-			c.room.HistorySize, c.room.HistoryTTL, MaxHistorySize)
+			c.room.HistorySize, c.room.HistoryTTL, maxHistorySize)
 	}
 	if c.room.Presence > PresenceOff {
 		bad("WithPresence(%d): not a PresenceMode", c.room.Presence)
@@ -411,7 +411,7 @@ func WithBroker(b Broker) Option {
 
 // WithHistory makes every room keep its last size messages for at most ttl,
 // so a reconnecting client can recover what it missed and the backend can
-// read History. Default: no history. size 0 to MaxHistorySize; with a size,
+// read History. Default: no history. size 0 to 100,000; with a size,
 // ttl must be positive. WithRoomOptions can set it per room.
 func WithHistory(size int, ttl time.Duration) Option {
 	return func(c *config) { c.room.HistorySize, c.room.HistoryTTL = size, ttl }

@@ -114,8 +114,8 @@ func (in *inbound) checkSubscribe() *protoError {
 			return badRequest(`"since" and "history" cannot be combined`)
 		}
 	}
-	if in.History < 0 || in.History > MaxHistorySize {
-		return badRequest(`"history" must be from 0 to ` + strconv.Itoa(MaxHistorySize))
+	if in.History < 0 || in.History > maxHistorySize {
+		return badRequest(`"history" must be from 0 to ` + strconv.Itoa(maxHistorySize))
 	}
 	if in.Info != nil {
 		if t := bytes.TrimLeft(in.Info, " \t\r\n"); len(t) == 0 || (t[0] != '{' && !bytes.Equal(t, []byte("null"))) {

@@ -153,8 +153,8 @@ func TestProtocolWelcomeIsFirstFrameAndReflectsOptions(t *testing.T) {
 		{
 			name: "defaults",
 			want: protoWelcome{
-				HeartbeatMS: pubsub.DefaultHeartbeatInterval.Milliseconds(), TimeoutMS: pubsub.DefaultHeartbeatTimeout.Milliseconds(),
-				MaxMessageBytes: pubsub.DefaultMaxMessageBytes, MaxRooms: pubsub.DefaultMaxRooms,
+				HeartbeatMS: 25_000, TimeoutMS: 10_000,
+				MaxMessageBytes: 64 << 10, MaxRooms: 100,
 			},
 		},
 		{
@@ -579,7 +579,7 @@ func TestProtocolErrorCodes(t *testing.T) {
 		{name: "server-only type", req: `{"type":"ack","id":"e1"}`, code: protocol.CodeUnknownType, id: "e1"},
 		{name: "room with a bad character", req: `{"type":"subscribe","room":"a b","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
 		{name: "room with non-ASCII", req: `{"type":"subscribe","room":"café","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
-		{name: "room too long", req: `{"type":"subscribe","room":"` + strings.Repeat("r", pubsub.DefaultMaxRoomNameLength+1) + `","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
+		{name: "room too long", req: `{"type":"subscribe","room":"` + strings.Repeat("r", 128+1) + `","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
 		{name: "publish to a bad room", opts: []pubsub.Option{clientPublish}, req: `{"type":"publish","room":"a*","text":"x","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
 		{name: "send to a bad room", opts: []pubsub.Option{rejectAll}, req: `{"type":"send","room":"a*","text":"x","id":"e1"}`, code: protocol.CodeInvalidRoom, id: "e1"},
 		{name: "publish under the default policy", req: `{"type":"publish","room":"a","text":"x","id":"e1"}`, code: protocol.CodeForbidden, id: "e1"},

@@ -628,7 +628,7 @@ func TestRawRateLimitClosesWith4004(t *testing.T) {
 
 func TestRawInvalidRoomRefusesUpgradeWith400(t *testing.T) {
 	t.Parallel()
-	long := strings.Repeat("a", pubsub.DefaultMaxRoomNameLength+1)
+	long := strings.Repeat("a", 128+1)
 	tests := []struct {
 		name string
 		path string
@@ -655,7 +655,7 @@ func TestRawInvalidRoomRefusesUpgradeWith400(t *testing.T) {
 	t.Run("exactly 128 bytes is accepted", func(t *testing.T) {
 		t.Parallel()
 		h, srv := newServer(t)
-		room := strings.Repeat("a", pubsub.DefaultMaxRoomNameLength)
+		room := strings.Repeat("a", 128)
 		c := dial(t, wsURL(srv, "/ws?room="+room))
 		rawPublish(t, h, room, "fits")
 		readText(t, c, "fits")

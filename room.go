@@ -17,8 +17,8 @@ func ValidRoomName(room string) error {
 	if room == "" {
 		return errors.New("the room name is empty")
 	}
-	if len(room) > DefaultMaxRoomNameLength {
-		return fmt.Errorf("the room name is longer than %d bytes", DefaultMaxRoomNameLength)
+	if len(room) > defaultMaxRoomNameLength {
+		return fmt.Errorf("the room name is longer than %d bytes", defaultMaxRoomNameLength)
 	}
 	for i := 0; i < len(room); i++ {
 		c := room[i]

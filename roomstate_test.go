@@ -357,7 +357,7 @@ func TestRoomOptionsAreBroughtIntoRange(t *testing.T) {
 		case "negative-size":
 			o.HistorySize, o.HistoryTTL = -4, time.Minute
 		case "huge-size":
-			o.HistorySize, o.HistoryTTL = pubsub.MaxHistorySize+1, time.Minute
+			o.HistorySize, o.HistoryTTL = 100_000+1, time.Minute
 		case "ttl-no-size":
 			o.HistoryTTL = time.Minute
 		case "bad-modes":
@@ -367,9 +367,9 @@ func TestRoomOptionsAreBroughtIntoRange(t *testing.T) {
 		}
 	}))
 	for room, want := range map[string]pubsub.RoomOptions{
-		"size-no-ttl":   {HistorySize: 5, HistoryTTL: pubsub.DefaultHistoryTTL},
+		"size-no-ttl":   {HistorySize: 5, HistoryTTL: 10 * time.Minute},
 		"negative-size": {},
-		"huge-size":     {HistorySize: pubsub.MaxHistorySize, HistoryTTL: time.Minute},
+		"huge-size":     {HistorySize: 100_000, HistoryTTL: time.Minute},
 		"ttl-no-size":   {},
 		"bad-modes":     {Presence: pubsub.PresenceOn, SlowConsumer: pubsub.SlowConsumerDisconnect},
 		"keep-latest":   {Presence: pubsub.PresenceCounts, SlowConsumer: pubsub.SlowConsumerKeepLatest},
@@ -394,7 +394,7 @@ func TestRoomStateOptionsOutOfRangePanicAtNewHandler(t *testing.T) {
 	for name, opt := range map[string]pubsub.Option{
 		"history size without ttl": pubsub.WithHistory(5, 0),
 		"negative history size":    pubsub.WithHistory(-1, time.Minute),
-		"history size too big":     pubsub.WithHistory(pubsub.MaxHistorySize+1, time.Minute),
+		"history size too big":     pubsub.WithHistory(100_000+1, time.Minute),
 		"negative history ttl":     pubsub.WithHistory(0, -time.Second),
 		"unknown presence mode":    pubsub.WithPresence(9),
 		"unknown policy":           pubsub.WithSlowConsumerPolicy(9),
@@ -515,7 +515,7 @@ func TestRawHistoryReplaysVerbatimFramesBeforeLiveOnes(t *testing.T) {
 func TestRawHistoryRejectsInvalidValuesWith400(t *testing.T) {
 	t.Parallel()
 	_, srv := newServer(t, pubsub.WithHistory(5, time.Minute))
-	for _, v := range []string{"abc", "-1", "1.5", strconv.Itoa(pubsub.MaxHistorySize + 1)} {
+	for _, v := range []string{"abc", "-1", "1.5", strconv.Itoa(100_000 + 1)} {
 		dialStatus(t, wsURL(srv, "/ws?room=r&history="+v), nil, http.StatusBadRequest)
 	}
 }
@@ -676,7 +676,7 @@ func TestSubscribeRejectsMalformedRoomStateFields(t *testing.T) {
 		"since not an object":    {"since": "e:1"},
 		"since with history":     {"since": since("e", 1), "history": 5},
 		"history negative":       {"history": -1},
-		"history too large":      {"history": pubsub.MaxHistorySize + 1},
+		"history too large":      {"history": 100_000 + 1},
 		"history not a number":   {"history": "5"},
 		"info a string":          {"info": "ann"},
 		"info an array":          {"info": []int{1}},

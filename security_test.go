@@ -736,7 +736,7 @@ func secSlowlorisUnprotected(t *testing.T, s *secEnv, r *secRow) {
 // secRows is the matrix. Every row's name appears in SECURITY.md.
 func secRows() []secRow {
 	id65 := strings.Repeat("i", 65)
-	room129 := strings.Repeat("r", pubsub.DefaultMaxRoomNameLength+1)
+	room129 := strings.Repeat("r", 128+1)
 	clientPublish := pubsub.WithClientPublish(true)
 	noRefill := func(burst int) pubsub.Option { return pubsub.WithRateLimit(0.001, burst) }
 	heartbeat := pubsub.WithHeartbeat(100*time.Millisecond, time.Second)
@@ -883,7 +883,7 @@ func secRows() []secRow {
 		{name: "negative history is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","history":-1,"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},
 		{
 			name: "info over WithMaxInfoBytes is bad_request", mode: proto,
-			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":{"pad":"` + strings.Repeat("x", pubsub.DefaultMaxInfoBytes) + `"},"id":"atk"}`)},
+			frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":{"pad":"` + strings.Repeat("x", 1024) + `"},"id":"atk"}`)},
 			code:   protocol.CodeBadRequest, id: "atk",
 		},
 		{name: "info that is not an object is bad_request", mode: proto, frames: []secFrame{secText(`{"type":"subscribe","room":"lobby","info":[1,2],"id":"atk"}`)}, code: protocol.CodeBadRequest, id: "atk"},

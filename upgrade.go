@@ -25,8 +25,8 @@ import (
 
 // ServeHTTP upgrades the request to a WebSocket and hands the connection to
 // a goroutine of the Handler's; it returns right after the upgrade. A plain
-// GET of <path>/roomcast.js gets the browser client instead (see
-// ClientScript). A request that offers subprotocol roomcast.v1 is in
+// GET of <path>/roomcast.js (and its declarations, roomcast.d.ts) gets
+// the embedded browser client instead. A request that offers subprotocol roomcast.v1 is in
 // protocol mode; one that offers none is in raw mode. Refusals are answered
 // before the upgrade: 503 while shutting down or full, 426 for a request
 // that is not a WebSocket upgrade, 400 for a foreign subprotocol or a bad
@@ -388,8 +388,8 @@ func rawHistory(r *http.Request) (int, error) {
 		return 0, nil
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 || n > MaxHistorySize {
-		return 0, fmt.Errorf("the history query parameter must be a number from 0 to %d", MaxHistorySize)
+	if err != nil || n < 0 || n > maxHistorySize {
+		return 0, fmt.Errorf("the history query parameter must be a number from 0 to %d", maxHistorySize)
 	}
 	return n, nil
 }

@@ -29,7 +29,7 @@ func (c *conn) writerNow() writerState {
 // when nothing is queued no pool goroutine is left.
 func TestAFullSocketGoesToItsOwnWriterAndBackToThePool(t *testing.T) {
 	t.Parallel()
-	h, url := poolServer(t, nil, WithQueueLimits(DefaultQueueMessages, 256<<20))
+	h, url := poolServer(t, nil, WithQueueLimits(defaultQueueMessages, 256<<20))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	ws, c := dialRaw(t, ctx, h, url, "slow")

@@ -96,8 +96,8 @@ func TestTLSClientsGetEveryMessageWhole(t *testing.T) {
 func TestControlFramesNeverLandInsideAMessage(t *testing.T) {
 	t.Parallel()
 	h, srv := newServer(t,
-		pubsub.WithHeartbeat(10*time.Millisecond, pubsub.DefaultHeartbeatTimeout), // a ping whenever the client is silent
-		pubsub.WithQueueLimits(pubsub.DefaultQueueMessages, 256<<20))
+		pubsub.WithHeartbeat(10*time.Millisecond, 10*time.Second), // a ping whenever the client is silent
+		pubsub.WithQueueLimits(4096, 256<<20))
 	c := dial(t, wsURL(srv, "/ws?room=mix"))
 	waitFor(t, "the client in the room", func() bool { return len(h.Connections("mix")) == 1 })
 	ctx := testCtx(t)
