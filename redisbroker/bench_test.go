@@ -3,10 +3,10 @@ package redisbroker_test
 import (
 	"context"
 	"encoding/json"
-	"net/http/httptest"
 	"strings"
 
 	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 
 	"encoding/binary"
 	"fmt"
@@ -45,7 +45,7 @@ func benchPublish(b *testing.B, room func(int64) string) {
 	b.ResetTimer()
 	start := time.Now()
 	b.RunParallel(func(pb *testing.PB) {
-		ctx := testCtx(b)
+		ctx := pubsubtest.Context(b)
 		for pb.Next() {
 			if _, err := br.Publish(ctx, room(n.Add(1)), data, h); err != nil {
 				b.Error(err)
@@ -79,11 +79,11 @@ func benchLatency(b *testing.B, publishers int) {
 		}
 	})
 	b.Cleanup(func() { a.Close(); bb.Close() })
-	if err := bb.Subscribe(testCtx(b), "lat"); err != nil {
+	if err := bb.Subscribe(pubsubtest.Context(b), "lat"); err != nil {
 		b.Fatal(err)
 	}
 	runPublishers(b, publishers, func(data []byte) error {
-		_, err := a.Publish(testCtx(b), "lat", data, pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}})
+		_, err := a.Publish(pubsubtest.Context(b), "lat", data, pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}})
 		return err
 	})
 	lat.report(b)
@@ -117,7 +117,7 @@ func benchEndToEnd(b *testing.B, publishers int) {
 		}
 	}()
 	runPublishers(b, publishers, func(data []byte) error {
-		return a.h.Publish(testCtx(b), "e2e", []byte(fmt.Sprint(int64(binary.BigEndian.Uint64(data)))))
+		return a.Handler.Publish(pubsubtest.Context(b), "e2e", []byte(fmt.Sprint(int64(binary.BigEndian.Uint64(data)))))
 	})
 	select {
 	case <-done:
@@ -188,11 +188,8 @@ func (l *latencies) report(b *testing.B) {
 
 func benchNode(b *testing.B, prefix string) *node {
 	br := newBroker(b, shared.Addr, prefix)
-	h := pubsub.NewHandler(pubsub.WithBroker(br), pubsub.WithLogger(quietLogger()), pubsub.WithHistory(100, time.Minute),
-		pubsub.WithQueueLimits(1<<20, 1<<30))
-	srv := httptest.NewServer(h)
-	b.Cleanup(func() { h.Close(); srv.Close() })
-	return &node{h: h, b: br, srv: srv}
+	srv := pubsubtest.Start(b, pubsub.WithBroker(br), pubsub.WithHistory(100, time.Minute), pubsub.WithQueueLimits(1<<20, 1<<30))
+	return &node{Server: srv, b: br}
 }
 
 // benchClient reads message envelopes and returns their payload as a
@@ -203,7 +200,7 @@ type benchClient struct {
 }
 
 func benchDial(b *testing.B, n *node) *benchClient {
-	ctx := testCtx(b)
+	ctx := pubsubtest.Context(b)
 	c, _, err := websocket.Dial(ctx, n.url(""), &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
 	if err != nil {
 		b.Fatal(err)

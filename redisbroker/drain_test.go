@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
@@ -61,7 +62,7 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 				return
 			default:
 			}
-			if err := b.h.Publish(testCtx(t), "drain", fmt.Appendf(nil, "%d", n+1)); err != nil {
+			if err := b.Handler.Publish(pubsubtest.Context(t), "drain", fmt.Appendf(nil, "%d", n+1)); err != nil {
 				pubErr <- err
 				return
 			}
@@ -71,7 +72,7 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 		}
 	}()
 	<-twenty
-	if err := a.h.Shutdown(testCtx(t)); err != nil {
+	if err := a.Handler.Shutdown(pubsubtest.Context(t)); err != nil {
 		t.Fatal(err)
 	}
 	for range clients {

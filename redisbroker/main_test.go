@@ -3,7 +3,6 @@ package redisbroker_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"slices"
@@ -11,11 +10,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/roomcast/pubsub/internal/faultproxy"
 	"github.com/roomcast/pubsub/internal/leaktest"
+	"github.com/roomcast/pubsub/pubsubtest"
 	"github.com/roomcast/pubsub/redisbroker"
 	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
 )
@@ -66,21 +65,6 @@ func newClient(t testing.TB, addr string, adjust ...func(*redis.Options)) *redis
 	return c
 }
 
-func testCtx(t testing.TB) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
-
-// quietLogger keeps test output to failures; ROOMCAST_TEST_LOG=1 shows logs.
-func quietLogger() *slog.Logger {
-	if os.Getenv("ROOMCAST_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // logRecorder captures a broker's log records for assertions.
 type logRecorder struct {
 	mu      sync.Mutex
@@ -94,7 +78,7 @@ type logRecord struct {
 }
 
 func (l *logRecorder) logger() *slog.Logger {
-	return slog.New(&captureHandler{rec: l, next: quietLogger().Handler()})
+	return slog.New(&captureHandler{rec: l, next: pubsubtest.Logger().Handler()})
 }
 
 func (l *logRecorder) find(level slog.Level, msgPart, room string) bool {
@@ -136,27 +120,11 @@ func (h *captureHandler) WithGroup(name string) slog.Handler {
 	return &captureHandler{rec: h.rec, next: h.next.WithGroup(name), attrs: h.attrs}
 }
 
-// waitFor polls cond until it holds or the test's timeout passes. It is
-// for state with no event to wait on (Redis's client list, presence).
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	ctx := testCtx(t)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-}
-
 // newBroker returns a broker on addr with its own client.
 func newBroker(t testing.TB, addr, prefix string, opts ...redisbroker.Option) *redisbroker.Broker {
 	t.Helper()
 	c := newClient(t, addr)
-	return redisbroker.New(c, append([]redisbroker.Option{redisbroker.WithPrefix(prefix), redisbroker.WithLogger(quietLogger())}, opts...)...)
+	return redisbroker.New(c, append([]redisbroker.Option{redisbroker.WithPrefix(prefix), redisbroker.WithLogger(pubsubtest.Logger())}, opts...)...)
 }
 
 // startProxy starts a fault-injecting proxy to addr, closed at cleanup

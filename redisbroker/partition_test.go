@@ -5,8 +5,7 @@ import (
 	"testing"
 
 	"github.com/roomcast/pubsub/protocol"
-
-	"github.com/coder/websocket"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // A node cut off from Redis while the room goes on: its subscribers either
@@ -38,10 +37,10 @@ func TestANodeCutOffFromRedisNeverSkipsSilently(t *testing.T) {
 			proxy := startProxy(t, shared.Addr)
 			c := startNode(t, proxy.Addr(), p, nil)
 
-			sub := dialProto(t, c.url(""))
-			ack := sub.subscribe("room", nil)
+			sub := pubsubtest.Dial(t, c.url(""))
+			ack := sub.Subscribe("room")
 			publishAlternately(t, "room", 1, 46, a, b)
-			checkSeqs(t, sub.readMessages("room", 46), ack.Epoch, 1, numbered(1, 46)...)
+			checkSeqs(t, sub.Messages("room", 46), ack.Epoch, 1, numbered(1, 46)...)
 
 			if tc.drop {
 				proxy.Drop()
@@ -51,24 +50,24 @@ func TestANodeCutOffFromRedisNeverSkipsSilently(t *testing.T) {
 			publishAlternately(t, "room", 47, 46+tc.missed, a, b)
 			proxy.Heal()
 			last := 46 + tc.missed + 1
-			a.publish(t, "room", fmt.Sprint(last))
+			a.Publish("room", []byte(fmt.Sprint(last)))
 
 			if tc.recovers {
 				// The same subscription goes on, with every missed message.
-				checkSeqs(t, sub.readMessages("room", last-46), ack.Epoch, 47, numbered(47, last)...)
+				checkSeqs(t, sub.Messages("room", last-46), ack.Epoch, 47, numbered(47, last)...)
 				return
 			}
 			// The close comes before any message past the hole: the
 			// subscriber's last position stays 46.
-			expectCloseNext(t, sub, protocol.CloseRoomReset)
-			again := dialProto(t, c.url(""))
-			ack2 := again.subscribe("room", map[string]any{"since": map[string]any{"epoch": ack.Epoch, "seq": 46}})
+			sub.ExpectCloseNext(protocol.CloseRoomReset)
+			again := pubsubtest.Dial(t, c.url(""))
+			ack2 := again.SubscribeWith(pubsubtest.Fields{"room": "room", "since": pubsubtest.Fields{"epoch": ack.Epoch, "seq": 46}})
 			if ack2.Recovered == nil || *ack2.Recovered || ack2.Reason != protocol.ReasonHistoryTooShort {
-				t.Fatalf("resubscribe from seq 46 after %d were published and 100 are kept: %s, want recovered false, reason history_too_short", tc.missed, ack2.raw)
+				t.Fatalf("resubscribe from seq 46 after %d were published and 100 are kept: %s, want recovered false, reason history_too_short", tc.missed, ack2.Raw)
 			}
-			a.publish(t, "room", "next")
-			if got := again.readMessages("room", 1)[0]; got.payload() != "next" || got.Seq != ack2.Seq+1 {
-				t.Fatalf("after the reset the resubscribed client got %s, want the next message", got.raw)
+			a.Publish("room", []byte("next"))
+			if got := again.Messages("room", 1)[0]; string(got.Payload()) != "next" || got.Seq != ack2.Seq+1 {
+				t.Fatalf("after the reset the resubscribed client got %s, want the next message", got.Raw)
 			}
 		})
 	}
@@ -85,23 +84,23 @@ func TestANodeWhoseRedisLinkLagsDeliversEverythingOnce(t *testing.T) {
 	a := startNode(t, shared.Addr, p, nil)
 	proxy := startProxy(t, shared.Addr)
 	c := startNode(t, proxy.Addr(), p, nil)
-	sub := dialProto(t, c.url(""))
-	ack := sub.subscribe("room", nil)
+	sub := pubsubtest.Dial(t, c.url(""))
+	ack := sub.Subscribe("room")
 	publishAlternately(t, "room", 1, 10, a)
-	checkSeqs(t, sub.readMessages("room", 10), ack.Epoch, 1, numbered(1, 10)...)
+	checkSeqs(t, sub.Messages("room", 10), ack.Epoch, 1, numbered(1, 10)...)
 
 	proxy.Stall()
 	publishAlternately(t, "room", 11, 160, a)
-	late := dialProto(t, c.url(""))
-	id := late.send(map[string]any{"type": "subscribe", "room": "room", "history": 100})
+	late := pubsubtest.Dial(t, c.url(""))
+	late.Send(pubsubtest.Fields{"type": "subscribe", "room": "room", "history": 100, "id": "during the lag"})
 	proxy.Heal()
-	ack2 := late.reply(id)
-	if ack2.Type != "ack" || ack2.Seq != 160 || ack2.Missed != 100 {
-		t.Fatalf("subscribe with history 100 during the lag: %s, want seq 160 and 100 missed", ack2.raw)
+	ack2 := late.Reply("during the lag")
+	if ack2.Type != "ack" || ack2.Seq != 160 || ack2.Missed == nil || *ack2.Missed != 100 {
+		t.Fatalf("subscribe with history 100 during the lag: %s, want seq 160 and 100 missed", ack2.Raw)
 	}
-	a.publish(t, "room", "161")
-	checkSeqs(t, sub.readMessages("room", 151), ack.Epoch, 11, numbered(11, 161)...)
-	checkSeqs(t, late.readMessages("room", 101), ack.Epoch, 61, numbered(61, 161)...)
+	a.Publish("room", []byte("161"))
+	checkSeqs(t, sub.Messages("room", 151), ack.Epoch, 11, numbered(11, 161)...)
+	checkSeqs(t, late.Messages("room", 101), ack.Epoch, 61, numbered(61, 161)...)
 }
 
 // publishAlternately publishes the numbers from..to into room, in turn on
@@ -109,7 +108,7 @@ func TestANodeWhoseRedisLinkLagsDeliversEverythingOnce(t *testing.T) {
 func publishAlternately(t *testing.T, room string, from, to int, nodes ...*node) {
 	t.Helper()
 	for i := from; i <= to; i++ {
-		nodes[i%len(nodes)].publish(t, room, fmt.Sprint(i))
+		nodes[i%len(nodes)].Publish(room, []byte(fmt.Sprint(i)))
 	}
 }
 
@@ -119,26 +118,4 @@ func numbered(from, to int) []string {
 		out = append(out, fmt.Sprint(i))
 	}
 	return out
-}
-
-// expectCloseNext expects the next frame (pings aside) to be a close with
-// code: no message first.
-func expectCloseNext(t *testing.T, p *client, code protocol.CloseCode) {
-	t.Helper()
-	if len(p.pending) > 0 {
-		t.Fatalf("got %s, want the connection closed with %d first", p.pending[0].raw, code)
-	}
-	for {
-		_, b, err := p.c.Read(testCtx(t))
-		if err == nil {
-			if string(b) == `{"type":"ping"}` {
-				continue
-			}
-			t.Fatalf("got %s, want the connection closed with %d first", b, code)
-		}
-		if got := websocket.CloseStatus(err); protocol.CloseCode(got) != code {
-			t.Fatalf("connection ended with %v, want close code %d", err, code)
-		}
-		return
-	}
 }

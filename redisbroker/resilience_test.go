@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/roomcast/pubsub"
@@ -35,10 +36,10 @@ func startRedis(t *testing.T) *redistest.Server {
 func publishWhenBack(t *testing.T, n *node, room, data string) {
 	t.Helper()
 	var last error
-	waitFor(t, "a publish to succeed after Redis came back", func() bool {
+	pubsubtest.WaitFor(t, "a publish to succeed after Redis came back", func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		last = n.h.Publish(ctx, room, []byte(data))
+		last = n.Handler.Publish(ctx, room, []byte(data))
 		return last == nil
 	})
 }
@@ -50,12 +51,12 @@ func TestRedisRestartThatLostItsDataChangesTheEpoch(t *testing.T) {
 	a := startNode(t, srv.Addr, uniquePrefix(), []redisbroker.Option{
 		redisbroker.WithLogger(logs.logger()), redisbroker.WithPresenceTTL(300 * time.Millisecond),
 	})
-	c := dialProto(t, a.url("ann"))
-	ack := c.subscribe("room", nil)
+	c := pubsubtest.Dial(t, a.url("ann"))
+	ack := c.Subscribe("room")
 	for _, d := range []string{"1", "2", "3"} {
-		a.publish(t, "room", d)
+		a.Publish("room", []byte(d))
 	}
-	checkSeqs(t, c.readMessages("room", 3), ack.Epoch, 1, "1", "2", "3")
+	checkSeqs(t, c.Messages("room", 3), ack.Epoch, 1, "1", "2", "3")
 
 	srv.Stop()
 	if err := srv.Restart(); err != nil {
@@ -64,18 +65,18 @@ func TestRedisRestartThatLostItsDataChangesTheEpoch(t *testing.T) {
 	publishWhenBack(t, a, "room", "after")
 	// The subscriber is not left in a silently new stream: it is closed
 	// (4006) and, coming back with its position, told it cannot recover.
-	c.expectClose(t, protocol.CloseRoomReset)
-	waitFor(t, "the lost state to be logged at Error", func() bool {
+	c.ExpectClose(protocol.CloseRoomReset)
+	pubsubtest.WaitFor(t, "the lost state to be logged at Error", func() bool {
 		return logs.find(slog.LevelError, "epoch changed", "room") || logs.find(slog.LevelError, "state is gone", "room")
 	})
-	c2 := dialProto(t, a.url("ann"))
-	ack2 := c2.subscribe("room", map[string]any{"since": map[string]any{"epoch": ack.Epoch, "seq": 3}})
+	c2 := pubsubtest.Dial(t, a.url("ann"))
+	ack2 := c2.SubscribeWith(pubsubtest.Fields{"room": "room", "since": pubsubtest.Fields{"epoch": ack.Epoch, "seq": 3}})
 	if ack2.Recovered == nil || *ack2.Recovered || ack2.Reason != "epoch_changed" || ack2.Epoch == ack.Epoch || ack2.Seq != 1 {
-		t.Fatalf("resubscribe with the old position: %s, want recovered false, reason epoch_changed, the new epoch at seq 1", ack2.raw)
+		t.Fatalf("resubscribe with the old position: %s, want recovered false, reason epoch_changed, the new epoch at seq 1", ack2.Raw)
 	}
 	// Presence lives in Redis again.
-	waitFor(t, "ann's presence to be restored", func() bool {
-		p, err := a.h.Presence(testCtx(t), "room")
+	pubsubtest.WaitFor(t, "ann's presence to be restored", func() bool {
+		p, err := a.Handler.Presence(pubsubtest.Context(t), "room")
 		return err == nil && p.Count == 1 && p.Connections == 1
 	})
 }
@@ -84,42 +85,42 @@ func TestPublishFailsWhileRedisIsDownAndSubscriptionsResume(t *testing.T) {
 	t.Parallel()
 	srv := startRedis(t)
 	a := startNode(t, srv.Addr, uniquePrefix(), nil)
-	c := dialProto(t, a.url(""))
-	c.subscribe("live", nil)
-	a.publish(t, "live", "before")
-	c.readMessages("live", 1)
+	c := pubsubtest.Dial(t, a.url(""))
+	c.Subscribe("live")
+	a.Publish("live", []byte("before"))
+	c.Messages("live", 1)
 
 	srv.Stop()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	start := time.Now()
-	err := a.h.Publish(ctx, "live", []byte("during"))
+	err := a.Handler.Publish(ctx, "live", []byte("during"))
 	if err == nil || errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Publish while Redis is down: %v after %v, want a connection error before the deadline", err, time.Since(start))
 	}
 	t.Logf("Publish failed after %v: %v", time.Since(start), err)
-	if e := c.request(map[string]any{"type": "publish", "room": "live", "text": "x"}); e.Type != "error" || e.Code != "unavailable" {
-		t.Fatalf("client publish while Redis is down: %s, want error unavailable", e.raw)
+	if e := c.Request(pubsubtest.Fields{"type": "publish", "room": "live", "text": "x"}); e.Type != "error" || e.Code != "unavailable" {
+		t.Fatalf("client publish while Redis is down: %s, want error unavailable", e.Raw)
 	}
 
 	if err := srv.Restart(); err != nil {
 		t.Fatal(err)
 	}
 	admin := newClient(t, srv.Addr)
-	waitFor(t, "the node's pub/sub connection to resubscribe", func() bool {
-		list, err := admin.ClientList(testCtx(t)).Result()
+	pubsubtest.WaitFor(t, "the node's pub/sub connection to resubscribe", func() bool {
+		list, err := admin.ClientList(pubsubtest.Context(t)).Result()
 		return err == nil && strings.Contains(list, "sub=1")
 	})
 	// This Redis restarted empty: the room's stream broke, so the
 	// subscriber is closed (4006) rather than left with a silent gap; a
 	// client that comes back is served live again.
 	publishWhenBack(t, a, "live", "after")
-	c.expectClose(t, protocol.CloseRoomReset)
-	c2 := dialProto(t, a.url(""))
-	c2.subscribe("live", nil)
+	c.ExpectClose(protocol.CloseRoomReset)
+	c2 := pubsubtest.Dial(t, a.url(""))
+	c2.Subscribe("live")
 	publishWhenBack(t, a, "live", "after 2")
-	if got := c2.readMessages("live", 1)[0]; got.payload() != "after 2" {
-		t.Fatalf("after the restart a new subscriber got %s, want the message published after it", got.raw)
+	if got := c2.Messages("live", 1)[0]; string(got.Payload()) != "after 2" {
+		t.Fatalf("after the restart a new subscriber got %s, want the message published after it", got.Raw)
 	}
 }
 
@@ -140,7 +141,7 @@ func (g *gatedDialer) dial(ctx context.Context, network, addr string) (net.Conn,
 func cutPubSub(t *testing.T, gate *gatedDialer, name string) (reopen func()) {
 	t.Helper()
 	admin := newClient(t, shared.Addr)
-	list, err := admin.ClientList(testCtx(t)).Result()
+	list, err := admin.ClientList(pubsubtest.Context(t)).Result()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +159,7 @@ func cutPubSub(t *testing.T, gate *gatedDialer, name string) (reopen func()) {
 		t.Fatalf("no pub/sub connection named %s in\n%s", name, list)
 	}
 	gate.closed.Store(true)
-	if err := admin.Do(testCtx(t), "CLIENT", "KILL", "ID", id).Err(); err != nil {
+	if err := admin.Do(pubsubtest.Context(t), "CLIENT", "KILL", "ID", id).Err(); err != nil {
 		t.Fatal(err)
 	}
 	return func() { gate.closed.Store(false) }
@@ -181,19 +182,19 @@ func TestMessagesPublishedWhilePubSubIsDownAreFilledFromHistory(t *testing.T) {
 	gate, logs := &gatedDialer{}, &logRecorder{}
 	a := gatedNode(t, p, p+"-a", gate, logs)
 	b := startNode(t, shared.Addr, p, nil)
-	c := dialProto(t, a.url(""))
-	ack := c.subscribe("room", nil)
-	b.publish(t, "room", "1")
-	c.readMessages("room", 1)
+	c := pubsubtest.Dial(t, a.url(""))
+	ack := c.Subscribe("room")
+	b.Publish("room", []byte("1"))
+	c.Messages("room", 1)
 
 	reopen := cutPubSub(t, gate, p+"-a")
 	for _, d := range []string{"2", "3", "4", "5", "6"} {
-		b.publish(t, "room", d) // node a cannot hear these
+		b.Publish("room", []byte(d)) // node a cannot hear these
 	}
 	reopen()
-	b.publish(t, "room", "7")
-	checkSeqs(t, c.readMessages("room", 6), ack.Epoch, 2, "2", "3", "4", "5", "6", "7")
-	waitFor(t, "the filled gap to be logged", func() bool {
+	b.Publish("room", []byte("7"))
+	checkSeqs(t, c.Messages("room", 6), ack.Epoch, 2, "2", "3", "4", "5", "6", "7")
+	pubsubtest.WaitFor(t, "the filled gap to be logged", func() bool {
 		return logs.find(slog.LevelWarn, "from the room's history", "room")
 	})
 }
@@ -207,32 +208,32 @@ func TestGapHistoryCannotFillResetsTheRoomsSubscribers(t *testing.T) {
 	gate, logs := &gatedDialer{}, &logRecorder{}
 	a := gatedNode(t, p, p+"-a", gate, logs, pubsub.WithHistory(0, 0))
 	b := startNode(t, shared.Addr, p, nil, pubsub.WithHistory(0, 0))
-	c := dialProto(t, a.url(""))
-	ack := c.subscribe("room", nil)
-	b.publish(t, "room", "1")
-	c.readMessages("room", 1)
+	c := pubsubtest.Dial(t, a.url(""))
+	ack := c.Subscribe("room")
+	b.Publish("room", []byte("1"))
+	c.Messages("room", 1)
 
 	reopen := cutPubSub(t, gate, p+"-a")
-	b.publish(t, "room", "2")
-	b.publish(t, "room", "3")
+	b.Publish("room", []byte("2"))
+	b.Publish("room", []byte("3"))
 	reopen()
-	waitFor(t, "the lost messages to be logged at Error", func() bool {
+	pubsubtest.WaitFor(t, "the lost messages to be logged at Error", func() bool {
 		return logs.find(slog.LevelError, "messages were lost", "room")
 	})
 	_ = ack
-	c.expectClose(t, protocol.CloseRoomReset)
+	c.ExpectClose(protocol.CloseRoomReset)
 }
 
 func TestCloseReturnsWhileRedisIsDown(t *testing.T) {
 	t.Parallel()
 	srv := startRedis(t)
 	a := startNode(t, srv.Addr, uniquePrefix(), []redisbroker.Option{redisbroker.WithPresenceTTL(90 * time.Millisecond)})
-	c := dialProto(t, a.url("ann"))
-	c.subscribe("room", nil)
+	c := pubsubtest.Dial(t, a.url("ann"))
+	c.Subscribe("room")
 	srv.Stop()
 	done := make(chan struct{})
 	go func() {
-		a.h.Close()
+		a.Handler.Close()
 		close(done)
 	}()
 	select {
