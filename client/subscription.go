@@ -11,6 +11,13 @@ import (
 	"github.com/roomcast/pubsub/protocol"
 )
 
+// retryMin and retryMax bound the delays between the Client's own retries
+// of a rate-limited request.
+const (
+	retryMin = 50 * time.Millisecond
+	retryMax = time.Second
+)
+
 // Message is one message of a room, or a direct message (with only Data
 // and Kind set).
 type Message struct {
