@@ -35,6 +35,7 @@ const (
 	defaultMaxConnectionsPerUser = 100
 	defaultDrainBatch            = 1000
 	defaultDrainInterval         = 100 * time.Millisecond
+	defaultKeyTTL                = 5 * time.Minute
 )
 
 // SlowConsumerPolicy is what a room does when a subscriber's outbound queue
@@ -164,6 +165,7 @@ type config struct {
 	idleTimeout     time.Duration
 	drainBatch      int
 	drainInterval   time.Duration
+	keyTTL          time.Duration
 
 	broker Broker
 
@@ -187,8 +189,14 @@ func defaultConfig() config {
 		maxConnsPerUser: defaultMaxConnectionsPerUser,
 		drainBatch:      defaultDrainBatch,
 		drainInterval:   defaultDrainInterval,
+		keyTTL:          defaultKeyTTL,
 	}
 }
+
+// maxReplay is the most messages a subscribe replays (history or
+// recovery): the queue's bound less one, the ack's place. The welcome
+// tells protocol clients ("max_replay").
+func (c *config) maxReplay() int { return max(c.queue.messages-1, 1) }
 
 // roomOptions returns room's settings: the defaults, adjusted by the
 // WithRoomOptions function.
@@ -261,6 +269,9 @@ func (c *config) validate() {
 	}
 	if c.maxInfo < 0 || c.maxInfo > 64<<10 {
 		bad("WithMaxInfoBytes(%d): want 0 to 64 KiB", c.maxInfo)
+	}
+	if c.keyTTL < time.Second || c.keyTTL > 24*time.Hour {
+		bad("WithIdempotencyWindow(%v): want 1s to 24h", c.keyTTL)
 	}
 	if c.queue.messages < 1 || c.queue.bytes < 1 {
 		bad("WithQueueLimits(%d, %d): want at least 1 message and 1 byte", c.queue.messages, c.queue.bytes)
@@ -477,4 +488,14 @@ func WithIdleTimeout(d time.Duration) Option {
 // connections every 100ms.
 func WithDrain(batch int, interval time.Duration) Option {
 	return func(c *config) { c.drainBatch, c.drainInterval = batch, interval }
+}
+
+// WithIdempotencyWindow sets how long a publish's idempotency key is
+// remembered: a publish with a key sequenced less than d ago, from the
+// backend (IdempotencyKey) or a client (the publish "key"), publishes
+// nothing again. Clients learn it from the welcome ("key_ttl_ms") and stop
+// resending a publish older than it. Longer windows cost the broker memory
+// (a key per keyed publish). Default 5 minutes; 1s to 24h.
+func WithIdempotencyWindow(d time.Duration) Option {
+	return func(c *config) { c.keyTTL = d }
 }

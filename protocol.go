@@ -11,14 +11,17 @@ import (
 	"github.com/roomcast/pubsub/internal/wire"
 )
 
-const maxRequestID = 64
+const (
+	maxRequestID = 64 // bytes of a request's "id"
+	maxKey       = 64 // bytes of a publish's idempotency "key"
+)
 
 // inbound is one client envelope as decoded; only the fields its type uses
 // are set.
 type inbound struct {
 	Type   string          `json:"type"`
-	ID     string          `json:"id"`
-	Room   string          `json:"room"`
+	RawID  *string         `json:"id"`
+	RoomIn *string         `json:"room"`
 	Data   json.RawMessage `json:"data"`
 	Text   *string         `json:"text"`
 	Binary *string         `json:"binary"`
@@ -29,7 +32,29 @@ type inbound struct {
 	Presence bool            `json:"presence"`
 	Info     json.RawMessage `json:"info"`
 
-	payload []byte // the decoded payload of publish and send
+	// publish only
+	Key *string `json:"key"`
+
+	ID      requestID // from RawID
+	Room    string    // from RoomIn; "" when absent
+	payload []byte    // the decoded payload of publish and send
+}
+
+// requestID is a request's "id": any JSON string of at most 64 bytes, the
+// empty string included; set is false when the request has none (no "id",
+// or "id": null).
+type requestID struct {
+	s   string
+	set bool
+}
+
+// appendID appends `,"id":…` when the request had an id.
+func appendID(b []byte, id requestID) []byte {
+	if !id.set {
+		return b
+	}
+	b = append(b, `,"id":`...)
+	return wire.AppendString(b, id.s)
 }
 
 // position is where a client stands in a room: the last message it got.
@@ -58,12 +83,11 @@ func decodeInbound(b []byte) (inbound, *protoError) {
 	if err := json.Unmarshal(b, &in); err != nil {
 		// Salvage the id, if any, so the client can match the error.
 		var probe struct {
-			ID string `json:"id"`
+			ID *string `json:"id"`
 		}
-		if json.Unmarshal(b, &probe) == nil && len(probe.ID) <= maxRequestID {
-			in.ID = probe.ID
-		} else {
-			in.ID = ""
+		in = inbound{}
+		if json.Unmarshal(b, &probe) == nil && probe.ID != nil && len(*probe.ID) <= maxRequestID {
+			in.ID = requestID{*probe.ID, true}
 		}
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Field != "" {
@@ -71,28 +95,32 @@ func decodeInbound(b []byte) (inbound, *protoError) {
 		}
 		return in, badRequest("the message is not a JSON object")
 	}
-	if len(in.ID) > maxRequestID {
-		in.ID = ""
-		return in, badRequest("id is longer than 64 bytes")
+	if in.RawID != nil {
+		if len(*in.RawID) > maxRequestID {
+			return in, badRequest("id is longer than 64 bytes") // and not echoed
+		}
+		in.ID = requestID{*in.RawID, true}
+	}
+	if in.RoomIn != nil {
+		in.Room = *in.RoomIn
+	}
+	// A type that names a room requires the field; an empty name is a room
+	// name that fails validation (invalid_room), checked by dispatch.
+	needsRoom := in.Type == "subscribe" || in.Type == "unsubscribe" || in.Type == "presence" || in.Type == "publish"
+	switch {
+	case in.Type == "":
+		return in, badRequest(`"type" is required`)
+	case needsRoom && in.RoomIn == nil:
+		return in, badRequest(`"room" is required`)
 	}
 	switch in.Type {
-	case "":
-		return in, badRequest(`"type" is required`)
-	case "ping", "pong":
+	case "ping", "pong", "unsubscribe", "presence":
 		return in, nil
 	case "subscribe":
-		if in.Room == "" {
-			return in, badRequest(`"room" is required`)
-		}
 		return in, in.checkSubscribe()
-	case "unsubscribe", "presence":
-		if in.Room == "" {
-			return in, badRequest(`"room" is required`)
-		}
-		return in, nil
 	case "publish", "send":
-		if in.Type == "publish" && in.Room == "" {
-			return in, badRequest(`"room" is required`)
+		if in.Key != nil && (*in.Key == "" || len(*in.Key) > maxKey) {
+			return in, badRequest(`"key" must be 1 to 64 bytes`)
 		}
 		p, err := in.decodePayload()
 		if err != nil {
@@ -202,9 +230,9 @@ type subscribed struct {
 	missed    int             // messages replayed before live ones
 }
 
-func encodeSubscribed(id string, s subscribed) []byte {
-	b := append([]byte(nil), `{"type":"ack","id":`...)
-	b = wire.AppendString(b, id)
+func encodeSubscribed(id requestID, s subscribed) []byte {
+	b := append([]byte(nil), `{"type":"ack"`...)
+	b = appendID(b, id)
 	b = append(b, `,"room":`...)
 	b = wire.AppendString(b, s.room)
 	b = append(b, `,"epoch":`...)
@@ -227,12 +255,9 @@ func encodeSubscribed(id string, s subscribed) []byte {
 }
 
 // encodePresence is the reply to a presence request.
-func encodePresence(id, room string, p Presence) []byte {
+func encodePresence(id requestID, room string, p Presence) []byte {
 	b := append([]byte(nil), `{"type":"presence"`...)
-	if id != "" {
-		b = append(b, `,"id":`...)
-		b = wire.AppendString(b, id)
-	}
+	b = appendID(b, id)
 	b = append(b, `,"room":`...)
 	b = wire.AppendString(b, room)
 	b = append(b, `,"count":`...)
@@ -269,20 +294,41 @@ func encodeDirect(p []byte, kind wire.Kind) []byte {
 	return append(b, '}')
 }
 
-func encodeAck(id string) []byte {
-	b := append([]byte(nil), `{"type":"ack","id":`...)
-	b = wire.AppendString(b, id)
+func encodeAck(id requestID) []byte {
+	b := append([]byte(nil), `{"type":"ack"`...)
+	b = appendID(b, id)
 	return append(b, '}')
 }
 
-func encodeError(id string, e *protoError) []byte {
-	b := append([]byte(nil), `{"type":"error",`...)
-	if id != "" {
-		b = append(b, `"id":`...)
-		b = wire.AppendString(b, id)
-		b = append(b, ',')
+// encodePublished acknowledges a publish with where its message landed:
+// the room's epoch and seq and the message's id, and "duplicate" when its
+// key had been sequenced already (the position is the first publish's). A
+// publish the broker dropped (a room with no history and no subscriber)
+// gets a bare ack.
+func encodePublished(id requestID, room string, res PublishResult) []byte {
+	if res.Epoch == "" {
+		return encodeAck(id)
 	}
-	b = append(b, `"code":`...)
+	b := append([]byte(nil), `{"type":"ack"`...)
+	b = appendID(b, id)
+	b = append(b, `,"room":`...)
+	b = wire.AppendString(b, room)
+	b = append(b, `,"epoch":`...)
+	b = wire.AppendString(b, res.Epoch)
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendUint(b, res.Seq, 10)
+	b = append(b, `,"message_id":`...)
+	b = wire.AppendString(b, res.ID)
+	if res.Duplicate {
+		b = append(b, `,"duplicate":true`...)
+	}
+	return append(b, '}')
+}
+
+func encodeError(id requestID, e *protoError) []byte {
+	b := append([]byte(nil), `{"type":"error"`...)
+	b = appendID(b, id)
+	b = append(b, `,"code":`...)
 	b = wire.AppendString(b, e.code)
 	b = append(b, `,"message":`...)
 	b = wire.AppendString(b, e.msg)
@@ -298,6 +344,8 @@ type welcome struct {
 	TimeoutMS       int64  `json:"timeout_ms"`
 	MaxMessageBytes int64  `json:"max_message_bytes"`
 	MaxRooms        int    `json:"max_rooms"`
+	MaxReplay       int    `json:"max_replay"`
+	KeyTTLMS        int64  `json:"key_ttl_ms"`
 }
 
 func encodeWelcome(w welcome) []byte {
@@ -309,11 +357,8 @@ func encodeWelcome(w welcome) []byte {
 var pingEnvelope = []byte(`{"type":"ping"}`)
 
 // encodePong answers a client ping, echoing its id when it had one.
-func encodePong(id string) []byte {
-	if id == "" {
-		return []byte(`{"type":"pong"}`)
-	}
-	b := append([]byte(nil), `{"type":"pong","id":`...)
-	b = wire.AppendString(b, id)
+func encodePong(id requestID) []byte {
+	b := append([]byte(nil), `{"type":"pong"`...)
+	b = appendID(b, id)
 	return append(b, '}')
 }

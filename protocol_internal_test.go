@@ -79,7 +79,8 @@ func TestDecodeInbound(t *testing.T) {
 		{name: "missing type", in: `{"room":"a","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 		{name: "empty type", in: `{"type":"","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 		{name: "subscribe without room", in: `{"type":"subscribe","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
-		{name: "subscribe with empty room", in: `{"type":"subscribe","room":"","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
+		{name: "subscribe with empty room (invalid_room, from dispatch)", in: `{"type":"subscribe","room":"","id":"r1"}`, typ: "subscribe", id: "r1"},
+		{name: "subscribe without room", in: `{"type":"subscribe","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 		{name: "unsubscribe without room", in: `{"type":"unsubscribe","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 		{name: "publish without room", in: `{"type":"publish","text":"x","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
 		{name: "publish without payload", in: `{"type":"publish","room":"a","id":"r1"}`, id: "r1", code: protocol.CodeBadRequest},
@@ -101,8 +102,8 @@ func TestDecodeInbound(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			in, err := decodeInbound([]byte(tt.in))
-			if in.ID != tt.id {
-				t.Errorf("id %q, want %q", in.ID, tt.id)
+			if in.ID.s != tt.id || in.ID.set != (tt.id != "") {
+				t.Errorf("id %+v, want %q", in.ID, tt.id)
 			}
 			if tt.code != "" {
 				if err == nil {
@@ -412,7 +413,7 @@ func TestEncodeDirect(t *testing.T) {
 func TestEncodeAck(t *testing.T) {
 	t.Parallel()
 	for _, id := range []string{"r1", `q"uo\te`, "\u2028é", strings.Repeat("x", 64)} {
-		d := decodeEnvelope(t, encodeAck(id))
+		d := decodeEnvelope(t, encodeAck(requestID{id, true}))
 		if !slices.Equal(d.keys, []string{"id", "type"}) || d.str(t, "type") != "ack" || d.str(t, "id") != id {
 			t.Errorf("encodeAck(%q) = %v %s %s", id, d.keys, d.fields["type"], d.fields["id"])
 		}
@@ -422,7 +423,7 @@ func TestEncodeAck(t *testing.T) {
 func TestEncodeError(t *testing.T) {
 	t.Parallel()
 	e := &protoError{protocol.CodeRejected, `the "server" said no\` + "\n"}
-	d := decodeEnvelope(t, encodeError(`r"1`, e))
+	d := decodeEnvelope(t, encodeError(requestID{`r"1`, true}, e))
 	if !slices.Equal(d.keys, []string{"code", "id", "message", "type"}) {
 		t.Fatalf("keys %v", d.keys)
 	}
@@ -430,7 +431,7 @@ func TestEncodeError(t *testing.T) {
 		t.Fatalf("got %v", d.fields)
 	}
 	// No id: the key is left out rather than sent empty.
-	d = decodeEnvelope(t, encodeError("", e))
+	d = decodeEnvelope(t, encodeError(requestID{}, e))
 	if !slices.Equal(d.keys, []string{"code", "message", "type"}) {
 		t.Fatalf("keys without an id: %v", d.keys)
 	}
@@ -456,8 +457,9 @@ func TestControlEnvelopes(t *testing.T) {
 	t.Parallel()
 	for _, c := range []struct{ got, want string }{
 		{string(pingEnvelope), `{"type":"ping"}`},
-		{string(encodePong("")), `{"type":"pong"}`},
-		{string(encodePong(`p"1`)), `{"type":"pong","id":"p\"1"}`},
+		{string(encodePong(requestID{})), `{"type":"pong"}`},
+		{string(encodePong(requestID{`p"1`, true})), `{"type":"pong","id":"p\"1"}`},
+		{string(encodePong(requestID{"", true})), `{"type":"pong","id":""}`},
 	} {
 		if c.got != c.want {
 			t.Errorf("got %s, want %s", c.got, c.want)
@@ -483,8 +485,8 @@ func FuzzDecodeInbound(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		in, err := decodeInbound(b)
-		if len(in.ID) > maxRequestID {
-			t.Fatalf("id of %d bytes", len(in.ID))
+		if len(in.ID.s) > maxRequestID {
+			t.Fatalf("id of %d bytes", len(in.ID.s))
 		}
 		if err != nil {
 			if !slices.Contains(protocol.ErrorCodes(), err.code) || err.msg == "" {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -84,45 +85,97 @@ func (h *Handler) brokerFailed(op, room string, err error) {
 // Publish publishes data into room. Every subscriber, on every node, gets
 // it in the room's order. Publish copies data and never blocks on a
 // subscriber; it fails with ErrInvalidRoom, ErrTooLarge, ErrClosed, or the
-// broker's error.
-func (h *Handler) Publish(ctx context.Context, room string, data []byte) error {
-	if err := h.publish(ctx, room, data); err != nil {
+// broker's error. With IdempotencyKey it publishes at most once per key.
+func (h *Handler) Publish(ctx context.Context, room string, data []byte, opts ...PublishOption) error {
+	var o publishConfig
+	for _, f := range opts {
+		f(&o)
+	}
+	key := ""
+	if o.keySet {
+		if o.key == "" || len(o.key) > maxKey {
+			return fmt.Errorf("pubsub: publish to room %q: the idempotency key must be 1 to %d bytes", room, maxKey)
+		}
+		key = "h" + o.key // the backend's keys, apart from every client's
+	}
+	if _, err := h.publish(ctx, room, data, key); err != nil {
 		return fmt.Errorf("pubsub: publish to room %q: %w", room, err)
 	}
 	return nil
 }
 
-func (h *Handler) publish(ctx context.Context, room string, data []byte) error {
+// PublishOption adjusts one Publish.
+type PublishOption func(*publishConfig)
+
+type publishConfig struct {
+	key    string
+	keySet bool
+}
+
+// IdempotencyKey makes a Publish idempotent: once a publish with key was
+// sequenced in the room, another one with the same key, on any node of the
+// cluster, within WithIdempotencyWindow (5 minutes by default), publishes
+// nothing and succeeds. A backend that does not know whether a Publish
+// went through (it timed out) retries it with the same key. The key is 1
+// to 64 bytes; the backend's keys never meet its clients' (PROTOCOL.md,
+// publish "key").
+func IdempotencyKey(key string) PublishOption {
+	return func(o *publishConfig) { o.key, o.keySet = key, true }
+}
+
+// publish publishes data, with the idempotency key (already namespaced)
+// when key is set, and counts it.
+func (h *Handler) publish(ctx context.Context, room string, data []byte, key string) (PublishResult, error) {
 	if h.isClosing() {
-		return ErrClosed
+		return PublishResult{}, ErrClosed
 	}
 	if err := h.roomError(room); err != nil {
-		return err
+		return PublishResult{}, err
 	}
 	if len(data) > h.cfg.queue.bytes {
-		return ErrTooLarge
+		return PublishResult{}, ErrTooLarge
 	}
-	if _, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), PublishOptions{History: h.cfg.roomOptions(room).history()}); err != nil {
-		return err
+	o := PublishOptions{History: h.cfg.roomOptions(room).history()}
+	if key != "" {
+		o.Key, o.KeyTTL = key, h.cfg.keyTTL
 	}
-	h.stats.published.Add(1)
-	return nil
+	res, err := h.cfg.broker.Publish(ctx, room, bytes.Clone(data), o)
+	if err != nil {
+		return PublishResult{}, err
+	}
+	if res.Duplicate {
+		h.stats.duplicates.Add(1)
+	} else {
+		h.stats.published.Add(1)
+	}
+	return res, nil
+}
+
+// clientKey namespaces a client's idempotency key by its user, so that no
+// user's keys can suppress another's publishes (or the backend's): "u",
+// the user id's length, ":", the user id, the key. Anonymous clients share
+// one namespace; their keys must be unguessable (the clients' are random).
+func clientKey(userID, key string) string {
+	return "u" + strconv.Itoa(len(userID)) + ":" + userID + key
 }
 
 // publishFromClient publishes a client's message, turning failures into
 // the client's error codes.
-func (h *Handler) publishFromClient(ctx context.Context, room string, data []byte) *protoError {
-	err := h.publish(ctx, room, data)
+func (h *Handler) publishFromClient(ctx context.Context, c Client, room string, data []byte, key string) (PublishResult, *protoError) {
+	if key != "" {
+		key = clientKey(c.UserID, key)
+	}
+	res, err := h.publish(ctx, room, data, key)
 	switch {
 	case err == nil:
-		return nil
+		return res, nil
 	case errors.Is(err, ErrTooLarge):
-		return badRequest("the payload is larger than the server's queue bound")
+		return res, badRequest("the payload is larger than the server's queue bound")
 	case errors.Is(err, ErrClosed):
-		return &protoError{protocol.CodeUnavailable, "the server is shutting down"}
+		return res, &protoError{protocol.CodeUnavailable, "the server is shutting down"}
 	default:
 		h.brokerFailed("publish", room, err)
-		return &protoError{protocol.CodeUnavailable, "could not publish; try again later"}
+		return res, &protoError{protocol.CodeUnavailable, "could not publish; try again later"}
 	}
 }
 

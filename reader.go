@@ -118,7 +118,7 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 		c.beginClose(v.closeCode(), v.reason("publish not allowed"), false)
 		return false
 	}
-	if perr := c.h.publishFromClient(c.ctx, room, data); perr != nil {
+	if _, perr := c.h.publishFromClient(c.ctx, c.client, room, data, ""); perr != nil {
 		c.beginClose(protocol.CloseTryAgainLater, "publish failed, try again later", false)
 		return false
 	}
@@ -153,7 +153,7 @@ func (c *conn) handleEnvelope(data []byte) bool {
 		c.h.log.Debug("pubsub: client request refused", "conn_id", c.client.ID,
 			"user_id", c.client.UserID, "room", in.Room, "err", perr)
 		c.enqueue(newControlFrame(encodeError(in.ID, perr)))
-	case !replied && in.ID != "":
+	case !replied && in.ID.set:
 		c.enqueue(newControlFrame(encodeAck(in.ID)))
 	}
 	// A reply that did not fit closed the connection as a slow consumer.
@@ -171,8 +171,15 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		if _, ok := c.rooms[in.Room]; ok {
-			return false, nil // already subscribed: idempotent
+		if r, ok := c.rooms[in.Room]; ok {
+			// Already subscribed: nothing changes, and the ack says where
+			// the subscription stands.
+			if in.ID.set {
+				h.rooms.ackPosition(r, c, func(epoch string, seq uint64) *frame {
+					return newControlFrame(encodeSubscribed(in.ID, subscribed{room: in.Room, epoch: epoch, top: seq, presence: r.opts.Presence}))
+				})
+			}
+			return in.ID.set, nil
 		}
 		if len(c.rooms) >= h.cfg.maxRooms {
 			return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
@@ -187,8 +194,11 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 			h.brokerFailed("subscribe", in.Room, err)
 			return false, &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
 		}
-		return in.ID != "", nil
+		return in.ID.set, nil
 	case "presence":
+		if perr := h.checkRoom(in.Room); perr != nil {
+			return false, perr
+		}
 		r, ok := c.rooms[in.Room]
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
@@ -204,6 +214,9 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		c.enqueue(newControlFrame(encodePresence(in.ID, in.Room, p)))
 		return true, nil
 	case "unsubscribe":
+		if perr := h.checkRoom(in.Room); perr != nil {
+			return false, perr
+		}
 		r, ok := c.rooms[in.Room]
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
@@ -218,12 +231,21 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if v := c.authorizePublish(in.Room); v != allowed {
 			return false, v.protoError(protocol.CodeForbidden, c.publishDenied())
 		}
-		return false, h.publishFromClient(c.ctx, in.Room, in.payload)
+		key := ""
+		if in.Key != nil {
+			key = *in.Key
+		}
+		res, perr := h.publishFromClient(c.ctx, c.client, in.Room, in.payload, key)
+		if perr != nil || !in.ID.set {
+			return false, perr
+		}
+		c.enqueue(newControlFrame(encodePublished(in.ID, in.Room, res)))
+		return true, nil
 	case "send":
 		if h.cfg.onMessage == nil {
 			return false, &protoError{protocol.CodeNotSupported, "this server does not handle messages sent to it"}
 		}
-		if in.Room != "" {
+		if in.RoomIn != nil {
 			if perr := h.checkRoom(in.Room); perr != nil {
 				return false, perr
 			}
@@ -247,7 +269,7 @@ func (c *conn) isClosing() bool {
 // ack (when id is set), the messages the client asked to catch up on
 // (since its position, or the room's last history messages), then the
 // live messages. It is shared by protocol subscribes and raw-mode joins.
-func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, id string) error {
+func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, id requestID) error {
 	h := c.h
 	if len(c.client.Info) > 0 {
 		info = c.client.Info // the server's word wins
@@ -267,9 +289,10 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 		return nil
 	}
 	out := subscribed{room: room, presence: r.opts.Presence}
-	// A catch-up never exceeds what the queue can hold: more would close
-	// the connection as a slow consumer before it could read any of it.
-	capacity := min(r.opts.HistorySize, h.cfg.queue.messages-1)
+	// A catch-up never exceeds what the queue can hold beside the ack: more
+	// would close the connection as a slow consumer before it could read
+	// any of it.
+	capacity := min(r.opts.HistorySize, h.cfg.maxReplay())
 	q := HistoryQuery{}
 	switch {
 	case since != nil:
@@ -302,7 +325,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	}
 	out.missed = len(msgs)
 	first := make([]*frame, 0, len(msgs)+1)
-	if id != "" {
+	if id.set {
 		first = append(first, newControlFrame(encodeSubscribed(id, out)))
 	}
 	for _, m := range msgs {

@@ -281,37 +281,57 @@ func (g *registry) deliver(m Message) {
 	if r == nil {
 		return
 	}
-	switch m.Kind {
-	case KindReset:
-		// Messages are gone that the subscribers cannot be told of: close
-		// them, after what they have queued, so they reconnect and recover.
-		// The next message starts the stream afresh.
-		r.lastEpoch, r.lastSeq = "", 0
-		g.reset(r)
+	if m.Kind != KindMessage && m.Kind != KindReset {
+		r.mu.RLock()
+		defer r.mu.RUnlock()
+		if r.watchers > 0 { // else nobody here asked for presence events: no loop over the room
+			g.fanOut(r, m, newRoomFrame(m, r))
+		}
 		return
-	case KindMessage:
-		if m.Epoch == r.lastEpoch && m.Seq <= r.lastSeq {
-			return // delivered already
-		}
-		hole := r.lastEpoch != "" && (m.Epoch != r.lastEpoch || m.Seq != r.lastSeq+1)
-		r.lastEpoch, r.lastSeq = m.Epoch, m.Seq
-		if hole {
-			// The one place that keeps a live stream gap-free, whatever
-			// the broker: every subscriber is closed with 4006 before it
-			// could see a message past the hole, so its last position is
-			// the one before it. m starts the stream afresh for later
-			// subscribers, who catch up from history.
-			g.onErr("deliver", m.Room, errHole)
-			g.reset(r)
-			return
-		}
 	}
-	f := newRoomFrame(m, r)
+	if hole := g.follow(r, m); hole {
+		// The one place that keeps a live stream gap-free, whatever the
+		// broker: every subscriber was closed with 4006 before it could see
+		// a message past the hole, so its last position is the one before
+		// it. m started the stream afresh for later subscribers, who catch
+		// up from history.
+		g.onErr("deliver", m.Room, errHole)
+	}
+}
+
+// follow checks m against the room's stream and fans it out, under the
+// room's read lock (an ack of position takes the write lock, so it never
+// sees a message half delivered). A repeat is dropped. A reset, or a
+// message that does not follow the last one (a seq jump, a new epoch),
+// closes every subscriber with 4006, after what it has queued, and starts
+// the stream afresh; follow reports a hole the broker did not announce.
+// The room's last position is written under the read lock: deliveries
+// never overlap (the Broker contract), and its other readers hold the
+// write lock.
+func (g *registry) follow(r *room, m Message) (hole bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	if m.Kind != KindMessage && r.watchers == 0 {
-		return // nobody here asked for presence events: no loop over the room
+	if m.Kind == KindReset {
+		r.lastEpoch, r.lastSeq = "", 0
+		g.resetLocked(r)
+		return false
 	}
+	if m.Epoch == r.lastEpoch && m.Seq <= r.lastSeq {
+		return false // delivered already
+	}
+	hole = r.lastEpoch != "" && (m.Epoch != r.lastEpoch || m.Seq != r.lastSeq+1)
+	r.lastEpoch, r.lastSeq = m.Epoch, m.Seq
+	if hole {
+		g.resetLocked(r)
+		return true
+	}
+	g.fanOut(r, m, newRoomFrame(m, r))
+	return false
+}
+
+// fanOut queues f, the frame of m, for each subscriber that takes it;
+// the caller holds r's read lock.
+func (g *registry) fanOut(r *room, m Message, f *frame) {
 	for c, s := range r.subs {
 		if m.Kind != KindMessage && !s.presence {
 			continue
@@ -340,15 +360,30 @@ func (g *registry) deliver(m Message) {
 	}
 }
 
+// ackPosition queues the ack that build makes from c's position in r: the
+// last message it was queued, which is the room's last delivered one once
+// the subscription is live, or the position its catch-up reached before
+// any. The write lock orders the ack with the room's deliveries: every
+// message at or before that position is queued ahead of it, every later
+// one behind it.
+func (g *registry) ackPosition(r *room, c *conn, build func(epoch string, seq uint64) *frame) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	epoch, seq := r.lastEpoch, r.lastSeq
+	if s := r.subs[c]; s != nil && s.floorEpoch != "" {
+		epoch, seq = s.floorEpoch, s.floorSeq
+	}
+	c.enqueue(build(epoch, seq))
+}
+
 // errHole is what the Handler logs when a broker delivered a message that
 // does not follow the last one: the broker lost messages and did not say
 // so with KindReset first.
 var errHole = errors.New("the broker skipped messages of the room without a reset; closing its subscribers with 4006")
 
-// reset closes every subscriber of r with 4006, after what it has queued.
-func (g *registry) reset(r *room) {
-	r.mu.RLock()
-	defer r.mu.RUnlock()
+// resetLocked closes every subscriber of r with 4006, after what it has
+// queued; the caller holds r's lock.
+func (g *registry) resetLocked(r *room) {
 	for c := range r.subs {
 		c.roomReset()
 	}

@@ -15,6 +15,7 @@ type Stats struct {
 	MessagesIn    uint64 // data messages received from clients (heartbeats aside)
 	MessagesOut   uint64 // room and direct messages written to clients
 	Published     uint64 // messages published into rooms, by the server and clients
+	Duplicates    uint64 // publishes whose idempotency key was sequenced already: nothing published again
 	SlowConsumers uint64 // connections closed because their queue overflowed or a write timed out
 	Dropped       uint64 // messages discarded by a SlowConsumerDropOldest or SlowConsumerKeepLatest room
 	RateLimited   uint64 // client messages refused by the rate limit
@@ -23,7 +24,7 @@ type Stats struct {
 }
 
 type counters struct {
-	messagesIn, messagesOut, published, slowConsumers, dropped,
+	messagesIn, messagesOut, published, duplicates, slowConsumers, dropped,
 	rateLimited, refused, hookPanics atomic.Uint64
 }
 
@@ -91,6 +92,7 @@ func (h *Handler) Stats() Stats {
 		MessagesIn:    h.stats.messagesIn.Load(),
 		MessagesOut:   h.stats.messagesOut.Load(),
 		Published:     h.stats.published.Load(),
+		Duplicates:    h.stats.duplicates.Load(),
 		SlowConsumers: h.stats.slowConsumers.Load(),
 		Dropped:       h.stats.dropped.Load(),
 		RateLimited:   h.stats.rateLimited.Load(),

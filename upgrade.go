@@ -150,7 +150,7 @@ func (c *conn) joinRawRoom(r *http.Request) *refusal {
 	if v := c.authorize(ActionSubscribe, room); v != allowed {
 		return &refusal{status: v.httpStatus(), msg: v.reason("not allowed to subscribe in this room")}
 	}
-	if err := c.subscribe(room, nil, history, false, nil, ""); err != nil {
+	if err := c.subscribe(room, nil, history, false, nil, requestID{}); err != nil {
 		h.brokerFailed("subscribe", room, err)
 		return &refusal{status: http.StatusServiceUnavailable, msg: "could not join the room; try again later"}
 	}
@@ -190,6 +190,8 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 			TimeoutMS:       h.cfg.heartbeatWait.Milliseconds(),
 			MaxMessageBytes: h.cfg.maxMessageBytes,
 			MaxRooms:        h.cfg.maxRooms,
+			MaxReplay:       h.cfg.maxReplay(),
+			KeyTTLMS:        h.cfg.keyTTL.Milliseconds(),
 		})))
 	}
 	if !h.register(c) {
@@ -384,7 +386,7 @@ func isJSONObject(b []byte) bool {
 // many of the room's last messages to replay before live ones.
 func rawHistory(r *http.Request) (int, error) {
 	v := r.URL.Query().Get("history")
-	if v == "" {
+	if !r.URL.Query().Has("history") {
 		return 0, nil
 	}
 	n, err := strconv.Atoi(v)

@@ -1371,14 +1371,14 @@ func TestReadLimitAndHTTPClientOptionsApply(t *testing.T) {
 		return http.DefaultTransport.RoundTrip(r)
 	})}
 	states, onState := stateCollector()
-	c := dialClient(t, ts.url(), onState, client.WithHTTPClient(hc), client.WithReadLimit(200))
+	c := dialClient(t, ts.url(), onState, client.WithHTTPClient(hc), client.WithReadLimit(300)) // the welcome fits, not the message below
 	if upgrades.Load() != 1 {
 		t.Fatalf("%d upgrades through the HTTP client, want 1", upgrades.Load())
 	}
 	if _, err := c.Subscribe(testCtx(t), "big", func(client.Message) { t.Error("a message over the read limit was delivered") }); err != nil {
 		t.Fatal(err)
 	}
-	publish(t, ts.handler(), "big", strings.Repeat("x", 500))
+	publish(t, ts.handler(), "big", strings.Repeat("x", 600))
 	states.waitFor(t, "the oversized message to end the connection", closeCode(1006))
 	states.waitFor(t, "reconnected", isState(client.StateConnected))
 	if upgrades.Load() != 2 {
