@@ -48,12 +48,16 @@ type Client struct {
 	nextID atomic.Uint64
 	direct *queue // nil without WithOnDirect
 
-	mu    sync.Mutex
-	sess  *session // the open connection; nil while there is none
-	state State
-	err   error
-	subs  map[string]*Subscription
-	conn  welcome
+	mu       sync.Mutex
+	sess     *session // the open connection; nil while there is none
+	state    State
+	err      error
+	subs     map[string]*Subscription
+	conn     welcome
+	outbox   []*outgoing // publishes waiting for the server's answer, oldest first
+	flushing *session    // the connection whose flushOutbox still runs
+
+	sendMu sync.Mutex // held across a publish's write: the outbox's order on the wire
 }
 
 // Dial connects to a roomcast server in protocol mode, waits for its
@@ -297,21 +301,6 @@ func (c *Client) forgetLocked(sub *Subscription) {
 		close(sub.gone)
 	}
 	sub.q.stop()
-}
-
-// Publish publishes data into room and returns once the server
-// acknowledged it. The payload travels as JSON when data is valid JSON,
-// else as text when it is valid UTF-8, else as binary: either way the
-// server stores exactly data. A refusal is an *Error (forbidden,
-// invalid_room, rate_limited, unavailable…); ErrDisconnected while
-// reconnecting or when the connection was lost before the ack (the
-// message may then have been published or not); ErrTooLarge when the
-// request exceeds the server's max_message_bytes.
-func (c *Client) Publish(ctx context.Context, room string, data []byte) error {
-	if err := c.payloadRequest(ctx, "publish", room, data); err != nil {
-		return fmt.Errorf("client: publish to room %q: %w", room, err)
-	}
-	return nil
 }
 
 // Send sends data to the server's message handler (not to a room) and

@@ -12,7 +12,7 @@
 //		fmt.Printf("%s #%d: %s\n", m.Room, m.Seq, m.Data)
 //	}, client.History(20))
 //
-//	err = c.Publish(ctx, "chat", []byte(`{"text":"hi"}`)) // waits for the ack
+//	pub, err := c.Publish(ctx, "chat", []byte(`{"text":"hi"}`)) // once, whatever the network does
 //
 // # Requests
 //
@@ -22,7 +22,19 @@
 // cost the connection.) A refusal is an *Error whose Code is one of the
 // error codes of package protocol, such as protocol.CodeForbidden (use
 // errors.As). While the Client has no connection they fail at once with
-// ErrDisconnected; after Close, with ErrClosed.
+// ErrDisconnected, but Publish, which waits in the outbox; after Close,
+// with ErrClosed.
+//
+// # Publishing exactly once
+//
+// Publish gives each publish a random key and keeps it in an outbox until
+// the server answers. When the connection drops before the answer, the
+// Client sends it again on the next connection, with the same key, before
+// any newer publish; the server sequences a key once (PROTOCOL.md section
+// 3.10), so every publish appears in its room exactly once, in the order
+// the Client made them, and Publish returns where it landed, whichever
+// attempt got through. A publish not confirmed within the server's key
+// window fails with ErrExpired rather than risk a second copy.
 //
 // # Delivery
 //
@@ -78,6 +90,8 @@
 // # Goroutines
 //
 // A Client runs one goroutine that manages the connection, one reader per
-// connection, one goroutine per subscription and one for direct messages.
-// Close ends them all and returns once they have ended.
+// connection, one that resends the outbox when a connection comes up, one
+// goroutine per subscription and one for direct messages. Close ends them
+// all and returns once they have ended. (A publish refused as rate limited
+// or unavailable is tried again from a timer, which Close stops.)
 package client

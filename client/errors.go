@@ -30,6 +30,13 @@ var (
 	// ErrTooLarge: the request is larger than the server accepts
 	// (max_message_bytes). It was not sent; the connection stays up.
 	ErrTooLarge = errors.New("client: request larger than the server accepts")
+	// ErrOutboxFull: WithOutbox publishes already wait for the server's
+	// answer; this one was not queued.
+	ErrOutboxFull = errors.New("client: the outbox is full")
+	// ErrExpired: a publish could not be confirmed within the server's key
+	// window (the welcome's key_ttl_ms), so sending it again could publish
+	// it twice: it may or may not have been published.
+	ErrExpired = errors.New("client: publish not confirmed within the server's key window")
 	// ErrProtocol: the server broke the roomcast.v1 protocol.
 	ErrProtocol = errors.New("client: protocol violation by the server")
 )

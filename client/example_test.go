@@ -31,7 +31,7 @@ func Example() {
 	if _, err := c.Subscribe(ctx, "chat", func(m client.Message) { got <- m }); err != nil {
 		log.Fatal(err)
 	}
-	if err := c.Publish(ctx, "chat", []byte(`{"text":"hi"}`)); err != nil {
+	if _, err := c.Publish(ctx, "chat", []byte(`{"text":"hi"}`)); err != nil {
 		log.Fatal(err)
 	}
 	m := <-got

@@ -19,6 +19,7 @@ const (
 	DefaultBufferSize  = 4096
 	DefaultDialTimeout = 10 * time.Second
 	DefaultReadLimit   = 32 << 20
+	DefaultOutboxSize  = 1000
 )
 
 // writeTimeout bounds one envelope's write; past it the connection is
@@ -37,6 +38,7 @@ type config struct {
 	bufferSize  int
 	dialTimeout time.Duration
 	readLimit   int64
+	outboxSize  int
 }
 
 func defaultConfig() config {
@@ -47,6 +49,7 @@ func defaultConfig() config {
 		bufferSize:  DefaultBufferSize,
 		dialTimeout: DefaultDialTimeout,
 		readLimit:   DefaultReadLimit,
+		outboxSize:  DefaultOutboxSize,
 	}
 }
 
@@ -65,6 +68,9 @@ func (c *config) validate() {
 	}
 	if c.dialTimeout <= 0 {
 		bad("WithDialTimeout(%v): want a positive duration", c.dialTimeout)
+	}
+	if c.outboxSize < 1 {
+		bad("WithOutbox(%d): want at least 1", c.outboxSize)
 	}
 	if c.readLimit < 1 {
 		bad("WithReadLimit(%d): want at least 1 byte", c.readLimit)
@@ -194,4 +200,12 @@ func History(n int) SubscribeOption {
 // none (the outcome is logged at Debug).
 func OnRecover(f func(Recovery)) SubscribeOption {
 	return func(c *subConfig) { c.onRecover = f }
+}
+
+// WithOutbox bounds the publishes waiting in the outbox for the server's
+// answer (see Publish): sent and not yet acknowledged, or waiting for a
+// connection. One more fails at once with ErrOutboxFull. Default: 1000; at
+// least 1.
+func WithOutbox(n int) Option {
+	return func(c *config) { c.outboxSize = n }
 }

@@ -86,7 +86,17 @@ func encodeRoomRequest(typ, id, room string) []byte {
 	return append(request(typ, id, room), '}')
 }
 
-// encodePayloadRequest is a publish or send request.
+// encodePublish is an attempt of a publish, with its key.
+func encodePublish(id string, e *outgoing) []byte {
+	b := request("publish", id, e.room)
+	b = append(b, `,"key":`...)
+	b = appendString(b, e.key)
+	b = append(b, ',')
+	b = appendPayload(b, e.data)
+	return append(b, '}')
+}
+
+// encodePayloadRequest is a send request.
 func encodePayloadRequest(typ, id, room string, p []byte) []byte {
 	b := request(typ, id, room)
 	b = append(b, ',')
@@ -108,6 +118,7 @@ type inbound struct {
 	Epoch     string          `json:"epoch"`
 	Seq       uint64          `json:"seq"`
 	MessageID string          `json:"message_id"`
+	Duplicate bool            `json:"duplicate"` // the ack of a publish whose key was sequenced already
 	Time      int64           `json:"time"`
 	Data      json.RawMessage `json:"data"`
 	Text      *string         `json:"text"`
@@ -142,6 +153,7 @@ type inbound struct {
 	HeartbeatMS     int64  `json:"heartbeat_ms"`
 	TimeoutMS       int64  `json:"timeout_ms"`
 	MaxMessageBytes int64  `json:"max_message_bytes"`
+	KeyTTLMS        int64  `json:"key_ttl_ms"`
 	MaxRooms        int    `json:"max_rooms"`
 }
 

@@ -114,6 +114,7 @@ func (c *Client) waitForSlowHandlers(s *session) bool {
 func (c *Client) serve(s *session, first bool) error {
 	c.mu.Lock()
 	c.sess, c.conn = s, s.welcome
+	c.flushing = s // publishes waiting from before go first
 	var subs []*Subscription
 	if !first {
 		for _, sub := range c.subs {
@@ -126,6 +127,7 @@ func (c *Client) serve(s *session, first bool) error {
 	c.log.Debug("client: connected", "conn_id", s.welcome.connID)
 
 	c.wg.Go(func() { c.read(s) })
+	c.wg.Go(func() { c.flushOutbox(s) })
 	var restored chan error
 	if len(subs) > 0 {
 		restored = make(chan error, 1)
@@ -262,6 +264,7 @@ func (c *Client) finish(cause error) {
 	for _, sub := range c.subs {
 		c.forgetLocked(sub)
 	}
+	c.failOutboxLocked(ErrClosed)
 	c.mu.Unlock()
 	if c.direct != nil {
 		c.direct.stop()

@@ -21,6 +21,7 @@ type welcome struct {
 	connID, userID  string
 	limit           time.Duration // heartbeat_ms + timeout_ms; 0 when the server sends no heartbeats
 	maxMessageBytes int64
+	keyTTL          time.Duration // key_ttl_ms: how long the server remembers a publish's key; 0 when it does not say
 }
 
 // session is one WebSocket connection.
@@ -123,7 +124,8 @@ func readWelcome(ctx context.Context, ws *websocket.Conn) (welcome, error) {
 	if typ != websocket.MessageText || json.Unmarshal(b, &in) != nil || in.Type != "welcome" {
 		return welcome{}, fmt.Errorf("%w: the first message is not a welcome", ErrProtocol)
 	}
-	w := welcome{connID: in.ConnID, userID: in.UserID, maxMessageBytes: in.MaxMessageBytes}
+	w := welcome{connID: in.ConnID, userID: in.UserID, maxMessageBytes: in.MaxMessageBytes,
+		keyTTL: time.Duration(max(in.KeyTTLMS, 0)) * time.Millisecond}
 	if in.HeartbeatMS > 0 {
 		w.limit = time.Duration(in.HeartbeatMS+max(in.TimeoutMS, 0)) * time.Millisecond
 	}

@@ -185,7 +185,7 @@ func runProtocol(ctx context.Context, cfg config, in io.Reader, out *lineWriter)
 			if cfg.nick != "" {
 				payload, _ = json.Marshal(map[string]string{"nick": cfg.nick, "text": line})
 			}
-			if err := c.Publish(ctx, cfg.room, payload); err != nil {
+			if _, err := c.Publish(ctx, cfg.room, payload); err != nil {
 				out.println("(not sent:", err, ")") // e.g. forbidden on a read-only room
 			}
 		}

@@ -21,10 +21,10 @@ const (
 
 // Proxy forwards connections from Addr to a target.
 type Proxy struct {
-	target string
-	ln     net.Listener
+	ln net.Listener
 
 	mu      sync.Mutex
+	target  string
 	state   state
 	changed chan struct{} // closed and replaced on every state change
 	conns   map[net.Conn]struct{}
@@ -70,6 +70,15 @@ func (p *Proxy) Drop() { p.set(dropping) }
 // Heal forwards again.
 func (p *Proxy) Heal() { p.set(forwarding) }
 
+// SetTarget sends the connections accepted from now on to target: a
+// client that reconnects reaches another server, as behind a load
+// balancer. Connections already forwarded keep theirs.
+func (p *Proxy) SetTarget(target string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.target = target
+}
+
 // Close stops the proxy: the listener and every connection close, and
 // Close returns once all of its goroutines have ended.
 func (p *Proxy) Close() error {
@@ -105,11 +114,14 @@ func (p *Proxy) accept() {
 		if err != nil {
 			return // closed
 		}
-		if s, _ := p.current(); s == cut {
+		p.mu.Lock()
+		st, target := p.state, p.target
+		p.mu.Unlock()
+		if st == cut {
 			down.Close()
 			continue
 		}
-		up, err := net.Dial("tcp", p.target)
+		up, err := net.Dial("tcp", target)
 		if err != nil {
 			down.Close()
 			continue
