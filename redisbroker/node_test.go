@@ -14,7 +14,7 @@ import (
 // port by the test kit: one node of a cluster.
 type node struct {
 	*pubsubtest.Server
-	b *redisbroker.Broker
+	b pubsub.Broker
 }
 
 // startNode starts a node on addr. Clients name their user with ?user=.
@@ -25,7 +25,7 @@ func startNode(t *testing.T, addr, prefix string, bopts []redisbroker.Option, ho
 }
 
 // startNodeWith starts a node on broker b.
-func startNodeWith(t *testing.T, b *redisbroker.Broker, hopts ...pubsub.Option) *node {
+func startNodeWith(t *testing.T, b pubsub.Broker, hopts ...pubsub.Option) *node {
 	t.Helper()
 	srv := pubsubtest.Start(t, append([]pubsub.Option{
 		pubsub.WithBroker(b),

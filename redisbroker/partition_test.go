@@ -1,11 +1,18 @@
 package redisbroker_test
 
 import (
+	"context"
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/protocol"
 	"github.com/roomcast/pubsub/pubsubtest"
+	"github.com/roomcast/pubsub/redisbroker"
 )
 
 // A node cut off from Redis while the room goes on: its subscribers either
@@ -118,4 +125,67 @@ func numbered(from, to int) []string {
 		out = append(out, fmt.Sprint(i))
 	}
 	return out
+}
+
+// hookedBroker runs after each keyed publish of the Redis broker, before
+// the Handler can acknowledge it.
+type hookedBroker struct {
+	*redisbroker.Broker
+	after func(attempt int)
+	n     atomic.Int32
+}
+
+func (b *hookedBroker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
+	res, err := b.Broker.Publish(ctx, room, data, o)
+	if err == nil && o.Key != "" && b.after != nil {
+		b.after(int(b.n.Add(1)))
+	}
+	return res, err
+}
+
+// A Go client's publish is sequenced on node A, whose connection drops
+// before the ack; the client reconnects through the load balancer to
+// node B and sends it again with the same key: Redis recognises the key,
+// the message appears once, and the client learns its position.
+func TestAResendThatLandsOnAnotherNodeIsStillPublishedOnce(t *testing.T) {
+	t.Parallel()
+	prefix := uniquePrefix()
+	hooked := &hookedBroker{Broker: newBroker(t, shared.Addr, prefix)}
+	a := startNodeWith(t, hooked)
+	b := startNode(t, shared.Addr, prefix, nil)
+	watcher := pubsubtest.Dial(t, b.url(""))
+	watcher.Subscribe("room")
+	lb := startProxy(t, strings.TrimPrefix(a.URL, "http://"))
+	hooked.after = func(attempt int) {
+		if attempt == 1 {
+			lb.SetTarget(strings.TrimPrefix(b.URL, "http://"))
+			lb.Cut()
+			lb.Heal()
+		}
+	}
+	c, err := client.Dial(pubsubtest.Context(t), "ws://"+lb.Addr()+"/ws",
+		client.WithLogger(pubsubtest.Logger()), client.WithReconnect(5*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	firstNode := c.ConnID()
+	pub, err := c.Publish(pubsubtest.Context(t), "room", []byte("once"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pub.Duplicate || pub.Seq != 1 {
+		t.Fatalf("Publish = %+v, want the first attempt's seq 1, recognised as a duplicate on the other node", pub)
+	}
+	if c.ConnID() == firstNode {
+		t.Fatal("the client did not reconnect")
+	}
+	m := watcher.NextMessage("room")
+	if string(m.Payload()) != "once" || m.Seq != pub.Seq || m.MessageID != pub.MessageID {
+		t.Fatalf("the subscriber saw %s, Publish said %+v", m.Raw, pub)
+	}
+	b.Publish("room", []byte("marker"))
+	if m := watcher.NextMessage("room"); string(m.Payload()) != "marker" {
+		t.Fatalf("got %s, want the marker: the message appeared twice", m.Raw)
+	}
 }
