@@ -41,7 +41,8 @@ async function say(page, text) {
   await page.press("#text", "Enter");
 }
 
-const line = (page, text) => page.locator("#log li", { hasText: text });
+// A line of the log; not a message of one's own still being sent ("sending: …").
+const line = (page, text) => page.locator("#log li:not(.pending)", { hasText: text });
 
 /** The texts of the chat lines in the log, in order. */
 const chatLines = (page) => page.locator("#log li.chat, #log li.raw").allTextContents();
@@ -207,4 +208,79 @@ test("a page whose server restarted (history lost) says so and reloads the room"
   await ann.locator("#members li", { hasText: "bob" }).waitFor();
   await snap(ann, "chat-history-lost");
   assert.deepEqual(ann.errors, []);
+});
+
+/** The room's kept messages, from the chat's GET /api/history. */
+async function history(room) {
+  const resp = await fetch(`${server.url}/api/history?room=${encodeURIComponent(room)}&limit=100`);
+  assert.equal(resp.status, 200);
+  return (await resp.json()).messages;
+}
+
+const copies = (msgs, text) => msgs.filter((m) => m.data?.text === text).length;
+
+test("a message whose ack is lost, twice, appears exactly once", async (t) => {
+  // The proxy cuts ann's connection right after the server took her
+  // message, before its ack reaches her, and does it again during the
+  // resend. Her client sends it a third time, with the same key: the
+  // server recognises it, and everyone sees it once.
+  const proxy = await startProxy(server.port);
+  t.after(() => proxy.close());
+  const room = "e2e-once-" + uniq();
+  const ann = await openChat(t, proxy.url, "ann", room);
+  const bob = await openChat(t, server.url, "bob", room);
+  proxy.dropAcks(2);
+  await say(ann, "exactly once");
+  await line(bob, "exactly once").waitFor();
+  await ann.locator("#log li.pending").waitFor({ state: "detached" }); // her publish resolved
+  assert.equal(proxy.acksToDrop, 0, "both acks were dropped on the way");
+  assert.equal(copies(await history(room), "exactly once"), 1);
+  await say(bob, "after it");
+  await line(ann, "after it").waitFor();
+  for (const page of [ann, bob]) assert.equal(await line(page, "exactly once").count(), 1);
+  assert.deepEqual(ann.errors, []);
+});
+
+test("a message typed during a network blip is sent once when the connection is back", async (t) => {
+  const proxy = await startProxy(server.port);
+  t.after(() => proxy.close());
+  const room = "e2e-blip-" + uniq();
+  const ann = await openChat(t, proxy.url, "ann", room);
+  const bob = await openChat(t, server.url, "bob", room);
+  proxy.cut();
+  await ann.locator('#status[data-state="reconnecting"]').waitFor();
+  await say(ann, "typed while offline");
+  await ann.locator("#log li.pending", { hasText: "typed while offline" }).waitFor();
+  assert.equal(copies(await history(room), "typed while offline"), 0, "sent while cut off");
+  proxy.restore();
+  await line(bob, "typed while offline").waitFor();
+  await ann.locator("#log li.pending").waitFor({ state: "detached" });
+  await say(bob, "after it");
+  await line(ann, "after it").waitFor();
+  assert.equal(copies(await history(room), "typed while offline"), 1);
+  for (const page of [ann, bob]) assert.equal(await line(page, "typed while offline").count(), 1);
+  assert.deepEqual(ann.errors, []);
+});
+
+test("publish resolves with the positions subscribers saw, in order, across lost acks", async (t) => {
+  const proxy = await startProxy(server.port);
+  t.after(() => proxy.close());
+  const room = "e2e-positions-" + uniq();
+  const ann = await openChat(t, proxy.url, "ann", room);
+  // A second client in ann's page publishes five messages in a row while
+  // every other ack is lost on the way back.
+  proxy.dropAcks(1);
+  const results = await ann.evaluate(async (room) => {
+    const { connect } = await import("/ws/roomcast.js");
+    const c = connect("/ws", { minDelay: 20, maxDelay: 100 });
+    const out = [];
+    for (let i = 0; i < 5; i++) out.push(await c.publish(room, { nick: "script", text: `n${i}` }));
+    c.close();
+    return out;
+  }, room);
+  assert.ok(results.some((r) => r.duplicate), "an ack was lost and the resend recognised");
+  const kept = (await history(room)).filter((m) => m.data?.nick === "script");
+  assert.deepEqual(kept.map((m) => m.data.text), ["n0", "n1", "n2", "n3", "n4"], "once each, in order");
+  assert.deepEqual(results.map((r) => r.seq), kept.map((m) => m.seq));
+  assert.deepEqual(results.map((r) => r.messageId), kept.map((m) => m.id));
 });

@@ -120,6 +120,8 @@ export interface ConnectOptions {
   jitter?: number;
   /** ms to wait for the server's welcome after dialing, default 10000; then the attempt counts as failed (code 1006). */
   connectTimeout?: number;
+  /** The most publishes waiting in the outbox for the server's answer; one more rejects with "outbox_full". Default 1000. */
+  outbox?: number;
   /** Replacement timers, for tests. */
   timers?: Partial<Timers>;
   /**
@@ -242,9 +244,20 @@ export interface SendOptions extends PayloadOptions {
   room?: string;
 }
 
+/** Where a publish landed in its room: the resolved value of `publish`. */
+export interface Published {
+  room: string;
+  /** The room's epoch and the message's seq; null when the server dropped it (no history, no subscriber) or predates positions in acks. */
+  epoch: string | null;
+  seq: number | null;
+  messageId: string | null;
+  /** An earlier attempt of this publish had been published already (its ack was lost with a connection): this is its position. */
+  duplicate: boolean;
+}
+
 /**
  * A request's failure. `code` is a server error code (PROTOCOL.md 3.5) or
- * the client's own "disconnected" or "too_large".
+ * the client's own "disconnected", "too_large", "outbox_full" or "expired".
  */
 export declare class RoomcastError extends Error {
   constructor(code: string, message: string, closeCode?: number);
@@ -252,6 +265,8 @@ export declare class RoomcastError extends Error {
   code:
     | "disconnected"
     | "too_large"
+    | "outbox_full"
+    | "expired"
     | "bad_request"
     | "unknown_type"
     | "invalid_room"
@@ -293,7 +308,8 @@ export declare class Client {
   /** Subscribe to a room; throws if already subscribed to it. */
   subscribe<T = unknown>(room: string, options?: SubscribeOptions<T>): Subscription;
   /** Publish a JSON value, or `{text}` / `{binary}` with `undefined` as value. Rejects with "disconnected" when not open. */
-  publish(room: string, value: unknown, options?: PayloadOptions): Promise<void>;
+  /** Publish exactly once: the publish waits in the outbox, is sent again with its key after a dropped connection, and resolves once with where it landed. */
+  publish(room: string, value: unknown, options?: PayloadOptions): Promise<Published>;
   /** Send to the server's message handler; same rules as publish. */
   send(value: unknown, options?: SendOptions): Promise<void>;
   /** Receive direct messages; returns a function that stops it. */

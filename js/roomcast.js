@@ -61,8 +61,11 @@ export const REASON = Object.freeze({
  * The error a request's Promise rejects with. `code` is one of the server's
  * error codes (PROTOCOL.md section 3.5) or one of the client's own:
  * "disconnected" (the request was not sent, or its connection dropped
- * before the reply) and "too_large" (the envelope exceeds the server's
- * max_message_bytes; sending it would have closed the connection).
+ * before the reply; for a publish: the client was closed), "too_large"
+ * (the envelope exceeds the server's max_message_bytes; sending it would
+ * have closed the connection), "outbox_full" (too many publishes wait for
+ * the server) and "expired" (a publish could not be confirmed within the
+ * server's key window: it may or may not have been published).
  */
 export class RoomcastError extends Error {
   /**
@@ -125,11 +128,13 @@ export class Client {
       maxDelay: options.maxDelay ?? 30000,
       jitter: options.jitter ?? 0.5,
       connectTimeout: options.connectTimeout ?? 10000,
+      outbox: options.outbox ?? 1000,
     };
     if (!(o.minDelay > 0)) throw new RangeError("roomcast: minDelay must be > 0");
     if (!(o.maxDelay >= o.minDelay)) throw new RangeError("roomcast: maxDelay must be >= minDelay");
     if (!(o.jitter >= 0 && o.jitter <= 1)) throw new RangeError("roomcast: jitter must be from 0 to 1");
     if (!(o.connectTimeout > 0)) throw new RangeError("roomcast: connectTimeout must be > 0");
+    if (!(Number.isInteger(o.outbox) && o.outbox >= 1)) throw new RangeError("roomcast: outbox must be an integer >= 1");
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("roomcast: no WebSocket implementation; pass options.WebSocket");
@@ -159,6 +164,9 @@ export class Client {
     this._direct = new Set();
     /** @type {Map<string, {ok: (env: any) => void, fail: (err: RoomcastError) => void}>} */
     this._pending = new Map();
+    /** Publishes waiting for the server's answer, oldest first. @type {Outgoing[]} */
+    this._outbox = [];
+    this._keyTTL = 0; // key_ttl_ms from the welcome; 0 when the server does not say
     this._ws = null;
     this._nextId = 0;
     this._attempt = 0; // failed attempts since the last welcome
@@ -195,21 +203,45 @@ export class Client {
   }
 
   /**
-   * Publishes into a room (the client need not be subscribed). The value is
-   * sent as JSON in "data"; to send a string or bytes as they are, pass
-   * `undefined` as the value and `{text}` or `{binary}`. Resolves when the
-   * server acknowledges it; rejects with a RoomcastError, at once with code
-   * "disconnected" when the client is not open (nothing is queued).
+   * Publishes into a room (the client need not be subscribed), exactly
+   * once. The value is sent as JSON in "data"; to send a string or bytes as
+   * they are, pass `undefined` as the value and `{text}` or `{binary}`.
+   *
+   * The publish waits in the client's outbox, under a random key, until the
+   * server answers: while the client reconnects it waits there, and when a
+   * connection drops before the answer it is sent again on the next one,
+   * with the same key, before any newer publish. The server publishes a
+   * key once (PROTOCOL.md section 3.10), so the message appears once, and
+   * this client's publishes keep their order. Resolves, once, with where
+   * it landed, whichever attempt got through. Rejects with a RoomcastError:
+   * a server error code (forbidden, invalid_room…: not published;
+   * rate_limited, unavailable and internal are tried again), "too_large",
+   * "outbox_full" (the `outbox` option), "expired" (not confirmed within
+   * the server's key window: it may or may not have been published), or
+   * "disconnected" when the client is closed first.
    *
    * @param {string} room
    * @param {unknown} value
    * @param {import("./roomcast").PayloadOptions} [options]
-   * @returns {Promise<void>}
+   * @returns {Promise<import("./roomcast").Published>}
    */
   publish(room, value, options) {
     const p = payload(value, options);
     if (p instanceof Error) return Promise.reject(p);
-    return this._request({ type: "publish", room, ...p }).then(() => undefined);
+    if (this.state === "closed") return Promise.reject(new RoomcastError("disconnected", "roomcast: the client is closed"));
+    if (this._outbox.length >= this._opts.outbox) {
+      return Promise.reject(new RoomcastError("outbox_full", `roomcast: ${this._outbox.length} publishes already wait for the server`));
+    }
+    return new Promise((resolve, reject) => {
+      const env = { type: "publish", room, key: randomKey(), ...p };
+      if (this._tooLarge(env)) {
+        reject(new RoomcastError("too_large", `roomcast: the message is larger than the server's limit of ${this._maxBytes} bytes`));
+        return;
+      }
+      const o = { env, resolve, reject, sentAt: 0, sent: false, retry: null };
+      this._outbox.push(o);
+      if (this.state === "open") this._sendOutgoing(o);
+    });
   }
 
   /**
@@ -299,6 +331,7 @@ export class Client {
     this._deadTimer = this._retryTimer = null;
     this.connId = null;
     for (const sub of this._subs.values()) sub._stopRetry();
+    for (const o of this._outbox) o.sent = false; // the next connection sends them again
 
     const pending = [...this._pending.values()];
     this._pending.clear();
@@ -307,6 +340,12 @@ export class Client {
     if (final || !this._opts.reconnect || FINAL_CLOSE_CODES.has(code)) {
       this.state = "closed";
       for (const p of pending) p.fail(err);
+      const outbox = this._outbox;
+      this._outbox = [];
+      for (const o of outbox) {
+        this._timers.clearTimeout(o.retry);
+        o.reject(err);
+      }
       this._emit("closed", { code, reason });
       return;
     }
@@ -379,11 +418,17 @@ export class Client {
     this.userId = env.user_id ?? null;
     this._attempt = 0;
     this._maxBytes = env.max_message_bytes > 0 ? env.max_message_bytes : Infinity;
+    this._keyTTL = env.key_ttl_ms > 0 ? env.key_ttl_ms : 0;
     this._deadAfter = (env.heartbeat_ms ?? 0) + (env.timeout_ms ?? 0);
     this._timers.clearTimeout(this._deadTimer); // the connect timeout
     this._deadTimer = null;
     this._watchHeartbeat();
     this.state = "open";
+    // The outbox first, oldest first: nothing newer overtakes a publish
+    // that waited.
+    for (const o of [...this._outbox]) {
+      if (o.retry === null) this._sendOutgoing(o);
+    }
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
     this._emit("open", {
       connId: this.connId,
@@ -433,12 +478,67 @@ export class Client {
     }
     const id = String(++this._nextId);
     const text = JSON.stringify({ ...env, id });
-    if (text.length * 3 > this._maxBytes && utf8Length(text) > this._maxBytes) {
+    if (this._tooLarge(text)) {
       fail(new RoomcastError("too_large", `roomcast: the message is larger than the server's limit of ${this._maxBytes} bytes`));
       return;
     }
     this._pending.set(id, { ok, fail });
     this._ws.send(text);
+  }
+
+  /** Whether env (an envelope, or its JSON) exceeds max_message_bytes, id included. */
+  _tooLarge(env) {
+    const text = typeof env === "string" ? env : JSON.stringify({ ...env, id: "0000000000" });
+    return text.length * 3 > this._maxBytes && utf8Length(text) > this._maxBytes;
+  }
+
+  /**
+   * Sends one attempt of an outbox entry. Its answer resolves it, or, for a
+   * transient refusal, tries it again later with the same key; a dropped
+   * connection leaves it for the next one. A publish first sent longer ago
+   * than the server's key window fails with "expired" instead: the server
+   * might not recognise it any more.
+   */
+  _sendOutgoing(o) {
+    if (o.sent || this.state !== "open") return;
+    if (this._keyTTL > 0 && o.sentAt > 0 && this._timers.now() - o.sentAt > this._keyTTL) {
+      this._settle(o, () => o.reject(new RoomcastError("expired", "roomcast: the publish could not be confirmed within the server's key window; it may or may not have been published")));
+      return;
+    }
+    if (o.sentAt === 0) o.sentAt = this._timers.now();
+    o.sent = true;
+    this._send(
+      o.env,
+      (ack) => this._settle(o, () => o.resolve({
+        room: ack.room ?? o.env.room,
+        epoch: ack.epoch ?? null,
+        seq: ack.seq ?? null,
+        messageId: ack.message_id ?? null,
+        duplicate: ack.duplicate === true,
+      })),
+      (err) => {
+        if (err.code === "disconnected") return; // o.sent was reset by the drop: the next connection sends it
+        if (TRANSIENT_CODES.has(err.code)) {
+          o.sent = false;
+          o.retry = this._timers.setTimeout(() => {
+            o.retry = null;
+            this._sendOutgoing(o);
+          }, 1000);
+          return;
+        }
+        this._settle(o, () => o.reject(err));
+      },
+    );
+  }
+
+  /** Takes o out of the outbox and runs settle (its resolve or reject), once. */
+  _settle(o, settle) {
+    const i = this._outbox.indexOf(o);
+    if (i < 0) return;
+    this._outbox.splice(i, 1);
+    this._timers.clearTimeout(o.retry);
+    o.retry = null;
+    settle();
   }
 
   /** _send as a Promise of the reply envelope. */
@@ -666,6 +766,28 @@ function fromBase64(b64) {
   const out = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
   return out;
+}
+
+/**
+ * A publish waiting in the outbox.
+ * @typedef {object} Outgoing
+ * @property {object} env the publish envelope, its key included (no id: each attempt gets one)
+ * @property {(p: import("./roomcast").Published) => void} resolve
+ * @property {(err: RoomcastError) => void} reject
+ * @property {number} sentAt when its first attempt went out; 0 before
+ * @property {boolean} sent an attempt is out on the current connection
+ * @property {any} retry the timer of a retry after a transient refusal, or null
+ */
+
+/**
+ * A random idempotency key: 128 bits as 32 hex digits, from
+ * crypto.getRandomValues (available in every context, unlike randomUUID,
+ * which needs a secure one).
+ */
+function randomKey() {
+  const b = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 }
 
 function utf8Length(s) {

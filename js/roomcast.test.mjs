@@ -294,21 +294,31 @@ test("join and leave events reach onJoin and onLeave as members", () => {
 
 // ---- requests ----
 
-test("publish sends data, text or binary and resolves on the server's ack", async () => {
+/** An envelope without its idempotency key, for comparisons. */
+const unkeyed = ({ key, ...rest }) => rest;
+
+test("publish sends data, text or binary, each with a key of its own, and resolves with the ack's position", async () => {
   const { client, ws } = setupOpen();
   const p1 = client.publish("chat", { text: "hi" });
   const p2 = client.publish("chat", undefined, { text: "42" });
   const p3 = client.publish("files", undefined, { binary: new Uint8Array([0, 1, 2, 255]) });
-  assert.deepEqual(ws.sent, [
+  assert.deepEqual(ws.sent.map(unkeyed), [
     { type: "publish", room: "chat", data: { text: "hi" }, id: "1" },
     { type: "publish", room: "chat", text: "42", id: "2" },
     { type: "publish", room: "files", binary: "AAEC/w==", id: "3" },
   ]);
+  const keys = ws.sent.map((e) => e.key);
+  assert.ok(keys.every((k) => /^[0-9a-f]{32}$/.test(k)), `keys ${keys}`);
+  assert.equal(new Set(keys).size, 3, "each publish has its own key");
   // Replies may come in any order relative to room messages; match by id.
-  ws.recv({ type: "ack", id: "3" });
-  ws.recv({ type: "ack", id: "1" });
-  ws.recv({ type: "ack", id: "2" });
-  assert.deepEqual(await Promise.all([p1, p2, p3]), [undefined, undefined, undefined]);
+  ws.recv({ type: "ack", id: "3", room: "files", epoch: "e", seq: 1, message_id: "m3" });
+  ws.recv({ type: "ack", id: "1", room: "chat", epoch: "e", seq: 7, message_id: "m1" });
+  ws.recv({ type: "ack", id: "2", room: "chat", epoch: "e", seq: 8, message_id: "m2", duplicate: true });
+  assert.deepEqual(await Promise.all([p1, p2, p3]), [
+    { room: "chat", epoch: "e", seq: 7, messageId: "m1", duplicate: false },
+    { room: "chat", epoch: "e", seq: 8, messageId: "m2", duplicate: true },
+    { room: "files", epoch: "e", seq: 1, messageId: "m3", duplicate: false },
+  ]);
 });
 
 test("publish rejects with the server's error code and message", async () => {
@@ -336,7 +346,7 @@ test("publish with no payload, or two, rejects without sending", async () => {
 test("publish larger than the server's max_message_bytes rejects with too_large and keeps the connection", async () => {
   const { client, WS } = setup();
   const ws = WS.last;
-  ws.welcome({ max_message_bytes: 100 });
+  ws.welcome({ max_message_bytes: 150 }); // a publish carries its key: 32 bytes more
   await assert.rejects(client.publish("chat", "é".repeat(60)), { code: "too_large" });
   assert.deepEqual(ws.sent, []);
   const ok = client.publish("chat", "é".repeat(10));
@@ -345,16 +355,24 @@ test("publish larger than the server's max_message_bytes rejects with too_large 
   assert.equal(client.state, "open");
 });
 
-test("publish and send while not open reject at once with disconnected and queue nothing", async () => {
+test("send while not open rejects at once; publish waits in the outbox and goes out first on the next connection", async () => {
   const { client, WS, timers } = setup();
-  await assert.rejects(client.publish("chat", 1), { code: "disconnected" });
   await assert.rejects(client.send(1), { code: "disconnected" });
+  const early = client.publish("chat", 1);
   WS.last.serverClose(1006);
   assert.equal(client.state, "reconnecting");
-  await assert.rejects(client.publish("chat", 1), { code: "disconnected" });
+  await assert.rejects(client.send(2), { code: "disconnected" });
+  const later = client.publish("chat", 2);
   timers.advance(500);
   WS.last.welcome();
-  assert.deepEqual(WS.last.sent, [], "nothing sent earlier was queued for later");
+  assert.deepEqual(WS.last.sent.map(unkeyed), [
+    { type: "publish", room: "chat", data: 1, id: "1" },
+    { type: "publish", room: "chat", data: 2, id: "2" },
+  ]);
+  WS.last.recv({ type: "ack", id: "1", room: "chat", epoch: "e", seq: 1, message_id: "a" });
+  WS.last.recv({ type: "ack", id: "2", room: "chat", epoch: "e", seq: 2, message_id: "b" });
+  assert.equal((await early).seq, 1);
+  assert.equal((await later).seq, 2);
 });
 
 test("send sends a send envelope, with its room, and resolves on ack", async () => {
@@ -370,28 +388,37 @@ test("send sends a send envelope, with its room, and resolves on ack", async () 
 
 test("request ids count up per connection and start over after a reconnect", () => {
   const { client, ws, timers, WS } = setupOpen();
-  client.publish("a", 1).catch(() => {});
-  client.publish("a", 2).catch(() => {});
+  client.send(1).catch(() => {});
+  client.send(2).catch(() => {});
   assert.deepEqual(ws.sent.map((e) => e.id), ["1", "2"]);
   ws.serverClose(1006);
   timers.advance(500);
   WS.last.welcome();
-  client.publish("a", 3).catch(() => {});
+  client.send(3).catch(() => {});
   assert.deepEqual(WS.last.sent.map((e) => e.id), ["1"]);
 });
 
-test("pending requests reject with disconnected when the connection drops", async () => {
-  const { client, ws } = setupOpen();
+test("pending requests reject with disconnected when the connection drops, but a publish", async () => {
+  const { client, ws, timers, WS } = setupOpen();
   const sub = client.subscribe("chat");
   ackSubscribe(ws);
   const pub = client.publish("chat", 1);
   const snd = client.send(2);
   const pres = sub.presence();
   ws.serverClose(1006, "");
-  for (const p of [pub, snd, pres]) {
+  for (const p of [snd, pres]) {
     await assert.rejects(p, (err) => err instanceof RoomcastError && err.code === "disconnected" && err.closeCode === 1006);
   }
   ws.recv({ type: "ack", id: "2" }); // a late reply on the dead socket changes nothing
+  // The publish waits: the next connection sends it again with its key.
+  const key = ws.sentOf("publish")[0].key;
+  timers.advance(500);
+  WS.last.welcome();
+  const again = WS.last.sentOf("publish");
+  assert.equal(again.length, 1);
+  assert.equal(again[0].key, key);
+  WS.last.recv({ type: "ack", id: again[0].id, room: "chat", epoch: "e", seq: 3, message_id: "m", duplicate: true });
+  assert.deepEqual(await pub, { room: "chat", epoch: "e", seq: 3, messageId: "m", duplicate: true });
 });
 
 test("presence() sends a presence request and resolves with the reply", async () => {
@@ -753,4 +780,69 @@ test("an exception in an application callback is reported and does not stop the 
   assert.equal(WS.instances.length, 2, "the reconnect was still scheduled");
   assert.deepEqual(seqs, [1, 2]);
   assert.deepEqual(reported, ["app bug in onStateChange", "app bug in onMessage", "app bug in onMessage", "app bug in onStateChange"]);
+});
+
+// ---- the outbox: publishing exactly once ----
+
+test("a publish whose ack was lost is sent again with the same key, before newer publishes", async () => {
+  const { client, ws, timers, WS } = setupOpen();
+  const first = client.publish("chat", "a");
+  const second = client.publish("chat", "b");
+  const keys = ws.sentOf("publish").map((e) => e.key);
+  ws.recv({ type: "ack", id: ws.sent[0].id, room: "chat", epoch: "e", seq: 1, message_id: "m1" });
+  assert.deepEqual(await first, { room: "chat", epoch: "e", seq: 1, messageId: "m1", duplicate: false });
+  ws.serverClose(1006); // the second's ack is lost
+  const third = client.publish("chat", "c"); // made while reconnecting
+  timers.advance(500);
+  WS.last.welcome();
+  const sent = WS.last.sentOf("publish");
+  assert.deepEqual(sent.map((e) => e.data), ["b", "c"], "the unanswered one first, then the newer one");
+  assert.equal(sent[0].key, keys[1]);
+  WS.last.recv({ type: "ack", id: sent[0].id, room: "chat", epoch: "e", seq: 2, message_id: "m2", duplicate: true });
+  WS.last.recv({ type: "ack", id: sent[1].id, room: "chat", epoch: "e", seq: 3, message_id: "m3" });
+  assert.equal((await second).seq, 2);
+  assert.equal((await third).seq, 3);
+  assert.equal(client._outbox.length, 0);
+});
+
+test("a transient refusal is tried again with the same key; a final one rejects", async () => {
+  const { client, ws, timers } = setupOpen();
+  const p = client.publish("chat", 1);
+  const key = ws.sent[0].key;
+  ws.recv({ type: "error", id: ws.sent[0].id, code: "unavailable", message: "broker down" });
+  assert.equal(ws.sentOf("publish").length, 1, "not at once");
+  timers.advance(1000);
+  const retry = ws.sentOf("publish")[1];
+  assert.equal(retry.key, key);
+  ws.recv({ type: "ack", id: retry.id, room: "chat", epoch: "e", seq: 1, message_id: "m" });
+  assert.equal((await p).seq, 1);
+  const q = client.publish("chat", 2);
+  ws.recv({ type: "error", id: ws.sent.at(-1).id, code: "forbidden", message: "no" });
+  await assert.rejects(q, { code: "forbidden" });
+});
+
+test("the outbox is bounded: one more publish rejects with outbox_full", async () => {
+  const WS = fakeWebSocketClass();
+  const timers = fakeTimers();
+  const client = connect("ws://h/ws", { WebSocket: WS, timers, outbox: 2 });
+  const a = client.publish("r", 1);
+  const b = client.publish("r", 2);
+  await assert.rejects(client.publish("r", 3), { code: "outbox_full" });
+  client.close();
+  await assert.rejects(a, { code: "disconnected" });
+  await assert.rejects(b, { code: "disconnected" });
+  assert.throws(() => connect("ws://h/ws", { WebSocket: WS, timers, outbox: 0 }), RangeError);
+});
+
+test("a publish first sent longer ago than the server's key window rejects with expired rather than risk a double", async () => {
+  const { client, WS, timers } = setup();
+  WS.last.welcome({ key_ttl_ms: 2000 });
+  const p = client.publish("chat", 1);
+  WS.last.serverClose(1006);
+  timers.advance(500);
+  WS.last.serverClose(1006); // still down...
+  timers.advance(3000);
+  WS.last.welcome({ key_ttl_ms: 2000 });
+  await assert.rejects(p, { code: "expired" });
+  assert.deepEqual(WS.last.sentOf("publish"), [], "not sent again");
 });

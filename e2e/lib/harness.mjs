@@ -235,10 +235,13 @@ export function runWscat(args) {
  * connection and refuses new ones until restore(): to the browser it is
  * the network failing, while the server keeps running (and keeps its
  * rooms' history). retarget() points later connections at another server.
+ * dropAcks(n) cuts a connection at the worst moment for a publish, n
+ * times: the server has the message, and its ack is on the way back.
  */
 export async function startProxy(upstreamPort) {
   let target = upstreamPort;
   let up = true;
+  let acksToDrop = 0;
   const open = new Set();
   const server = net.createServer((client) => {
     if (!up) {
@@ -258,7 +261,17 @@ export async function startProxy(upstreamPort) {
       s.on("close", end);
     }
     client.pipe(upstream);
-    upstream.pipe(client);
+    // Server to browser: read frame by frame (the server's frames are not
+    // masked), so a publish's ack can be dropped with its connection.
+    const frames = serverFrames((frame) => {
+      if (acksToDrop > 0 && isPublishAck(frame)) {
+        acksToDrop--;
+        end();
+        return;
+      }
+      client.write(frame);
+    });
+    upstream.on("data", frames);
   });
   await new Promise((resolve, reject) => {
     server.once("error", reject);
@@ -283,9 +296,71 @@ export async function startProxy(upstreamPort) {
     retarget(port) {
       target = port;
     },
+    /** The next n acks of a publish never arrive: their connection is cut instead. */
+    dropAcks(n) {
+      acksToDrop += n;
+    },
+    /** How many acks dropAcks still has to drop. */
+    get acksToDrop() {
+      return acksToDrop;
+    },
     close() {
       this.cut();
       return new Promise((resolve) => server.close(() => resolve()));
     },
   };
+}
+
+/**
+ * Splits a server-to-browser byte stream into the HTTP response head and,
+ * after a 101 (a WebSocket), whole frames (unmasked, as a server's are),
+ * calling emit with each piece to forward. Plain HTTP responses pass
+ * through as they come.
+ */
+function serverFrames(emit) {
+  let buf = Buffer.alloc(0);
+  let mode = "head"; // then "frames" after a 101, or "raw"
+  return (chunk) => {
+    if (mode === "raw") {
+      emit(chunk);
+      return;
+    }
+    buf = Buffer.concat([buf, chunk]);
+    if (mode === "head") {
+      const end = buf.indexOf("\r\n\r\n");
+      if (end < 0) return;
+      mode = buf.subarray(0, 12).toString("latin1") === "HTTP/1.1 101" ? "frames" : "raw";
+      if (mode === "raw") {
+        emit(buf);
+        buf = Buffer.alloc(0);
+        return;
+      }
+      emit(buf.subarray(0, end + 4));
+      buf = buf.subarray(end + 4);
+    }
+    for (;;) {
+      if (buf.length < 2) return;
+      let len = buf[1] & 0x7f;
+      let off = 2;
+      if (len === 126) {
+        if (buf.length < 4) return;
+        len = buf.readUInt16BE(2);
+        off = 4;
+      } else if (len === 127) {
+        if (buf.length < 10) return;
+        len = Number(buf.readBigUInt64BE(2));
+        off = 10;
+      }
+      if (buf.length < off + len) return;
+      emit(buf.subarray(0, off + len));
+      buf = buf.subarray(off + len);
+    }
+  };
+}
+
+/** Whether frame is a text frame holding the ack of a publish (it has a message_id). */
+function isPublishAck(frame) {
+  if ((frame[0] & 0x0f) !== 1) return false;
+  const text = frame.toString("utf8");
+  return text.includes('"type":"ack"') && text.includes('"message_id"');
 }
