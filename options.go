@@ -166,6 +166,7 @@ type config struct {
 	drainBatch      int
 	drainInterval   time.Duration
 	keyTTL          time.Duration
+	defaultRoom     string
 
 	broker Broker
 
@@ -269,6 +270,11 @@ func (c *config) validate() {
 	}
 	if c.maxInfo < 0 || c.maxInfo > 64<<10 {
 		bad("WithMaxInfoBytes(%d): want 0 to 64 KiB", c.maxInfo)
+	}
+	if c.defaultRoom != "" {
+		if err := c.roomValidator(c.defaultRoom); err != nil {
+			bad("WithDefaultRoom(%q): %v", c.defaultRoom, err)
+		}
 	}
 	if c.keyTTL < time.Second || c.keyTTL > 24*time.Hour {
 		bad("WithIdempotencyWindow(%v): want 1s to 24h", c.keyTTL)
@@ -498,4 +504,13 @@ func WithDrain(batch int, interval time.Duration) Option {
 // (a key per keyed publish). Default 5 minutes; 1s to 24h.
 func WithIdempotencyWindow(d time.Duration) Option {
 	return func(c *config) { c.keyTTL = d }
+}
+
+// WithDefaultRoom is the room of a raw-mode client that names none (no
+// "room" query parameter, nothing below the path): a tutorial's
+// `wscat -c ws://host/ws` then joins it and can chat at once. Default: none;
+// such a client only gets direct messages, and publishing closes it with
+// 1008. The room must pass the room validator.
+func WithDefaultRoom(room string) Option {
+	return func(c *config) { c.defaultRoom = room }
 }

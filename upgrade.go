@@ -351,8 +351,9 @@ func (h *Handler) originAllowed(r *http.Request) bool {
 }
 
 // rawRoom finds a raw-mode client's room: the "room" query parameter, else
-// a {room...} path wildcard of the route, else the path below WithPath.
-// No room at all is allowed: the client then only gets direct messages.
+// a {room...} path wildcard of the route, else the path below WithPath,
+// else WithDefaultRoom. No room at all is allowed: the client then only
+// gets direct messages.
 func (h *Handler) rawRoom(r *http.Request) (string, error) {
 	room := ""
 	q := r.URL.Query()
@@ -367,7 +368,7 @@ func (h *Handler) rawRoom(r *http.Request) (string, error) {
 	default:
 		rest, ok := strings.CutPrefix(r.URL.Path, h.cfg.path+"/")
 		if !ok || rest == "" {
-			return "", nil
+			return h.cfg.defaultRoom, nil // "" unless WithDefaultRoom
 		}
 		room = rest
 	}

@@ -66,3 +66,13 @@ test("a page's message reaches a wscat listener, and its typed lines reach the p
   await ann.locator("#members li", { hasText: "anonymous" }).waitFor({ state: "detached" });
   assert.deepEqual(ann.errors, []);
 });
+
+test("the tutorial's first step, wscat with no room, chats in the lobby", async (t) => {
+  const ann = await openLobby(t, "ann");
+  // No ?room=: the chat gives raw clients the lobby (WithDefaultRoom).
+  const wscat = runWscat(["-c", `${server.url.replace(/^http/, "ws")}/ws`, "-x", "hello from the tutorial", "-w", "1"]);
+  t.after(() => wscat.stop());
+  await ann.locator("#log li.raw", { hasText: "hello from the tutorial" }).waitFor();
+  assert.equal(await wscat.exited, 0, `wscat failed:\n${wscat.stderr}`);
+  assert.deepEqual(ann.errors, []);
+});

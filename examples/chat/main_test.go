@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
@@ -254,6 +255,24 @@ func TestChatDeliversLinesWithinTheRoomOnly(t *testing.T) {
 	// her queue now, ahead of anything from her own room.
 	say(t, carol, "carol: anyone here?")
 	hear(t, carol, "carol", "carol: anyone here?")
+}
+
+// The tutorial's first step names no room (wscat -c ws://host/ws): the
+// chat puts such a client in the lobby, where the page starts.
+func TestChatPutsARawClientWithNoRoomInTheLobby(t *testing.T) {
+	t.Parallel()
+	h, srv := startChat(t)
+	alice := join(t, srv, "lobby")
+	u := wsURL(srv, "/ws")
+	tutorial, _, err := websocket.Dial(testCtx(t), u, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", u, err)
+	}
+	t.Cleanup(func() { tutorial.CloseNow() })
+	pubsubtest.WaitFor(t, "the client with no room to join the lobby", func() bool { return len(h.Connections("lobby")) == 2 })
+	say(t, tutorial, "hello")
+	hear(t, alice, "alice", "hello")
+	hear(t, tutorial, "tutorial", "hello")
 }
 
 func TestChatLetsPageAndRawClientsTalkBothWays(t *testing.T) {

@@ -43,6 +43,9 @@ func Options() []pubsub.Option {
 		// The default, spelled out: members are listed, with join and leave
 		// events for the subscribers that ask for them.
 		pubsub.WithPresence(pubsub.PresenceOn),
+		// A tutorial's first step, `wscat -c ws://127.0.0.1:8080/ws`, names
+		// no room: it joins the lobby, where the page starts.
+		pubsub.WithDefaultRoom("lobby"),
 	}
 }
 
