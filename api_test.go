@@ -589,7 +589,7 @@ func TestStatsCountExactlyInAControlledScenario(t *testing.T) {
 	a := dialProto(t, wsURL(srv, "/ws"))
 	b := dialProto(t, wsURL(srv, "/ws"))
 	raw := dial(t, wsURL(srv, "/ws?room=r1"))
-	want.Connections, want.Rooms = 3, 1 // the raw client is in r1
+	want.Connections, want.Rooms, want.Accepted = 3, 1, 3 // the raw client is in r1
 	apiWaitStats(t, h, want)
 
 	a.subscribe("r1")

@@ -317,6 +317,7 @@ func (c *conn) run() {
 	c.h.release(c.client.UserID)
 	h := c.h
 	code, reason := c.closeStatus()
+	h.stats.countClosed(code)
 	h.log.Debug("pubsub: disconnected", "conn_id", c.client.ID, "user_id", c.client.UserID, "code", code, "reason", reason)
 	if h.cfg.onDisconnect != nil {
 		h.callHook("on_disconnect", c.client, func() error {

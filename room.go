@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -423,6 +424,21 @@ func (g *registry) conns(r *room) []*conn {
 	for c := range r.subs {
 		out = append(out, c)
 	}
+	return out
+}
+
+// names lists the rooms of this node, sorted.
+func (g *registry) names() []string {
+	var out []string
+	for i := range g.shards {
+		s := &g.shards[i]
+		s.mu.Lock()
+		for name := range s.rooms {
+			out = append(out, name)
+		}
+		s.mu.Unlock()
+	}
+	slices.Sort(out)
 	return out
 }
 

@@ -4,8 +4,11 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/roomcast/pubsub/protocol"
 )
 
 // Stats is a snapshot of a Handler's counters.
@@ -21,11 +24,25 @@ type Stats struct {
 	RateLimited   uint64 // client messages refused by the rate limit
 	Refused       uint64 // upgrades refused (origin, authentication, room, shutdown)
 	HookPanics    uint64 // panics recovered from hooks
+	Accepted      uint64 // connections accepted (upgraded and registered)
 }
 
 type counters struct {
 	messagesIn, messagesOut, published, duplicates, slowConsumers, dropped,
-	rateLimited, refused, hookPanics atomic.Uint64
+	rateLimited, refused, hookPanics, accepted atomic.Uint64
+
+	closedMu sync.Mutex
+	closed   map[protocol.CloseCode]uint64
+}
+
+// countClosed counts a connection that ended with code.
+func (s *counters) countClosed(code protocol.CloseCode) {
+	s.closedMu.Lock()
+	defer s.closedMu.Unlock()
+	if s.closed == nil {
+		s.closed = make(map[protocol.CloseCode]uint64)
+	}
+	s.closed[code]++
 }
 
 // ConnStats is how one connection is keeping up.
@@ -98,5 +115,24 @@ func (h *Handler) Stats() Stats {
 		RateLimited:   h.stats.rateLimited.Load(),
 		Refused:       h.stats.refused.Load(),
 		HookPanics:    h.stats.hookPanics.Load(),
+		Accepted:      h.stats.accepted.Load(),
 	}
+}
+
+// Closed counts the connections that ended, by close code
+// (protocol.CloseAbnormal for those lost without one): why clients leave.
+// It returns a snapshot, safe to keep.
+func (h *Handler) Closed() map[protocol.CloseCode]uint64 {
+	h.stats.closedMu.Lock()
+	defer h.stats.closedMu.Unlock()
+	out := make(map[protocol.CloseCode]uint64, len(h.stats.closed))
+	for code, n := range h.stats.closed {
+		out[code] = n
+	}
+	return out
+}
+
+// Rooms lists the rooms with at least one subscriber on this node, sorted.
+func (h *Handler) Rooms() []string {
+	return h.rooms.names()
 }

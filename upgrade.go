@@ -200,6 +200,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 		c.abandon()
 		return
 	}
+	h.stats.accepted.Add(1)
 	h.log.Debug("pubsub: connected", "conn_id", c.client.ID, "user_id", c.client.UserID, "mode", c.client.Mode.String())
 	if h.cfg.onConnect != nil {
 		h.callHook("on_connect", c.client, func() error { h.cfg.onConnect(ConnectEvent{Client: c.client}); return nil })
