@@ -80,7 +80,7 @@ func benchMembers(b *testing.B, h *Handler, room string, n int) []*conn {
 		c := newConn(h, Client{ID: fmt.Sprintf("conn-%08d", i), Mode: ModeRaw})
 		c.q.frames = make([]*frame, 0, benchDrainEvery)
 		c.q.spare = make([]*frame, 0, benchDrainEvery)
-		if err := c.subscribe(room, nil, 0, false, nil, requestID{}); err != nil {
+		if _, err := c.subscribe(room, nil, 0, false, nil, nil); err != nil {
 			b.Fatal(err)
 		}
 		cs[i] = c

@@ -30,7 +30,8 @@ type conn struct {
 	sock   *socket         // the hijacked connection under ws
 	br     *bufio.Reader   // ws's reader over sock
 	client Client
-	proto  bool
+	mode   Mode
+	sse    *sseStream      // ModeSSE's state; nil in the other modes
 	ctx    context.Context // ends when the connection is closing
 	cancel context.CancelFunc
 
@@ -65,7 +66,7 @@ type conn struct {
 func newConn(h *Handler, cl Client) *conn {
 	ctx, cancel := context.WithCancel(h.ctx)
 	c := &conn{
-		h: h, client: cl, proto: cl.Mode == ModeProtocol,
+		h: h, client: cl, mode: cl.Mode,
 		ctx: ctx, cancel: cancel,
 		tokens: float64(h.cfg.rateBurst),
 		refill: time.Now(),
@@ -107,8 +108,8 @@ func (c *conn) abandon() {
 // that overflows the queue under SlowConsumerDisconnect closes the
 // connection as a slow consumer. It reports whether f was queued.
 func (c *conn) enqueue(f *frame) bool {
-	if !c.proto && f.control {
-		return false // raw mode carries payloads only
+	if f.to&(1<<c.mode) == 0 {
+		return false // not for this mode: raw mode and SSE carry no protocol envelopes
 	}
 	c.mu.Lock()
 	if c.closing {
@@ -254,7 +255,15 @@ func (c *conn) heartbeat() {
 		c.beginCloseLocked(protocol.CloseIdleTimeout, "idle timeout", false)
 		return
 	}
-	if c.proto {
+	if c.mode == ModeSSE {
+		// A comment keeps proxies from timing the stream out; a peer that
+		// is gone shows as a write that fails or times out.
+		if c.q.pushIfRoom(ssePingFrame, c.h.cfg.queue) {
+			c.startWriterLocked()
+		}
+		return
+	}
+	if c.mode == ModeProtocol {
 		if silent > cfg.heartbeat+cfg.heartbeatWait {
 			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
 			return
@@ -302,7 +311,9 @@ func (c *conn) kill() {
 	if c.sock != nil {
 		_ = c.sock.Close()
 	}
-	_ = c.ws.CloseNow()
+	if c.ws != nil {
+		_ = c.ws.CloseNow()
+	}
 }
 
 // run serves the connection on its own goroutine, which the Handler owns:

@@ -9,34 +9,47 @@ import (
 )
 
 // frame is one outbound message, built once and shared by every queue it
-// is put in. Its bytes on the wire, WebSocket header included, are built
-// at most once per mode, by the first writer that needs them, and then
-// written as they are to every subscriber's socket.
+// is put in. Its bytes on the wire, framing included, are built at most
+// once per mode, by the first writer that needs them, and then written as
+// they are to every subscriber's socket.
 type frame struct {
-	m       Message // room messages and presence events; Data is the raw-mode payload
-	room    *room   // the room whose policy applies; nil for direct and control frames
-	kind    wire.Kind
-	size    int       // what the frame counts against a queue's byte bound
-	at      time.Time // when it was published, for lag
-	data    bool      // carries a payload (room or direct message)
-	replay  bool      // replayed from history: never replaced by a SlowConsumerKeepLatest room
-	control bool      // a protocol-mode reply or event: never sent in raw mode
+	m      Message // room messages and presence events; Data is the raw-mode payload
+	room   *room   // the room whose policy applies; nil for direct and control frames
+	kind   wire.Kind
+	size   int       // what the frame counts against a queue's byte bound
+	at     time.Time // when it was published, for lag
+	data   bool      // carries a payload (room or direct message)
+	replay bool      // replayed from history: never replaced by a SlowConsumerKeepLatest room
+	to     audience  // the modes whose connections take it
+	sse    sseFrameKind
 
 	encode    func() []byte // the protocol-mode envelope
 	protoOnce sync.Once
 	protoWire []byte // a text frame holding the envelope
 	rawOnce   sync.Once
 	rawWire   []byte // a text or binary frame holding the payload as published
+	sseOnce   sync.Once
+	sseWire   []byte // the SSE event, but its id line (see sseWire)
 }
+
+// audience is the modes a frame is for, a bit per Mode.
+type audience uint8
+
+const (
+	toRaw      audience = 1 << ModeRaw
+	toProtocol audience = 1 << ModeProtocol
+	toSSE      audience = 1 << ModeSSE
+	toAll               = toRaw | toProtocol | toSSE
+)
 
 func newRoomFrame(m Message, r *room) *frame {
 	if m.Kind != KindMessage {
-		return &frame{m: m, room: r, size: 64, at: m.Time, control: true,
+		return &frame{m: m, room: r, size: 64, at: m.Time, to: toProtocol,
 			encode: func() []byte { return encodePresenceEvent(m) }}
 	}
 	kind := wire.Classify(m.Data)
 	return &frame{
-		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true,
+		m: m, room: r, kind: kind, size: len(m.Data), at: m.Time, data: true, to: toAll,
 		encode: func() []byte { return encodeMessage(m, kind) },
 	}
 }
@@ -44,25 +57,28 @@ func newRoomFrame(m Message, r *room) *frame {
 func newDirectFrame(p []byte) *frame {
 	kind := wire.Classify(p)
 	return &frame{
-		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true,
+		m: Message{Data: p}, kind: kind, size: len(p), at: time.Now(), data: true, to: toAll,
 		encode: func() []byte { return encodeDirect(p, kind) },
 	}
 }
 
 // newControlFrame is a protocol-mode reply (welcome, ack, error, ping, pong).
 func newControlFrame(env []byte) *frame {
-	f := &frame{size: len(env), control: true}
+	f := &frame{size: len(env), to: toProtocol}
 	f.protoWire = wireFrame(opText, env)
 	f.protoOnce.Do(func() {})
 	return f
 }
 
-// wire is the frame as it goes on the wire to a connection in protocol
-// mode (proto) or raw mode.
-func (f *frame) wire(proto bool) []byte {
-	if proto {
+// wire is the frame as it goes on the wire to a connection of mode.
+func (f *frame) wire(mode Mode) []byte {
+	switch mode {
+	case ModeProtocol:
 		f.protoOnce.Do(func() { f.protoWire = wireFrame(opText, f.encode()) })
 		return f.protoWire
+	case ModeSSE:
+		f.sseOnce.Do(func() { f.sseWire = sseEvent(f) })
+		return f.sseWire
 	}
 	f.rawOnce.Do(func() {
 		op := byte(opText)

@@ -18,11 +18,15 @@ type Mode uint8
 const (
 	ModeRaw      Mode = iota // no subprotocol: one room, payloads verbatim
 	ModeProtocol             // subprotocol roomcast.v1: JSON envelopes, many rooms
+	ModeSSE                  // Server-Sent Events: listen only, rooms by name, exact recovery by Last-Event-ID
 )
 
 func (m Mode) String() string {
-	if m == ModeProtocol {
+	switch m {
+	case ModeProtocol:
 		return "protocol"
+	case ModeSSE:
+		return "sse"
 	}
 	return "raw"
 }

@@ -14,6 +14,10 @@ import (
 
 // readLoop reads client messages until the connection closes.
 func (c *conn) readLoop() {
+	if c.sse != nil {
+		c.watchSSE()
+		return
+	}
 	for {
 		// No deadline and no context: liveness is the heartbeat's job, a
 		// read context that ended would close the socket under a flushing
@@ -28,7 +32,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		c.lastSeen.Store(time.Now().UnixNano())
-		if typ == websocket.MessageBinary && c.proto {
+		if typ == websocket.MessageBinary && c.mode == ModeProtocol {
 			c.beginClose(protocol.CloseUnsupportedData, "protocol mode accepts text frames only", false)
 			return
 		}
@@ -37,7 +41,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		var ok bool
-		if c.proto {
+		if c.mode == ModeProtocol {
 			ok = c.handleEnvelope(data) // counts MessagesIn, heartbeats aside
 		} else {
 			c.h.stats.messagesIn.Add(1)
@@ -190,7 +194,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if v := c.authorize(ActionSubscribe, in.Room); v != allowed {
 			return false, v.protoError(protocol.CodeForbidden, "not allowed to subscribe in this room")
 		}
-		if err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, in.ID); err != nil {
+		if _, err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, ackWith(in.ID)); err != nil {
 			h.brokerFailed("subscribe", in.Room, err)
 			return false, &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
 		}
@@ -266,29 +270,34 @@ func (c *conn) isClosing() bool {
 }
 
 // subscribe joins room for this connection and queues, in this order, the
-// ack (when id is set), the messages the client asked to catch up on
-// (since its position, or the room's last history messages), then the
-// live messages. It is shared by protocol subscribes and raw-mode joins.
-func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, id requestID) error {
+// frame first builds from the outcome (a protocol ack, an SSE reset
+// event; none when first is nil), the messages the client asked to catch
+// up on (since its position, or the room's last history messages), then
+// the live messages. It is shared by protocol subscribes, raw-mode joins
+// and SSE streams, and returns the outcome: the room's position and what
+// was replayed.
+func (c *conn) subscribe(room string, since *position, history int, presence bool, info json.RawMessage, first func(subscribed) *frame) (subscribed, error) {
 	h := c.h
 	if len(c.client.Info) > 0 {
 		info = c.client.Info // the server's word wins
 	}
-	catchUp := c.proto || history > 0
+	// Protocol and SSE subscriptions always learn their position; raw ones
+	// only when they replay history.
+	catchUp := c.mode != ModeRaw || history > 0
 	s := &sub{
-		presence:  presence && c.proto,
+		presence:  presence && c.mode == ModeProtocol,
 		member:    Member{ConnID: c.client.ID, UserID: c.client.UserID, Info: info},
 		buffering: catchUp,
 	}
 	r, err := h.rooms.join(c.ctx, room, c, s)
 	if err != nil {
-		return err
+		return subscribed{}, err
 	}
 	c.keep(room, r)
-	if !catchUp {
-		return nil
-	}
 	out := subscribed{room: room, presence: r.opts.Presence}
+	if !catchUp {
+		return out, nil
+	}
 	// A catch-up never exceeds what the queue can hold beside the ack: more
 	// would close the connection as a slow consumer before it could read
 	// any of it.
@@ -304,7 +313,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	if err != nil {
 		c.forget(room)
 		h.rooms.leave(r, c)
-		return err
+		return subscribed{}, err
 	}
 	out.epoch, out.top = res.Epoch, res.Top
 	msgs := res.Messages
@@ -324,17 +333,28 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 		}
 	}
 	out.missed = len(msgs)
-	first := make([]*frame, 0, len(msgs)+1)
-	if id.set {
-		first = append(first, newControlFrame(encodeSubscribed(id, out)))
+	queued := make([]*frame, 0, len(msgs)+1)
+	if first != nil {
+		if f := first(out); f != nil {
+			queued = append(queued, f)
+		}
 	}
 	for _, m := range msgs {
 		f := newRoomFrame(m, r)
 		f.replay = true // the ack announced exactly these
-		first = append(first, f)
+		queued = append(queued, f)
 	}
-	h.rooms.catchUp(r, c, first, res.Epoch, res.Top)
-	return nil
+	h.rooms.catchUp(r, c, queued, res.Epoch, res.Top)
+	return out, nil
+}
+
+// ackWith builds a subscribe's ack, ahead of its replay, when the request
+// had an id.
+func ackWith(id requestID) func(subscribed) *frame {
+	if !id.set {
+		return nil
+	}
+	return func(out subscribed) *frame { return newControlFrame(encodeSubscribed(id, out)) }
 }
 
 // authorize asks the authorize hook, when set, about action in room.
@@ -374,7 +394,7 @@ func (c *conn) rawRoomName() string {
 // keep records a room the connection joined. A raw connection has at most
 // one, in a field: an idle connection should not pay for a map.
 func (c *conn) keep(name string, r *room) {
-	if !c.proto {
+	if c.mode == ModeRaw {
 		c.raw = r
 		return
 	}
@@ -385,7 +405,7 @@ func (c *conn) keep(name string, r *room) {
 }
 
 func (c *conn) forget(name string) {
-	if !c.proto {
+	if c.mode == ModeRaw {
 		c.raw = nil
 		return
 	}

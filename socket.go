@@ -130,6 +130,16 @@ func (s *socket) Close() error {
 	return s.Conn.Close()
 }
 
+// closeWritten closes the connection after its writer's last write, with
+// nothing waiting to be cut short: no deadline in the past, which an
+// HTTP/2 stream would answer with a reset instead of its end.
+func (s *socket) closeWritten() error {
+	s.closing.Store(true)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.Conn.Close()
+}
+
 // setWriteDeadline bounds writeAll and coder's writes, unless Close began.
 // Close sets closing before its own deadline, so whichever order the two
 // run in, a deadline set here never outlives Close's.

@@ -184,8 +184,8 @@ func TestGatherJoinsFramesWithinTheLimitAndSkipsDropped(t *testing.T) {
 	one := mk(10)
 	var buf []byte
 	p, next, data := c.gather([]*frame{nil, one, nil}, 0, &buf)
-	if &p[0] != &one.wire(false)[0] || next != 3 || data != 1 {
-		t.Fatalf("a lone frame: next %d, data %d, copied %v; want its own bytes, next 3, data 1", next, data, &p[0] != &one.wire(false)[0])
+	if &p[0] != &one.wire(ModeRaw)[0] || next != 3 || data != 1 {
+		t.Fatalf("a lone frame: next %d, data %d, copied %v; want its own bytes, next 3, data 1", next, data, &p[0] != &one.wire(ModeRaw)[0])
 	}
 	big := gatherLimit / 3
 	batch := []*frame{mk(big), nil, mk(big), mk(big), mk(10)}
@@ -204,7 +204,7 @@ func TestGatherJoinsFramesWithinTheLimitAndSkipsDropped(t *testing.T) {
 	var want []byte
 	for _, f := range batch {
 		if f != nil {
-			want = append(want, f.wire(false)...)
+			want = append(want, f.wire(ModeRaw)...)
 		}
 	}
 	if !bytes.Equal(all, want) {

@@ -33,7 +33,7 @@ import (
 // room, 403 for a foreign origin or a denied room, 401/403 from the
 // authenticate hook, 429 past the per-user limit, 500 when a hook panicked.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !isUpgrade(r) && h.serveClient(w, r) {
+	if !isUpgrade(r) && !isSSE(r) && h.serveClient(w, r) {
 		return
 	}
 	if !h.enter() {
@@ -74,12 +74,15 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, ref refusal) {
 // joined already (so a broker failure can still be a 503). It returns the
 // connection, or the refusal, having undone everything it did.
 func (h *Handler) admit(r *http.Request) (*conn, *refusal) {
-	if !isUpgrade(r) {
-		return nil, &refusal{status: http.StatusUpgradeRequired, msg: "this endpoint accepts WebSocket connections only"}
-	}
-	mode, ok := selectMode(r)
-	if !ok {
-		return nil, &refusal{status: http.StatusBadRequest, msg: "unsupported subprotocol; this server speaks " + protocol.Subprotocol + " or none (raw mode)"}
+	mode := ModeSSE
+	if !isSSE(r) {
+		if !isUpgrade(r) {
+			return nil, &refusal{status: http.StatusUpgradeRequired, msg: "this endpoint accepts WebSocket connections (and event streams: Accept: text/event-stream) only"}
+		}
+		var ok bool
+		if mode, ok = selectMode(r); !ok {
+			return nil, &refusal{status: http.StatusBadRequest, msg: "unsupported subprotocol; this server speaks " + protocol.Subprotocol + " or none (raw mode)"}
+		}
 	}
 	if !h.originAllowed(r) {
 		return nil, &refusal{status: http.StatusForbidden, msg: "origin not allowed"}
@@ -95,11 +98,15 @@ func (h *Handler) admit(r *http.Request) (*conn, *refusal) {
 		return nil, &refusal{status: http.StatusTooManyRequests, msg: "too many connections for this user"}
 	}
 	c := newConn(h, Client{ID: uuid.NewString(), UserID: id.UserID, Mode: mode, RemoteAddr: r.RemoteAddr, Info: id.Info})
-	if mode == ModeRaw {
-		if ref := c.joinRawRoom(r); ref != nil {
-			c.abandon()
-			return nil, ref
-		}
+	switch mode {
+	case ModeRaw:
+		ref = c.joinRawRoom(r)
+	case ModeSSE:
+		ref = c.joinSSERooms(r)
+	}
+	if ref != nil {
+		c.abandon()
+		return nil, ref
 	}
 	return c, nil
 }
@@ -150,16 +157,30 @@ func (c *conn) joinRawRoom(r *http.Request) *refusal {
 	if v := c.authorize(ActionSubscribe, room); v != allowed {
 		return &refusal{status: v.httpStatus(), msg: v.reason("not allowed to subscribe in this room")}
 	}
-	if err := c.subscribe(room, nil, history, false, nil, requestID{}); err != nil {
+	if _, err := c.subscribe(room, nil, history, false, nil, nil); err != nil {
 		h.brokerFailed("subscribe", room, err)
 		return &refusal{status: http.StatusServiceUnavailable, msg: "could not join the room; try again later"}
 	}
 	return nil
 }
 
-// accept upgrades, registers and hands the connection to its goroutine;
-// on failure it abandons it.
+// accept upgrades (or, for an event stream, takes over the connection),
+// registers and hands the connection to its goroutine; on failure it
+// abandons it.
 func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
+	if c.mode == ModeSSE {
+		hw := &hijacker{ResponseWriter: w}
+		if _, _, err := hw.Hijack(); err != nil {
+			// HTTP/2 (and any writer that cannot be hijacked) streams
+			// through the ResponseWriter instead, on this goroutine.
+			h.streamSSE(w, r, c)
+			return
+		}
+		c.sse.head = sseHead(w.Header(), c.sse.origin)
+		c.attach(nil, hw.sock, hw.br)
+		h.serve(c)
+		return
+	}
 	opts := &websocket.AcceptOptions{
 		InsecureSkipVerify: true, // originAllowed already checked, before authentication
 		// The Handler writes message frames itself, uncompressed (see wireFrame).
@@ -168,7 +189,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 			c.lastSeen.Store(time.Now().UnixNano())
 		},
 	}
-	if c.proto {
+	if c.mode == ModeProtocol {
 		opts.Subprotocols = []string{protocol.Subprotocol}
 	}
 	hw := &hijacker{ResponseWriter: w}
@@ -180,7 +201,13 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 	}
 	ws.SetReadLimit(h.cfg.maxMessageBytes)
 	c.attach(ws, hw.sock, hw.br)
-	if c.proto {
+	h.serve(c)
+}
+
+// serve queues a protocol connection's welcome, registers the connection,
+// runs the connect hook, and starts it.
+func (h *Handler) serve(c *conn) {
+	if c.mode == ModeProtocol {
 		// Queued before the connection is reachable (register), so it is
 		// always the first frame.
 		c.enqueue(newControlFrame(encodeWelcome(welcome{
@@ -329,15 +356,12 @@ func selectMode(r *http.Request) (Mode, bool) {
 // browser), the request's own host, or a WithOriginPatterns match.
 func (h *Handler) originAllowed(r *http.Request) bool {
 	origin := r.Header.Get("Origin")
-	if origin == "" || h.cfg.insecureSkipOrigin {
+	if origin == "" || h.cfg.insecureSkipOrigin || h.sameOrigin(r) {
 		return true
 	}
 	u, err := url.Parse(origin)
 	if err != nil || u.Host == "" {
 		return false
-	}
-	if strings.EqualFold(u.Host, r.Host) {
-		return true
 	}
 	for _, p := range h.cfg.originPatterns {
 		target := u.Host
@@ -377,6 +401,12 @@ func (h *Handler) rawRoom(r *http.Request) (string, error) {
 		return "", fmt.Errorf("invalid room: %v", err)
 	}
 	return room, nil
+}
+
+// sameOrigin reports whether the request's Origin is its own host.
+func (h *Handler) sameOrigin(r *http.Request) bool {
+	u, err := url.Parse(r.Header.Get("Origin"))
+	return err == nil && u.Host != "" && strings.EqualFold(u.Host, r.Host)
 }
 
 func isJSONObject(b []byte) bool {

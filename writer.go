@@ -151,10 +151,13 @@ func (c *conn) tryBatch(buf *[]byte, batch []*frame) (sent int, left []*frame, f
 		case err != nil:
 			return sent, nil, false, err
 		case res == tryBusy:
+			c.gathered(false)
 			return sent, batch[i:], true, nil
 		case res == tryPartial:
+			c.gathered(true) // the rest goes out first, from the socket's rest
 			return sent + n, batch[next:], true, nil
 		}
+		c.gathered(true)
 		sent += n
 		i = next
 	}
@@ -173,8 +176,11 @@ func (c *conn) gather(batch []*frame, i int, buf *[]byte) (p []byte, next, data 
 	if i == len(batch) {
 		return nil, i, 0
 	}
+	if c.sse != nil {
+		return c.gatherSSE(batch, i, buf)
+	}
 	first := batch[i]
-	p = first.wire(c.proto)
+	p = first.wire(c.mode)
 	if first.data {
 		data++
 	}
@@ -191,7 +197,7 @@ func (c *conn) gather(batch []*frame, i int, buf *[]byte) (p []byte, next, data 
 		if f == nil {
 			continue
 		}
-		fw := f.wire(c.proto)
+		fw := f.wire(c.mode)
 		if len(b)+len(fw) > gatherLimit {
 			break
 		}
@@ -202,6 +208,44 @@ func (c *conn) gather(batch []*frame, i int, buf *[]byte) (p []byte, next, data 
 	}
 	*buf = b
 	return b, i, data
+}
+
+// gatherSSE is gather for an event stream: every event is copied, with the
+// id line that carries the stream's position, which the write in progress
+// moves (see gathered).
+func (c *conn) gatherSSE(batch []*frame, i int, buf *[]byte) (p []byte, next, data int) {
+	c.sse.rewind()
+	b := (*buf)[:0]
+	if !c.sse.headed {
+		b = append(b, c.sse.head...)
+	}
+	for ; i < len(batch); i++ {
+		f := batch[i]
+		if f == nil {
+			continue
+		}
+		if len(b) > 0 && len(b)+len(f.wire(ModeSSE))+256 > gatherLimit {
+			break
+		}
+		b = c.sse.appendEvent(b, f)
+		if f.data {
+			data++
+		}
+	}
+	*buf = b
+	if len(b) == 0 {
+		return nil, i, 0
+	}
+	return b, i, data
+}
+
+// gathered says whether the bytes of the last gather went out (or are
+// committed to the socket's rest): an event stream's position moves with
+// them, or stays.
+func (c *conn) gathered(written bool) {
+	if c.sse != nil && written {
+		c.sse.commit()
+	}
 }
 
 // countWritten counts n data frames written.
@@ -273,6 +317,7 @@ func (c *conn) writeWait(left, batch []*frame) error {
 				break
 			}
 			if err = c.sock.writeAll(p); err == nil {
+				c.gathered(true)
 				sent += n
 			}
 			i = next
@@ -297,6 +342,17 @@ func (c *conn) finish(left, batch []*frame) {
 	c.mu.Lock()
 	code, reason, abort := c.code, c.reason, c.abort
 	c.mu.Unlock()
+	if c.sse != nil {
+		// An event stream has no close handshake: what was queued, the
+		// server's reason (so a page can stop EventSource's reconnecting),
+		// and the end of the connection, which ends the response.
+		if code != protocol.CloseAbnormal && !abort && c.writeWait(left, batch) == nil {
+			c.sock.setWriteDeadline(time.Now().Add(c.h.cfg.writeTimeout))
+			_ = c.sock.writeAll(sseCloseEvent(code, reason))
+		}
+		_ = c.sock.closeWritten()
+		return
+	}
 	if code == protocol.CloseAbnormal || abort {
 		_ = c.ws.CloseNow() // the peer is gone or reads nothing: no handshake
 		return

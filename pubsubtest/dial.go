@@ -17,6 +17,7 @@ type dialConfig struct {
 	header       http.Header
 	subprotocols []string
 	allowGaps    bool
+	httpClient   *http.Client
 }
 
 // Header adds h to the upgrade request: cookies, a token, an Origin.
@@ -42,6 +43,12 @@ func Origin(origin string) DialOption {
 // testing negotiation. DialRaw offers none by default, Dial roomcast.v1.
 func Subprotocols(p ...string) DialOption {
 	return func(c *dialConfig) { c.subprotocols = p }
+}
+
+// HTTPClient makes an event stream (Listen) use c: for a TLS or HTTP/2
+// server, httptest.Server.Client(). Default: http.DefaultClient.
+func HTTPClient(c *http.Client) DialOption {
+	return func(cfg *dialConfig) { cfg.httpClient = c }
 }
 
 // AllowGaps turns off a protocol client's check that each room's messages
