@@ -8,7 +8,7 @@
 //	mux.Handle("/ws", ps)                         // clients connect here
 //	ps.Publish(ctx, "orders:42", []byte(`{"status":"shipped"}`)) // from any backend code
 //
-// # Two ways to talk to it
+// # Three ways to talk to it
 //
 // Raw mode is for any WebSocket client with no library: a browser's bare
 // new WebSocket(url), wscat, websocat. The client offers no subprotocol
@@ -26,6 +26,16 @@
 // JSON envelopes over one connection with many rooms, subscribe,
 // unsubscribe and publish with acknowledgements, coded errors and
 // heartbeats. PROTOCOL.md at the repository root specifies it.
+//
+// Event streams (Server-Sent Events) are for clients that only listen: a
+// GET of the same endpoint with Accept: text/event-stream (a browser's
+// bare EventSource, curl -N) names its rooms ("/ws?room=news&room=alerts")
+// and gets each message as an event named after its room, its payload
+// verbatim. Every event's id is the stream's position, so an EventSource
+// that reconnects, sending Last-Event-ID, gets exactly what it missed, or
+// a "+reset" event saying it cannot: exact recovery with no library at
+// all. Over HTTP/2 the stream is served by its request's ServeHTTP call,
+// which lasts as long as the stream.
 //
 // # Payloads
 //
@@ -195,6 +205,9 @@
 //   - Shutdown's waiter: Shutdown starts one goroutine that waits for the
 //     groups above and closes a channel, and returns only after receiving
 //     from it.
+//   - An HTTP/2 event stream keeps its ServeHTTP call (net/http's
+//     goroutine) until the stream ends; the Handler counts it with every
+//     ServeHTTP call and Shutdown and Close wait for it.
 //
 // A connection's wg gets no Add once the connection is closing (every Add
 // is made under its mu, after checking), so its reader's Wait, after
@@ -225,6 +238,7 @@
 //	middleware.go  Middleware and FromContext
 //	conn.go        one connection's life: close, heartbeats, the end
 //	reader.go      reading a connection and dispatching its requests; subscribe
+//	sse.go         event streams: their rooms, events, ids and recovery
 //	room.go        the room registry, joining, catching up, fan-out, resets
 //	queue.go       a connection's bounded outbound queue and the slow-consumer policies
 //	writer.go      the writer pool and a connection's own writer
