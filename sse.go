@@ -224,7 +224,8 @@ func (s *sseStream) appendID(b []byte) []byte {
 }
 
 // parseLastEventID reads the positions an id of this stream carried, one
-// per room; ok is false for anything else (another stream's id, garbage).
+// per room (an empty epoch: no position in that room); ok is false for
+// anything else (another stream's id, garbage).
 func parseLastEventID(id string, rooms int) (pos []ssePos, ok bool) {
 	if id == "" || len(id) > 64<<10 {
 		return nil, false
@@ -239,8 +240,7 @@ func parseLastEventID(id string, rooms int) (pos []ssePos, ok bool) {
 	}
 	pos = make([]ssePos, rooms)
 	for i, p := range raw {
-		if json.Unmarshal(p[0], &pos[i].epoch) != nil || pos[i].epoch == "" ||
-			json.Unmarshal(p[1], &pos[i].seq) != nil {
+		if json.Unmarshal(p[0], &pos[i].epoch) != nil || json.Unmarshal(p[1], &pos[i].seq) != nil {
 			return nil, false
 		}
 	}
@@ -302,7 +302,13 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
-	last, resuming := parseLastEventID(r.Header.Get("Last-Event-ID"), len(rooms))
+	// EventSource sends the last id it got; a client opening a new stream
+	// (another set of rooms) passes positions in the query instead.
+	lastID := r.Header.Get("Last-Event-ID")
+	if lastID == "" {
+		lastID = r.URL.Query().Get("last_event_id")
+	}
+	last, resuming := parseLastEventID(lastID, len(rooms))
 	s := &sseStream{rooms: rooms, pos: make([]ssePos, len(rooms)), next: make([]ssePos, len(rooms))}
 	c.sse = s
 	if o := r.Header.Get("Origin"); o != "" && !h.sameOrigin(r) {
@@ -315,7 +321,7 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 	}
 	for i, room := range rooms {
 		var since *position
-		if resuming {
+		if resuming && last[i].epoch != "" {
 			since = &position{Epoch: last[i].epoch, Seq: &last[i].seq}
 		}
 		out, err := c.subscribe(room, since, history, false, nil, func(out subscribed) *frame {

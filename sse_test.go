@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -237,4 +238,28 @@ func TestSSEBadInput(t *testing.T) {
 	pubsubtest.WaitFor(t, "the stream to be closed as a policy violation", func() bool {
 		return srv.Handler.Closed()[protocol.ClosePolicyViolation] == 1
 	})
+}
+
+// A client that opens a stream for another set of rooms passes what it
+// knows in the query: positions for the rooms it had, none for a new one.
+func TestSSEPositionsInTheQueryForANewSetOfRooms(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t, pubsub.WithHistory(10, time.Hour))
+	s := srv.Listen("/ws?room=a")
+	s.AwaitID()
+	srv.Publish("a", []byte("a1"))
+	first := s.Expect("a", "a1")
+	s.Close()
+	srv.Publish("a", []byte("a2"))
+	srv.Publish("b", []byte("b1")) // before the client knew b: not replayed
+	var pos [][2]json.RawMessage
+	raw, _ := base64.RawURLEncoding.DecodeString(first.ID)
+	if err := json.Unmarshal(raw, &pos); err != nil || len(pos) != 1 {
+		t.Fatalf("id %q: %v", first.ID, err)
+	}
+	both, _ := json.Marshal([][2]json.RawMessage{pos[0], {json.RawMessage(`""`), json.RawMessage(`0`)}})
+	s2 := srv.Listen("/ws?room=a&room=b&last_event_id=" + base64.RawURLEncoding.EncodeToString(both))
+	s2.Expect("a", "a2")
+	srv.Publish("b", []byte("b2"))
+	s2.Expect("b", "b2")
 }
