@@ -46,8 +46,13 @@ export declare const REASON: Readonly<{
   UNKNOWN_POSITION: "unknown_position";
 }>;
 
-/** The connection's state. */
-export type State = "connecting" | "open" | "reconnecting" | "closed";
+/**
+ * The connection's state. "listening": the WebSocket cannot connect, and
+ * the client listens to its rooms over an event stream (Server-Sent
+ * Events) instead; requests fail with "listening_only" until the
+ * WebSocket, tried again every maxDelay, is back.
+ */
+export type State = "connecting" | "open" | "reconnecting" | "listening" | "closed";
 
 /** A place in a room's sequence: a message's epoch and seq. */
 export interface Position {
@@ -100,6 +105,23 @@ export interface ReconnectingDetail {
   attempt: number;
 }
 
+/** What `onStateChange` receives with "listening": why the WebSocket was given up for now. */
+export interface ListeningDetail {
+  code: number;
+  reason: string;
+  transport: "sse";
+}
+
+/** An EventSource constructor compatible with the browser's. */
+export interface EventSourceConstructor {
+  new (url: string, init?: { withCredentials?: boolean }): {
+    readonly readyState: number;
+    onerror: ((ev: unknown) => void) | null;
+    addEventListener(type: string, listener: (ev: { data: string; lastEventId: string }) => void): void;
+    close(): void;
+  };
+}
+
 /** What `onStateChange` receives with "closed". */
 export interface ClosedDetail {
   /** 1000 after `client.close()`; otherwise the server's close code (e.g. 4003). */
@@ -122,6 +144,12 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** The most publishes waiting in the outbox for the server's answer; one more rejects with "outbox_full". Default 1000. */
   outbox?: number;
+  /** "sse" (default): listen over an event stream when the WebSocket cannot connect; "none": keep trying the WebSocket only. */
+  fallback?: "sse" | "none";
+  /** How many WebSocket attempts in a row with no welcome before listening over an event stream; default 2. */
+  fallbackAfter?: number;
+  /** The EventSource constructor; default `globalThis.EventSource`. Without one there is no fallback. */
+  EventSource?: EventSourceConstructor;
   /** Replacement timers, for tests. */
   timers?: Partial<Timers>;
   /**
@@ -131,8 +159,9 @@ export interface ConnectOptions {
   onStateChange?: {
     (state: "open", detail: OpenDetail): void;
     (state: "reconnecting", detail: ReconnectingDetail): void;
+    (state: "listening", detail: ListeningDetail): void;
     (state: "closed", detail: ClosedDetail): void;
-    (state: State, detail: OpenDetail | ReconnectingDetail | ClosedDetail): void;
+    (state: State, detail: OpenDetail | ReconnectingDetail | ListeningDetail | ClosedDetail): void;
   };
 }
 
@@ -144,10 +173,10 @@ export interface Message<T = unknown> {
   room: string;
   epoch: string;
   seq: number;
-  /** The message_id: unique across rooms and servers. */
-  id: string;
-  /** When the server sequenced it. */
-  time: Date;
+  /** The message_id: unique across rooms and servers. Null when listening over an event stream, which carries positions only. */
+  id: string | null;
+  /** When the server sequenced it; null when listening over an event stream. */
+  time: Date | null;
   /** The parsed JSON value (kind "json"), the string ("text") or the bytes ("binary"). */
   data: T;
   raw: { kind: PayloadKind };
@@ -267,6 +296,7 @@ export declare class RoomcastError extends Error {
     | "too_large"
     | "outbox_full"
     | "expired"
+    | "listening_only"
     | "bad_request"
     | "unknown_type"
     | "invalid_room"

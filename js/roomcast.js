@@ -129,12 +129,17 @@ export class Client {
       jitter: options.jitter ?? 0.5,
       connectTimeout: options.connectTimeout ?? 10000,
       outbox: options.outbox ?? 1000,
+      fallback: options.fallback ?? "sse",
+      fallbackAfter: options.fallbackAfter ?? 2,
     };
     if (!(o.minDelay > 0)) throw new RangeError("roomcast: minDelay must be > 0");
     if (!(o.maxDelay >= o.minDelay)) throw new RangeError("roomcast: maxDelay must be >= minDelay");
     if (!(o.jitter >= 0 && o.jitter <= 1)) throw new RangeError("roomcast: jitter must be from 0 to 1");
     if (!(o.connectTimeout > 0)) throw new RangeError("roomcast: connectTimeout must be > 0");
     if (!(Number.isInteger(o.outbox) && o.outbox >= 1)) throw new RangeError("roomcast: outbox must be an integer >= 1");
+    if (o.fallback !== "sse" && o.fallback !== "none") throw new RangeError('roomcast: fallback must be "sse" or "none"');
+    if (!(Number.isInteger(o.fallbackAfter) && o.fallbackAfter >= 1)) throw new RangeError("roomcast: fallbackAfter must be an integer >= 1");
+    this._EventSource = o.EventSource ?? globalThis.EventSource;
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("roomcast: no WebSocket implementation; pass options.WebSocket");
@@ -167,6 +172,9 @@ export class Client {
     /** Publishes waiting for the server's answer, oldest first. @type {Outgoing[]} */
     this._outbox = [];
     this._keyTTL = 0; // key_ttl_ms from the welcome; 0 when the server does not say
+    this._failedDials = 0; // WebSocket attempts in a row that got no welcome
+    this._es = null; // the EventSource while listening (state "listening")
+    this._listening = false;
     this._ws = null;
     this._nextId = 0;
     this._attempt = 0; // failed attempts since the last welcome
@@ -199,6 +207,7 @@ export class Client {
     const sub = new Subscription(this, room, options);
     this._subs.set(room, sub);
     if (this.state === "open") this._sendSubscribe(sub);
+    if (this._listening) this._listen();
     return sub;
   }
 
@@ -229,6 +238,9 @@ export class Client {
     const p = payload(value, options);
     if (p instanceof Error) return Promise.reject(p);
     if (this.state === "closed") return Promise.reject(new RoomcastError("disconnected", "roomcast: the client is closed"));
+    if (this._listening) {
+      return Promise.reject(new RoomcastError("listening_only", "roomcast: listening over an event stream (the WebSocket cannot connect): publish through the application instead"));
+    }
     if (this._outbox.length >= this._opts.outbox) {
       return Promise.reject(new RoomcastError("outbox_full", `roomcast: ${this._outbox.length} publishes already wait for the server`));
     }
@@ -282,6 +294,84 @@ export class Client {
     this._drop(1000, "closed by the client", true);
   }
 
+  // ---- listening over an event stream, when the WebSocket cannot connect ----
+
+  /**
+   * Listens to the subscribed rooms over an event stream (Server-Sent
+   * Events, PROTOCOL.md section 8), where every subscription goes on from
+   * its position; with no room, nothing is opened until one is subscribed.
+   * The state is "listening": messages arrive, but requests (publish, send,
+   * presence) fail with "listening_only". The WebSocket is tried again
+   * every maxDelay; once it connects the client leaves the event stream and
+   * resubscribes from the positions it reached.
+   */
+  _listen() {
+    this._es?.close();
+    this._es = null;
+    const rooms = [...this._subs.keys()];
+    if (rooms.length === 0) return;
+    const url = new URL(this._url);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    for (const room of rooms) url.searchParams.append("room", room);
+    url.searchParams.set("last_event_id", sseID(rooms.map((r) => this._subs.get(r).position)));
+    const es = new this._EventSource(url.href, { withCredentials: true });
+    this._es = es;
+    const on = (name, fn) => es.addEventListener(name, (e) => { if (this._es === es) fn(e); });
+    for (const room of rooms) {
+      on(room, (e) => this._onStreamMessage(room, rooms, e, false));
+      on(room + "+base64", (e) => this._onStreamMessage(room, rooms, e, true));
+    }
+    on("+reset", (e) => {
+      const r = parseJSON(e.data);
+      const sub = this._subs.get(r?.room);
+      if (!sub) return;
+      sub.position = positionOf(e.lastEventId, rooms, r.room) ?? sub.position;
+      call(sub._opts.onRecover, { recovered: false, missed: 0, reason: String(r.reason ?? "unknown") });
+    });
+    on("+direct", (e) => {
+      const msg = streamPayload(e.data, false);
+      for (const cb of [...this._direct]) call(cb, msg);
+    });
+    on("+close", (e) => {
+      const c = parseJSON(e.data) ?? {};
+      if (FINAL_CLOSE_CODES.has(c.code)) this._drop(c.code, String(c.reason ?? ""), true);
+    });
+    es.onerror = () => {
+      // EventSource reconnects by itself (with Last-Event-ID) unless the
+      // server refused the stream: then try the WebSocket again.
+      if (this._es === es && es.readyState === 2) {
+        this._es = null;
+        this._listening = false;
+        this._retryTimer = this._timers.setTimeout(() => this._dial(), this._opts.minDelay);
+      }
+    };
+  }
+
+  _onStreamMessage(room, rooms, e, base64) {
+    const sub = this._subs.get(room);
+    if (!sub?.active) return;
+    const pos = positionOf(e.lastEventId, rooms, room);
+    const p = sub.position;
+    if (pos && p && pos.epoch === p.epoch && pos.seq <= p.seq) return; // seen already
+    if (pos) sub.position = pos;
+    const msg = streamPayload(e.data, base64);
+    call(sub._opts.onMessage, {
+      room,
+      epoch: pos?.epoch ?? null,
+      seq: pos?.seq ?? null,
+      id: null, // an event stream carries positions, not message ids
+      time: null,
+      data: msg.data,
+      raw: msg.raw,
+    });
+  }
+
+  _stopListening() {
+    this._es?.close();
+    this._es = null;
+    this._listening = false;
+  }
+
   // ---- connection lifecycle ----
 
   _dial() {
@@ -329,6 +419,7 @@ export class Client {
     this._timers.clearTimeout(this._deadTimer);
     this._timers.clearTimeout(this._retryTimer);
     this._deadTimer = this._retryTimer = null;
+    const welcomed = this.connId !== null;
     this.connId = null;
     for (const sub of this._subs.values()) sub._stopRetry();
     for (const o of this._outbox) o.sent = false; // the next connection sends them again
@@ -338,6 +429,7 @@ export class Client {
     const err = new RoomcastError("disconnected", `roomcast: disconnected (close ${code}${reason ? ": " + reason : ""})`, code);
 
     if (final || !this._opts.reconnect || FINAL_CLOSE_CODES.has(code)) {
+      this._stopListening();
       this.state = "closed";
       for (const p of pending) p.fail(err);
       const outbox = this._outbox;
@@ -347,6 +439,21 @@ export class Client {
         o.reject(err);
       }
       this._emit("closed", { code, reason });
+      return;
+    }
+    if (!welcomed) this._failedDials++;
+    const canListen = this._opts.fallback === "sse" && typeof this._EventSource === "function";
+    if (canListen && (this._listening || this._failedDials >= this._opts.fallbackAfter)) {
+      // The WebSocket does not connect (a proxy that breaks it): listen
+      // over an event stream meanwhile, and try the WebSocket again later.
+      for (const p of pending) p.fail(err);
+      this._retryTimer = this._timers.setTimeout(() => this._dial(), this._opts.maxDelay);
+      if (!this._listening) {
+        this._listening = true;
+        this.state = "listening";
+        this._listen();
+        this._emit("listening", { code, reason, transport: "sse" });
+      }
       return;
     }
     const delay = this._backoff(this._attempt++);
@@ -414,6 +521,8 @@ export class Client {
   }
 
   _onWelcome(env) {
+    if (this._listening) this._stopListening(); // the WebSocket is back
+    this._failedDials = 0;
     this.connId = env.conn_id ?? null;
     this.userId = env.user_id ?? null;
     this._attempt = 0;
@@ -472,6 +581,10 @@ export class Client {
    * at once with "disconnected" when not open, or "too_large".
    */
   _send(env, ok, fail) {
+    if (this._listening) {
+      fail(new RoomcastError("listening_only", "roomcast: listening over an event stream (the WebSocket cannot connect): requests need it"));
+      return;
+    }
     if (this.state !== "open") {
       fail(new RoomcastError("disconnected", `roomcast: not connected (state ${this.state})`));
       return;
@@ -598,6 +711,10 @@ export class Subscription {
   unsubscribe() {
     if (!this.active) return Promise.resolve();
     this._end();
+    if (this._client._listening) {
+      this._client._listen(); // the event stream goes on without the room
+      return Promise.resolve();
+    }
     return new Promise((resolve, reject) => {
       this._client._send(
         { type: "unsubscribe", room: this.room },
@@ -766,6 +883,51 @@ function fromBase64(b64) {
   const out = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
   return out;
+}
+
+/** The last_event_id of an event stream for these positions (null: none in that room). */
+function sseID(positions) {
+  const json = JSON.stringify(positions.map((p) => (p ? [p.epoch, p.seq] : ["", 0])));
+  return toBase64(new TextEncoder().encode(json)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/** A room's position in an event stream's id (base64url of [[epoch, seq], ...]), or null. */
+function positionOf(id, rooms, room) {
+  const i = rooms.indexOf(room);
+  if (i < 0 || !id) return null;
+  try {
+    const b64 = id.replace(/-/g, "+").replace(/_/g, "/");
+    const list = JSON.parse(new TextDecoder().decode(fromBase64(b64 + "===".slice((b64.length + 3) % 4))));
+    const [epoch, seq] = list[i];
+    return typeof epoch === "string" && epoch !== "" && typeof seq === "number" ? { epoch, seq } : null;
+  } catch {
+    return null;
+  }
+}
+
+function parseJSON(s) {
+  try {
+    return JSON.parse(s);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * An event stream's payload as the protocol's kinds: bytes for a base64
+ * event, JSON when the text is JSON with nothing around it (as the server
+ * would have put it in "data"), else text.
+ */
+function streamPayload(text, base64) {
+  if (base64) return { data: fromBase64(text), raw: { kind: "binary" } };
+  if (text !== "" && text.trim() === text) {
+    try {
+      return { data: JSON.parse(text), raw: { kind: "json" } };
+    } catch {
+      // text
+    }
+  }
+  return { data: text, raw: { kind: "text" } };
 }
 
 /**

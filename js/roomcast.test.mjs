@@ -846,3 +846,100 @@ test("a publish first sent longer ago than the server's key window rejects with 
   await assert.rejects(p, { code: "expired" });
   assert.deepEqual(WS.last.sentOf("publish"), [], "not sent again");
 });
+
+// ---- listening over an event stream when the WebSocket cannot connect ----
+
+/** An EventSource class whose instances the test drives as the server. */
+function fakeEventSourceClass() {
+  return class FakeEventSource {
+    static instances = [];
+    static get last() {
+      return FakeEventSource.instances.at(-1);
+    }
+    constructor(url, init) {
+      this.url = new URL(url);
+      this.init = init;
+      this.readyState = 0;
+      this.listeners = new Map();
+      this.onerror = null;
+      FakeEventSource.instances.push(this);
+    }
+    addEventListener(name, fn) {
+      this.listeners.set(name, [...(this.listeners.get(name) ?? []), fn]);
+    }
+    close() {
+      this.readyState = 2;
+    }
+    // ---- the server's side ----
+    emit(name, data, lastEventId = "") {
+      for (const fn of this.listeners.get(name) ?? []) fn({ data, lastEventId });
+    }
+  };
+}
+
+/** The id of an event stream at these positions, as the server writes it. */
+const streamID = (positions) =>
+  Buffer.from(JSON.stringify(positions)).toString("base64url");
+
+test("after failed WebSocket attempts the client listens over an event stream, from its positions", async () => {
+  const ES = fakeEventSourceClass();
+  const { client, WS, timers, states } = setupOpen({ EventSource: ES, fallbackAfter: 2 });
+  const got = [];
+  const recs = [];
+  client.subscribe("news", { onMessage: (m) => got.push(m), onRecover: (r) => recs.push(r) });
+  ackSubscribe(WS.last, { seq: 5 });
+  // The connection drops; two attempts get no welcome: listen instead.
+  WS.last.serverClose(1006);
+  timers.advance(500);
+  WS.last.serverClose(1006);
+  assert.equal(client.state, "reconnecting");
+  timers.advance(1000);
+  WS.last.serverClose(1006);
+  assert.equal(client.state, "listening");
+  assert.equal(states.at(-1).state, "listening");
+  const es = ES.last;
+  assert.equal(es.url.protocol, "http:");
+  assert.deepEqual(es.url.searchParams.getAll("room"), ["news"]);
+  assert.equal(es.url.searchParams.get("last_event_id"), streamID([["e1", 5]]));
+  assert.deepEqual(es.init, { withCredentials: true });
+
+  es.emit("news", '{"n":6}', streamID([["e1", 6]]));
+  es.emit("news", "plain text", streamID([["e1", 7]]));
+  es.emit("news+base64", "AAEC", streamID([["e1", 8]]));
+  es.emit("news", '{"n":6}', streamID([["e1", 6]])); // a repeat: dropped
+  assert.deepEqual(got.map((m) => [m.seq, m.data, m.raw.kind]), [
+    [6, { n: 6 }, "json"], [7, "plain text", "text"], [8, new Uint8Array([0, 1, 2]), "binary"],
+  ]);
+  es.emit("+reset", '{"room":"news","reason":"history_too_short"}', streamID([["e1", 20]]));
+  assert.deepEqual(recs, [{ recovered: false, missed: 0, reason: "history_too_short" }]);
+
+  // Requests need the WebSocket.
+  await assert.rejects(client.publish("news", 1), { code: "listening_only" });
+  await assert.rejects(client.send(1), { code: "listening_only" });
+
+  // A new room opens a new stream, with the positions reached.
+  client.subscribe("alerts");
+  assert.equal(es.readyState, 2);
+  assert.deepEqual(ES.last.url.searchParams.getAll("room"), ["news", "alerts"]);
+  assert.equal(ES.last.url.searchParams.get("last_event_id"), streamID([["e1", 20], ["", 0]]));
+
+  // The WebSocket is tried again every maxDelay; once it connects, the
+  // client leaves the stream and resubscribes from there.
+  timers.advance(30000);
+  WS.last.welcome();
+  assert.equal(client.state, "open");
+  assert.equal(ES.last.readyState, 2);
+  const resub = WS.last.sentOf("subscribe").find((e) => e.room === "news");
+  assert.deepEqual(resub.since, { epoch: "e1", seq: 20 });
+});
+
+test("fallback none never opens an event stream", () => {
+  const ES = fakeEventSourceClass();
+  const { client, WS, timers } = setup({ EventSource: ES, fallback: "none", fallbackAfter: 1 });
+  WS.last.serverClose(1006);
+  timers.advance(500);
+  WS.last.serverClose(1006);
+  assert.equal(client.state, "reconnecting");
+  assert.equal(ES.instances.length, 0);
+  assert.throws(() => connect("ws://h/ws", { WebSocket: WS, fallback: "yes" }), RangeError);
+});

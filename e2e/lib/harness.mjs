@@ -41,13 +41,22 @@ const builds = new Map();
  * directory and resolves to the binary's path.
  */
 export function buildExample(name) {
-  if (!builds.has(name)) {
+  return buildProgram(".", `./examples/${name}`);
+}
+
+/**
+ * Builds the package pkg of the Go module in moduleDir (relative to the
+ * repository: "." or a broker's module) once per test process.
+ */
+export function buildProgram(moduleDir, pkg) {
+  const key = `${moduleDir}:${pkg}`;
+  if (!builds.has(key)) {
     binDir ??= mkdtempSync(path.join(tmpdir(), "roomcast-e2e-"));
-    const out = path.join(binDir, name);
-    builds.set(name, promisify(execFile)("go", ["build", "-o", out, `./examples/${name}`], { cwd: repoRoot, timeout: 300_000 })
-      .then(() => out, (err) => { throw new Error(`go build ./examples/${name} failed:\n${err.stderr || err.message}`); }));
+    const out = path.join(binDir, key.replace(/[^A-Za-z0-9]+/g, "-"));
+    builds.set(key, promisify(execFile)("go", ["build", "-o", out, pkg], { cwd: path.join(repoRoot, moduleDir), timeout: 300_000 })
+      .then(() => out, (err) => { throw new Error(`go build ${pkg} (in ${moduleDir}) failed:\n${err.stderr || err.message}`); }));
   }
-  return builds.get(name);
+  return builds.get(key);
 }
 
 /** Removes the built binaries; call it from after(). */
@@ -64,8 +73,15 @@ export function removeBuilds() {
  * shutdown) and resolves to the exit code.
  */
 export async function startExample(name) {
-  const bin = await buildExample(name);
-  const proc = track(spawn(bin, ["-addr", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "pipe"] }));
+  return startProgram(await buildExample(name), ["-addr", "127.0.0.1:0"], /listening on (http:\/\/\S+)/, name);
+}
+
+/**
+ * Starts a built program and resolves once a line of its output matches
+ * ready, whose first group is the URL it serves; stop() as for examples.
+ */
+export async function startProgram(bin, args, ready, name = path.basename(bin)) {
+  const proc = track(spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"] }));
   let stderr = "";
   proc.stderr.setEncoding("utf8").on("data", (s) => { stderr = (stderr + s).slice(-8000); });
   const exited = new Promise((resolve) => proc.once("exit", (code, signal) => resolve(code ?? signal)));
@@ -82,7 +98,7 @@ export async function startExample(name) {
       reject(new Error(`${err.message}\nstderr:\n${stderr}`));
     }
     lines.on("line", (line) => {
-      const m = /listening on (http:\/\/\S+)/.exec(line);
+      const m = ready.exec(line);
       if (m && !settled) {
         settled = true;
         clearTimeout(timer);
@@ -242,12 +258,31 @@ export async function startProxy(upstreamPort) {
   let target = upstreamPort;
   let up = true;
   let acksToDrop = 0;
+  let blockWebSockets = false;
   const open = new Set();
   const server = net.createServer((client) => {
     if (!up) {
       client.destroy();
       return;
     }
+    if (blockWebSockets) {
+      // A gateway that breaks WebSocket: an upgrade request is dropped,
+      // every other request goes through.
+      client.once("data", (first) => {
+        if (/^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
+          client.destroy();
+          return;
+        }
+        client.pause();
+        client.unshift(first);
+        connect(client);
+        client.resume();
+      });
+      return;
+    }
+    connect(client);
+  });
+  function connect(client) {
     const upstream = net.connect(target, "127.0.0.1");
     const pair = { client, upstream };
     open.add(pair);
@@ -272,7 +307,7 @@ export async function startProxy(upstreamPort) {
       client.write(frame);
     });
     upstream.on("data", frames);
-  });
+  }
   await new Promise((resolve, reject) => {
     server.once("error", reject);
     server.listen(0, "127.0.0.1", resolve);
@@ -295,6 +330,10 @@ export async function startProxy(upstreamPort) {
     },
     retarget(port) {
       target = port;
+    },
+    /** From now on WebSocket upgrades are dropped (blocked: true), or let through again. */
+    blockWebSockets(blocked) {
+      blockWebSockets = blocked;
     },
     /** The next n acks of a publish never arrive: their connection is cut instead. */
     dropAcks(n) {
@@ -363,4 +402,44 @@ function isPublishAck(frame) {
   if ((frame[0] & 0x0f) !== 1) return false;
   const text = frame.toString("utf8");
   return text.includes('"type":"ack"') && text.includes('"message_id"');
+}
+
+// ---- a Redis server of the test's own ----
+
+/** A free loopback TCP port. */
+export async function freePort() {
+  const srv = net.createServer();
+  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve));
+  const { port } = srv.address();
+  await new Promise((resolve) => srv.close(resolve));
+  return port;
+}
+
+/**
+ * Starts redis-server (Debian's; scripts/test-all.sh installs it) on a free
+ * loopback port, keeping nothing on disk; stop() ends it.
+ */
+export async function startRedis() {
+  const port = await freePort();
+  const proc = track(spawn("redis-server", ["--bind", "127.0.0.1", "--port", String(port), "--save", "", "--appendonly", "no"], {
+    stdio: ["ignore", "pipe", "pipe"],
+  }));
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("redis-server did not start")), TIMEOUT);
+    const lines = createInterface({ input: proc.stdout });
+    lines.on("line", (line) => {
+      if (/Ready to accept connections/.test(line)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    proc.once("exit", (code) => reject(new Error(`redis-server exited (${code})`)));
+  });
+  return {
+    addr: `127.0.0.1:${port}`,
+    stop() {
+      proc.kill("SIGTERM");
+      return new Promise((resolve) => (proc.exitCode !== null ? resolve() : proc.once("exit", resolve)));
+    },
+  };
 }
