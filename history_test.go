@@ -268,63 +268,32 @@ func TestRecoveryAtTheTopReplaysNothing(t *testing.T) {
 
 func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 	t.Parallel()
-	type setup struct {
-		since  pubsubtest.Fields
-		epoch  string // the epoch the ack must carry ("" for: not the since epoch)
-		top    uint64
-		reason protocol.Reason
+	from := func(seq uint64) func(string) pubsubtest.Fields {
+		return func(epoch string) pubsubtest.Fields { return since(epoch, seq) }
 	}
 	for _, tt := range []struct {
-		name string
-		opts []pubsub.Option
-		// prepare leaves p unsubscribed from room and returns the request.
-		prepare func(t *testing.T, srv *pubsubtest.Server, p *pubsubtest.Conn, room string) setup
+		name   string
+		opts   []pubsub.Option
+		seen   int                                  // messages the client reads before it leaves
+		missed int                                  // messages published while it is away
+		since  func(epoch string) pubsubtest.Fields // the position it comes back with
+		reason protocol.Reason
 	}{
 		{
-			name: "foreign epoch",
-			opts: []pubsub.Option{pubsub.WithHistory(10, time.Minute)},
-			prepare: func(t *testing.T, srv *pubsubtest.Server, p *pubsubtest.Conn, room string) setup {
-				ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-				publishNumbered(srv, room, 1, 2)
-				expectSeqs(t, p, room, 1, 2)
-				p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-				return setup{since("not-an-epoch", 1), ack.Epoch, 2, protocol.ReasonEpochChanged}
-			},
+			name: "foreign epoch", opts: []pubsub.Option{pubsub.WithHistory(10, time.Minute)},
+			seen: 2, since: func(string) pubsubtest.Fields { return since("not-an-epoch", 1) }, reason: protocol.ReasonEpochChanged,
 		},
 		{
-			name: "history too short",
-			opts: []pubsub.Option{pubsub.WithHistory(3, time.Minute)},
-			prepare: func(t *testing.T, srv *pubsubtest.Server, p *pubsubtest.Conn, room string) setup {
-				ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-				publishNumbered(srv, room, 1, 1)
-				expectSeqs(t, p, room, 1)
-				p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-				publishNumbered(srv, room, 2, 11)
-				return setup{since(ack.Epoch, 1), ack.Epoch, 11, protocol.ReasonHistoryTooShort}
-			},
+			name: "history too short", opts: []pubsub.Option{pubsub.WithHistory(3, time.Minute)},
+			seen: 1, missed: 10, since: from(1), reason: protocol.ReasonHistoryTooShort,
 		},
 		{
-			name: "position ahead of the room",
-			opts: []pubsub.Option{pubsub.WithHistory(10, time.Minute)},
-			prepare: func(t *testing.T, srv *pubsubtest.Server, p *pubsubtest.Conn, room string) setup {
-				ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-				publishNumbered(srv, room, 1, 2)
-				expectSeqs(t, p, room, 1, 2)
-				p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-				return setup{since(ack.Epoch, 7), ack.Epoch, 2, protocol.ReasonUnknownPosition}
-			},
+			name: "position ahead of the room", opts: []pubsub.Option{pubsub.WithHistory(10, time.Minute)},
+			seen: 2, since: from(7), reason: protocol.ReasonUnknownPosition,
 		},
 		{
-			name: "more missed than the queue holds",
-			opts: []pubsub.Option{pubsub.WithHistory(100, time.Minute), pubsub.WithQueueLimits(8, 1<<20)},
-			prepare: func(t *testing.T, srv *pubsubtest.Server, p *pubsubtest.Conn, room string) setup {
-				ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-				publishNumbered(srv, room, 1, 1)
-				expectSeqs(t, p, room, 1)
-				p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-				publishNumbered(srv, room, 2, 21) // 20 missed, all kept, 8 fit the queue
-				return setup{since(ack.Epoch, 1), ack.Epoch, 21, protocol.ReasonTooManyMissed}
-			},
+			name: "more missed than the queue holds", opts: []pubsub.Option{pubsub.WithHistory(100, time.Minute), pubsub.WithQueueLimits(8, 1<<20)},
+			seen: 1, missed: 20, since: from(1), reason: protocol.ReasonTooManyMissed, // all kept, 8 fit the queue
 		},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -332,22 +301,79 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 			srv := pubsubtest.Start(t, tt.opts...)
 			const room = "refuse"
 			p := srv.Dial("/ws")
-			s := tt.prepare(t, srv, p, room)
-			ack := p.SubscribeWith(pubsubtest.Fields{"room": room, "since": s.since})
-			if ack.Recovered == nil || *ack.Recovered || ack.Reason == "" || ack.Reason != s.reason || ack.Missed == nil || *ack.Missed != 0 {
-				t.Fatalf("ack %s: want recovered false, reason %q, missed 0", ack, s.reason)
+			epoch := p.Subscribe(room).Epoch
+			publishNumbered(srv, room, 1, tt.seen)
+			expectSeqs(t, p, room, seqRange(1, uint64(tt.seen))...)
+			p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
+			top := tt.seen + tt.missed
+			publishNumbered(srv, room, tt.seen+1, top)
+
+			ack := p.SubscribeWith(pubsubtest.Fields{"room": room, "since": tt.since(epoch)})
+			if ack.Recovered == nil || *ack.Recovered || ack.Reason == "" || ack.Reason != tt.reason || ack.Missed == nil || *ack.Missed != 0 {
+				t.Fatalf("ack %s: want recovered false, reason %q, missed 0", ack, tt.reason)
 			}
-			if ack.Seq != s.top || ack.Epoch == "" || (s.epoch != "" && ack.Epoch != s.epoch) || (s.epoch == "" && ack.Epoch == s.since["epoch"]) {
-				t.Fatalf("ack %s: want seq %d and the room's current epoch", ack, s.top)
+			if ack.Seq != uint64(top) || ack.Epoch != epoch {
+				t.Fatalf("ack %s: want seq %d and the room's current epoch %q", ack, top, epoch)
 			}
 			// Nothing is replayed, and the subscription is live from the ack.
 			srv.Publish(room, []byte(`{"live":true}`))
 			e := p.NextMessage(room)
-			if e.Seq != s.top+1 || e.Epoch != ack.Epoch || string(e.Data) != `{"live":true}` {
-				t.Fatalf("after a refused recovery got %s, want the live message (epoch %q, seq %d)", e, ack.Epoch, s.top+1)
+			if e.Seq != uint64(top)+1 || e.Epoch != ack.Epoch || string(e.Data) != `{"live":true}` {
+				t.Fatalf("after a refused recovery got %s, want the live message (epoch %q, seq %d)", e, ack.Epoch, top+1)
 			}
 		})
 	}
+}
+
+// returner is a client that leaves a room and comes back, again and
+// again, and checks that it sees every message of the room's one epoch
+// once, in order, across all its subscriptions.
+type returner struct {
+	t     *testing.T
+	p     *pubsubtest.Conn
+	room  string
+	epoch string
+	last  uint64                  // the last seq it saw
+	data  func(seq uint64) string // what message seq carries, when the test knows
+}
+
+// newReturner dials a protocol client and subscribes it to room.
+func newReturner(t *testing.T, srv *pubsubtest.Server, room string) *returner {
+	p := srv.Dial("/ws")
+	return &returner{t: t, p: p, room: room, epoch: p.Subscribe(room).Epoch}
+}
+
+// next reads the next message and expects it to follow the last one.
+func (r *returner) next() {
+	r.t.Helper()
+	e := r.p.Next()
+	if e.Type != "message" || e.Room != r.room || e.Epoch != r.epoch || e.Seq != r.last+1 || (r.data != nil && string(e.Data) != r.data(e.Seq)) {
+		r.t.Fatalf("after seq %d got %.120s: want seq %d of epoch %q (every seq once, in order)", r.last, e, r.last+1, r.epoch)
+	}
+	r.last = e.Seq
+}
+
+// upTo reads messages up to seq.
+func (r *returner) upTo(seq uint64) {
+	r.t.Helper()
+	for r.last < seq {
+		r.next()
+	}
+}
+
+// leave unsubscribes, reading the messages that came before the ack.
+func (r *returner) leave() {
+	r.t.Helper()
+	r.p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": r.room})
+	for r.p.Buffered() > 0 {
+		r.next()
+	}
+}
+
+// back subscribes again from the last position.
+func (r *returner) back() pubsubtest.Envelope {
+	r.t.Helper()
+	return r.p.SubscribeWith(pubsubtest.Fields{"room": r.room, "since": since(r.epoch, r.last)})
 }
 
 // TestRecoveryUnderRapidResubscribesIsContiguous races a publisher against
@@ -360,14 +386,9 @@ func TestRecoveryRefusalsSayWhyAndLeaveALiveSubscription(t *testing.T) {
 func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 	t.Parallel()
 	srv := pubsubtest.Start(t, pubsub.WithHistory(1000, time.Minute), pubsub.WithRateLimit(1e6, 1e6))
-	const (
-		room   = "race"
-		rounds = 200
-	)
-	ctx := pubsubtest.Context(t)
-	p := srv.Dial("/ws")
-	ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-	epoch := ack.Epoch
+	const rounds = 200
+	r := newReturner(t, srv, "race")
+	r.data = func(seq uint64) string { return strconv.FormatUint(seq, 10) }
 
 	tokens := make(chan struct{}, 44*rounds+10)
 	give := func(n int) {
@@ -380,6 +401,7 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 	halt := func() { stopOnce.Do(func() { close(stop) }) }
 	t.Cleanup(halt)
 	published := make(chan int, 1)
+	ctx := pubsubtest.Context(t)
 	go func() {
 		n := 0
 		defer func() { published <- n }()
@@ -389,34 +411,23 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 				return
 			case <-tokens:
 			}
-			if err := srv.Handler.Publish(ctx, room, []byte(strconv.Itoa(n+1))); err != nil {
+			if err := srv.Handler.Publish(ctx, r.room, []byte(strconv.Itoa(n+1))); err != nil {
 				return
 			}
 			n++
 		}
 	}()
 
-	var last uint64
-	consume := func(e pubsubtest.Envelope) {
-		t.Helper()
-		if e.Type != "message" || e.Room != room || e.Epoch != epoch || e.Seq != last+1 || string(e.Data) != strconv.FormatUint(e.Seq, 10) {
-			t.Fatalf("after seq %d got %s: want seq %d of epoch %q (every seq once, in order)", last, e, last+1, epoch)
-		}
-		last = e.Seq
-	}
 	missedTotal, recoveredSome := 0, 0
 	for round := range rounds {
 		give(4)
-		consume(p.Next()) // progress: at least one message per round
+		r.next() // progress: at least one message per round
 		give(8)
-		p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-		for p.Buffered() > 0 { // messages that came before the unsubscribe's ack
-			consume(p.Next())
-		}
+		r.leave()
 		give(32) // enough to keep publishing through the whole subscribe
-		ack := p.SubscribeWith(pubsubtest.Fields{"room": room, "since": since(epoch, last)})
-		if ack.Epoch != epoch || ack.Recovered == nil || !*ack.Recovered || ack.Missed == nil || uint64(*ack.Missed) != ack.Seq-last {
-			t.Fatalf("round %d: ack %s, want recovered true with missed = seq - %d", round, ack, last)
+		ack := r.back()
+		if ack.Epoch != r.epoch || ack.Recovered == nil || !*ack.Recovered || ack.Missed == nil || uint64(*ack.Missed) != ack.Seq-r.last {
+			t.Fatalf("round %d: ack %s, want recovered true with missed = seq - %d", round, ack, r.last)
 		}
 		missedTotal += *ack.Missed
 		if *ack.Missed > 0 {
@@ -424,11 +435,8 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 		}
 	}
 	halt()
-	total := <-published
-	for last < uint64(total) {
-		consume(p.Next())
-	}
-	t.Logf("%d messages; %d of %d resubscribes recovered messages (%d in all)", last, recoveredSome, rounds, missedTotal)
+	r.upTo(uint64(<-published))
+	t.Logf("%d messages; %d of %d resubscribes recovered messages (%d in all)", r.last, recoveredSome, rounds, missedTotal)
 	if recoveredSome == 0 {
 		t.Fatalf("no resubscribe recovered anything: the race was not exercised")
 	}
@@ -443,34 +451,18 @@ func TestRecoveryUnderRapidResubscribesIsContiguous(t *testing.T) {
 func TestRecoveryJunctionHasNoGapOrDuplicateDuringALongReplay(t *testing.T) {
 	t.Parallel()
 	srv := pubsubtest.Start(t, pubsub.WithHistory(2000, time.Minute), pubsub.WithQueueLimits(8192, 64<<20))
-	const (
-		room   = "junction"
-		missed = 300
-	)
+	const missed = 300
+	r := newReturner(t, srv, "junction")
 	ctx := pubsubtest.Context(t)
-	p := srv.Dial("/ws")
-	ack := p.SubscribeWith(pubsubtest.Fields{"room": room})
-	epoch := ack.Epoch
 	big := fmt.Appendf(nil, `{"pad":%q}`, strings.Repeat("x", 4<<10))
 
-	var last uint64
-	consume := func(e pubsubtest.Envelope) {
-		t.Helper()
-		if e.Type != "message" || e.Room != room || e.Epoch != epoch || e.Seq != last+1 {
-			t.Fatalf("after seq %d got %.120s: want seq %d (every seq once, in order)", last, e, last+1)
-		}
-		last = e.Seq
-	}
-	srv.Publish(room, big) // a room holding a message is kept while nobody is subscribed
-	consume(p.Next())
+	srv.Publish(r.room, big) // a room holding a message is kept while nobody is subscribed
+	r.next()
 	published := 1 // publishes so far: the room's top seq
 	for round := range 3 {
-		p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": room})
-		for p.Buffered() > 0 {
-			consume(p.Next())
-		}
+		r.leave()
 		for range missed {
-			srv.Publish(room, big)
+			srv.Publish(r.room, big)
 		}
 		published += missed
 
@@ -488,30 +480,29 @@ func TestRecoveryJunctionHasNoGapOrDuplicateDuringALongReplay(t *testing.T) {
 					return
 				default:
 				}
-				if srv.Handler.Publish(ctx, room, big) != nil {
+				if srv.Handler.Publish(ctx, r.room, big) != nil {
 					return
 				}
 				n++
 			}
 		}()
-		fields := pubsubtest.Fields{"room": room, "since": since(epoch, last)}
+		var ack pubsubtest.Envelope
 		if round == 1 { // the same junction after a history replay
-			fields = pubsubtest.Fields{"room": room, "history": missed}
+			ack = r.p.SubscribeWith(pubsubtest.Fields{"room": r.room, "history": missed})
+		} else {
+			ack = r.back()
 		}
-		ack := p.SubscribeWith(fields)
 		close(stop)
 		published += <-count
 		if round == 1 {
 			if *ack.Missed != missed {
 				t.Fatalf("round %d: ack %s, want missed %d", round, ack, missed)
 			}
-			last = ack.Seq - missed // the replay is the room's newest messages
+			r.last = ack.Seq - missed // the replay is the room's newest messages
 		} else if ack.Recovered == nil || !*ack.Recovered || *ack.Missed < missed {
 			t.Fatalf("round %d: ack %s, want recovered true with at least %d missed", round, ack, missed)
 		}
-		for last < uint64(published) {
-			consume(p.Next())
-		}
+		r.upTo(uint64(published))
 	}
 }
 

@@ -65,15 +65,15 @@ func readInPublishOrder(t *testing.T, who string, p *pubsubtest.Conn, room strin
 func TestProtocolRoomMessagesCarryEpochAndConsecutiveSeq(t *testing.T) {
 	t.Parallel()
 	srv := pubsubtest.Start(t)
-	a := srv.Dial("/ws")
-	b := srv.Dial("/ws")
-	a.Subscribe("seq")
-	b.Subscribe("seq")
+	subs := []*pubsubtest.Conn{srv.Dial("/ws"), srv.Dial("/ws")}
+	for _, p := range subs {
+		p.Subscribe("seq")
+	}
 	for i := range 10 {
 		srv.Publish("seq", fmt.Append(nil, i))
 	}
 	var epoch string
-	for _, p := range []*pubsubtest.Conn{a, b} {
+	for _, p := range subs {
 		for i := range 10 {
 			m := p.NextMessage("seq")
 			if i == 0 && epoch == "" {

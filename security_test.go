@@ -337,9 +337,9 @@ func (s *secEnv) refused(t *testing.T, r *secRow) {
 	}
 }
 
-// secCloses is what the attacker's connection was closed with: the close
+// closed checks what the attacker's connection was closed with: the close
 // frame's reason, and OnDisconnect's event.
-func (s *secEnv) secCloses(t *testing.T, r *secRow, id, reason string) {
+func (s *secEnv) closed(t *testing.T, r *secRow, id, reason string) {
 	t.Helper()
 	// 1009 is sent by the WebSocket library with its own reason; the
 	// server reports its own to the host.
@@ -372,7 +372,7 @@ func (s *secEnv) sendFrames(t *testing.T, r *secRow) {
 				c.Send(f.data)
 			}
 		}
-		s.secCloses(t, r, id, c.ExpectClose(r.close))
+		s.closed(t, r, id, c.ExpectClose(r.close))
 		s.attackerGone(t)
 		return
 	}
@@ -388,7 +388,7 @@ func (s *secEnv) sendFrames(t *testing.T, r *secRow) {
 		}
 	}
 	if r.close != 0 {
-		s.secCloses(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
+		s.closed(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
 		s.attackerGone(t)
 		return
 	}
@@ -460,7 +460,7 @@ func secNeverReads(t *testing.T, s *secEnv, r *secRow) {
 			b.await(t, fmt.Sprintf("flood message %d", i), func() bool { return b.frames >= start[j]+i })
 		}
 	}
-	s.secCloses(t, r, id, c.ExpectClose(r.close)) // reads the backlog the socket holds, then the close
+	s.closed(t, r, id, c.ExpectClose(r.close)) // reads the backlog the socket holds, then the close
 	if n := s.srv.Stats().SlowConsumers; n != 1 {
 		t.Fatalf("Stats().SlowConsumers = %d, want 1", n)
 	}
@@ -470,7 +470,7 @@ func secNeverReads(t *testing.T, s *secEnv, r *secRow) {
 // answers.
 func secSilent(t *testing.T, s *secEnv, r *secRow) {
 	p := s.srv.Dial("/ws?token=mallory")
-	s.secCloses(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
+	s.closed(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
 }
 
 // secNoPong: a raw client that never reads, so never answers a WebSocket
@@ -483,7 +483,7 @@ func secNoPong(t *testing.T, s *secEnv, r *secRow) {
 	pubsubtest.WaitFor(t, "the server to give up on the client", func() bool {
 		return errors.Is(s.srv.PublishToConn(pubsubtest.Context(t), id, []byte("probe")), pubsub.ErrConnNotFound)
 	})
-	s.secCloses(t, r, id, c.ExpectClose(r.close))
+	s.closed(t, r, id, c.ExpectClose(r.close))
 }
 
 // secFragment: a protocol client that sends the first part of a message

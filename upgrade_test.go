@@ -242,8 +242,7 @@ func rawTokenAuth(calls *atomic.Int64) func(*http.Request) (pubsub.Identity, err
 func TestRawAuthentication(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
-		name       string
-		path       string
+		name, path string
 		header     http.Header
 		status     int // 0: upgraded as alice
 		hookPanics uint64
