@@ -207,8 +207,9 @@ func TestRawHeartbeatClosesClientThatNeverReadsWith4001(t *testing.T) {
 
 	// A connection that is closing takes no more messages. The probes queue
 	// up unread on the silent client until then.
+	ctx := pubsubtest.Context(t)
 	pubsubtest.WaitFor(t, "the server to give up on the silent client", func() bool {
-		return errors.Is(srv.PublishToConn(pubsubtest.Context(t), silentID, []byte("probe")), pubsub.ErrConnNotFound)
+		return errors.Is(srv.PublishToConn(ctx, silentID, []byte("probe")), pubsub.ErrConnNotFound)
 	})
 	// Reading now lets the server's close handshake finish at once.
 	silent.ExpectClose(protocol.CloseHeartbeatTimeout)

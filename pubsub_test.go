@@ -667,8 +667,9 @@ func atOnce(t *testing.T, what string, f func()) {
 // shutdownBegun waits until Shutdown, run on another goroutine, has begun.
 func shutdownBegun(t *testing.T, srv *pubsubtest.Server) {
 	t.Helper()
+	ctx := pubsubtest.Context(t)
 	pubsubtest.WaitFor(t, "Shutdown to begin", func() bool {
-		return errors.Is(srv.Handler.Publish(pubsubtest.Context(t), "no-subscribers", nil), pubsub.ErrClosed)
+		return errors.Is(srv.Handler.Publish(ctx, "no-subscribers", nil), pubsub.ErrClosed)
 	})
 }
 

@@ -480,8 +480,9 @@ func secNoPong(t *testing.T, s *secEnv, r *secRow) {
 	id := s.hooks.connectedAs(t, "mallory").ID
 	// A closing connection takes no more messages; until then the probes
 	// queue up unread.
+	ctx := pubsubtest.Context(t)
 	pubsubtest.WaitFor(t, "the server to give up on the client", func() bool {
-		return errors.Is(s.srv.PublishToConn(pubsubtest.Context(t), id, []byte("probe")), pubsub.ErrConnNotFound)
+		return errors.Is(s.srv.PublishToConn(ctx, id, []byte("probe")), pubsub.ErrConnNotFound)
 	})
 	s.closed(t, r, id, c.ExpectClose(r.close))
 }

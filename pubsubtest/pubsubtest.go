@@ -22,9 +22,8 @@
 // Clients are bound to the test that dialed them: use them from that
 // test's goroutine (subtests dial their own), or, with the methods that do
 // not fail the test (RawConn.TryRead, Conn.TryNext), from one goroutine of
-// the test's at a time. Each is closed at the
-// test's cleanup; each server is closed after every client, its Handler
-// first.
+// the test's at a time. Each is closed at the test's cleanup; each server
+// is closed after every client, its Handler first.
 package pubsubtest
 
 import (
