@@ -33,7 +33,7 @@ func BenchmarkPublishRawRoom(b *testing.B) {
 }
 
 func benchPublishRaw(b *testing.B, n int) {
-	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
+	h := quietHandler()
 	srv := httptest.NewServer(h)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	var readers sync.WaitGroup
@@ -118,7 +118,7 @@ func benchClientMessages(b *testing.B, n int) {
 	var got atomic.Int64
 	done := make(chan struct{})
 	total := int64(b.N)
-	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()),
+	h := quietHandler(
 		pubsub.WithRateLimit(1e9, 1<<30),
 		pubsub.WithOnMessage(func(context.Context, *pubsub.ClientMessage) error {
 			if got.Add(1) == total {

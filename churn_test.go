@@ -1,7 +1,6 @@
 package pubsub_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,17 +16,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/roomcast/pubsub/protocol"
-
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // Churn and soak: thousands of clients connect, subscribe, publish and go
 // away (cleanly, abruptly, or by a reset TCP connection) while the server
 // publishes, and afterwards nothing is left: no connection, no room, no
-// goroutine, no memory. Also the failure paths under churn: writes that
-// time out, a broker that fails. Helpers of this file start with "churn".
+// goroutine, no memory; and the same with a broker that fails. Helpers of
+// this file start with "churn", but for the bare client that the
+// security matrix shares: thousands of short-lived clients, each used on
+// a goroutine of its own, need a client that returns errors instead of
+// failing the test, and their TCP connections, to reset them.
 //
 // ROOMCAST_SOAK scales the churn for longer local runs: ROOMCAST_SOAK=1
 // runs ten times the default, ROOMCAST_SOAK=n (n > 1) n times.
@@ -50,32 +52,33 @@ func churnCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// churnDialer dials WebSockets for goroutines other than the test's (it
+// bareDialer dials WebSockets for goroutines other than the test's (it
 // returns errors instead of failing the test) and keeps each one's TCP
 // connection, so a client can also vanish the way a network drops it.
-type churnDialer struct {
+type bareDialer struct {
 	client *http.Client
 }
 
-type churnTCPKey struct{}
+type bareTCPKey struct{}
 
-func newChurnDialer(t *testing.T) *churnDialer {
+func newBareDialer(t *testing.T) *bareDialer {
 	tr := &http.Transport{
 		MaxIdleConnsPerHost: -1, // no pooling: each dial is a new TCP connection
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if p, ok := ctx.Value(churnTCPKey{}).(**net.TCPConn); ok && err == nil {
+			if p, ok := ctx.Value(bareTCPKey{}).(**net.TCPConn); ok && err == nil {
 				*p = c.(*net.TCPConn)
 			}
 			return c, err
 		},
 	}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &churnDialer{client: &http.Client{Transport: tr}}
+	return &bareDialer{client: &http.Client{Transport: tr}}
 }
 
-// churnConn is one client connection.
-type churnConn struct {
+// bareConn is one client connection: protocol mode answers the server's
+// heartbeats as it reads; raw mode does while a read is pending.
+type bareConn struct {
 	c     *websocket.Conn
 	tcp   *net.TCPConn
 	proto bool
@@ -83,13 +86,13 @@ type churnConn struct {
 }
 
 // dial connects; a refused upgrade returns its status with the error.
-func (d *churnDialer) dial(ctx context.Context, url string, proto bool) (*churnConn, int, error) {
-	cc := &churnConn{proto: proto}
+func (d *bareDialer) dial(ctx context.Context, url string, proto bool) (*bareConn, int, error) {
+	cc := &bareConn{proto: proto}
 	opts := &websocket.DialOptions{HTTPClient: d.client}
 	if proto {
 		opts.Subprotocols = []string{protocol.Subprotocol}
 	}
-	c, resp, err := websocket.Dial(context.WithValue(ctx, churnTCPKey{}, &cc.tcp), url, opts)
+	c, resp, err := websocket.Dial(context.WithValue(ctx, bareTCPKey{}, &cc.tcp), url, opts)
 	if err != nil {
 		status := 0
 		if resp != nil {
@@ -102,21 +105,33 @@ func (d *churnDialer) dial(ctx context.Context, url string, proto bool) (*churnC
 	if proto {
 		if e, err := cc.read(ctx); err != nil || e.Type != "welcome" {
 			c.CloseNow()
-			return nil, 0, fmt.Errorf("welcome: %s, %v", e.raw, err)
+			return nil, 0, fmt.Errorf("welcome: %s, %v", e.Raw, err)
 		}
 	}
 	return cc, http.StatusSwitchingProtocols, nil
 }
 
+// must dials for the test's own goroutine: it fails the test on an error,
+// and closes the connection at the test's cleanup.
+func (d *bareDialer) must(t *testing.T, url string, proto bool) *bareConn {
+	t.Helper()
+	cc, _, err := d.dial(pubsubtest.Context(t), url, proto)
+	if err != nil {
+		t.Fatalf("dial %s: %v", url, err)
+	}
+	t.Cleanup(func() { cc.c.CloseNow() })
+	return cc
+}
+
 // read returns the next envelope (protocol mode, pings answered) or frame
 // (raw mode, as the envelope's raw bytes).
-func (cc *churnConn) read(ctx context.Context) (envelope, error) {
+func (cc *bareConn) read(ctx context.Context) (pubsubtest.Envelope, error) {
 	for {
 		_, b, err := cc.c.Read(ctx)
 		if err != nil {
-			return envelope{}, err
+			return pubsubtest.Envelope{}, err
 		}
-		e := envelope{raw: b}
+		e := pubsubtest.Envelope{Raw: b}
 		if !cc.proto {
 			return e, nil
 		}
@@ -135,16 +150,16 @@ func (cc *churnConn) read(ctx context.Context) (envelope, error) {
 
 // request sends a protocol request with a fresh id and returns its reply,
 // also reporting whether a message with data want arrived meanwhile.
-func (cc *churnConn) request(ctx context.Context, fields map[string]any, want string) (reply envelope, sawWant bool, err error) {
+func (cc *bareConn) request(ctx context.Context, fields pubsubtest.Fields, want string) (reply pubsubtest.Envelope, sawWant bool, err error) {
 	cc.next++
 	id := fmt.Sprint("c", cc.next)
 	fields["id"] = id
 	b, err := json.Marshal(fields)
 	if err != nil {
-		return envelope{}, false, err
+		return pubsubtest.Envelope{}, false, err
 	}
 	if err := cc.c.Write(ctx, websocket.MessageText, b); err != nil {
-		return envelope{}, false, err
+		return pubsubtest.Envelope{}, false, err
 	}
 	for {
 		e, err := cc.read(ctx)
@@ -160,35 +175,47 @@ func (cc *churnConn) request(ctx context.Context, fields map[string]any, want st
 	}
 }
 
+// ack sends {"type":typ,"room":room} and expects an ack.
+func (cc *bareConn) ack(ctx context.Context, typ, room string) error {
+	e, _, err := cc.request(ctx, pubsubtest.Fields{"type": typ, "room": room}, "")
+	if err == nil && e.Type != "ack" {
+		err = fmt.Errorf("got %s, want an ack", e.Raw)
+	}
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", typ, room, err)
+	}
+	return nil
+}
+
 // await reads until a message (or raw frame) with payload want arrives.
-func (cc *churnConn) await(ctx context.Context, want string) error {
+func (cc *bareConn) await(ctx context.Context, want string) error {
 	for {
 		e, err := cc.read(ctx)
 		if err != nil {
 			return fmt.Errorf("waiting for %s: %w", want, err)
 		}
-		if (cc.proto && e.Type == "message" && string(e.Data) == want) || (!cc.proto && string(e.raw) == want) {
+		if (cc.proto && e.Type == "message" && string(e.Data) == want) || (!cc.proto && string(e.Raw) == want) {
 			return nil
 		}
 	}
 }
 
-// churnEnd is how a client leaves.
-type churnEnd int
+// bareEnd is how a client leaves.
+type bareEnd int
 
 const (
-	churnClose  churnEnd = iota // a close handshake
-	churnDrop                   // the TCP connection closed without a close frame
-	churnReset                  // the TCP connection reset (RST), as by a network
-	churnUnread                 // gone right after its last write, its replies unread
-	churnEnds
+	bareClose  bareEnd = iota // a close handshake
+	bareDrop                  // the TCP connection closed without a close frame
+	bareReset                 // the TCP connection reset (RST), as by a network
+	bareUnread                // gone right after its last write, its replies unread
+	bareEnds
 )
 
-func (cc *churnConn) end(how churnEnd) {
+func (cc *bareConn) end(how bareEnd) {
 	switch how {
-	case churnClose:
+	case bareClose:
 		cc.c.Close(websocket.StatusNormalClosure, "bye")
-	case churnReset:
+	case bareReset:
 		if cc.tcp != nil {
 			cc.tcp.SetLinger(0)
 			cc.tcp.Close()
@@ -343,10 +370,10 @@ func churnWorkers(workers, cycles int, cycle func(w, i int) error) *churnErrors 
 // churnCycle is one client's life: connect in raw or protocol mode, join
 // one or two rooms, publish, wait for its own message, and leave as how
 // says.
-func churnCycle(ctx context.Context, d *churnDialer, srv string, rooms []string, w, i int) error {
+func churnCycle(ctx context.Context, d *bareDialer, srv string, rooms []string, w, i int) error {
 	proto := (w+i)%2 == 1
 	room := rooms[(w*7+i)%len(rooms)]
-	how := churnEnd((i / 2) % int(churnEnds))
+	how := bareEnd((i / 2) % int(bareEnds))
 	mine := fmt.Sprintf(`"w%d-c%d"`, w, i)
 	if !proto {
 		cc, _, err := d.dial(ctx, srv+"/ws?room="+room, false)
@@ -357,7 +384,7 @@ func churnCycle(ctx context.Context, d *churnDialer, srv string, rooms []string,
 			cc.c.CloseNow()
 			return err
 		}
-		if how != churnUnread {
+		if how != bareUnread {
 			if err := cc.await(ctx, mine); err != nil {
 				cc.c.CloseNow()
 				return err
@@ -376,31 +403,31 @@ func churnCycle(ctx context.Context, d *churnDialer, srv string, rooms []string,
 		joined = append(joined, rooms[(w+i+1)%len(rooms)])
 	}
 	for _, r := range joined {
-		if e, _, err := cc.request(ctx, map[string]any{"type": "subscribe", "room": r}, ""); err != nil || e.Type != "ack" {
-			return fail(fmt.Errorf("subscribe %s: %s, %v", r, e.raw, err))
+		if err := cc.ack(ctx, "subscribe", r); err != nil {
+			return fail(err)
 		}
 	}
-	if how == churnUnread {
-		b, _ := json.Marshal(map[string]any{"type": "publish", "room": room, "data": json.RawMessage(mine), "id": "gone"})
+	if how == bareUnread {
+		b, _ := json.Marshal(pubsubtest.Fields{"type": "publish", "room": room, "data": json.RawMessage(mine), "id": "gone"})
 		if err := cc.c.Write(ctx, websocket.MessageText, b); err != nil {
 			return fail(err)
 		}
 		cc.end(how)
 		return nil
 	}
-	e, saw, err := cc.request(ctx, map[string]any{"type": "publish", "room": room, "data": json.RawMessage(mine)}, mine)
+	e, saw, err := cc.request(ctx, pubsubtest.Fields{"type": "publish", "room": room, "data": json.RawMessage(mine)}, mine)
 	if err != nil || e.Type != "ack" {
-		return fail(fmt.Errorf("publish: %s, %v", e.raw, err))
+		return fail(fmt.Errorf("publish: %s, %v", e.Raw, err))
 	}
 	if !saw {
 		if err := cc.await(ctx, mine); err != nil {
 			return fail(err)
 		}
 	}
-	if how == churnClose && i%4 == 0 {
+	if how == bareClose && i%4 == 0 {
 		for _, r := range joined {
-			if e, _, err := cc.request(ctx, map[string]any{"type": "unsubscribe", "room": r}, ""); err != nil || e.Type != "ack" {
-				return fail(fmt.Errorf("unsubscribe %s: %s, %v", r, e.raw, err))
+			if err := cc.ack(ctx, "unsubscribe", r); err != nil {
+				return fail(err)
 			}
 		}
 	}
@@ -418,28 +445,28 @@ func TestChurnLeavesNoConnectionRoomGoroutineOrMemoryBehind(t *testing.T) {
 	ends := make(map[string]int)
 	var endsMu sync.Mutex
 
-	h, srv := newServer(t, pubsub.WithClientPublish(true), pubsub.WithRateLimit(1e6, 1_000_000),
+	srv := pubsubtest.Start(t, pubsub.WithClientPublish(true), pubsub.WithRateLimit(1e6, 1_000_000),
 		pubsub.WithOnDisconnect(func(e pubsub.DisconnectEvent) {
 			endsMu.Lock()
 			ends[strconv.Itoa(int(e.Code))]++
 			endsMu.Unlock()
 		}))
-	d := newChurnDialer(t)
+	d := newBareDialer(t)
 	ctx := churnCtx(t)
-	base := wsURL(srv, "")
+	base := srv.WS("")
 
 	// A warm-up fills what a server keeps however long it runs (pools, the
 	// broker's rooms within their grace, the maps' buckets) before the
 	// baseline is taken.
-	churnWorkers(workers, 2*int(churnEnds), func(w, i int) error {
+	churnWorkers(workers, 2*int(bareEnds), func(w, i int) error {
 		return churnCycle(ctx, d, base, rooms, w, i)
 	}).report(t)
-	churnQuiesce(t, h)
+	churnQuiesce(t, srv.Handler)
 	goroutines, heap := runtime.NumGoroutine(), churnHeap()
 
 	start := time.Now()
 	var publishErrs churnErrors
-	stop := churnPublishers(h, 2, rooms, func(err error) {
+	stop := churnPublishers(srv.Handler, 2, rooms, func(err error) {
 		if err != nil {
 			publishErrs.add(err)
 		}
@@ -452,7 +479,7 @@ func TestChurnLeavesNoConnectionRoomGoroutineOrMemoryBehind(t *testing.T) {
 	publishErrs.report(t)
 	elapsed := time.Since(start)
 
-	churnQuiesce(t, h)
+	churnQuiesce(t, srv.Handler)
 	endsMu.Lock()
 	t.Logf("%d client cycles of %d workers, %d server publishes in %v; close codes %v",
 		workers*cycles, workers, published, elapsed.Round(time.Millisecond), ends)
@@ -468,105 +495,9 @@ func TestChurnLeavesNoConnectionRoomGoroutineOrMemoryBehind(t *testing.T) {
 	if ends["1000"] == 0 || ends["1006"] == 0 {
 		t.Fatalf("close codes %v: want both clean closes (1000) and lost connections (1006)", ends)
 	}
-	if st := h.Stats(); st.SlowConsumers != 0 {
+	if st := srv.Stats(); st.SlowConsumers != 0 {
 		t.Fatalf("%d slow consumers: the churn should keep up", st.SlowConsumers)
 	}
-}
-
-// A client that stops reading is closed as soon as a write to it times out:
-// 4002 "slow consumer: write timed out", counted, whatever its queue bound;
-// the clients that read never notice.
-func TestChurnWriteThatTimesOutClosesTheClientWith4002(t *testing.T) {
-	t.Parallel()
-	const attackers = 6
-	events := &secEvents{}
-	h, srv := newServer(t, append(events.options(),
-		pubsub.WithQueueLimits(1_000_000, 1<<30), // out of reach: only a write can time out
-		pubsub.WithWriteTimeout(200*time.Millisecond))...)
-	reader := secWatch(t, "reading", dial(t, wsURL(srv, "/ws?room=flood")), false)
-	for range attackers {
-		dial(t, wsURL(srv, "/ws?room=flood")) // never reads
-	}
-	waitFor(t, "every client in the room", func() bool { return len(h.Connections("flood")) == attackers+1 })
-
-	ctx := testCtx(t)
-	// Bursts of messages make batches larger than the socket's cork
-	// buffer, so writes reach the network inside the WebSocket library's
-	// Write too, not only when the batch is uncorked. The reader gets each
-	// burst before the next: only the non-reading clients fall behind.
-	const burst = 16
-	chunk := bytes.Repeat([]byte("x"), 16<<10)
-	gone := func() int {
-		events.mu.Lock()
-		defer events.mu.Unlock()
-		return len(events.disconnects)
-	}
-	for i := 1; gone() < attackers; i++ {
-		if i > 5_000 {
-			t.Fatalf("only %d of %d non-reading clients closed after %d bursts of %d messages of 16 KiB", gone(), attackers, i, burst)
-		}
-		for range burst {
-			if err := h.Publish(ctx, "flood", chunk); err != nil {
-				t.Fatal(err)
-			}
-		}
-		reader.await(t, fmt.Sprintf("burst %d", i), func() bool { return reader.frames >= i*burst })
-	}
-	events.mu.Lock()
-	for _, ev := range events.disconnects {
-		if ev.Code != protocol.CloseSlowConsumer || !strings.Contains(ev.Reason, "write timed out") {
-			t.Errorf("client %s closed with %d %q, want 4002 \"slow consumer: write timed out\"", ev.Client.ID, ev.Code, ev.Reason)
-		}
-	}
-	events.mu.Unlock()
-	if n := h.Stats().SlowConsumers; n != attackers {
-		t.Errorf("Stats().SlowConsumers = %d, want %d", n, attackers)
-	}
-	if err := h.Publish(ctx, "flood", []byte("after")); err != nil {
-		t.Fatal(err)
-	}
-	reader.await(t, "the message after", func() bool { return reader.got["after"] })
-}
-
-var errChurnBrokerDown = errors.New("churn broker down")
-
-// churnFlakyBroker fails every third Subscribe and every fourth Publish
-// while failing is set, and tracks this node's interest per room.
-type churnFlakyBroker struct {
-	pubsub.Broker
-	failing    atomic.Bool
-	subscribes atomic.Int64
-	publishes  atomic.Int64
-
-	mu       sync.Mutex
-	interest map[string]int
-}
-
-func (b *churnFlakyBroker) Subscribe(ctx context.Context, room string) error {
-	if b.failing.Load() && b.subscribes.Add(1)%3 == 0 {
-		return errChurnBrokerDown
-	}
-	if err := b.Broker.Subscribe(ctx, room); err != nil {
-		return err
-	}
-	b.mu.Lock()
-	b.interest[room]++
-	b.mu.Unlock()
-	return nil
-}
-
-func (b *churnFlakyBroker) Unsubscribe(ctx context.Context, room string) error {
-	b.mu.Lock()
-	b.interest[room]--
-	b.mu.Unlock()
-	return b.Broker.Unsubscribe(ctx, room)
-}
-
-func (b *churnFlakyBroker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
-	if b.failing.Load() && b.publishes.Add(1)%4 == 0 {
-		return pubsub.PublishResult{}, errChurnBrokerDown
-	}
-	return b.Broker.Publish(ctx, room, data, o)
 }
 
 // churnOutcomes counts what callers were told.
@@ -583,10 +514,10 @@ func (o *churnOutcomes) add(what string) {
 
 // churnFlakyCycle is one client's life against the failing broker; it
 // counts each outcome and fails only on an undocumented one.
-func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []string, out *churnOutcomes, w, i int) error {
+func churnFlakyCycle(ctx context.Context, d *bareDialer, srv string, rooms []string, out *churnOutcomes, w, i int) error {
 	room := rooms[(w*5+i)%len(rooms)]
 	mine := fmt.Sprintf(`"w%d-c%d"`, w, i)
-	how := churnEnd(i % int(churnUnread)) // close, drop or reset
+	how := bareEnd(i % int(bareUnread)) // close, drop or reset
 	if (w+i)%2 == 0 {
 		cc, status, err := d.dial(ctx, srv+"/ws?room="+room, false)
 		if status == http.StatusServiceUnavailable {
@@ -617,7 +548,7 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 		return err
 	}
 	defer cc.end(how)
-	e, _, err := cc.request(ctx, map[string]any{"type": "subscribe", "room": room}, "")
+	e, _, err := cc.request(ctx, pubsubtest.Fields{"type": "subscribe", "room": room}, "")
 	switch {
 	case err != nil:
 		return err
@@ -626,10 +557,10 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 	case e.Type == "error" && e.Code == protocol.CodeUnavailable:
 		out.add("subscribe: unavailable")
 	default:
-		return fmt.Errorf("subscribe: %s", e.raw)
+		return fmt.Errorf("subscribe: %s", e.Raw)
 	}
 	subscribed := e.Type == "ack"
-	e, saw, err := cc.request(ctx, map[string]any{"type": "publish", "room": room, "data": json.RawMessage(mine)}, mine)
+	e, saw, err := cc.request(ctx, pubsubtest.Fields{"type": "publish", "room": room, "data": json.RawMessage(mine)}, mine)
 	switch {
 	case err != nil:
 		return err
@@ -641,7 +572,7 @@ func churnFlakyCycle(ctx context.Context, d *churnDialer, srv string, rooms []st
 	case e.Type == "error" && e.Code == protocol.CodeUnavailable:
 		out.add("publish: unavailable")
 	default:
-		return fmt.Errorf("publish: %s", e.raw)
+		return fmt.Errorf("publish: %s", e.Raw)
 	}
 	return nil
 }
@@ -651,21 +582,23 @@ func TestChurnWithAFailingBrokerTellsCallersAndLeavesNothingBehind(t *testing.T)
 	const workers = 6
 	cycles := 60 * churnScale()
 	rooms := []string{"flaky-0", "flaky-1", "flaky-2", "flaky-3"}
-	b := &churnFlakyBroker{Broker: pubsub.NewMemoryBroker(), interest: make(map[string]int)}
-	h, srv := newServer(t, pubsub.WithBroker(b), pubsub.WithClientPublish(true), pubsub.WithRateLimit(1e6, 1_000_000))
-	d := newChurnDialer(t)
+	b := newTestBroker()
+	srv := pubsubtest.Start(t, pubsub.WithBroker(b), pubsub.WithClientPublish(true), pubsub.WithRateLimit(1e6, 1_000_000))
+	d := newBareDialer(t)
 	ctx := churnCtx(t)
-	base := wsURL(srv, "")
+	base := srv.WS("")
 	out := &churnOutcomes{n: make(map[string]int)}
 
 	goroutines := runtime.NumGoroutine()
-	b.failing.Store(true)
+	// Every third Subscribe and every fourth Publish fail.
+	b.failSubscribe.Store(3)
+	b.failPublish.Store(4)
 	var publishErrs churnErrors
-	stop := churnPublishers(h, 2, rooms, func(err error) {
+	stop := churnPublishers(srv.Handler, 2, rooms, func(err error) {
 		switch {
 		case err == nil:
 			out.add("Publish: nil")
-		case errors.Is(err, errChurnBrokerDown) && strings.HasPrefix(err.Error(), "pubsub: "):
+		case errors.Is(err, errBrokerDown) && strings.HasPrefix(err.Error(), "pubsub: "):
 			out.add("Publish: broker error")
 		default:
 			publishErrs.add(err)
@@ -675,7 +608,8 @@ func TestChurnWithAFailingBrokerTellsCallersAndLeavesNothingBehind(t *testing.T)
 		return churnFlakyCycle(ctx, d, base, rooms, out, w, i)
 	})
 	stop()
-	b.failing.Store(false)
+	b.failSubscribe.Store(0)
+	b.failPublish.Store(0)
 	errs.report(t)
 	publishErrs.report(t)
 	out.mu.Lock()
@@ -691,23 +625,18 @@ func TestChurnWithAFailingBrokerTellsCallersAndLeavesNothingBehind(t *testing.T)
 	}
 	out.mu.Unlock()
 
-	churnQuiesce(t, h)
-	b.mu.Lock()
-	for room, n := range b.interest {
-		if n != 0 {
-			t.Errorf("room %s: the node's broker interest is %d after every client left, want 0", room, n)
-		}
+	churnQuiesce(t, srv.Handler)
+	if rooms := b.subscribed(); len(rooms) != 0 {
+		t.Errorf("rooms %v: the node is still subscribed to them after every client left", rooms)
 	}
-	b.mu.Unlock()
+	b.checkAlternation(t)
 	churnGoroutinesBack(t, goroutines)
 
 	// The node still serves, in both modes.
-	p := dialProto(t, wsURL(srv, "/ws"))
-	p.subscribe(rooms[0])
-	raw := dial(t, wsURL(srv, "/ws?room="+rooms[0]))
-	if err := h.Publish(testCtx(t), rooms[0], []byte(`"served"`)); err != nil {
-		t.Fatal(err)
-	}
-	p.readMessage(rooms[0])
-	readText(t, raw, `"served"`)
+	p := srv.Dial("/ws")
+	p.Subscribe(rooms[0])
+	raw := srv.DialRaw("/ws?room=" + rooms[0])
+	srv.Publish(rooms[0], []byte(`"served"`))
+	p.NextMessage(rooms[0])
+	raw.ExpectText(`"served"`)
 }

@@ -2,27 +2,26 @@ package pubsub_test
 
 import (
 	"bytes"
-	"io"
 	"net/http"
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/roomcast/pubsub/pubsubtest"
 )
+
+// The embedded browser client (clientjs.go), served below the Handler's
+// path.
 
 func TestHandlerServesTheBrowserClientBelowItsPath(t *testing.T) {
 	t.Parallel()
-	_, srv := newServer(t)
+	srv := pubsubtest.Start(t)
 	for _, name := range []string{"roomcast.js", "roomcast.d.ts"} {
 		want, err := os.ReadFile("js/" + name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp, err := http.Get(srv.URL + "/ws/" + name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+		resp, body := plainRequest(t, srv, http.MethodGet, "/ws/"+name, nil, "")
 		if resp.StatusCode != http.StatusOK || !bytes.Equal(body, want) {
 			t.Fatalf("GET /ws/%s: %d, %d bytes; want 200 and the %d bytes of js/%s", name, resp.StatusCode, len(body), len(want), name)
 		}
@@ -34,13 +33,7 @@ func TestHandlerServesTheBrowserClientBelowItsPath(t *testing.T) {
 		}
 
 		// A page that has it revalidates for free.
-		req, _ := http.NewRequest(http.MethodGet, srv.URL+"/ws/"+name, nil)
-		req.Header.Set("If-None-Match", resp.Header.Get("ETag"))
-		again, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		again.Body.Close()
+		again, _ := plainRequest(t, srv, http.MethodGet, "/ws/"+name, http.Header{"If-None-Match": {resp.Header.Get("ETag")}}, "")
 		if again.StatusCode != http.StatusNotModified {
 			t.Fatalf("revalidation: %d, want 304", again.StatusCode)
 		}
@@ -49,23 +42,13 @@ func TestHandlerServesTheBrowserClientBelowItsPath(t *testing.T) {
 
 func TestOtherPlainRequestsBelowThePathStillGet426(t *testing.T) {
 	t.Parallel()
-	_, srv := newServer(t)
+	srv := pubsubtest.Start(t)
 	for _, target := range []string{"/ws/other.js", "/ws/js/roomcast.js", "/ws"} {
-		resp, err := http.Get(srv.URL + target)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusUpgradeRequired {
+		if resp, _ := plainRequest(t, srv, http.MethodGet, target, nil, ""); resp.StatusCode != http.StatusUpgradeRequired {
 			t.Fatalf("GET %s: %d, want 426", target, resp.StatusCode)
 		}
 	}
-	resp, err := http.Post(srv.URL+"/ws/roomcast.js", "text/plain", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusUpgradeRequired {
+	if resp, _ := plainRequest(t, srv, http.MethodPost, "/ws/roomcast.js", http.Header{"Content-Type": {"text/plain"}}, ""); resp.StatusCode != http.StatusUpgradeRequired {
 		t.Fatalf("POST /ws/roomcast.js: %d, want 426", resp.StatusCode)
 	}
 }

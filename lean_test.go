@@ -2,32 +2,34 @@ package pubsub_test
 
 import (
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"sync/atomic"
 	"testing"
 
-	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
+
+// What a connection costs (doc.go, "Memory"): ServeHTTP returns at the
+// upgrade, and an idle connection holds one goroutine.
 
 // Not parallel: it counts the process's goroutines, so it runs while the
 // parallel tests are paused.
 func TestAnIdleConnectionCostsOneGoroutine(t *testing.T) {
 	for _, mode := range []string{"raw", "protocol"} {
 		t.Run(mode, func(t *testing.T) {
-			h, srv := newServer(t)
+			srv := pubsubtest.Start(t)
 			before := runtime.NumGoroutine()
 			const n = 50
 			for range n {
 				if mode == "raw" {
-					dial(t, wsURL(srv, "/ws?room=idle")) // the test never reads: no client goroutine
+					srv.DialRaw("/ws?room=idle") // the test never reads: no client goroutine
 				} else {
-					dialProto(t, wsURL(srv, "/ws"))
+					srv.Dial("/ws")
 				}
 			}
-			waitFor(t, "connections registered", func() bool { return h.Stats().Connections == n })
+			pubsubtest.WaitFor(t, "connections registered", func() bool { return srv.Stats().Connections == n })
 			// A writer that ran (the welcome) must have ended by itself.
-			waitFor(t, "goroutines to settle at one per connection", func() bool {
+			pubsubtest.WaitFor(t, "goroutines to settle at one per connection", func() bool {
 				return runtime.NumGoroutine()-before <= n+2
 			})
 		})
@@ -36,18 +38,15 @@ func TestAnIdleConnectionCostsOneGoroutine(t *testing.T) {
 
 func TestServeHTTPReturnsRightAfterTheUpgrade(t *testing.T) {
 	t.Parallel()
-	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
+	h := quietHandler()
 	var returned atomic.Int32
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := pubsubtest.Serve(t, h, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.ServeHTTP(w, r)
 		returned.Add(1)
 	}))
-	t.Cleanup(func() { h.Close(); srv.Close() })
 
-	c := dial(t, wsURL(srv, "/ws?room=r"))
-	waitFor(t, "ServeHTTP to return while the connection is open", func() bool { return returned.Load() == 1 })
-	if err := h.Publish(testCtx(t), "r", []byte("still served")); err != nil {
-		t.Fatal(err)
-	}
-	readText(t, c, "still served")
+	c := srv.DialRaw("/ws?room=r")
+	pubsubtest.WaitFor(t, "ServeHTTP to return while the connection is open", func() bool { return returned.Load() == 1 })
+	srv.Publish("r", []byte("still served"))
+	c.ExpectText("still served")
 }

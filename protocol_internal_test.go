@@ -15,7 +15,8 @@ import (
 )
 
 // Internal tests of protocol.go: the envelope decoder, the JSON string
-// writer and the encoders. End-to-end behaviour is in protocol_test.go.
+// writer and the encoders. End-to-end behaviour is in protocol_test.go and
+// payload_test.go.
 
 func strp(s string) *string { return &s }
 

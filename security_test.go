@@ -3,7 +3,6 @@ package pubsub_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,10 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/roomcast/pubsub/protocol"
-
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // The bad-input matrix: every way a hostile or broken client can misbehave,
@@ -27,7 +26,10 @@ import (
 // error code, or a close code and reason), and proof after every row that
 // two bystanders in the same room, one per mode, are still served and that
 // a new client can still connect. SECURITY.md lists every row by name.
-// Helpers of this file start with "sec".
+// Helpers of this file start with "sec". The bystanders, the unfinished
+// message and the vanishing client need what the kit's clients do not
+// give (reading in the background for as long as the row lasts, a
+// fragment, the TCP connection): they are bare clients (churn_test.go).
 
 // secRoom is the room every row's bystanders sit in, and the room attacks
 // aim at when they need one.
@@ -72,82 +74,18 @@ func secOnMessage(f func() error) pubsub.Option {
 	})
 }
 
-// secEvents records every connect and disconnect of a Handler.
-type secEvents struct {
-	mu          sync.Mutex
-	connects    []pubsub.Client
-	disconnects []pubsub.DisconnectEvent
-}
-
-func (e *secEvents) options() []pubsub.Option {
-	return []pubsub.Option{
-		pubsub.WithOnConnect(func(ev pubsub.ConnectEvent) {
-			e.mu.Lock()
-			e.connects = append(e.connects, ev.Client)
-			e.mu.Unlock()
-		}),
-		pubsub.WithOnDisconnect(func(ev pubsub.DisconnectEvent) {
-			e.mu.Lock()
-			e.disconnects = append(e.disconnects, ev)
-			e.mu.Unlock()
-		}),
-	}
-}
-
-// connected waits for the first connection of userID and returns it.
-func (e *secEvents) connected(t *testing.T, userID string) pubsub.Client {
+// secServer serves a Handler at /ws and below on an http.Server that
+// configure, when set, adjusts before it starts (ReadHeaderTimeout and
+// friends).
+func secServer(t *testing.T, configure func(*http.Server), opts ...pubsub.Option) *pubsubtest.Server {
 	t.Helper()
-	var cl pubsub.Client
-	waitFor(t, "a connection of "+userID, func() bool {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		for _, c := range e.connects {
-			if c.UserID == userID {
-				cl = c
-				return true
-			}
-		}
-		return false
-	})
-	return cl
-}
-
-// disconnected waits for the disconnect of connection id and returns it.
-func (e *secEvents) disconnected(t *testing.T, id string) pubsub.DisconnectEvent {
-	t.Helper()
-	var ev pubsub.DisconnectEvent
-	waitFor(t, "the disconnect of "+id, func() bool {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		for _, d := range e.disconnects {
-			if d.Client.ID == id {
-				ev = d
-				return true
-			}
-		}
-		return false
-	})
-	return ev
-}
-
-// secServer is newServer with a hook to configure the http.Server before
-// it starts (ReadHeaderTimeout and friends).
-func secServer(t *testing.T, configure func(*http.Server), opts ...pubsub.Option) (*pubsub.Handler, *httptest.Server) {
-	t.Helper()
-	h := pubsub.NewHandler(append([]pubsub.Option{pubsub.WithLogger(quietLogger())}, opts...)...)
-	mux := http.NewServeMux()
-	mux.Handle("/ws", h)
-	mux.Handle("/ws/", h)
-	srv := httptest.NewUnstartedServer(mux)
+	h := quietHandler(opts...)
+	srv := httptest.NewUnstartedServer(h)
 	if configure != nil {
 		configure(srv.Config)
 	}
 	srv.Start()
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
-	return h, srv
+	return pubsubtest.ServeOn(t, h, srv)
 }
 
 // secBystander is a connection in secRoom that reads in the background, as
@@ -164,29 +102,20 @@ type secBystander struct {
 	wake   chan struct{}   // closed and replaced on every change
 }
 
-func secWatch(t *testing.T, name string, c *websocket.Conn, proto bool) *secBystander {
+func secWatch(t *testing.T, name string, cc *bareConn) *secBystander {
 	b := &secBystander{name: name, got: make(map[string]bool), wake: make(chan struct{})}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for {
-			_, data, err := c.Read(context.Background())
+			e, err := cc.read(context.Background())
 			if err != nil {
 				b.record(nil, err)
 				return
 			}
-			if proto {
-				var e envelope
-				if err := json.Unmarshal(data, &e); err != nil {
-					b.record(nil, fmt.Errorf("invalid JSON %q: %v", data, err))
-					return
-				}
+			data := e.Raw
+			if cc.proto {
 				switch {
-				case e.Type == "ping":
-					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-					_ = c.Write(ctx, websocket.MessageText, []byte(`{"type":"pong"}`))
-					cancel()
-					continue
 				case e.Type != "message":
 					continue
 				case e.Data != nil:
@@ -199,7 +128,7 @@ func secWatch(t *testing.T, name string, c *websocket.Conn, proto bool) *secByst
 		}
 	}()
 	t.Cleanup(func() {
-		c.CloseNow()
+		cc.c.CloseNow()
 		<-done
 	})
 	return b
@@ -224,7 +153,7 @@ func (b *secBystander) record(payload []byte, err error) {
 // test if its connection ends first.
 func (b *secBystander) await(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	for {
 		b.mu.Lock()
 		ok, err, wake := cond(), b.err, b.wake
@@ -249,70 +178,60 @@ func (b *secBystander) count() int {
 	return b.frames
 }
 
-// secEnv is one row's world: a server, its event log and the bystanders.
+// secEnv is one row's world: a server, its hooks and the bystanders.
 type secEnv struct {
-	h          *pubsub.Handler
-	srv        *httptest.Server
-	events     *secEvents
+	srv        *pubsubtest.Server
+	hooks      *hookLog
+	bare       *bareDialer
 	bystanders []*secBystander
 	markers    int
 }
 
 func newSecEnv(t *testing.T, r *secRow) *secEnv {
 	t.Helper()
-	s := &secEnv{events: &secEvents{}}
-	opts := append([]pubsub.Option{secAuth()}, s.events.options()...)
-	s.h, s.srv = secServer(t, r.http, append(opts, r.opts...)...)
-	p := dialProto(t, wsURL(s.srv, "/ws?token=bystander"))
-	p.subscribe(secRoom)
-	raw := dial(t, wsURL(s.srv, "/ws?room="+secRoom+"&token=bystander"))
-	s.bystanders = []*secBystander{secWatch(t, "protocol", p.c, true), secWatch(t, "raw", raw, false)}
-	waitFor(t, "both bystanders in the room", func() bool { return len(s.h.Connections(secRoom)) == 2 })
+	s := &secEnv{hooks: &hookLog{}, bare: newBareDialer(t)}
+	s.srv = secServer(t, r.http, s.hooks.options(append([]pubsub.Option{secAuth()}, r.opts...)...)...)
+	p := s.bare.must(t, s.srv.WS("/ws?token=bystander"), true)
+	if err := p.ack(pubsubtest.Context(t), "subscribe", secRoom); err != nil {
+		t.Fatal(err)
+	}
+	raw := s.bare.must(t, s.srv.WS("/ws?room="+secRoom+"&token=bystander"), false)
+	s.bystanders = []*secBystander{secWatch(t, "protocol", p), secWatch(t, "raw", raw)}
+	pubsubtest.WaitFor(t, "both bystanders in the room", func() bool { return len(s.srv.Connections(secRoom)) == 2 })
 	return s
 }
-
-func (s *secEnv) url(path string) string { return wsURL(s.srv, path) }
 
 // served proves the server still serves others: a publish into the room
 // reaches both bystanders, and a new client can connect, subscribe and
 // receive.
 func (s *secEnv) served(t *testing.T, when string) {
 	t.Helper()
-	ctx := testCtx(t)
 	s.markers++
 	marker := fmt.Sprintf(`"%s-%d"`, when, s.markers)
-	if err := s.h.Publish(ctx, secRoom, []byte(marker)); err != nil {
-		t.Fatalf("%s: Publish: %v", when, err)
-	}
+	s.srv.Publish(secRoom, []byte(marker))
 	for _, b := range s.bystanders {
 		b.await(t, when+" marker "+marker, func() bool { return b.got[marker] })
 	}
-	conns := s.h.Stats().Connections
-	p := dialProto(t, s.url("/ws?token=bystander"))
+	conns := s.srv.Stats().Connections
+	p := s.srv.Dial("/ws?token=bystander")
 	defer func() {
-		p.c.CloseNow()
-		waitFor(t, "the new client to be gone", func() bool { return s.h.Stats().Connections == conns })
+		p.CloseNow()
+		pubsubtest.WaitFor(t, "the new client to be gone", func() bool { return s.srv.Stats().Connections == conns })
 	}()
-	p.subscribe(secRoom)
+	p.Subscribe(secRoom)
 	fresh := fmt.Sprintf(`"%s-fresh-%d"`, when, s.markers)
-	if err := s.h.Publish(ctx, secRoom, []byte(fresh)); err != nil {
-		t.Fatalf("%s: Publish: %v", when, err)
-	}
-	for {
-		if e := p.read(); e.Type == "message" && string(e.Data) == fresh {
-			return
-		}
-	}
+	s.srv.Publish(secRoom, []byte(fresh))
+	p.Await("the fresh marker", func(e pubsubtest.Envelope) bool { return e.Type == "message" && string(e.Data) == fresh })
 }
 
 // secFrame is one WebSocket message an attacker sends.
 type secFrame struct {
-	typ  websocket.MessageType
-	data string
+	binary bool
+	data   string
 }
 
-func secText(s string) secFrame   { return secFrame{websocket.MessageText, s} }
-func secBinary(s string) secFrame { return secFrame{websocket.MessageBinary, s} }
+func secText(s string) secFrame   { return secFrame{false, s} }
+func secBinary(s string) secFrame { return secFrame{true, s} }
 
 // secRequest is an HTTP request to the endpoint.
 type secRequest struct {
@@ -327,7 +246,7 @@ type secRequest struct {
 // secRow is one row of the matrix.
 type secRow struct {
 	name string
-	opts []pubsub.Option    // beside secAuth and the event recorders
+	opts []pubsub.Option    // beside secAuth and the hook recorders
 	http func(*http.Server) // configures the http.Server before it starts
 
 	// The attack: an HTTP request, frames sent by a client in mode at path
@@ -388,44 +307,23 @@ func (r *secRow) run(t *testing.T) {
 func (s *secEnv) refused(t *testing.T, r *secRow) {
 	t.Helper()
 	req := r.request
-	before := s.h.Stats()
-	ctx := testCtx(t)
-	var resp *http.Response
+	before := s.srv.Stats()
 	if req.websocket {
-		c, res, err := websocket.Dial(ctx, s.url(req.path), &websocket.DialOptions{HTTPHeader: req.header, Subprotocols: req.subprotocols})
-		if err == nil {
-			c.CloseNow()
-			t.Fatalf("the upgrade succeeded, want HTTP %d", r.status)
-		}
-		if res == nil {
-			t.Fatalf("dial failed without a response (%v), want HTTP %d", err, r.status)
-		}
-		resp = res
+		s.srv.Refused(req.path, r.status, pubsubtest.Header(req.header), pubsubtest.Subprotocols(req.subprotocols...))
 	} else {
-		var body io.Reader
+		body := ""
 		if req.method == http.MethodPost {
-			body = strings.NewReader("x=1")
+			body = "x=1"
 		}
-		hr, err := http.NewRequestWithContext(ctx, req.method, s.srv.URL+req.path, body)
-		if err != nil {
-			t.Fatal(err)
+		resp, _ := plainRequest(t, s.srv, req.method, req.path, req.header, body)
+		if resp.StatusCode != r.status {
+			t.Fatalf("HTTP %d, want %d", resp.StatusCode, r.status)
 		}
-		for k, v := range req.header {
-			hr.Header[k] = v
+		if r.status == http.StatusUpgradeRequired && !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") {
+			t.Fatalf("426 without Upgrade: websocket (got %q)", resp.Header.Get("Upgrade"))
 		}
-		if resp, err = s.srv.Client().Do(hr); err != nil {
-			t.Fatal(err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 	}
-	if resp.StatusCode != r.status {
-		t.Fatalf("HTTP %d, want %d", resp.StatusCode, r.status)
-	}
-	if r.status == http.StatusUpgradeRequired && !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") {
-		t.Fatalf("426 without Upgrade: websocket (got %q)", resp.Header.Get("Upgrade"))
-	}
-	after := s.h.Stats()
+	after := s.srv.Stats()
 	wantRefused := before.Refused + 1
 	if req.byLibrary {
 		wantRefused = before.Refused
@@ -439,101 +337,96 @@ func (s *secEnv) refused(t *testing.T, r *secRow) {
 	}
 }
 
+// closed checks what the attacker's connection was closed with: the close
+// frame's reason, and OnDisconnect's event.
+func (s *secEnv) closed(t *testing.T, r *secRow, id, reason string) {
+	t.Helper()
+	// 1009 is sent by the WebSocket library with its own reason; the
+	// server reports its own to the host.
+	if r.close != protocol.CloseMessageTooBig && !strings.Contains(reason, r.reason) {
+		t.Fatalf("closed with %d %q, want %d with %q", r.close, reason, r.close, r.reason)
+	}
+	if ev := s.hooks.disconnected(t, id); ev.Code != r.close || !strings.Contains(ev.Reason, r.reason) {
+		t.Fatalf("OnDisconnect got %d %q, want %d with %q", ev.Code, ev.Reason, r.close, r.reason)
+	}
+}
+
 // sendFrames connects mallory, sends the row's frames and checks the reply
 // or the close.
 func (s *secEnv) sendFrames(t *testing.T, r *secRow) {
 	t.Helper()
-	ctx := testCtx(t)
 	path := r.path
-	var c *websocket.Conn
-	var p *protoClient
-	var connID string
-	if r.mode == pubsub.ModeProtocol {
-		if path == "" {
-			path = "/ws?token=mallory"
-		}
-		p = dialProto(t, s.url(path))
-		c, connID = p.c, p.welcome.ConnID
-	} else {
+	if r.mode != pubsub.ModeProtocol {
 		if path == "" {
 			path = "/ws?room=" + secRoom + "&token=mallory"
 		}
-		c = dial(t, s.url(path))
-		connID = s.events.connected(t, "mallory").ID
+		if r.close == 0 {
+			t.Fatalf("row %q: raw mode has no replies; give it a close code", r.name)
+		}
+		c := s.srv.DialRaw(path)
+		id := s.hooks.connectedAs(t, "mallory").ID
+		for _, f := range r.frames {
+			if f.binary {
+				c.SendBinary([]byte(f.data))
+			} else {
+				c.Send(f.data)
+			}
+		}
+		s.closed(t, r, id, c.ExpectClose(r.close))
+		s.attackerGone(t)
+		return
 	}
+	if path == "" {
+		path = "/ws?token=mallory"
+	}
+	p := s.srv.Dial(path)
 	for _, f := range r.frames {
-		if err := c.Write(ctx, f.typ, []byte(f.data)); err != nil {
-			t.Fatalf("write %.40q: %v", f.data, err)
+		if f.binary {
+			p.SendBinary([]byte(f.data))
+		} else {
+			p.Send(f.data)
 		}
 	}
 	if r.close != 0 {
-		code, reason := secCloseOf(t, c)
-		// 1009 is sent by the WebSocket library with its own reason; the
-		// server reports its own to the host.
-		if code != r.close || (r.close != protocol.CloseMessageTooBig && !strings.Contains(reason, r.reason)) {
-			t.Fatalf("closed with %d %q, want %d with %q", code, reason, r.close, r.reason)
-		}
-		ev := s.events.disconnected(t, connID)
-		if ev.Code != r.close || !strings.Contains(ev.Reason, r.reason) {
-			t.Fatalf("OnDisconnect got %d %q, want %d with %q", ev.Code, ev.Reason, r.close, r.reason)
-		}
-		waitFor(t, "the attacker's connection to be gone", func() bool {
-			return s.h.Stats().Connections == 2 && len(s.h.Connections(secRoom)) == 2
-		})
+		s.closed(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
+		s.attackerGone(t)
 		return
 	}
-	if p == nil {
-		t.Fatalf("row %q: raw mode has no replies; give it a close code", r.name)
-	}
 	for {
-		e := p.read()
+		e := p.Next()
 		if r.ack && e.Type == "ack" && e.ID == r.id {
 			break
 		}
 		if e.Type == "error" {
 			if r.ack || e.Code != r.code || e.ID != r.id || e.Message == "" {
-				t.Fatalf("got %s, want %s with id %q and a message", e.raw, r.outcome(), r.id)
+				t.Fatalf("got %s, want %s with id %q and a message", e, r.outcome(), r.id)
 			}
 			break
 		}
 	}
 	// The connection stays open and served.
-	if err := s.h.PublishToConn(ctx, connID, []byte(`"still open"`)); err != nil {
+	if err := s.srv.PublishToConn(pubsubtest.Context(t), p.Welcome.ConnID, []byte(`"still open"`)); err != nil {
 		t.Fatalf("PublishToConn after the error: %v", err)
 	}
-	for {
-		if e := p.read(); e.Type == "direct" && string(e.Data) == `"still open"` {
-			break
-		}
-	}
-	if n := s.h.Stats().Connections; n != 3 {
+	p.Await("the direct message", func(e pubsubtest.Envelope) bool { return e.Type == "direct" && string(e.Data) == `"still open"` })
+	if n := s.srv.Stats().Connections; n != 3 {
 		t.Fatalf("Stats().Connections = %d, want 3 (two bystanders and the attacker)", n)
 	}
 }
 
-// secCloseOf reads until the connection closes and returns the close code
-// and reason; a connection that ends without a close frame fails the test.
-func secCloseOf(t *testing.T, c *websocket.Conn) (protocol.CloseCode, string) {
+// attackerGone waits until only the two bystanders are left, in the room.
+func (s *secEnv) attackerGone(t *testing.T) {
 	t.Helper()
-	ctx := testCtx(t)
-	for {
-		_, _, err := c.Read(ctx)
-		if err == nil {
-			continue
-		}
-		var ce websocket.CloseError
-		if !errors.As(err, &ce) {
-			t.Fatalf("the connection ended with %v, want a close frame", err)
-		}
-		return protocol.CloseCode(ce.Code), ce.Reason
-	}
+	pubsubtest.WaitFor(t, "the attacker's connection to be gone", func() bool {
+		return s.srv.Stats().Connections == 2 && len(s.srv.Connections(secRoom)) == 2
+	})
 }
 
 // secStats checks Stats counters after a row.
 func secStats(check func(st pubsub.Stats) string) func(*testing.T, *secEnv) {
 	return func(t *testing.T, s *secEnv) {
 		t.Helper()
-		if msg := check(s.h.Stats()); msg != "" {
+		if msg := check(s.srv.Stats()); msg != "" {
 			t.Fatal(msg)
 		}
 	}
@@ -554,28 +447,21 @@ func secHookPanics(n uint64) func(*testing.T, *secEnv) {
 // is busy. Messages are published one at a time and each waits until both
 // bystanders got it, so only the attacker falls behind.
 func secNeverReads(t *testing.T, s *secEnv, r *secRow) {
-	c := dial(t, s.url("/ws?room="+secRoom+"&token=mallory")) // never read until the end
-	id := s.events.connected(t, "mallory").ID
-	ctx := testCtx(t)
+	c := s.srv.DialRaw("/ws?room=" + secRoom + "&token=mallory") // never read until the end
+	id := s.hooks.connectedAs(t, "mallory").ID
 	filler := bytes.Repeat([]byte("x"), 32<<10)
 	start := []int{s.bystanders[0].count(), s.bystanders[1].count()}
-	for i := 1; s.h.Stats().SlowConsumers == 0; i++ {
+	for i := 1; s.srv.Stats().SlowConsumers == 0; i++ {
 		if i > 4096 {
 			t.Fatalf("no slow consumer after %d messages of 32 KiB", i)
 		}
-		if err := s.h.Publish(ctx, secRoom, filler); err != nil {
-			t.Fatal(err)
-		}
+		s.srv.Publish(secRoom, filler)
 		for j, b := range s.bystanders {
 			b.await(t, fmt.Sprintf("flood message %d", i), func() bool { return b.frames >= start[j]+i })
 		}
 	}
-	code, reason := secCloseOf(t, c) // reads the backlog the socket holds, then the close
-	ev := s.events.disconnected(t, id)
-	if code != r.close || !strings.Contains(reason, r.reason) || ev.Code != r.close {
-		t.Fatalf("closed with %d %q (OnDisconnect %d %q), want %d with %q", code, reason, ev.Code, ev.Reason, r.close, r.reason)
-	}
-	if n := s.h.Stats().SlowConsumers; n != 1 {
+	s.closed(t, r, id, c.ExpectClose(r.close)) // reads the backlog the socket holds, then the close
+	if n := s.srv.Stats().SlowConsumers; n != 1 {
 		t.Fatalf("Stats().SlowConsumers = %d, want 1", n)
 	}
 }
@@ -583,109 +469,80 @@ func secNeverReads(t *testing.T, s *secEnv, r *secRow) {
 // secSilent: a protocol client that reads the server's pings but never
 // answers.
 func secSilent(t *testing.T, s *secEnv, r *secRow) {
-	p := dialProto(t, s.url("/ws?token=mallory"))
-	code, reason := secCloseOf(t, p.c)
-	ev := s.events.disconnected(t, p.welcome.ConnID)
-	if code != r.close || !strings.Contains(reason, r.reason) || ev.Code != r.close {
-		t.Fatalf("closed with %d %q (OnDisconnect %d), want %d with %q", code, reason, ev.Code, r.close, r.reason)
-	}
+	p := s.srv.Dial("/ws?token=mallory")
+	s.closed(t, r, p.Welcome.ConnID, p.ExpectClose(r.close))
 }
 
 // secNoPong: a raw client that never reads, so never answers a WebSocket
 // ping.
 func secNoPong(t *testing.T, s *secEnv, r *secRow) {
-	c := dial(t, s.url("/ws?room="+secRoom+"&token=mallory"))
-	id := s.events.connected(t, "mallory").ID
+	c := s.srv.DialRaw("/ws?room=" + secRoom + "&token=mallory")
+	id := s.hooks.connectedAs(t, "mallory").ID
 	// A closing connection takes no more messages; until then the probes
 	// queue up unread.
-	waitFor(t, "the server to give up on the client", func() bool {
-		return errors.Is(s.h.PublishToConn(testCtx(t), id, []byte("probe")), pubsub.ErrConnNotFound)
+	ctx := pubsubtest.Context(t)
+	pubsubtest.WaitFor(t, "the server to give up on the client", func() bool {
+		return errors.Is(s.srv.PublishToConn(ctx, id, []byte("probe")), pubsub.ErrConnNotFound)
 	})
-	code, reason := secCloseOf(t, c)
-	ev := s.events.disconnected(t, id)
-	if code != r.close || !strings.Contains(reason, r.reason) || ev.Code != r.close {
-		t.Fatalf("closed with %d %q (OnDisconnect %d), want %d with %q", code, reason, ev.Code, r.close, r.reason)
-	}
+	s.closed(t, r, id, c.ExpectClose(r.close))
 }
 
 // secFragment: a protocol client that sends the first part of a message
 // and never the rest, so the server's read never completes.
 func secFragment(t *testing.T, s *secEnv, r *secRow) {
-	p := dialProto(t, s.url("/ws?token=mallory"))
-	w, err := p.c.Writer(testCtx(t), websocket.MessageText)
+	cc := s.bare.must(t, s.srv.WS("/ws?token=mallory"), true)
+	id := s.hooks.connectedAs(t, "mallory").ID
+	ctx := pubsubtest.Context(t)
+	w, err := cc.c.Writer(ctx, websocket.MessageText)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := w.Write([]byte(`{"type":"ping","pad":"` + strings.Repeat("x", 16<<10))); err != nil {
 		t.Fatal(err)
 	}
-	code, reason := secCloseOf(t, p.c)
-	if code != r.close || !strings.Contains(reason, r.reason) {
-		t.Fatalf("closed with %d %q, want %d with %q", code, reason, r.close, r.reason)
+	// Read, without answering the pings: the reader is the client's only
+	// sign of life, and its unfinished message holds the writer.
+	for err == nil {
+		_, _, err = cc.c.Read(ctx)
+	}
+	code, reason, ok := pubsubtest.CloseOf(err)
+	if !ok || code != r.close || !strings.Contains(reason, r.reason) {
+		t.Fatalf("closed with %v (%d %q), want %d with %q", err, code, reason, r.close, r.reason)
 	}
 	// The server's reader is stuck in the unfinished message until the
 	// close handshake gives up on the peer; the connection still ends.
-	if ev := s.events.disconnected(t, p.welcome.ConnID); ev.Code != r.close {
+	if ev := s.hooks.disconnected(t, id); ev.Code != r.close {
 		t.Fatalf("OnDisconnect got %d %q, want %d", ev.Code, ev.Reason, r.close)
 	}
-	waitFor(t, "the connection to be gone", func() bool { return s.h.Stats().Connections == 2 })
-}
-
-// secDialTCP dials a WebSocket and also returns the TCP connection under
-// it, so a test can kill it the way a network does.
-func secDialTCP(t *testing.T, url string, subprotocols ...string) (*websocket.Conn, *net.TCPConn) {
-	t.Helper()
-	var tcp *net.TCPConn
-	tr := &http.Transport{
-		MaxIdleConnsPerHost: -1, // no pooling: every dial is a new connection
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if err == nil {
-				tcp = c.(*net.TCPConn)
-			}
-			return c, err
-		},
-	}
-	t.Cleanup(tr.CloseIdleConnections)
-	c, _, err := websocket.Dial(testCtx(t), url, &websocket.DialOptions{
-		HTTPClient: &http.Client{Transport: tr}, Subprotocols: subprotocols,
-	})
-	if err != nil {
-		t.Fatalf("dial %s: %v", url, err)
-	}
-	t.Cleanup(func() { c.CloseNow() })
-	return c, tcp
+	pubsubtest.WaitFor(t, "the connection to be gone", func() bool { return s.srv.Stats().Connections == 2 })
 }
 
 // secVanish: a subscribed protocol client whose TCP connection is reset,
 // with no close frame, as when a network drops.
 func secVanish(t *testing.T, s *secEnv, r *secRow) {
-	c, tcp := secDialTCP(t, s.url("/ws?token=mallory"), protocol.Subprotocol)
-	p := &protoClient{t: t, c: c}
-	if p.welcome = p.read(); p.welcome.Type != "welcome" {
-		t.Fatalf("first envelope %s, want welcome", p.welcome.raw)
-	}
-	p.subscribe(secRoom)
-	if n := len(s.h.Connections(secRoom)); n != 3 {
-		t.Fatalf("%d connections in the room, want 3", n)
-	}
-	if err := tcp.SetLinger(0); err != nil { // close with RST, not FIN
+	cc := s.bare.must(t, s.srv.WS("/ws?token=mallory"), true)
+	id := s.hooks.connectedAs(t, "mallory").ID
+	if err := cc.ack(pubsubtest.Context(t), "subscribe", secRoom); err != nil {
 		t.Fatal(err)
 	}
-	tcp.Close()
-	if ev := s.events.disconnected(t, p.welcome.ConnID); ev.Code != r.close {
+	if n := len(s.srv.Connections(secRoom)); n != 3 {
+		t.Fatalf("%d connections in the room, want 3", n)
+	}
+	if err := cc.tcp.SetLinger(0); err != nil { // close with RST, not FIN
+		t.Fatal(err)
+	}
+	cc.end(bareReset)
+	if ev := s.hooks.disconnected(t, id); ev.Code != r.close {
 		t.Fatalf("OnDisconnect got %d %q, want %d", ev.Code, ev.Reason, r.close)
 	}
-	waitFor(t, "the server to clean up", func() bool {
-		return s.h.Stats().Connections == 2 && len(s.h.Connections(secRoom)) == 2
-	})
+	s.attackerGone(t)
 }
 
 // secHalfRequest dials TCP and sends the start of an HTTP request line,
 // and nothing more.
 func secHalfRequest(t *testing.T, s *secEnv) net.Conn {
 	t.Helper()
-	conn, err := net.Dial("tcp", s.srv.Listener.Addr().String())
+	conn, err := net.Dial("tcp", strings.TrimPrefix(s.srv.URL, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -712,7 +569,7 @@ func secSlowloris(t *testing.T, s *secEnv, r *secRow) {
 		t.Fatalf("the half-sent request was still open after %v", time.Since(start))
 	}
 	t.Logf("closed after %v (ReadHeaderTimeout %v), having sent %q (%v)", time.Since(start), secSlowlorisHeaderTimeout, b, err)
-	if st := s.h.Stats(); st.Refused != 0 || st.Connections != 2 {
+	if st := s.srv.Stats(); st.Refused != 0 || st.Connections != 2 {
 		t.Fatalf("the handler saw the half request: %+v", st)
 	}
 }
@@ -728,7 +585,7 @@ func secSlowlorisUnprotected(t *testing.T, s *secEnv, r *secRow) {
 	if n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("read %d bytes, %v; want the connection still open and silent", n, err)
 	}
-	if st := s.h.Stats(); st.Refused != 0 || st.Connections != 2 {
+	if st := s.srv.Stats(); st.Refused != 0 || st.Connections != 2 {
 		t.Fatalf("the handler saw the half request: %+v", st)
 	}
 }
@@ -786,7 +643,7 @@ func secRows() []secRow {
 			opts:    []pubsub.Option{secAuthorize(func(pubsub.Action) error { return pubsub.ErrForbidden })},
 			request: rawReq("/ws?room=lobby&token=mallory"), status: http.StatusForbidden,
 			after: func(t *testing.T, s *secEnv) {
-				if n := len(s.h.Connections(secRoom)); n != 2 {
+				if n := len(s.srv.Connections(secRoom)); n != 2 {
 					t.Fatalf("%d connections in the room, want the 2 bystanders", n)
 				}
 			},
@@ -805,7 +662,7 @@ func secRows() []secRow {
 			}},
 			status: http.StatusBadRequest,
 			after: func(t *testing.T, s *secEnv) {
-				waitFor(t, "the room to be left", func() bool { return len(s.h.Connections("elsewhere")) == 0 && s.h.Stats().Rooms == 1 })
+				pubsubtest.WaitFor(t, "the room to be left", func() bool { return len(s.srv.Connections("elsewhere")) == 0 && s.srv.Stats().Rooms == 1 })
 			},
 		},
 
@@ -865,8 +722,8 @@ func secRows() []secRow {
 			frames: subscribeFlood, code: protocol.CodeRateLimited, id: "s10",
 			after: func(t *testing.T, s *secEnv) {
 				// Only the ten subscribes within the burst joined a room.
-				waitFor(t, "every flood subscribe to be answered", func() bool { return s.h.Stats().RateLimited == 20 })
-				if n := s.h.Stats().Rooms; n != 11 {
+				pubsubtest.WaitFor(t, "every flood subscribe to be answered", func() bool { return s.srv.Stats().RateLimited == 20 })
+				if n := s.srv.Stats().Rooms; n != 11 {
 					t.Fatalf("Stats().Rooms = %d, want 11 (the lobby and ten flood rooms)", n)
 				}
 			},
@@ -1006,72 +863,44 @@ func TestHTTPServerTimeoutsDoNotCutUpgradedConnections(t *testing.T) {
 	}
 	t.Run("protocol", func(t *testing.T) {
 		t.Parallel()
-		h, srv := secServer(t, configure, pubsub.WithHeartbeat(20*time.Millisecond, 5*time.Second))
-		p := dialProto(t, wsURL(srv, "/ws"))
-		p.subscribe("long")
+		srv := secServer(t, configure, pubsub.WithHeartbeat(20*time.Millisecond, 5*time.Second))
+		p := srv.Dial("/ws")
+		p.Subscribe("long")
 		// The server's pings are the clock: 30 of them span at least 29
 		// intervals, 580ms, well past every timeout.
-		for pings := 0; pings < 30; {
-			if _, b := readFrame(t, p.c); string(b) == `{"type":"ping"}` {
-				pings++
-				p.send(`{"type":"pong"}`)
-			}
+		for range 30 {
+			p.Ping()
+			p.Send(`{"type":"pong"}`)
 		}
-		if e := p.request(map[string]any{"type": "ping"}); e.Type != "pong" {
-			t.Fatalf("ping answered with %s, want pong", e.raw)
+		if e := p.Request(pubsubtest.Fields{"type": "ping"}); e.Type != "pong" {
+			t.Fatalf("ping answered with %s, want pong", e)
 		}
-		if err := h.Publish(testCtx(t), "long", []byte(`"still here"`)); err != nil {
-			t.Fatal(err)
-		}
-		p.readMessage("long")
+		srv.Publish("long", []byte(`"still here"`))
+		p.NextMessage("long")
 	})
 	t.Run("raw", func(t *testing.T) {
 		t.Parallel()
-		h, srv := secServer(t, configure, pubsub.WithHeartbeat(20*time.Millisecond, 5*time.Second))
+		srv := secServer(t, configure, pubsub.WithHeartbeat(20*time.Millisecond, 5*time.Second))
 		pinged := make(chan struct{}, 64)
-		c, _, err := websocket.Dial(testCtx(t), wsURL(srv, "/ws?room=long"), &websocket.DialOptions{
-			OnPingReceived: func(context.Context, []byte) bool {
-				select {
-				case pinged <- struct{}{}:
-				default:
-				}
-				return true
-			},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.CloseNow() })
-		read := make(chan error, 1)
-		go func() {
-			_, b, err := c.Read(context.Background())
-			if err == nil && string(b) != "still here" {
-				err = fmt.Errorf("read %q, want %q", b, "still here")
+		c := srv.DialRaw("/ws?room=long", pubsubtest.OnPing(func() {
+			select {
+			case pinged <- struct{}{}:
+			default:
 			}
-			read <- err
-		}()
+		}))
+		frames := readLoop(t, c)
 		// Silent raw clients are pinged at most once per interval: 30
 		// pings span at least 580ms.
-		ctx := testCtx(t)
-		for range 30 {
+		for i := range 30 {
 			select {
 			case <-pinged:
-			case err := <-read:
-				t.Fatalf("the connection ended while waiting for pings: %v", err)
-			case <-ctx.Done():
+			case f := <-frames:
+				t.Fatalf("after %d pings the connection gave %q %v, want it open and quiet", i, f.data, f.err)
+			case <-pubsubtest.Context(t).Done():
 				t.Fatal("timed out waiting for pings")
 			}
 		}
-		if err := h.Publish(ctx, "long", []byte("still here")); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case err := <-read:
-			if err != nil {
-				t.Fatal(err)
-			}
-		case <-ctx.Done():
-			t.Fatal("timed out waiting for the message")
-		}
+		srv.Publish("long", []byte("still here"))
+		nextText(t, frames, "still here")
 	})
 }

@@ -4,18 +4,23 @@ import (
 	"bytes"
 	"fmt"
 	"net"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/roomcast/pubsub/protocol"
-
 	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
+
+// Who writes, end to end: messages whole and in order whatever writes
+// them (the pool, a connection's own writer over TLS or a host's wrapped
+// connection), control frames between messages, and a write that times
+// out. The pool itself is tested from the inside in
+// writer_internal_test.go.
 
 // writerPayload is message i of n bytes: its index, then a filler that
 // depends on it, so a message cut short, joined with another or reordered
@@ -33,74 +38,48 @@ func writerPayload(i, n int) []byte {
 // writer rather than the pool.
 func TestTLSClientsGetEveryMessageWhole(t *testing.T) {
 	t.Parallel()
-	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
-	mux := http.NewServeMux()
-	mux.Handle("/ws", h)
-	srv := httptest.NewTLSServer(mux)
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
-	base := "wss" + strings.TrimPrefix(srv.URL, "https") + "/ws"
-	ctx := testCtx(t)
+	h := quietHandler()
+	srv := pubsubtest.ServeOn(t, h, httptest.NewTLSServer(h))
 
-	c, _, err := websocket.Dial(ctx, base+"?room=tls", &websocket.DialOptions{HTTPClient: srv.Client()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.CloseNow()
-	c.SetReadLimit(-1)
-	waitFor(t, "the TLS client in the room", func() bool { return len(h.Connections("tls")) == 1 })
+	c := srv.DialRaw("/ws?room=tls")
+	pubsubtest.WaitFor(t, "the TLS client in the room", func() bool { return len(srv.Connections("tls")) == 1 })
 	sizes := []int{1, 125, 126, 65535, 65536, 300 << 10}
 	for i, n := range sizes {
-		if err := h.Publish(ctx, "tls", writerPayload(i, n)); err != nil {
-			t.Fatal(err)
-		}
+		srv.Publish("tls", writerPayload(i, n))
 	}
 	for i, n := range sizes {
-		typ, b := readFrame(t, c)
-		if typ != websocket.MessageText || !bytes.Equal(b, writerPayload(i, n)) {
-			t.Fatalf("message %d: %v of %d bytes, want text of %d bytes as published", i, typ, len(b), n)
+		if binary, b := c.Read(); binary || !bytes.Equal(b, writerPayload(i, n)) {
+			t.Fatalf("message %d: %d bytes (binary %v), want text of %d bytes as published", i, len(b), binary, n)
 		}
 	}
 
-	pc, _, err := websocket.Dial(ctx, base, &websocket.DialOptions{HTTPClient: srv.Client(), Subprotocols: []string{protocol.Subprotocol}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.CloseNow()
-	pc.SetReadLimit(-1)
-	p := &protoClient{t: t, c: pc}
-	if p.welcome = p.read(); p.welcome.Type != "welcome" {
-		t.Fatalf("first envelope %s, want welcome", p.welcome.raw)
-	}
-	p.subscribe("tls2")
+	p := srv.Dial("/ws")
+	p.Subscribe("tls2")
 	big := writerPayload(7, 200<<10)
-	if err := h.Publish(ctx, "tls2", big); err != nil {
-		t.Fatal(err)
-	}
-	if m := p.readMessage("tls2"); m.Text == nil || *m.Text != string(big) {
+	srv.Publish("tls2", big)
+	if m := p.NextMessage("tls2"); m.Text == nil || *m.Text != string(big) {
 		t.Fatalf("protocol-mode message over TLS: not the %d bytes of text published", len(big))
 	}
 
-	if err := h.Disconnect(h.Connections("tls")[0].ID, "bye"); err != nil {
+	if err := srv.Disconnect(srv.Connections("tls")[0].ID, "bye"); err != nil {
 		t.Fatal(err)
 	}
-	expectClose(t, c, protocol.CloseDisconnected)
+	c.ExpectClose(protocol.CloseDisconnected)
 }
 
 // The server's pings, its pongs to the client's pings and the messages
 // share one byte stream, written by different goroutines: every control
 // frame must land between two messages, never inside one, even when
 // messages are large enough to fill the socket and be written in pieces.
+// The client pings as it reads: a bare client (churn_test.go).
 func TestControlFramesNeverLandInsideAMessage(t *testing.T) {
 	t.Parallel()
-	h, srv := newServer(t,
+	srv := pubsubtest.Start(t,
 		pubsub.WithHeartbeat(10*time.Millisecond, 10*time.Second), // a ping whenever the client is silent
 		pubsub.WithQueueLimits(4096, 256<<20))
-	c := dial(t, wsURL(srv, "/ws?room=mix"))
-	waitFor(t, "the client in the room", func() bool { return len(h.Connections("mix")) == 1 })
-	ctx := testCtx(t)
+	c := newBareDialer(t).must(t, srv.WS("/ws?room=mix"), false).c
+	pubsubtest.WaitFor(t, "the client in the room", func() bool { return len(srv.Connections("mix")) == 1 })
+	ctx := pubsubtest.Context(t)
 
 	const n = 120
 	sizes := []int{3, 200, 70 << 10, 600 << 10}
@@ -124,9 +103,7 @@ func TestControlFramesNeverLandInsideAMessage(t *testing.T) {
 		}
 	}()
 	for i := range n {
-		if err := h.Publish(ctx, "mix", writerPayload(i, sizes[i%len(sizes)])); err != nil {
-			t.Fatal(err)
-		}
+		srv.Publish("mix", writerPayload(i, sizes[i%len(sizes)]))
 	}
 	pings := 0
 	for done := false; !done; {
@@ -146,7 +123,7 @@ func TestControlFramesNeverLandInsideAMessage(t *testing.T) {
 	if pings == 0 {
 		t.Fatal("no ping crossed the messages")
 	}
-	if st := h.Stats(); st.SlowConsumers != 0 {
+	if st := srv.Stats(); st.SlowConsumers != 0 {
 		t.Fatalf("%d slow consumers, want 0", st.SlowConsumers)
 	}
 }
@@ -183,28 +160,71 @@ func (l meteredListener) Accept() (net.Conn, error) {
 // exposes that descriptor.
 func TestWrappedConnectionsAreWrittenThroughTheirWrapper(t *testing.T) {
 	t.Parallel()
-	h := pubsub.NewHandler(pubsub.WithLogger(quietLogger()))
-	srv := httptest.NewUnstartedServer(h)
+	h := quietHandler()
+	hs := httptest.NewUnstartedServer(h)
 	var written atomic.Int64
-	srv.Listener = meteredListener{srv.Listener, &written}
-	srv.Start()
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
-	c := dial(t, wsURL(srv, "/ws?room=metered"))
-	waitFor(t, "the client in the room", func() bool { return len(h.Connections("metered")) == 1 })
+	hs.Listener = meteredListener{hs.Listener, &written}
+	hs.Start()
+	srv := pubsubtest.ServeOn(t, h, hs)
+	c := srv.DialRaw("/ws?room=metered")
+	pubsubtest.WaitFor(t, "the client in the room", func() bool { return len(srv.Connections("metered")) == 1 })
 	before := written.Load() // the handshake's response
 	msg := writerPayload(1, 4<<10)
-	if err := h.Publish(testCtx(t), "metered", msg); err != nil {
-		t.Fatal(err)
-	}
-	if _, b := readFrame(t, c); !bytes.Equal(b, msg) {
+	srv.Publish("metered", msg)
+	if _, b := c.Read(); !bytes.Equal(b, msg) {
 		t.Fatalf("got %d bytes, not the message", len(b))
 	}
 	// The wrapper counts after its Write returned, which may be after the
 	// client read the bytes: wait for the count.
-	waitFor(t, "the wrapper's Write to have seen the message (else it was bypassed)", func() bool {
+	pubsubtest.WaitFor(t, "the wrapper's Write to have seen the message (else it was bypassed)", func() bool {
 		return written.Load()-before >= int64(len(msg))
 	})
+}
+
+// A client that stops reading is closed as soon as a write to it times out:
+// 4002 "slow consumer: write timed out", counted, whatever its queue bound;
+// the clients that read never notice.
+func TestAWriteThatTimesOutClosesTheClientWith4002(t *testing.T) {
+	t.Parallel()
+	const attackers = 6
+	var hooks hookLog
+	srv := pubsubtest.Start(t, hooks.options(
+		pubsub.WithQueueLimits(1_000_000, 1<<30), // out of reach: only a write can time out
+		pubsub.WithWriteTimeout(200*time.Millisecond))...)
+	reader := secWatch(t, "reading", newBareDialer(t).must(t, srv.WS("/ws?room=flood"), false))
+	for range attackers {
+		srv.DialRaw("/ws?room=flood") // never reads
+	}
+	pubsubtest.WaitFor(t, "every client in the room", func() bool { return len(srv.Connections("flood")) == attackers+1 })
+
+	// Bursts of messages make batches larger than the socket's cork
+	// buffer, so writes reach the network inside the WebSocket library's
+	// Write too, not only when the batch is uncorked. The reader gets each
+	// burst before the next: only the non-reading clients fall behind.
+	const burst = 16
+	chunk := bytes.Repeat([]byte("x"), 16<<10)
+	gone := func() int {
+		_, ds := hooks.snapshot()
+		return len(ds)
+	}
+	for i := 1; gone() < attackers; i++ {
+		if i > 5_000 {
+			t.Fatalf("only %d of %d non-reading clients closed after %d bursts of %d messages of 16 KiB", gone(), attackers, i, burst)
+		}
+		for range burst {
+			srv.Publish("flood", chunk)
+		}
+		reader.await(t, fmt.Sprintf("burst %d", i), func() bool { return reader.frames >= i*burst })
+	}
+	_, ds := hooks.snapshot()
+	for _, ev := range ds {
+		if ev.Code != protocol.CloseSlowConsumer || !strings.Contains(ev.Reason, "write timed out") {
+			t.Errorf("client %s closed with %d %q, want 4002 \"slow consumer: write timed out\"", ev.Client.ID, ev.Code, ev.Reason)
+		}
+	}
+	if n := srv.Stats().SlowConsumers; n != attackers {
+		t.Errorf("Stats().SlowConsumers = %d, want %d", n, attackers)
+	}
+	srv.Publish("flood", []byte("after"))
+	reader.await(t, "the message after", func() bool { return reader.got["after"] })
 }

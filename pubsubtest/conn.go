@@ -181,30 +181,56 @@ func (c *Conn) Ping() {
 	}
 }
 
+// TryNext is Next that does not fail the test: it returns the next
+// envelope, or the error that ended the connection (see CloseOf) or the
+// read (nothing within Timeout, a frame that is not an envelope). A test
+// may call it on a goroutine of its own, while no other goroutine uses the
+// client.
+func (c *Conn) TryNext() (Envelope, error) {
+	if len(c.pending) > 0 {
+		e := c.pending[0]
+		c.pending = c.pending[1:]
+		return e, nil
+	}
+	return c.tryReadWire(false)
+}
+
+// Buffered is the number of envelopes kept for Next: those that arrived
+// while the client waited for a reply or a ping.
+func (c *Conn) Buffered() int { return len(c.pending) }
+
 // readWire reads the next envelope off the connection; pings only when
 // asked.
 func (c *Conn) readWire(pings bool) Envelope {
 	c.t.Helper()
+	e, err := c.tryReadWire(pings)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return e
+}
+
+func (c *Conn) tryReadWire(pings bool) (Envelope, error) {
 	for {
 		ctx, cancel := readCtx(c.t)
 		typ, b, err := c.ws.Read(ctx)
 		cancel()
 		if err != nil {
-			c.t.Fatalf("read: %v", err)
+			return Envelope{}, fmt.Errorf("read: %w", err)
 		}
 		if typ != websocket.MessageText {
-			c.t.Fatalf("protocol mode sent a binary frame: %q", b)
+			return Envelope{}, fmt.Errorf("protocol mode sent a binary frame: %q", b)
 		}
 		var e Envelope
 		if err := json.NewDecoder(bytes.NewReader(b)).Decode(&e); err != nil {
-			c.t.Fatalf("the server sent invalid JSON %q: %v", b, err)
+			return Envelope{}, fmt.Errorf("the server sent invalid JSON %q: %v", b, err)
 		}
 		e.Raw = b
 		if e.Type == "ping" && !pings {
 			continue
 		}
 		c.follow(e)
-		return e
+		return e, nil
 	}
 }
 
@@ -247,9 +273,17 @@ func (c *Conn) Request(fields Fields) Envelope {
 }
 
 // Reply waits for the reply with id to a request sent with Send;
-// envelopes that arrive first are kept for Next.
+// envelopes that arrive first are kept for Next. Replies come in the order
+// of their requests, so a test may send several requests, then wait for
+// each reply.
 func (c *Conn) Reply(id string) Envelope {
 	c.t.Helper()
+	for i, e := range c.pending {
+		if e.ID == id && e.Type != "message" {
+			c.pending = append(c.pending[:i:i], c.pending[i+1:]...)
+			return e
+		}
+	}
 	for {
 		e := c.readWire(false)
 		if e.ID == id && e.Type != "message" {

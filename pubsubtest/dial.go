@@ -18,6 +18,7 @@ type dialConfig struct {
 	subprotocols []string
 	allowGaps    bool
 	httpClient   *http.Client
+	onPing       func()
 }
 
 // Header adds h to the upgrade request: cookies, a token, an Origin.
@@ -45,8 +46,10 @@ func Subprotocols(p ...string) DialOption {
 	return func(c *dialConfig) { c.subprotocols = p }
 }
 
-// HTTPClient makes an event stream (Listen) use c: for a TLS or HTTP/2
-// server, httptest.Server.Client(). Default: http.DefaultClient.
+// HTTPClient makes the client send its HTTP request (a WebSocket upgrade,
+// an event stream) with c: for a TLS or HTTP/2 server,
+// httptest.Server.Client(), which a Server's own Dial, DialRaw, Refused
+// and Listen use when it serves TLS. Default: http.DefaultClient.
 func HTTPClient(c *http.Client) DialOption {
 	return func(cfg *dialConfig) { cfg.httpClient = c }
 }
@@ -57,6 +60,12 @@ func HTTPClient(c *http.Client) DialOption {
 // SlowConsumerKeepLatest).
 func AllowGaps() DialOption {
 	return func(c *dialConfig) { c.allowGaps = true }
+}
+
+// OnPing calls f for each WebSocket ping the client gets (raw mode's
+// heartbeat) while it reads; the client answers every ping, as browsers do.
+func OnPing(f func()) DialOption {
+	return func(c *dialConfig) { c.onPing = f }
 }
 
 func dialOptions(opts []DialOption) dialConfig {
@@ -70,7 +79,11 @@ func dialOptions(opts []DialOption) dialConfig {
 // dial opens a WebSocket, or returns the HTTP status of the refusal.
 func dial(t testing.TB, url string, c dialConfig) (*websocket.Conn, int, error) {
 	t.Helper()
-	ws, resp, err := websocket.Dial(Context(t), url, &websocket.DialOptions{HTTPHeader: c.header, Subprotocols: c.subprotocols})
+	o := &websocket.DialOptions{HTTPClient: c.httpClient, HTTPHeader: c.header, Subprotocols: c.subprotocols}
+	if f := c.onPing; f != nil {
+		o.OnPingReceived = func(context.Context, []byte) bool { f(); return true }
+	}
+	ws, resp, err := websocket.Dial(Context(t), url, o)
 	status := 0
 	if resp != nil {
 		status = resp.StatusCode
@@ -97,9 +110,10 @@ func Refused(t testing.TB, url string, status int, opts ...DialOption) {
 	}
 }
 
-// closeOf is the close code and reason err carries, or ok false when the
-// connection ended without a close frame.
-func closeOf(err error) (code protocol.CloseCode, reason string, ok bool) {
+// CloseOf is the close code and reason that err, as returned by
+// RawConn.TryRead or Conn.TryNext, carries; ok is false when the connection
+// ended without a close frame (code is then CloseAbnormal, 1006).
+func CloseOf(err error) (code protocol.CloseCode, reason string, ok bool) {
 	var ce websocket.CloseError
 	if !errors.As(err, &ce) {
 		return protocol.CloseAbnormal, "", false

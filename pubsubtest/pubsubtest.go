@@ -8,7 +8,8 @@
 // clients see.
 //
 //	func TestOnlyMembersMayJoinTheirTeamRoom(t *testing.T) {
-//		srv := pubsubtest.Serve(t, newApp()) // the app's own mux, mounting the Handler at /ws
+//		app, ps := newApp() // the app's own mux, mounting its Handler ps at /ws
+//		srv := pubsubtest.Serve(t, ps, app)
 //		ann := srv.Dial("/ws?token=ann")
 //		ann.Subscribe("team:red")
 //		ann.Error(pubsubtest.Fields{"type": "subscribe", "room": "team:blue"}, protocol.CodeForbidden)
@@ -19,9 +20,10 @@
 //	func TestMain(m *testing.M) { pubsubtest.Main(m) }
 //
 // Clients are bound to the test that dialed them: use them from that
-// test's goroutine (subtests dial their own). Each is closed at the
-// test's cleanup; each server is closed after every client, its Handler
-// first.
+// test's goroutine (subtests dial their own), or, with the methods that do
+// not fail the test (RawConn.TryRead, Conn.TryNext), from one goroutine of
+// the test's at a time. Each is closed at the test's cleanup; each server
+// is closed after every client, its Handler first.
 package pubsubtest
 
 import (
@@ -49,6 +51,21 @@ func Context(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), Timeout)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// Receive waits for a value on ch and returns it, failing the test when
+// Timeout passes first: for hooks that report to the test on a channel.
+func Receive[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	deadline := time.NewTimer(Timeout)
+	defer deadline.Stop()
+	select {
+	case v := <-ch:
+		return v
+	case <-deadline.C:
+		t.Fatalf("timed out after %v waiting for %s", Timeout, what)
+		panic("unreachable")
+	}
 }
 
 // WaitFor polls cond until it holds, and fails the test when Timeout
@@ -118,8 +135,24 @@ func Serve(t testing.TB, h *pubsub.Handler, app http.Handler) *Server {
 	return serve(t, h, app)
 }
 
+// ServeOn is Serve on a server the test built itself, to set its
+// http.Server's timeouts, wrap its listener or serve TLS: srv, started
+// (Start or StartTLS), serves the app with h mounted in it. Clients dial
+// it through srv.Client(), so a TLS server's certificate is trusted. At
+// the test's cleanup h is closed, then srv.
+func ServeOn(t testing.TB, h *pubsub.Handler, srv *httptest.Server) *Server {
+	t.Helper()
+	if srv.URL == "" {
+		t.Fatal("pubsubtest.ServeOn: the server is not started")
+	}
+	return cleanUp(t, h, srv)
+}
+
 func serve(t testing.TB, h *pubsub.Handler, app http.Handler) *Server {
-	srv := httptest.NewServer(app)
+	return cleanUp(t, h, httptest.NewServer(app))
+}
+
+func cleanUp(t testing.TB, h *pubsub.Handler, srv *httptest.Server) *Server {
 	t.Cleanup(func() {
 		h.Close()
 		srv.Close()
@@ -127,7 +160,8 @@ func serve(t testing.TB, h *pubsub.Handler, app http.Handler) *Server {
 	return &Server{Handler: h, URL: srv.URL, t: t, srv: srv}
 }
 
-// WS is the ws:// URL of path (with its query) on this server.
+// WS is the ws:// (or, over TLS, wss://) URL of path (with its query) on
+// this server.
 func (s *Server) WS(path string) string {
 	return "ws" + strings.TrimPrefix(s.URL, "http") + path
 }
@@ -135,19 +169,27 @@ func (s *Server) WS(path string) string {
 // Dial connects to path in protocol mode (see the package function Dial).
 func (s *Server) Dial(path string, opts ...DialOption) *Conn {
 	s.t.Helper()
-	return Dial(s.t, s.WS(path), opts...)
+	return Dial(s.t, s.WS(path), s.client(opts)...)
 }
 
 // DialRaw connects to path in raw mode (see the package function DialRaw).
 func (s *Server) DialRaw(path string, opts ...DialOption) *RawConn {
 	s.t.Helper()
-	return DialRaw(s.t, s.WS(path), opts...)
+	return DialRaw(s.t, s.WS(path), s.client(opts)...)
 }
 
 // Refused dials path and expects the upgrade to be refused with status.
 func (s *Server) Refused(path string, status int, opts ...DialOption) {
 	s.t.Helper()
-	Refused(s.t, s.WS(path), status, opts...)
+	Refused(s.t, s.WS(path), status, s.client(opts)...)
+}
+
+// client adds the server's own HTTP client to opts when it serves TLS.
+func (s *Server) client(opts []DialOption) []DialOption {
+	if s.srv.TLS == nil {
+		return opts
+	}
+	return append([]DialOption{HTTPClient(s.srv.Client())}, opts...)
 }
 
 // Publish publishes data into room from the backend and fails the test on

@@ -60,7 +60,9 @@ func (c *RawConn) Read() (binary bool, data []byte) {
 }
 
 // TryRead returns the next frame, or the error that ended the connection
-// (see CloseOf), within Timeout.
+// (see CloseOf) or the read (nothing within Timeout). It does not fail the
+// test, so a test may call it on a goroutine of its own, while no other
+// goroutine uses the client.
 func (c *RawConn) TryRead() (binary bool, data []byte, err error) {
 	ctx, cancel := readCtx(c.t)
 	defer cancel()
@@ -123,7 +125,7 @@ func expectClose(t testing.TB, ws *websocket.Conn, code protocol.CloseCode, next
 			}
 			continue
 		}
-		got, reason, ok := closeOf(err)
+		got, reason, ok := CloseOf(err)
 		if !ok {
 			t.Fatalf("the connection ended with %v, want close code %s", err, code)
 		}

@@ -63,10 +63,7 @@ func Listen(t testing.TB, url string, opts ...DialOption) *EventStream {
 // function Listen).
 func (s *Server) Listen(path string, opts ...DialOption) *EventStream {
 	s.t.Helper()
-	if s.srv.TLS != nil {
-		opts = append([]DialOption{HTTPClient(s.srv.Client())}, opts...)
-	}
-	return Listen(s.t, s.URL+path, opts...)
+	return Listen(s.t, s.URL+path, s.client(opts)...)
 }
 
 // ListenStatus requests an event stream of url and expects the server to
