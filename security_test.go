@@ -599,6 +599,14 @@ func secRows() []secRow {
 	heartbeat := pubsub.WithHeartbeat(100*time.Millisecond, time.Second)
 	proto := pubsub.ModeProtocol
 	rawReq := func(path string) *secRequest { return &secRequest{websocket: true, path: path} }
+	// An event stream's request: a GET that accepts text/event-stream.
+	sseReq := func(path string, extra ...string) *secRequest {
+		h := http.Header{"Accept": {"text/event-stream"}}
+		for i := 0; i+1 < len(extra); i += 2 {
+			h.Set(extra[i], extra[i+1])
+		}
+		return &secRequest{method: http.MethodGet, path: path, header: h}
+	}
 
 	subscribeFlood := make([]secFrame, 30)
 	for i := range subscribeFlood {
@@ -664,6 +672,21 @@ func secRows() []secRow {
 			after: func(t *testing.T, s *secEnv) {
 				pubsubtest.WaitFor(t, "the room to be left", func() bool { return len(s.srv.Connections("elsewhere")) == 0 && s.srv.Stats().Rooms == 1 })
 			},
+		},
+
+		// ---- event streams: refused before anything is streamed ----
+		{name: "event stream without a room is 400", request: sseReq("/ws?token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream room with a forbidden character is 400", request: sseReq("/ws?room=lob%20by&token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream empty room parameter is 400", request: sseReq("/ws?room=lobby&room=&token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream of more rooms than the limit is 400", opts: []pubsub.Option{pubsub.WithMaxRooms(2)},
+			request: sseReq("/ws?room=a&room=b&room=c&token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream history that is not a number is 400", request: sseReq("/ws?room=lobby&history=ten&token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream without credentials is 401", request: sseReq("/ws?room=lobby"), status: http.StatusUnauthorized},
+		{name: "cross-origin event stream is 403", request: sseReq("/ws?room=lobby&token=mallory", "Origin", "https://evil.example"), status: http.StatusForbidden},
+		{
+			name:    "event stream room denied by authorize is 403",
+			opts:    []pubsub.Option{secAuthorize(func(pubsub.Action) error { return pubsub.ErrForbidden })},
+			request: sseReq("/ws?room=lobby&token=mallory"), status: http.StatusForbidden,
 		},
 
 		// ---- protocol mode: an error code, the connection stays open ----
