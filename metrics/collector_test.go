@@ -278,6 +278,9 @@ func TestRegister(t *testing.T) {
 		}
 	}
 	other.DialRaw("/ws?room=a")
+	// A raw client's upgrade completes a moment before the Handler
+	// registers the connection.
+	pubsubtest.WaitFor(t, "the connection registered", func() bool { return other.Stats().Connections == 1 })
 	want := `
 # HELP roomcast_connections WebSocket connections open on this node.
 # TYPE roomcast_connections gauge
