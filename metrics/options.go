@@ -22,8 +22,8 @@ type config struct {
 // zero values while a room has no subscriber on this node, so their series
 // are continuous. Use it for the few rooms that matter (a lobby, a
 // firehose). Default: none. Together with WithRoomFilter, these rooms come
-// first and count toward WithMaxRooms; naming more rooms than WithMaxRooms
-// allows panics in NewCollector.
+// first and count toward WithMaxRooms. NewCollector panics on an empty
+// name, and on more rooms than WithMaxRooms allows.
 func WithRooms(rooms ...string) Option {
 	return func(c *config) {
 		for _, r := range rooms {
