@@ -8,7 +8,8 @@ import (
 )
 
 // Collector is a prometheus.Collector that reads a Handler's counters when
-// it is scraped. It starts no goroutine and costs nothing per message: the
+// it is scraped. Its connections are all of the Handler's: WebSockets, raw
+// and protocol mode, and event streams. It starts no goroutine and costs nothing per message: the
 // Handler counts anyway, and a scrape reads its Stats, Closed and, for the
 // rooms the host opted in to, RoomStats. It is safe for concurrent scrapes.
 type Collector struct {
@@ -91,13 +92,13 @@ func counter(n, help string, v func(pubsub.Stats) uint64) nodeMetric {
 
 // nodeMetrics are the node-wide metrics, one series each; doc.go lists them.
 var nodeMetrics = []nodeMetric{
-	gauge("connections", "WebSocket connections open on this node.",
+	gauge("connections", "Connections open on this node: WebSockets and event streams.",
 		func(s pubsub.Stats) int { return s.Connections }),
 	gauge("rooms", "Rooms with at least one subscriber on this node.",
 		func(s pubsub.Stats) int { return s.Rooms }),
-	counter("connections_accepted_total", "WebSocket connections accepted (upgraded and registered).",
+	counter("connections_accepted_total", "Connections accepted: WebSocket upgrades and event streams.",
 		func(s pubsub.Stats) uint64 { return s.Accepted }),
-	counter("connections_refused_total", "Requests to the WebSocket endpoint refused before the upgrade: not an upgrade, origin, authentication, room, connection limits, shutdown.",
+	counter("connections_refused_total", "Requests to the endpoint refused before a connection was made: not a WebSocket or event stream request, origin, authentication, room, connection limits, shutdown.",
 		func(s pubsub.Stats) uint64 { return s.Refused }),
 	counter("messages_received_total", "Messages received from clients: raw-mode frames and protocol-mode requests (subscribe, publish...), heartbeats aside.",
 		func(s pubsub.Stats) uint64 { return s.MessagesIn }),
@@ -118,6 +119,6 @@ var nodeMetrics = []nodeMetric{
 }
 
 var closedDesc = prometheus.NewDesc(name("connections_closed_total"),
-	"Connections ended, by WebSocket close code: the server's, or the peer's when it closed first (1006 when lost without one). "+
+	"Connections ended, by close code: the server's, or a WebSocket peer's when it closed first (1006 when lost without one, as a dropped event stream is). "+
 		`Codes outside roomcast's and RFC 6455's are counted as code="other"; reason is the code's name.`,
 	[]string{"code", "reason"}, nil)

@@ -282,7 +282,7 @@ func TestRegister(t *testing.T) {
 	// registers the connection.
 	pubsubtest.WaitFor(t, "the connection registered", func() bool { return other.Stats().Connections == 1 })
 	want := `
-# HELP roomcast_connections WebSocket connections open on this node.
+# HELP roomcast_connections Connections open on this node: WebSockets and event streams.
 # TYPE roomcast_connections gauge
 roomcast_connections{handler="chat"} 0
 roomcast_connections{handler="feed"} 1
@@ -322,3 +322,35 @@ func TestOptionsAreValidatedOnce(t *testing.T) {
 }
 
 func equal(a, b []string) bool { return slices.Equal(a, b) }
+
+func TestEventStreamsAreCountedLikeWebSockets(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t)
+	e := serveMetrics(t, metrics.NewCollector(srv.Handler, metrics.WithRooms("news")))
+
+	kept := srv.Listen("/ws?room=news")
+	kicked := srv.Listen("/ws?room=news")
+	pubsubtest.WaitFor(t, "the listeners", func() bool { return len(srv.Connections("news")) == 2 })
+	srv.Publish("news", []byte("hi"))
+	kept.Expect("news", "hi")
+	kicked.Expect("news", "hi")
+	s := e.waitFor("two events counted as sent", func(s scrape) bool { return s.is(2, "roomcast_messages_sent_total") })
+	s.mustBe(t, 2, "roomcast_connections")
+	s.mustBe(t, 2, "roomcast_connections_accepted_total")
+	s.mustBe(t, 2, "roomcast_room_subscribers", "room", "news")
+
+	// The server ends one stream with a +close event (which one does not
+	// matter); the client drops the other.
+	if err := srv.Disconnect(srv.Connections("news")[0].ID, "kicked"); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("the kicked stream counted under 4003", func(s scrape) bool {
+		return s.is(1, "roomcast_connections_closed_total", "code", "4003", "reason", "disconnected")
+	})
+	kept.Close()
+	kicked.Close()
+	s = e.waitFor("a dropped stream counted as lost (1006)", func(s scrape) bool {
+		return s.is(1, "roomcast_connections_closed_total", "code", "1006", "reason", "abnormal_closure")
+	})
+	s.mustBe(t, 0, "roomcast_connections")
+}

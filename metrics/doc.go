@@ -29,10 +29,10 @@
 //
 // Node-wide, always exported, one series each unless labelled:
 //
-//	roomcast_connections                   gauge    open WebSocket connections
+//	roomcast_connections                   gauge    open connections (WebSockets and event streams)
 //	roomcast_rooms                         gauge    rooms with a subscriber on this node
-//	roomcast_connections_accepted_total    counter  upgrades accepted
-//	roomcast_connections_refused_total     counter  requests refused before the upgrade (any status)
+//	roomcast_connections_accepted_total    counter  connections accepted
+//	roomcast_connections_refused_total     counter  requests refused before a connection was made (any status)
 //	roomcast_connections_closed_total      counter  connections ended, labels code and reason
 //	roomcast_messages_received_total       counter  raw frames and protocol requests from clients (heartbeats aside)
 //	roomcast_messages_sent_total           counter  room and direct messages written to clients
