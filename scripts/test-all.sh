@@ -5,10 +5,10 @@
 #   bash scripts/test-all.sh                # everything, each fuzzer for 50,000 inputs
 #   FUZZTIME=1000000x bash scripts/test-all.sh
 #
-# It installs whatever real component the tests need (redis-server and
-# Chromium from apt, the e2e suite's pinned npm packages; the Redis tests
-# start their own server), so it works on a fresh machine with Go, Node
-# and npm.
+# It installs whatever real component the tests need (redis-server,
+# prometheus and Chromium from apt, the e2e suite's pinned npm packages; the
+# tests start their own servers), so it works on a fresh machine with Go,
+# Node and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -37,6 +37,12 @@ apt_install() { # apt_install PACKAGE: install a Debian package once
 # port; they need the binary.
 if [ -f redisbroker/go.mod ] && ! command -v redis-server >/dev/null; then
   apt_install redis-server
+fi
+
+# The metrics module runs every dashboard query on a real Prometheus that its
+# test starts on a free loopback port; it needs the binary.
+if [ -f metrics/go.mod ] && ! command -v prometheus >/dev/null; then
+  apt_install prometheus
 fi
 
 step "gofmt"
