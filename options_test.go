@@ -67,6 +67,7 @@ func TestNewHandlerPanicsOnEachInvalidOptionValue(t *testing.T) {
 		{"WithQueueLimits(0, 1)", pubsub.WithQueueLimits(0, 1)},
 		{"WithQueueLimits(1, 0)", pubsub.WithQueueLimits(1, 0)},
 		{`WithOriginPatterns("[")`, pubsub.WithOriginPatterns("[")},
+		{`WithDefaultRoom("no spaces")`, pubsub.WithDefaultRoom("no spaces")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

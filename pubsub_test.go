@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"runtime"
 	"slices"
@@ -637,6 +638,61 @@ func TestStatsShowAStuckSubscriberFirstWithItsQueueAndLag(t *testing.T) {
 	}
 	if _, err := srv.ConnStats("no-such-connection"); !errors.Is(err, pubsub.ErrConnNotFound) {
 		t.Fatalf("ConnStats of an unknown id: %v, want ErrConnNotFound", err)
+	}
+}
+
+func TestRoomsListsTheRoomsWithSubscribersOnThisNodeSorted(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t)
+	if got := srv.Rooms(); len(got) != 0 {
+		t.Fatalf("Rooms() = %q with no client, want none", got)
+	}
+	p := srv.Dial("/ws")
+	p.Subscribe("zebra")
+	p.Subscribe("alpha")
+	raw := srv.DialRaw("/ws/middle")
+	srv.Listen("/ws?room=events&room=alpha")
+	srv.Publish("no-subscribers", []byte("x")) // publishing makes no room here
+	want := []string{"alpha", "events", "middle", "zebra"}
+	pubsubtest.WaitFor(t, fmt.Sprintf("Rooms() = %q", want), func() bool { return slices.Equal(srv.Rooms(), want) })
+
+	p.Ack(pubsubtest.Fields{"type": "unsubscribe", "room": "zebra"})
+	raw.Close(protocol.CloseNormal, "")
+	want = []string{"alpha", "events"}
+	pubsubtest.WaitFor(t, fmt.Sprintf("Rooms() = %q", want), func() bool { return slices.Equal(srv.Rooms(), want) })
+}
+
+func TestClosedCountsEndedConnectionsByCloseCode(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t)
+	if got := srv.Closed(); len(got) != 0 {
+		t.Fatalf("Closed() = %v before any connection ended, want empty", got)
+	}
+	srv.Dial("/ws").Close(protocol.CloseNormal, "bye") // 1000
+	kicked := srv.Dial("/ws")
+	if err := srv.Disconnect(kicked.Welcome.ConnID, "kicked"); err != nil { // 4003
+		t.Fatal(err)
+	}
+	kicked.ExpectClose(protocol.CloseDisconnected)
+	roomless := srv.DialRaw("/ws")
+	roomless.Send("nowhere to publish") // 1008
+	roomless.ExpectClose(protocol.ClosePolicyViolation)
+	srv.DialRaw("/ws/r").CloseNow() // gone without a close frame: 1006
+
+	want := map[protocol.CloseCode]uint64{
+		protocol.CloseNormal:          1,
+		protocol.CloseDisconnected:    1,
+		protocol.ClosePolicyViolation: 1,
+		protocol.CloseAbnormal:        1,
+	}
+	var got map[protocol.CloseCode]uint64
+	pubsubtest.WaitFor(t, fmt.Sprintf("Closed() = %v", want), func() bool {
+		got = srv.Closed()
+		return maps.Equal(got, want)
+	})
+	got[protocol.CloseNormal] = 99 // a snapshot: the caller's copy
+	if n := srv.Closed()[protocol.CloseNormal]; n != 1 {
+		t.Fatalf("changing Closed()'s map changed the Handler's count to %d", n)
 	}
 }
 

@@ -124,6 +124,38 @@ func TestRawWithoutRoomGetsDirectMessagesAndMayNotPublish(t *testing.T) {
 	}
 }
 
+func TestRawWithDefaultRoomJoinsAClientThatNamesNone(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t, pubsub.WithDefaultRoom("lobby"), pubsub.WithClientPublish(true))
+	// A tutorial's `wscat -c ws://host/ws`: no query, nothing below the path.
+	a := srv.DialRaw("/ws")
+	b := srv.DialRaw("/ws/")
+	expectMembers(t, srv, "lobby", 2)
+	a.Send("hi from a")
+	b.ExpectText("hi from a")
+	a.ExpectText("hi from a") // the sender gets its own line too
+
+	// A client that names a room still gets that room, not the default.
+	c := srv.DialRaw("/ws?room=other")
+	d := srv.DialRaw("/ws/elsewhere")
+	expectMembers(t, srv, "lobby", 2)
+	expectMembers(t, srv, "other", 1)
+	expectMembers(t, srv, "elsewhere", 1)
+	srv.Publish("lobby", []byte("lobby only"))
+	srv.Publish("other", []byte("other only"))
+	srv.Publish("elsewhere", []byte("elsewhere only"))
+	c.ExpectText("other only")
+	b.ExpectText("lobby only")
+	d.ExpectText("elsewhere only") // and nothing of the lobby before it
+
+	// Protocol clients join rooms by asking; the default is raw mode's only.
+	p := srv.Dial("/ws")
+	srv.Publish("lobby", []byte("not for protocol clients"))
+	b.ExpectText("not for protocol clients")
+	p.Subscribe("p-room")
+	expectMembers(t, srv, "lobby", 2)
+}
+
 // ---- Chat ----
 
 func TestRawClientsChatInTheirRoomOnly(t *testing.T) {

@@ -117,6 +117,20 @@ func TestSSERefusals(t *testing.T) {
 	pubsubtest.ListenStatus(t, srv.URL+"/ws?room=ok", http.StatusForbidden, pubsubtest.Origin("http://evil.example"))
 }
 
+func TestSSEWithDefaultRoomListensToItWhenTheRequestNamesNone(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t, pubsub.WithDefaultRoom("lobby"))
+	s := srv.Listen("/ws")
+	named := srv.Listen("/ws?room=news")
+	pubsubtest.WaitFor(t, "both listeners", func() bool {
+		return len(srv.Connections("lobby")) == 1 && len(srv.Connections("news")) == 1
+	})
+	srv.Publish("news", []byte("news only"))
+	srv.Publish("lobby", []byte("hello lobby"))
+	s.Expect("lobby", "hello lobby")
+	named.Expect("news", "news only")
+}
+
 func TestSSEShutdownEndsTheStreamAfterItsQueueWithACloseEvent(t *testing.T) {
 	t.Parallel()
 	srv := pubsubtest.Start(t)
