@@ -34,8 +34,11 @@
 // verbatim. Every event's id is the stream's position, so an EventSource
 // that reconnects, sending Last-Event-ID, gets exactly what it missed, or
 // a "+reset" event saying it cannot: exact recovery with no library at
-// all. Over HTTP/2 the stream is served by its request's ServeHTTP call,
-// which lasts as long as the stream.
+// all. With "events=message" the payloads come as unnamed events instead,
+// which EventSource's onmessage gets and htmx's SSE extension swaps into
+// the page (a request from htmx gets them by default). Over HTTP/2 the
+// stream is served by its request's ServeHTTP call, which lasts as long
+// as the stream.
 //
 // # Payloads
 //

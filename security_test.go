@@ -681,6 +681,7 @@ func secRows() []secRow {
 		{name: "event stream of more rooms than the limit is 400", opts: []pubsub.Option{pubsub.WithMaxRooms(2)},
 			request: sseReq("/ws?room=a&room=b&room=c&token=mallory"), status: http.StatusBadRequest},
 		{name: "event stream history that is not a number is 400", request: sseReq("/ws?room=lobby&history=ten&token=mallory"), status: http.StatusBadRequest},
+		{name: "event stream events=other is 400", request: sseReq("/ws?room=lobby&events=other&token=mallory"), status: http.StatusBadRequest},
 		{name: "event stream without credentials is 401", request: sseReq("/ws?room=lobby"), status: http.StatusUnauthorized},
 		{name: "cross-origin event stream is 403", request: sseReq("/ws?room=lobby&token=mallory", "Origin", "https://evil.example"), status: http.StatusForbidden},
 		{

@@ -27,7 +27,8 @@ import (
 // its payload in the data lines; each event's id is the stream's position
 // in all its rooms, so an EventSource that reconnects (it sends the last
 // id as Last-Event-ID) gets exactly what it missed, or an event saying it
-// cannot. PROTOCOL.md, section 2b, specifies it.
+// cannot; with events=message (htmx's default) payloads are unnamed
+// events instead. PROTOCOL.md, section 8, specifies it.
 //
 // The connection is a conn like the others (admission, queue, writers,
 // heartbeats, shutdown), with no WebSocket: the writers write its events
@@ -52,12 +53,13 @@ type ssePos struct {
 // carries. Only the connection's writer (one at a time) touches pos and
 // next, after admission set them.
 type sseStream struct {
-	rooms  []string
-	origin string   // a cross-origin request's Origin, allowed: the response says so (CORS)
-	head   []byte   // the HTTP response head, before the first event, on a hijacked connection
-	pos    []ssePos // what the client has: the events written
-	next   []ssePos // pos plus the events gathered for the write in progress
-	headed bool     // head was written
+	rooms   []string
+	unnamed bool     // events=message: payloads as unnamed events (htmx swaps those)
+	origin  string   // a cross-origin request's Origin, allowed: the response says so (CORS)
+	head    []byte   // the HTTP response head, before the first event, on a hijacked connection
+	pos     []ssePos // what the client has: the events written
+	next    []ssePos // pos plus the events gathered for the write in progress
+	headed  bool     // head was written
 }
 
 // sseFrameKind tells the SSE control frames apart.
@@ -199,7 +201,34 @@ func (s *sseStream) appendEvent(b []byte, f *frame) []byte {
 		}
 		b = s.appendID(b)
 	}
-	return append(b, f.wire(ModeSSE)...)
+	w := f.wire(ModeSSE)
+	if s.unnamed && f.sse == sseEventFrame {
+		// "event: <room>\n" or "event: +direct\n" goes; a "+base64" name
+		// stays, so the bytes still say how to read them.
+		if line, rest, ok := bytes.Cut(w, []byte{'\n'}); ok && !bytes.HasSuffix(line, []byte("+base64")) {
+			w = rest
+		}
+	}
+	return append(b, w...)
+}
+
+// sseUnnamed reads the request's event naming: "events=room" (each
+// payload an event named after its room, the default) or "events=message"
+// (unnamed events, which EventSource's onmessage gets and htmx swaps). A
+// request from htmx (HX-Request: true) that names neither gets "message".
+func sseUnnamed(r *http.Request) (bool, error) {
+	q := r.URL.Query()
+	if !q.Has("events") {
+		return r.Header.Get("HX-Request") == "true", nil
+	}
+	switch v := q.Get("events"); v {
+	case "room":
+		return false, nil
+	case "message":
+		return true, nil
+	default:
+		return false, fmt.Errorf("events=%q: want events=room (events named after their room) or events=message (unnamed events)", v)
+	}
 }
 
 // appendID appends "id: <position>\n": the stream's position in all its
@@ -302,6 +331,10 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
+	unnamed, err := sseUnnamed(r)
+	if err != nil {
+		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
+	}
 	// EventSource sends the last id it got; a client opening a new stream
 	// (another set of rooms) passes positions in the query instead.
 	lastID := r.Header.Get("Last-Event-ID")
@@ -309,7 +342,7 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 		lastID = r.URL.Query().Get("last_event_id")
 	}
 	last, resuming := parseLastEventID(lastID, len(rooms))
-	s := &sseStream{rooms: rooms, pos: make([]ssePos, len(rooms)), next: make([]ssePos, len(rooms))}
+	s := &sseStream{rooms: rooms, unnamed: unnamed, pos: make([]ssePos, len(rooms)), next: make([]ssePos, len(rooms))}
 	c.sse = s
 	if o := r.Header.Get("Origin"); o != "" && !h.sameOrigin(r) {
 		s.origin = o // allowed by the origin policy (admit checked it): tell the browser

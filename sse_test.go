@@ -131,6 +131,44 @@ func TestSSEWithDefaultRoomListensToItWhenTheRequestNamesNone(t *testing.T) {
 	named.Expect("news", "news only")
 }
 
+func TestSSEEventsMessageSendsPayloadsAsUnnamedEvents(t *testing.T) {
+	t.Parallel()
+	srv := pubsubtest.Start(t, pubsub.WithHistory(10, time.Hour))
+	// htmx 4's SSE extension fetches with these headers and swaps only
+	// unnamed events: a request from htmx gets them without asking.
+	htmx := pubsubtest.Header(http.Header{"Accept": {"text/html, text/event-stream"}, "Hx-Request": {"true"}})
+	unnamed := srv.Listen("/ws?room=feed&events=message")
+	fromHTMX := srv.Listen("/ws/feed", htmx)
+	named := srv.Listen("/ws/feed?events=room", htmx) // the parameter wins over the header
+	pubsubtest.WaitFor(t, "three listeners", func() bool { return len(srv.Connections("feed")) == 3 })
+	for _, s := range []*pubsubtest.EventStream{unnamed, fromHTMX, named} {
+		s.AwaitID()
+	}
+	srv.Publish("feed", []byte("<p>one</p>\n<p>two</p>"))
+	srv.Publish("feed", []byte{0xff}) // not UTF-8: still named, so it says it is base64
+	for _, c := range srv.Connections("feed") {
+		if err := srv.PublishToConn(pubsubtest.Context(t), c.ID, []byte("<p>for you</p>")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range []*pubsubtest.EventStream{unnamed, fromHTMX} {
+		s.Expect("message", "<p>one</p>\n<p>two</p>")
+		s.Expect("feed+base64", "/w==")
+		s.Expect("message", "<p>for you</p>")
+	}
+	named.Expect("feed", "<p>one</p>\n<p>two</p>")
+	named.Expect("feed+base64", "/w==")
+	named.Expect("+direct", "<p>for you</p>")
+
+	// Unnamed events carry the same ids: recovery stays exact.
+	unnamed.Close()
+	srv.Publish("feed", []byte("<p>missed</p>"))
+	unnamed.Reconnect()
+	unnamed.Expect("message", "<p>missed</p>")
+
+	pubsubtest.ListenStatus(t, srv.URL+"/ws?room=feed&events=named", http.StatusBadRequest)
+}
+
 func TestSSEShutdownEndsTheStreamAfterItsQueueWithACloseEvent(t *testing.T) {
 	t.Parallel()
 	srv := pubsubtest.Start(t)

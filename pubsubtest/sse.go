@@ -49,7 +49,7 @@ type streamItem struct {
 }
 
 // Listen opens an event stream of url (http://…) with the Accept header
-// EventSource sends, and fails the test unless the server answers 200 with
+// EventSource sends (unless a Header option sets another), and fails the test unless the server answers 200 with
 // text/event-stream. It is closed at the test's cleanup.
 func Listen(t testing.TB, url string, opts ...DialOption) *EventStream {
 	t.Helper()
@@ -88,7 +88,9 @@ func streamRequest(t testing.TB, ctx context.Context, url, lastID string, c dial
 	for k, vs := range c.header {
 		req.Header[k] = vs
 	}
-	req.Header.Set("Accept", "text/event-stream")
+	if req.Header.Get("Accept") == "" { // a Header option may send another, as htmx does
+		req.Header.Set("Accept", "text/event-stream")
+	}
 	req.Header.Set("Cache-Control", "no-cache")
 	if lastID != "" {
 		req.Header.Set("Last-Event-ID", lastID)
