@@ -323,3 +323,26 @@ func TestReportShowsEveryImplementationWithRatiosToTheFirst(t *testing.T) {
 		}
 	}
 }
+
+func TestIdleMeasuresEveryKindOfConnection(t *testing.T) {
+	t.Parallel()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range IdleKinds {
+		r, err := RunIdle(self, kind, 20, 10*time.Millisecond)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		// Each kind is one parked goroutine per connection on the server
+		// (the reader; a writer only while something is queued). Memory
+		// figures are too noisy for 20 connections to check here.
+		if r.Kind != kind || r.Conns != 20 || r.Goroutines < 0.9 || r.Goroutines > 1.1 {
+			t.Errorf("%s: %+v, want 20 connections of one goroutine each", kind, r)
+		}
+	}
+	if _, err := RunIdle(self, "carrier-pigeon", 1, 0); err == nil || !strings.Contains(err.Error(), "want raw, protocol, sse") {
+		t.Errorf("an unknown kind: %v", err)
+	}
+}

@@ -155,6 +155,13 @@ func each(mt metric, rs []Result) (string, bool) {
 	return strings.Join(out, " / "), len(out) > 0
 }
 
+// Describe is the run's start, machine and roomcast commit, in one line.
+func (h Header) Describe() string {
+	m := h.Machine
+	return fmt.Sprintf("started %s on %d CPUs (%s), %s memory, Linux %s, %s; roomcast at %s",
+		h.Started.UTC().Format(time.RFC3339), m.CPUs, m.CPUModel, m.Memory, m.Kernel, m.Go, h.Rev)
+}
+
 // WriteMarkdown writes the results as one table per scenario, each value
 // with its ratio to roomcast's, followed by notes on failures.
 func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result) {
