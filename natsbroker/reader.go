@@ -26,6 +26,7 @@ type sub struct {
 	viewSeq   uint64           // view holds every entry record up to this stream sequence
 	viewReady bool
 	pending   []entry // entry records that arrived before the view
+	behind    bool    // a catch-up failed: the reader tries again
 }
 
 // pos is the last position of a room this node delivered, or a baseline.
@@ -163,34 +164,61 @@ func (b *Broker) Unsubscribe(ctx context.Context, room string) error {
 // are handled here, so one room's deliveries are in order and never
 // concurrent. It ends at Close.
 func (b *Broker) readLoop() {
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	failures := 0
 	for {
+		behind := false
 		select {
 		case <-b.ctx.Done():
 			return
 		case m := <-b.msgs:
-			b.onMsg(m)
+			behind = b.onMsg(m)
 		case f := <-b.ctl:
 			f()
 		case <-b.resyncs:
-			b.resyncAll("the NATS connection came back")
+			behind = b.resyncAll("the NATS connection came back", false)
+		case <-retry.C:
+			behind = b.resyncAll("an earlier catch-up failed", true)
+		}
+		if behind {
+			// Try again soon, then less often, while NATS recovers.
+			failures++
+			retry.Reset(min(100*time.Millisecond<<min(failures, 6), 5*time.Second))
+		} else if failures > 0 && !b.anyBehind() {
+			failures = 0
 		}
 	}
 }
 
-func (b *Broker) onMsg(m *nats.Msg) {
+// anyBehind reports whether a room waits for a catch-up that failed.
+func (b *Broker) anyBehind() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, s := range b.subs {
+		if s.behind {
+			return true
+		}
+	}
+	return false
+}
+
+// onMsg handles what arrives on the reader's channel, and reports whether
+// a catch-up failed.
+func (b *Broker) onMsg(m *nats.Msg) bool {
 	if strings.HasPrefix(m.Subject, "$JS.EVENT.ADVISORY.") {
-		b.resyncAll("the stream has a new leader")
-		return
+		return b.resyncAll("the stream has a new leader", false)
 	}
 	room, rest, ok := b.parseDelivery(m.Subject)
 	if !ok {
-		return
+		return false
 	}
 	b.mu.Lock()
 	s := b.subs[room]
 	b.mu.Unlock()
 	if s == nil || s.ns != m.Sub {
-		return // unsubscribed, or a previous subscription's record
+		return false // unsubscribed, or a previous subscription's record
 	}
 	switch {
 	case rest == "m":
@@ -198,6 +226,7 @@ func (b *Broker) onMsg(m *nats.Msg) {
 	case strings.HasPrefix(rest, "p."):
 		b.onEntry(room, s, m, rest[2:])
 	}
+	return false
 }
 
 func (b *Broker) onRecord(room string, s *sub, m *nats.Msg) {
@@ -328,39 +357,55 @@ func (b *Broker) fill(room, epoch string, from, fromSeq, to, through, low uint64
 }
 
 // resyncAll runs after the connection came back, or a new stream leader
-// was elected: every subscribed room gets what it missed meanwhile.
-func (b *Broker) resyncAll(why string) {
+// was elected: every subscribed room (or, with onlyBehind, every room
+// whose last catch-up failed) gets what it missed meanwhile. It reports
+// whether a room's catch-up failed.
+func (b *Broker) resyncAll(why string, onlyBehind bool) bool {
 	b.mu.Lock()
 	subs := make([]*sub, 0, len(b.subs))
 	for _, s := range b.subs {
-		subs = append(subs, s)
+		if s.behind || !onlyBehind {
+			subs = append(subs, s)
+		}
 	}
 	b.mu.Unlock()
+	behind := false
 	for _, s := range subs {
 		if b.ctx.Err() != nil {
-			return
+			return false
 		}
-		b.resync(s, why)
+		ok := b.resync(s, why)
+		b.mu.Lock()
+		s.behind = !ok
+		b.mu.Unlock()
+		behind = behind || !ok
 	}
+	return behind
 }
 
-// resync reads the room's head and presence and catches up with both.
-func (b *Broker) resync(s *sub, why string) {
-	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+// resyncTimeout bounds one catch-up: while a new stream leader is being
+// elected reads go unanswered, and the reader tries again soon rather
+// than wait.
+const resyncTimeout = 2 * time.Second
+
+// resync reads the room's head and presence and catches up with both. It
+// reports false when it could not read them.
+func (b *Broker) resync(s *sub, why string) bool {
+	ctx, cancel := context.WithTimeout(b.ctx, resyncTimeout)
 	defer cancel()
 	subj := b.subjects(s.room)
 	head, err := b.readHead(ctx, subj)
 	if err != nil {
-		b.log.Error("natsbroker: could not check a room for messages missed; a gap is found at its next message",
+		b.log.Warn("natsbroker: could not check a room for messages missed; trying again",
 			"room", s.room, "why", why, "err", err)
-		return
+		return false
 	}
 	b.mu.Lock()
 	current := b.subs[s.room] == s
 	p := s.pos
 	b.mu.Unlock()
 	if !current {
-		return
+		return true
 	}
 	if !hasState(head) {
 		b.setPos(s, b.lost(s.room, p, head.sseq, "the room's state is gone from the stream"))
@@ -369,9 +414,9 @@ func (b *Broker) resync(s *sub, why string) {
 	}
 	entries, upTo, err := b.entries(ctx, subj)
 	if err != nil {
-		b.log.Error("natsbroker: could not read a room's presence again; its join and leave events may be off until it changes",
-			"room", s.room, "why", why, "err", err)
-		return
+		b.log.Warn("natsbroker: could not read a room's presence again; trying again", "room", s.room, "why", why, "err", err)
+		return false
 	}
 	b.replaceView(s, entries, upTo)
+	return true
 }
