@@ -196,6 +196,8 @@ type Broker struct {
 	logsMu sync.Mutex
 	logs   map[string]*roomLog // this node's append state per room
 
+	skipKeyRecords bool // tests: die between a keyed message and its key record
+
 	mu      sync.Mutex
 	deliver func(pubsub.Message)
 	closed  bool

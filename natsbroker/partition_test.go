@@ -112,3 +112,40 @@ func publishAlternately(t *testing.T, room string, from, to int, nodes ...*node)
 		nodes[i%len(nodes)].Publish(room, fmt.Append(nil, i))
 	}
 }
+
+// Presence changes a node missed while cut off are announced once it is
+// back: it reads the room's entries again and tells its subscribers who
+// joined and who left meanwhile.
+func TestPresenceChangesMissedDuringACutAreAnnouncedAfter(t *testing.T) {
+	t.Parallel()
+	p := uniquePrefix()
+	a := startNode(t, shared.URL, p, nil)
+	proxy := startProxy(t, shared.Addr)
+	c := startNodeOn(t, proxied(t, proxy), p, nil)
+	watcher := c.Dial(as("watcher"))
+	watcher.SubscribeWith(pubsubtest.Fields{"room": "team", "presence": true})
+	watcher.Await("its own join", func(e pubsubtest.Envelope) bool { return e.Type == "join" && e.UserID == "watcher" })
+	bob := a.Dial(as("bob"))
+	bob.Subscribe("team")
+	watcher.Await("bob's join", func(e pubsubtest.Envelope) bool { return e.Type == "join" && e.UserID == "bob" })
+
+	proxy.Cut()
+	ann := a.Dial(as("ann"))
+	ann.Subscribe("team")
+	bob.CloseNow()
+	pubsubtest.WaitFor(t, "bob to leave and ann to join", func() bool {
+		pr, err := a.Handler.Presence(pubsubtest.Context(t), "team")
+		return err == nil && pr.Count == 2 && pr.Members[0].UserID == "ann"
+	})
+	proxy.Heal()
+	events := map[string]string{}
+	for len(events) < 2 {
+		e := watcher.Next()
+		if e.Type == "join" || e.Type == "leave" {
+			events[e.UserID] = e.Type
+		}
+	}
+	if events["ann"] != "join" || events["bob"] != "leave" {
+		t.Fatalf("after the cut the watcher got %v, want ann's join and bob's leave", events)
+	}
+}

@@ -274,13 +274,17 @@ func (b *Broker) replaceView(s *sub, entries map[string]entry, upTo uint64) {
 }
 
 // refreshLoop keeps this node's presence entries and rooms alive: every
-// third of the presence TTL it rewrites its entries and touches the
-// subscribed rooms whose state would expire within half the room TTL. It
-// also creates the stream again when it was lost.
+// third of the presence TTL (or quarter of the room TTL, when shorter) it
+// rewrites its entries and touches the subscribed rooms whose state would
+// expire within half the room TTL. It also creates the stream again when
+// it was lost.
 func (b *Broker) refreshLoop() {
-	tick := time.NewTicker(b.cfg.presenceTTL / 3)
+	every := b.cfg.presenceTTL / 3
+	period := min(every, b.cfg.roomTTL/4)
+	tick := time.NewTicker(period)
 	defer tick.Stop()
 	failing := false
+	var refreshed time.Time
 	for {
 		select {
 		case <-b.ctx.Done():
@@ -290,10 +294,15 @@ func (b *Broker) refreshLoop() {
 			continue
 		case <-tick.C:
 		}
-		err := errors.Join(b.refresh(), b.touchRooms())
+		var err error
+		if time.Since(refreshed) >= every-period/2 {
+			refreshed = time.Now()
+			err = b.refresh()
+		}
+		err = errors.Join(err, b.touchRooms())
 		switch {
 		case err != nil && !failing && b.ctx.Err() == nil:
-			b.log.Error("natsbroker: refreshing presence failed; this node's members expire if it keeps failing", "err", err)
+			b.log.Error("natsbroker: refreshing presence or keeping rooms alive failed; this node's members and idle rooms expire if it keeps failing", "err", err)
 			failing = true
 		case err == nil && failing:
 			b.log.Info("natsbroker: presence refresh works again")

@@ -18,10 +18,11 @@ type roomLog struct {
 	refs int           // guarded by the broker's logsMu
 
 	// Guarded by mu.
-	head      record // the room's last record as this node last saw it
-	known     bool   // head is worth trying; a refused append proves it stale
-	fresh     bool   // head was read from the stream during this append
-	completed bool   // the head's key record is known to be written
+	head      record    // the room's last record as this node last saw it
+	known     bool      // head is worth trying; a refused append proves it stale
+	fresh     bool      // head was read from the stream during this append
+	completed bool      // the head's key record is known to be written
+	trimmed   time.Time // when this node last asked for the room to be trimmed
 }
 
 // maxIdleLogs bounds the rooms whose head this node remembers while no
@@ -212,7 +213,7 @@ func (b *Broker) publish(ctx context.Context, room string, data []byte, o pubsub
 		}
 		rec.sseq = sseq
 		lg.set(rec)
-		if kh != "" {
+		if kh != "" && !b.skipKeyRecords {
 			// The message is stored: the publish succeeded whatever
 			// happens to its key record. If this write fails, the next
 			// append on the room writes it (see complete).
@@ -220,7 +221,7 @@ func (b *Broker) publish(ctx context.Context, room string, data []byte, o pubsub
 				lg.completed = true
 			}
 		}
-		b.trims.maybe(room, rec)
+		b.trims.maybe(room, rec, lg)
 		return pubsub.PublishResult{Message: rec.message(room)}, nil
 	}
 }

@@ -38,11 +38,22 @@ func trimEvery(keep int) uint64 {
 	return uint64(min(max(keep/4, 8), 256))
 }
 
-// maybe asks for the room to be trimmed when rec's seq is due.
-func (q *trimQueue) maybe(room string, rec record) {
-	if rec.seq%trimEvery(rec.keep) != 0 {
+// maybe asks for the room to be trimmed when rec's seq is due, or when the
+// room has an age bound and this node last asked more than half of it ago
+// (so that a quiet room sheds its old messages too). lg is the room's
+// append state, locked.
+func (q *trimQueue) maybe(room string, rec record, lg *roomLog) {
+	due := rec.seq%trimEvery(rec.keep) == 0
+	if !due && rec.age > 0 && time.Since(lg.trimmed) > rec.age/2 {
+		due = !lg.trimmed.IsZero() // a node's first publish to a room just starts the clock
+		if !due {
+			lg.trimmed = time.Now()
+		}
+	}
+	if !due {
 		return
 	}
+	lg.trimmed = time.Now()
 	q.mu.Lock()
 	if _, ok := q.rooms[room]; ok || len(q.rooms) < maxTrimBacklog {
 		q.rooms[room] = trimBounds{rec.keep, rec.age}

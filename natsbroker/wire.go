@@ -98,16 +98,24 @@ func plain(c byte) bool {
 
 // untoken reverses token.
 func untoken(t string) (string, bool) {
-	if strings.IndexByte(t, '=') < 0 {
-		return t, t != ""
+	if t == "" {
+		return "", false
+	}
+	escaped := false
+	for i := 0; i < len(t); i++ {
+		if t[i] == '=' {
+			escaped = true
+		} else if !plain(t[i]) {
+			return "", false
+		}
+	}
+	if !escaped {
+		return t, true
 	}
 	b := make([]byte, 0, len(t))
 	for i := 0; i < len(t); i++ {
 		c := t[i]
 		if c != '=' {
-			if !plain(c) {
-				return "", false
-			}
 			b = append(b, c)
 			continue
 		}
