@@ -176,6 +176,8 @@ func (r *received) recovery(rc client.Recovery) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.recoveries = append(r.recoveries, rc)
+	close(r.changed)
+	r.changed = make(chan struct{})
 }
 
 func (r *received) snapshot() ([]client.Message, []client.Recovery) {
@@ -184,26 +186,42 @@ func (r *received) snapshot() ([]client.Message, []client.Recovery) {
 	return append([]client.Message(nil), r.msgs...), append([]client.Recovery(nil), r.recoveries...)
 }
 
-// waitFor waits until a message with data arrived.
-func (r *received) waitFor(t *testing.T, data string, timeout time.Duration) {
+// waitRecovered waits until the subscription resumed after a reconnect,
+// and fails when it did not recover.
+func (r *received) waitRecovered(t *testing.T) {
+	t.Helper()
+	r.await(t, "a recovery", 30*time.Second, func() bool { return len(r.recoveries) > 0 })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if rc := r.recoveries[0]; !rc.Recovered {
+		t.Fatalf("the resubscription did not recover: %+v", rc)
+	}
+}
+
+// await waits until cond, called with r.mu held, holds.
+func (r *received) await(t *testing.T, what string, timeout time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		r.mu.Lock()
-		ch := r.changed
-		for _, m := range r.msgs {
-			if string(m.Data) == data {
-				r.mu.Unlock()
-				return
-			}
-		}
-		n := len(r.msgs)
+		ch, ok, n := r.changed, cond(), len(r.msgs)
 		r.mu.Unlock()
+		if ok {
+			return
+		}
 		select {
 		case <-ch:
 		case <-deadline.C:
-			t.Fatalf("timed out waiting for message %s; the client got %d messages", data, n)
+			t.Fatalf("timed out waiting for %s; the client got %d messages", what, n)
 		}
 	}
+}
+
+// waitFor waits until a message with data arrived.
+func (r *received) waitFor(t *testing.T, data string, timeout time.Duration) {
+	t.Helper()
+	r.await(t, "message "+data, timeout, func() bool {
+		return slices.ContainsFunc(r.msgs, func(m client.Message) bool { return string(m.Data) == data })
+	})
 }

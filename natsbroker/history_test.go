@@ -158,13 +158,15 @@ func TestHistoryAgesOutOfStorage(t *testing.T) {
 		t.Fatal(err)
 	}
 	subject := p + ".r.aging.m"
+	// The trim compares the server's timestamps with its clock, the reads
+	// the publishing node's: the youngest aged record may straddle them.
 	pubsubtest.WaitFor(t, "the aged records to leave the stream", func() bool {
 		st, err := js.Stream(pubsubtest.Context(t), p)
 		if err != nil {
 			t.Fatal(err)
 		}
 		info, err := st.Info(pubsubtest.Context(t), jetstream.WithSubjectFilter(subject))
-		return err == nil && info.State.Subjects[subject] == 1
+		return err == nil && info.State.Subjects[subject] <= 2
 	})
 	res, err := b.History(pubsubtest.Context(t), "aging", pubsub.HistoryQuery{Limit: 100})
 	if err != nil || !slices.Equal(seqsOf(res.Messages), []uint64{8}) {

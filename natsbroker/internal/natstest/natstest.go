@@ -46,12 +46,7 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	port, err := freePort()
-	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	s := newServer("single", port, dir)
+	s := newServer("single", dir)
 	s.own = true
 	if err := s.Restart(); err != nil {
 		os.RemoveAll(dir)
@@ -60,11 +55,14 @@ func Start() (*Server, error) {
 	return s, nil
 }
 
-func newServer(name string, port int, dir string) *Server {
+// newServer describes a server that takes a free port when it first
+// starts (the server picks it, so parallel tests never race for one), and
+// keeps it when it restarts.
+func newServer(name string, dir string) *Server {
 	opts := &server.Options{
 		ServerName: name,
 		Host:       "127.0.0.1",
-		Port:       port,
+		Port:       server.RANDOM_PORT,
 		NoLog:      true,
 		NoSigs:     true,
 		JetStream:  true,
@@ -73,8 +71,7 @@ func newServer(name string, port int, dir string) *Server {
 		JetStreamMaxMemory: 256 << 20,
 		JetStreamMaxStore:  1 << 30,
 	}
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	return &Server{URL: "nats://" + addr, Addr: addr, opts: opts, dir: dir}
+	return &Server{opts: opts, dir: dir}
 }
 
 // Restart starts the server after Stop, on the same port, with the same
@@ -93,7 +90,13 @@ func (s *Server) Restart() error {
 	if !srv.ReadyForConnections(readyTimeout) {
 		srv.Shutdown()
 		srv.WaitForShutdown()
-		return fmt.Errorf("natstest: nats-server %s did not accept connections on %s", s.opts.ServerName, s.Addr)
+		return fmt.Errorf("natstest: nats-server %s did not accept connections", s.opts.ServerName)
+	}
+	if s.opts.Port == server.RANDOM_PORT {
+		// Keep the ports it took, for restarts.
+		s.opts.Port = srv.Addr().(*net.TCPAddr).Port
+		s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.opts.Port))
+		s.URL = "nats://" + s.Addr
 	}
 	s.srv = srv
 	return nil
@@ -158,29 +161,39 @@ type Cluster struct {
 }
 
 // StartCluster starts n servers (n >= 3 for JetStream replicas 3) joined
-// by routes, and waits until each accepts connections and JetStream has a
-// meta leader.
+// by routes, and waits until each accepts connections and JetStream's
+// meta leader counts all n as peers. Route ports are chosen before the
+// servers start (each lists the others); should a parallel test take one
+// meanwhile, the cluster starts again on others.
 func StartCluster(n int) (*Cluster, error) {
 	if n < 1 {
 		return nil, errors.New("natstest: a cluster needs a server")
 	}
+	var err error
+	for range 3 {
+		var c *Cluster
+		if c, err = startCluster(n); err == nil {
+			return c, nil
+		}
+	}
+	return nil, err
+}
+
+func startCluster(n int) (*Cluster, error) {
 	dir, err := os.MkdirTemp("", "roomcast-nats-cluster-")
 	if err != nil {
 		return nil, err
 	}
 	c := &Cluster{dir: dir}
-	clientPorts, routePorts := make([]int, n), make([]int, n)
+	routePorts := make([]int, n)
 	for i := range n {
-		if clientPorts[i], err = freePort(); err == nil {
-			routePorts[i], err = freePort()
-		}
-		if err != nil {
+		if routePorts[i], err = freePort(); err != nil {
 			os.RemoveAll(dir)
 			return nil, err
 		}
 	}
 	for i := range n {
-		s := newServer(fmt.Sprintf("n%d", i+1), clientPorts[i], filepath.Join(dir, fmt.Sprintf("n%d", i+1)))
+		s := newServer(fmt.Sprintf("n%d", i+1), filepath.Join(dir, fmt.Sprintf("n%d", i+1)))
 		s.opts.Cluster = server.ClusterOpts{Name: "roomcast-test", Host: "127.0.0.1", Port: routePorts[i]}
 		for j := range n {
 			if j != i {
@@ -201,22 +214,23 @@ func StartCluster(n int) (*Cluster, error) {
 		return nil, err
 	}
 	deadline := time.Now().Add(readyTimeout)
-	for !c.hasMetaLeader() {
+	for !c.ready(n) {
 		if time.Now().After(deadline) {
 			c.Close()
-			return nil, errors.New("natstest: the cluster elected no JetStream meta leader")
+			return nil, fmt.Errorf("natstest: JetStream's meta leader did not count %d peers", n)
 		}
 		time.Sleep(20 * time.Millisecond) // servers starting: nothing to wait on but their state
 	}
 	return c, nil
 }
 
-func (c *Cluster) hasMetaLeader() bool {
+// ready reports whether JetStream has a meta leader that counts n peers.
+func (c *Cluster) ready(n int) bool {
 	for _, s := range c.Servers {
 		s.mu.Lock()
-		ok := s.srv != nil && s.srv.JetStreamIsCurrent() && s.srv.JetStreamIsLeader()
+		srv := s.srv
 		s.mu.Unlock()
-		if ok {
+		if srv != nil && srv.JetStreamIsLeader() && len(srv.JetStreamClusterPeers()) == n {
 			return true
 		}
 	}
