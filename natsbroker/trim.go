@@ -111,9 +111,19 @@ func (b *Broker) trim(ctx context.Context, room string, t trimBounds) error {
 	if t.age <= 0 {
 		return nil
 	}
+	// Most often the oldest record kept by size is young enough: one read
+	// tells, and nothing more is done.
 	since := time.Now().Add(-t.age).UTC()
+	var oldest time.Time
+	_, err := b.direct(ctx, map[string]any{"seq": 1, "next_by_subj": s.log}, func(m stored) bool {
+		oldest = m.time
+		return false
+	})
+	if err != nil || !oldest.Before(since) {
+		return err
+	}
 	var first uint64
-	_, err := b.direct(ctx, map[string]any{"start_time": since, "next_by_subj": s.log}, func(m stored) bool {
+	_, err = b.direct(ctx, map[string]any{"start_time": since, "next_by_subj": s.log}, func(m stored) bool {
 		first = m.sseq
 		return false
 	})
