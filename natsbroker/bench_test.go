@@ -38,7 +38,22 @@ func BenchmarkPublishManyRooms(b *testing.B) {
 	benchPublish(b, func(i int64) string { return fmt.Sprint("bench-", i%1000) })
 }
 
+// Each publish carries an idempotency key of its own, as a client's
+// retried publish does: a read of the key's record, the append, and the
+// key's record.
+func BenchmarkPublishManyRoomsWithKeys(b *testing.B) {
+	benchPublishOpts(b, func(i int64) string { return fmt.Sprint("bench-", i%1000) }, func(i int64) pubsub.PublishOptions {
+		o := benchHistory
+		o.Key, o.KeyTTL = fmt.Sprint("k", i), time.Minute
+		return o
+	})
+}
+
 func benchPublish(b *testing.B, room func(int64) string) {
+	benchPublishOpts(b, room, func(int64) pubsub.PublishOptions { return benchHistory })
+}
+
+func benchPublishOpts(b *testing.B, room func(int64) string, opts func(int64) pubsub.PublishOptions) {
 	br := newBroker(b, shared.URL, uniquePrefix())
 	br.Bind(func(pubsub.Message) {})
 	data := make([]byte, 128)
@@ -49,7 +64,8 @@ func benchPublish(b *testing.B, room func(int64) string) {
 	b.RunParallel(func(pb *testing.PB) {
 		ctx := context.Background()
 		for pb.Next() {
-			if _, err := br.Publish(ctx, room(n.Add(1)), data, benchHistory); err != nil {
+			i := n.Add(1)
+			if _, err := br.Publish(ctx, room(i), data, opts(i)); err != nil {
 				b.Error(err)
 				return
 			}
