@@ -1,7 +1,7 @@
 // Package natsbroker is a pubsub.Broker on NATS JetStream: every Handler
-// (node) connected to one NATS system (a server, a cluster or a
-// supercluster) serves the same rooms, with the same order, history,
-// recovery and presence as the in-memory and Redis brokers.
+// (node) connected to one NATS server or cluster serves the same rooms,
+// with the same order, history, recovery and presence as the in-memory
+// and Redis brokers.
 //
 //	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectBufSize(-1))
 //	b, err := natsbroker.New(ctx, nc)
@@ -132,7 +132,22 @@
 // subscribes, then follows the republished entry records in stream order,
 // interleaved with the room's messages, and turns a member's first
 // connection into a join event and its last into a leave event, as the
-// other brokers do. Presence lists the entries with one direct get.
+// other brokers do. Presence reads the room's entries with batched direct
+// gets.
+//
+// # What it needs from NATS
+//
+// A connection to the account's default JetStream (no domain or API
+// prefix) that may publish to prefix.r.> and prefix.k.>, subscribe to
+// prefix.d.> and its own inboxes, and use the JetStream API for the
+// stream: stream create and update, info, message get, direct get and
+// purge, and the stream's leader-elected advisory. A room's name becomes
+// one subject token (letters, digits, '-' and '_' kept, every other byte
+// escaped as '=' and two hex digits), so very long names make long
+// subjects (NATS's max_control_line, 4 KiB by default, bounds a subject).
+// A message is at most NATS's max_payload (1 MiB by default) with its
+// headers. Connect with nats.MaxReconnects(-1) so the client never gives
+// up, and nats.ReconnectBufSize(-1) (see Failures).
 //
 // # Goroutines
 //

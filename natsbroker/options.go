@@ -24,6 +24,7 @@ type config struct {
 	replicas    int
 	storage     jetstream.StorageType
 	maxBytes    int64
+	set         struct{ replicas, storage, maxBytes bool } // given as options, not defaults
 	presenceTTL time.Duration
 	roomTTL     time.Duration
 	logger      *slog.Logger
@@ -39,26 +40,30 @@ func WithPrefix(p string) Option {
 
 // WithReplicas sets the stream's replicas when New creates or updates it:
 // 3 keeps every room through the loss of one NATS server of a cluster of
-// three or more. Default 1; 1 to 5.
+// three or more. Default 1 for a new stream; an existing stream keeps its
+// replicas unless this option is given. 1 to 5.
 func WithReplicas(n int) Option {
-	return func(c *config) { c.replicas = n }
+	return func(c *config) { c.replicas, c.set.replicas = n, true }
 }
 
 // WithStorage sets the stream's storage when New creates it: file storage
 // keeps rooms, history and epochs through a NATS restart; memory storage
 // loses them (rooms start new epochs and recovering clients are told
-// epoch_changed). Default jetstream.FileStorage. NATS cannot change the
-// storage of an existing stream.
+// epoch_changed). Default jetstream.FileStorage for a new stream; an
+// existing stream keeps its storage (NATS cannot change it: New fails when
+// this option asks for the other one).
 func WithStorage(s jetstream.StorageType) Option {
-	return func(c *config) { c.storage = s }
+	return func(c *config) { c.storage, c.set.storage = s, true }
 }
 
 // WithMaxBytes bounds the stream's size. When full, the stream discards
 // its oldest records, whichever room they belong to; a room that loses
-// its newest record that way starts a new epoch. Default 0: no bound
-// beyond the server's JetStream limits; at least 1 MiB otherwise.
+// its newest record that way starts a new epoch. Default 0 for a new
+// stream: no bound beyond the server's JetStream limits; an existing
+// stream keeps its bound unless this option is given. At least 1 MiB, or
+// 0.
 func WithMaxBytes(n int64) Option {
-	return func(c *config) { c.maxBytes = n }
+	return func(c *config) { c.maxBytes, c.set.maxBytes = n, true }
 }
 
 // WithPresenceTTL sets how long a connection's presence entry outlives its

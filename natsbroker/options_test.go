@@ -65,11 +65,16 @@ func TestNewCreatesOrUpdatesTheStream(t *testing.T) {
 		cfg.RePublish == nil || cfg.RePublish.Destination != p+".d.>" || cfg.MaxBytes != -1 {
 		t.Fatalf("stream config %+v", cfg)
 	}
-	newBrokerOn(t, nc, p, natsbroker.WithStorage(jetstream.MemoryStorage), natsbroker.WithMaxBytes(64<<20))
-	if cfg := info(); cfg.MaxBytes != 64<<20 {
-		t.Fatalf("MaxBytes %d after New with WithMaxBytes(64 MiB)", cfg.MaxBytes)
+	newBrokerOn(t, nc, p, natsbroker.WithMaxBytes(64<<20))
+	if cfg := info(); cfg.MaxBytes != 64<<20 || cfg.Storage != jetstream.MemoryStorage {
+		t.Fatalf("after New with WithMaxBytes(64 MiB) alone: MaxBytes %d, storage %v", cfg.MaxBytes, cfg.Storage)
 	}
-	if _, err := natsbroker.New(pubsubtest.Context(t), nc, natsbroker.WithPrefix(p)); err == nil {
+	// An operator's choices stay when a node starts with the defaults.
+	newBrokerOn(t, nc, p)
+	if cfg := info(); cfg.MaxBytes != 64<<20 || cfg.Storage != jetstream.MemoryStorage {
+		t.Fatalf("after New with no options: MaxBytes %d, storage %v; want the stream's own kept", cfg.MaxBytes, cfg.Storage)
+	}
+	if _, err := natsbroker.New(pubsubtest.Context(t), nc, natsbroker.WithPrefix(p), natsbroker.WithStorage(jetstream.FileStorage)); err == nil {
 		t.Fatal("New with file storage on a memory stream: no error; NATS cannot change a stream's storage")
 	}
 }

@@ -49,13 +49,47 @@ func (c *config) streamConfig() jetstream.StreamConfig {
 // delete markers, which rooms and presence need.
 const minServer = "2.11.0"
 
-// ensureStream creates the broker's stream, or updates it to the
-// broker's configuration.
+// ensureStream creates the broker's stream, or brings an existing one to
+// what the broker needs (its subjects, republishing, TTLs, direct gets),
+// keeping the replicas, storage and size bound an operator gave it unless
+// the options say otherwise.
 func (b *Broker) ensureStream(ctx context.Context) error {
-	if _, err := b.js.CreateOrUpdateStream(ctx, b.cfg.streamConfig()); err != nil {
+	var err error
+	for range 3 {
+		if err = b.ensureStreamOnce(ctx); !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			break // created, updated or failed; or else another node created it meanwhile
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("natsbroker: create or update stream %q: %w", b.cfg.prefix, err)
 	}
 	return nil
+}
+
+func (b *Broker) ensureStreamOnce(ctx context.Context) error {
+	want := b.cfg.streamConfig()
+	st, err := b.js.Stream(ctx, want.Name)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		_, err = b.js.CreateStream(ctx, want)
+	case err == nil:
+		have := st.CachedInfo().Config
+		if !b.cfg.set.replicas {
+			want.Replicas = have.Replicas
+		}
+		if !b.cfg.set.storage {
+			want.Storage = have.Storage
+		}
+		if !b.cfg.set.maxBytes {
+			want.MaxBytes = have.MaxBytes
+		}
+		if want.Storage != have.Storage {
+			return fmt.Errorf("the stream has %s storage, WithStorage asks for %s: NATS cannot change it", have.Storage, want.Storage)
+		}
+		want.Description = have.Description
+		_, err = b.js.UpdateStream(ctx, want)
+	}
+	return err
 }
 
 // serverAtLeast compares a server version with min (major.minor.patch).
