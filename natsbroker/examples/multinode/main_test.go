@@ -65,22 +65,25 @@ func serve(t *testing.T, nodes int) []string {
 
 func ws(base, path string) string { return "ws" + strings.TrimPrefix(base, "http") + path }
 
-func TestNodesShareTheLobbyItsHistoryAndItsMembers(t *testing.T) {
+func TestNodesShareARoomItsHistoryAndItsMembers(t *testing.T) {
 	nodes := serve(t, 2)
+	// The example keeps its rooms in the default stream, which outlives a
+	// run of the test (-count): a room of the run's own.
+	room := fmt.Sprint("lobby-", time.Now().UnixNano())
 	ann := pubsubtest.Dial(t, ws(nodes[0], "/ws"))
-	ann.SubscribeWith(pubsubtest.Fields{"room": "lobby", "presence": true, "info": map[string]string{"name": "ann"}})
+	ann.SubscribeWith(pubsubtest.Fields{"room": room, "presence": true, "info": map[string]string{"name": "ann"}})
 	bob := pubsubtest.Dial(t, ws(nodes[1], "/ws"))
-	bob.SubscribeWith(pubsubtest.Fields{"room": "lobby", "info": map[string]string{"name": "bob"}})
-	bob.Ack(pubsubtest.Fields{"type": "publish", "room": "lobby", "data": map[string]string{"nick": "bob", "text": "hi from node 2"}})
+	bob.SubscribeWith(pubsubtest.Fields{"room": room, "info": map[string]string{"name": "bob"}})
+	bob.Ack(pubsubtest.Fields{"type": "publish", "room": room, "data": map[string]string{"nick": "bob", "text": "hi from node 2"}})
 	m := ann.Await("bob's message", func(e pubsubtest.Envelope) bool { return e.Type == "message" })
 	if !strings.Contains(string(m.Data), "hi from node 2") || m.Seq != 1 {
 		t.Fatalf("ann on node 1 got %s", m.Raw)
 	}
-	if p := ann.Request(pubsubtest.Fields{"type": "presence", "room": "lobby"}); p.Count == nil || *p.Count != 2 {
+	if p := ann.Request(pubsubtest.Fields{"type": "presence", "room": room}); p.Count == nil || *p.Count != 2 {
 		t.Fatalf("presence on node 1: %s, want ann and bob", p.Raw)
 	}
 	// The history endpoint of either node serves the room's messages.
-	resp, err := http.Get(nodes[0] + "/api/history?room=lobby")
+	resp, err := http.Get(nodes[0] + "/api/history?room=" + room)
 	if err != nil {
 		t.Fatal(err)
 	}
