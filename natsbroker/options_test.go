@@ -1,6 +1,7 @@
 package natsbroker_test
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
@@ -44,11 +45,14 @@ func TestNewCreatesOrUpdatesTheStream(t *testing.T) {
 	t.Parallel()
 	p := uniquePrefix()
 	nc := connect(t, shared.URL)
-	newBrokerOn(t, nc, p, natsbroker.WithStorage(jetstream.MemoryStorage))
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A bounded memory stream holds its bound of the server's memory:
+	// delete it once the brokers (registered later) are closed.
+	t.Cleanup(func() { js.DeleteStream(context.Background(), p) })
+	newBrokerOn(t, nc, p, natsbroker.WithStorage(jetstream.MemoryStorage))
 	info := func() jetstream.StreamConfig {
 		st, err := js.Stream(pubsubtest.Context(t), p)
 		if err != nil {
@@ -65,13 +69,13 @@ func TestNewCreatesOrUpdatesTheStream(t *testing.T) {
 		cfg.RePublish == nil || cfg.RePublish.Destination != p+".d.>" || cfg.MaxBytes != -1 {
 		t.Fatalf("stream config %+v", cfg)
 	}
-	newBrokerOn(t, nc, p, natsbroker.WithMaxBytes(64<<20))
-	if cfg := info(); cfg.MaxBytes != 64<<20 || cfg.Storage != jetstream.MemoryStorage {
-		t.Fatalf("after New with WithMaxBytes(64 MiB) alone: MaxBytes %d, storage %v", cfg.MaxBytes, cfg.Storage)
+	newBrokerOn(t, nc, p, natsbroker.WithMaxBytes(2<<20))
+	if cfg := info(); cfg.MaxBytes != 2<<20 || cfg.Storage != jetstream.MemoryStorage {
+		t.Fatalf("after New with WithMaxBytes(2 MiB) alone: MaxBytes %d, storage %v", cfg.MaxBytes, cfg.Storage)
 	}
 	// An operator's choices stay when a node starts with the defaults.
 	newBrokerOn(t, nc, p)
-	if cfg := info(); cfg.MaxBytes != 64<<20 || cfg.Storage != jetstream.MemoryStorage {
+	if cfg := info(); cfg.MaxBytes != 2<<20 || cfg.Storage != jetstream.MemoryStorage {
 		t.Fatalf("after New with no options: MaxBytes %d, storage %v; want the stream's own kept", cfg.MaxBytes, cfg.Storage)
 	}
 	if _, err := natsbroker.New(pubsubtest.Context(t), nc, natsbroker.WithPrefix(p), natsbroker.WithStorage(jetstream.FileStorage)); err == nil {

@@ -64,7 +64,7 @@ const (
 // read each, then reads forward in batches.
 const anchorEvery = 32
 
-var errMalformed = errors.New("natsbroker: a record in the stream is malformed; is another application using the prefix?")
+var errMalformed = errors.New("natsbroker: malformed record in the stream")
 
 // token turns a room name or connection id into one subject token: ASCII
 // letters, digits, '-' and '_' stay, every other byte is '=' and two hex
