@@ -3,13 +3,7 @@ package natsbroker_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"log"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -28,13 +22,13 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 	roomy := []pubsub.Option{pubsub.WithHistory(100_000, time.Minute), pubsub.WithQueueLimits(100_000, 256<<20)}
 	a := startNode(t, shared.URL, p, nil, append(roomy, pubsub.WithDrain(2, 100*time.Millisecond))...)
 	b := startNode(t, shared.URL, p, nil, roomy...)
-	lb := balancer(t, a, b)
+	lb := startProxy(t, hostOf(a)) // the load balancer: node A, until it drains
 
 	const clients = 6
 	var got []*received
 	for range clients {
 		r := newReceived()
-		c, err := client.Dial(pubsubtest.Context(t), lb.to("/ws"), client.WithReconnect(20*time.Millisecond, 100*time.Millisecond), client.WithLogger(pubsubtest.Logger()))
+		c, err := client.Dial(pubsubtest.Context(t), "ws://"+lb.Addr()+"/ws", client.WithReconnect(20*time.Millisecond, 100*time.Millisecond), client.WithLogger(pubsubtest.Logger()))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -68,7 +62,7 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 		}
 	}()
 	<-twenty
-	lb.target.Store(b.URL) // new connections go to B from now on
+	lb.SetTarget(hostOf(b)) // new connections go to B from now on
 	if err := a.Handler.Shutdown(pubsubtest.Context(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -91,31 +85,5 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 	}
 }
 
-// lb is a load balancer in front of the nodes: it passes each WebSocket
-// upgrade to the node its target names.
-type lb struct {
-	srv    *httptest.Server
-	target atomic.Value // the base URL (http://…) of the node new connections go to
-}
-
-func balancer(t *testing.T, first *node, _ ...*node) *lb {
-	t.Helper()
-	l := &lb{}
-	l.target.Store(first.URL)
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(r *httputil.ProxyRequest) {
-			u, _ := url.Parse(l.target.Load().(string))
-			r.SetURL(u)
-			r.Out.Host = r.In.Host // the nodes check the Origin against the Host
-		},
-		ErrorLog: log.New(io.Discard, "", 0),
-	}
-	l.srv = httptest.NewServer(proxy)
-	t.Cleanup(l.srv.Close)
-	return l
-}
-
-// to is the ws:// URL of path on the balancer.
-func (l *lb) to(path string) string {
-	return "ws" + strings.TrimPrefix(l.srv.URL, "http") + path
-}
+// hostOf is a node's host:port, for a proxy in front of it.
+func hostOf(n *node) string { return strings.TrimPrefix(n.URL, "http://") }

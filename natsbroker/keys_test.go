@@ -1,11 +1,14 @@
 package natsbroker_test
 
 import (
+	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/natsbroker"
 	"github.com/roomcast/pubsub/pubsubtest"
 )
@@ -88,4 +91,68 @@ func TestAKeyIsNewAgainAfterItsRecordExpired(t *testing.T) {
 		t.Fatalf("the key after its record expired: %+v, want seq 2", second)
 	}
 	sameMessage(t, "the key once more", publishKey(t, b, "room", "third", "k", time.Minute), second.Message)
+}
+
+// afterKeyed is a node's broker that runs a hook after each keyed publish
+// it stored, before the Handler can acknowledge it.
+type afterKeyed struct {
+	*natsbroker.Broker
+	after func(attempt int)
+	n     atomic.Int32
+}
+
+func (b *afterKeyed) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
+	res, err := b.Broker.Publish(ctx, room, data, o)
+	if err == nil && o.Key != "" && b.after != nil {
+		b.after(int(b.n.Add(1)))
+	}
+	return res, err
+}
+
+// A Go client's publish is stored through node A, whose connection drops
+// before the ack; the client reconnects through the load balancer to
+// node B and sends it again with the same key: the key's record (or the
+// room's head) recognises it, the message appears once, and the client
+// learns its position.
+func TestAResendThatLandsOnAnotherNodeIsStillPublishedOnce(t *testing.T) {
+	t.Parallel()
+	p := uniquePrefix()
+	hooked := &afterKeyed{Broker: newBroker(t, shared.URL, p)}
+	a := startNodeWith(t, hooked)
+	b := startNode(t, shared.URL, p, nil)
+	watcher := b.Dial(as(""))
+	watcher.Subscribe("room")
+	lb := startProxy(t, hostOf(a))
+	hooked.after = func(attempt int) {
+		if attempt == 1 {
+			lb.SetTarget(hostOf(b))
+			lb.Cut()
+			lb.Heal()
+		}
+	}
+	c, err := client.Dial(pubsubtest.Context(t), "ws://"+lb.Addr()+"/ws",
+		client.WithLogger(pubsubtest.Logger()), client.WithReconnect(5*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	firstConn := c.ConnID()
+	pub, err := c.Publish(pubsubtest.Context(t), "room", []byte("once"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pub.Duplicate || pub.Seq != 1 {
+		t.Fatalf("Publish = %+v, want the first attempt's seq 1, recognised as a duplicate on the other node", pub)
+	}
+	if c.ConnID() == firstConn {
+		t.Fatal("the client did not reconnect")
+	}
+	m := watcher.NextMessage("room")
+	if string(m.Payload()) != "once" || m.Seq != pub.Seq || m.MessageID != pub.MessageID {
+		t.Fatalf("the subscriber saw %s, Publish said %+v", m.Raw, pub)
+	}
+	b.Publish("room", []byte("marker"))
+	if m := watcher.NextMessage("room"); string(m.Payload()) != "marker" {
+		t.Fatalf("got %s, want the marker: the message appeared twice", m.Raw)
+	}
 }

@@ -17,7 +17,7 @@ import (
 // a loopback port: one node of a cluster.
 type node struct {
 	*pubsubtest.Server
-	b  *natsbroker.Broker
+	b  pubsub.Broker
 	nc *nats.Conn
 }
 
@@ -32,7 +32,14 @@ func startNode(t *testing.T, url, prefix string, bopts []natsbroker.Option, hopt
 // startNodeOn starts a node on the connection nc.
 func startNodeOn(t *testing.T, nc *nats.Conn, prefix string, bopts []natsbroker.Option, hopts ...pubsub.Option) *node {
 	t.Helper()
-	b := newBrokerOn(t, nc, prefix, bopts...)
+	n := startNodeWith(t, newBrokerOn(t, nc, prefix, bopts...), hopts...)
+	n.nc = nc
+	return n
+}
+
+// startNodeWith starts a node on the broker b.
+func startNodeWith(t *testing.T, b pubsub.Broker, hopts ...pubsub.Option) *node {
+	t.Helper()
 	srv := pubsubtest.Start(t, append([]pubsub.Option{
 		pubsub.WithBroker(b),
 		pubsub.WithClientPublish(true),
@@ -41,7 +48,7 @@ func startNodeOn(t *testing.T, nc *nats.Conn, prefix string, bopts []natsbroker.
 			return pubsub.Identity{UserID: r.URL.Query().Get("user")}, nil
 		}),
 	}, hopts...)...)
-	return &node{Server: srv, b: b, nc: nc}
+	return &node{Server: srv, b: b}
 }
 
 // as is the path of a protocol client of user.
