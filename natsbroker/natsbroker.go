@@ -168,6 +168,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
@@ -180,6 +181,9 @@ import (
 // have taken effect (a publish that must not happen twice carries an
 // idempotency key). The client reconnects by itself.
 var ErrDisconnected = errors.New("natsbroker: not connected to NATS")
+
+// asyncTimeout bounds the wait for an asynchronous publish's ack.
+const asyncTimeout = 10 * time.Second
 
 // deliveryBuffer bounds the records waiting for the reader. Past it the
 // NATS client drops records (and reports a slow consumer); the reader
@@ -247,7 +251,9 @@ func New(ctx context.Context, nc *nats.Conn, opts ...Option) (*Broker, error) {
 	if v := nc.ConnectedServerVersion(); v != "" && !serverAtLeast(v, minServer) {
 		return nil, fmt.Errorf("natsbroker: nats-server %s is too old: rooms need per-message TTLs, %s or later", v, minServer)
 	}
-	js, err := jetstream.New(nc)
+	// An asynchronous publish (a key's record, a presence refresh) whose
+	// ack never comes fails after a while rather than wait for ever.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(asyncTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("natsbroker: %w", err)
 	}

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/roomcast/pubsub"
 )
 
@@ -23,6 +26,12 @@ type roomLog struct {
 	fresh     bool      // head was read from the stream during this append
 	completed bool      // the head's key record is known to be written
 	trimmed   time.Time // when this node last asked for the room to be trimmed
+
+	// The write of the key record of the keyed message this node appended
+	// last (keyFor is its id), under way: the next append waits for it
+	// rather than read the record back.
+	keyWrite jetstream.PubAckFuture
+	keyFor   string
 }
 
 // maxIdleLogs bounds the rooms whose head this node remembers while no
@@ -215,11 +224,11 @@ func (b *Broker) publish(ctx context.Context, room string, data []byte, o pubsub
 		lg.set(rec)
 		if kh != "" && !b.skipKeyRecords {
 			// The message is stored: the publish succeeded whatever
-			// happens to its key record. If this write fails, the next
-			// append on the room writes it (see complete).
-			if err := b.writeKey(ctx, s, kh, keyOf(rec), keyRec.sseq); err == nil {
-				lg.completed = true
-			}
+			// happens to its key record, which is written meanwhile. The
+			// next append on the room, from any node, makes sure it was
+			// (see complete), and a resend finds the message as the head
+			// until then.
+			lg.keyWrite, lg.keyFor = b.writeKeyAsync(s, kh, keyOf(rec), keyRec.sseq), rec.id
 		}
 		b.trims.maybe(room, rec, lg)
 		return pubsub.PublishResult{Message: rec.message(room)}, nil
@@ -289,9 +298,27 @@ func (b *Broker) readKey(ctx context.Context, s subjects, kh string) (keyRecord,
 // writeKey writes a key's record, expecting the key's subject to end at
 // expect. It lives until the key expires.
 func (b *Broker) writeKey(ctx context.Context, s subjects, kh string, k keyRecord, expect uint64) error {
-	ttl := time.Until(k.until)
-	_, err := b.appendRecord(ctx, s.keys+"."+kh, k.header(max(ttl, markerTTL)), nil, expect)
+	_, err := b.appendRecord(ctx, s.keys+"."+kh, b.keyHeader(k, expect), nil, expect)
 	return err
+}
+
+// writeKeyAsync starts writing a key's record, or returns nil when it
+// cannot be sent.
+func (b *Broker) writeKeyAsync(s subjects, kh string, k keyRecord, expect uint64) jetstream.PubAckFuture {
+	if !b.nc.IsConnected() {
+		return nil
+	}
+	f, err := b.js.PublishMsgAsync(&nats.Msg{Subject: s.keys + "." + kh, Header: b.keyHeader(k, expect)})
+	if err != nil {
+		return nil
+	}
+	return f
+}
+
+func (b *Broker) keyHeader(k keyRecord, expect uint64) nats.Header {
+	h := k.header(max(time.Until(k.until), markerTTL))
+	h.Set(hdrExpected, strconv.FormatUint(expect, 10))
+	return h
 }
 
 // complete makes sure the head's key record is written before anything is
@@ -301,6 +328,17 @@ func (b *Broker) writeKey(ctx context.Context, s subjects, kh string, k keyRecor
 func (b *Broker) complete(ctx context.Context, s subjects, lg *roomLog, head record, t time.Time) error {
 	if lg.completed || !hasState(head) || head.kind != kindMsg || head.key == "" || !head.until.After(t) {
 		return nil
+	}
+	if f := lg.keyWrite; f != nil && lg.keyFor == head.id {
+		lg.keyWrite = nil
+		select {
+		case <-f.Ok():
+			lg.completed = true
+			return nil
+		case <-f.Err(): // read it back, below
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	for range 2 {
 		kr, found, err := b.readKey(ctx, s, head.key)
