@@ -74,7 +74,9 @@
 // A publish with a key reads the head and the key record; a valid key
 // record of the current epoch, or a head that is the key's own message,
 // makes it a duplicate that returns that position. Otherwise it appends
-// its message on the head (as above), then writes the key record.
+// its message on the head (as above) and returns; the key record is
+// written meanwhile. A keyed publish costs two round trips: the key
+// record's read and the append.
 //
 // Why a key is never sequenced twice: a key record is written after its
 // message, so there is a moment when the message is stored and its key
