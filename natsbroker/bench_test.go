@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -19,10 +20,23 @@ import (
 
 // The benchmarks have the shape of redisbroker's (bench_test.go there), so
 // the two are compared on one machine: the same publishers, rooms, history
-// and payloads. Each runs against the shared embedded nats-server (file
-// storage, one replica) in the test binary.
+// and payloads. They run against the embedded nats-server of the test
+// binary (file storage, one replica), or, when ROOMCAST_BENCH_NATS names
+// one, a nats-server of its own process, as redis-server is for Redis's:
 //
 //	go test -run '^$' -bench . -benchtime 20000x -count 3 .
+//
+//	go build -o /tmp/nats-server github.com/nats-io/nats-server/v2
+//	/tmp/nats-server -js -sd "$(mktemp -d)" -a 127.0.0.1 -p 4333 &
+//	ROOMCAST_BENCH_NATS=nats://127.0.0.1:4333 go test -run '^$' -bench . -benchtime 20000x -count 3 .
+
+// benchURL is the NATS server the benchmarks use.
+func benchURL() string {
+	if u := os.Getenv("ROOMCAST_BENCH_NATS"); u != "" {
+		return u
+	}
+	return shared.URL
+}
 
 // benchHistory is every benchmark's room history, as redisbroker's.
 var benchHistory = pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}}
@@ -54,7 +68,7 @@ func benchPublish(b *testing.B, room func(int64) string) {
 }
 
 func benchPublishOpts(b *testing.B, room func(int64) string, opts func(int64) pubsub.PublishOptions) {
-	br := newBroker(b, shared.URL, uniquePrefix())
+	br := newBroker(b, benchURL(), uniquePrefix())
 	br.Bind(func(pubsub.Message) {})
 	data := make([]byte, 128)
 	var n atomic.Int64
@@ -92,8 +106,8 @@ func BenchmarkLatencyAcrossNodes(b *testing.B) {
 
 func benchLatency(b *testing.B, rooms, publishers int) {
 	prefix := uniquePrefix()
-	a := newBroker(b, shared.URL, prefix)
-	bb := newBroker(b, shared.URL, prefix)
+	a := newBroker(b, benchURL(), prefix)
+	bb := newBroker(b, benchURL(), prefix)
 	a.Bind(func(pubsub.Message) {})
 	lat := newLatencies(b.N)
 	bb.Bind(func(m pubsub.Message) {
@@ -179,7 +193,7 @@ func benchEndToEnd(b *testing.B, publishers int) {
 
 // benchNode is a Handler on its own broker and connection, served.
 func benchNode(b *testing.B, prefix string, opts []pubsub.Option) *pubsubtest.Server {
-	br := newBroker(b, shared.URL, prefix)
+	br := newBroker(b, benchURL(), prefix)
 	return pubsubtest.Start(b, append([]pubsub.Option{pubsub.WithBroker(br)}, opts...)...)
 }
 
