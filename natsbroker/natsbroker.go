@@ -99,9 +99,10 @@
 // that record, and a room's history is the messages of its current epoch
 // with seq above top-Keep, younger than Age. Reads apply both bounds
 // exactly; storage follows: every few publishes (a quarter of the size,
-// between 8 and 256) the publishing node trims the room's log in the
-// background to the size (a purge of the subject keeping the newest),
-// and drops records older than the age bound, always keeping the head.
+// between 8 and 256), and in a room with an age bound at least every half
+// of it, the publishing node trims the room's log in the background to the
+// size (a purge of the subject keeping the newest) and drops records older
+// than the age bound, always keeping the head.
 // Every record also expires on its own (Nats-TTL: the longer of the
 // history TTL and WithRoomTTL). Reads are by subject and position: each
 // record carries an anchor (Rc-Ptr: the stream sequence of an earlier
@@ -155,13 +156,14 @@
 //
 // Bind starts four, which Close stops and waits for: the watcher (the
 // connection's state: a call waiting for NATS fails as soon as the
-// connection drops), the reader (every
-// delivery of every room, so one room's are in order and never
-// concurrent; it also fills gaps and resynchronises after a reconnect), the
-// refresher (presence entries, keeping subscribed rooms alive, re-creating
-// a lost stream) and the trimmer (history trimming). The NATS client runs
-// its own. Lock order: a room's append lock, then the broker's mu; a
-// member's mu, then the broker's mu.
+// connection drops), the reader (every delivery of every room, so one
+// room's are in order and never concurrent; it also fills gaps and catches
+// up after a reconnect), the refresher (presence entries, keeping
+// subscribed rooms alive, re-creating a lost stream) and the trimmer
+// (history trimming). The NATS client runs its own. Lock order: a room's
+// append lock or a member's mu first, then any one of the broker's
+// mutexes (mu, logsMu, the link's, the trim queue's), never two of those
+// at once.
 package natsbroker
 
 import (
