@@ -254,12 +254,14 @@ func TestAnIdleRoomStartsANewEpochAfterItsTTL(t *testing.T) {
 // node touches it before it would expire.
 func TestASubscribedRoomOutlivesItsTTL(t *testing.T) {
 	t.Parallel()
-	b := bound(t, uniquePrefix(), natsbroker.WithRoomTTL(2*time.Second))
+	// The node touches a room whose state expires within half the room
+	// TTL, looking every quarter of it: two chances before it would.
+	b := bound(t, uniquePrefix(), natsbroker.WithRoomTTL(3*time.Second))
 	if err := b.Subscribe(pubsubtest.Context(t), "kept"); err != nil {
 		t.Fatal(err)
 	}
 	first := publishN(t, b, "kept", 1, pubsub.HistoryOptions{})
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(7 * time.Second)
 	pubsubtest.WaitFor(t, "twice the room TTL to pass", func() bool {
 		res, err := b.History(pubsubtest.Context(t), "kept", pubsub.HistoryQuery{})
 		if err != nil || res.Epoch != first[0].Epoch || res.Top != 1 {
