@@ -63,11 +63,16 @@ func benchPublish(b *testing.B, room func(int64) string) {
 //	go test -run '^$' -bench Latency -benchtime 20000x .
 func BenchmarkLatencyAcrossNodes(b *testing.B) {
 	for _, n := range []int{1, 8} {
-		b.Run(fmt.Sprint("publishers=", n), func(b *testing.B) { benchLatency(b, n) })
+		b.Run(fmt.Sprint("publishers=", n), func(b *testing.B) { benchLatency(b, 1, n) })
+	}
+	// Issue 15's shape, beside natsbroker's: each publish to the next of
+	// 100 rooms, node B subscribed to all.
+	for _, n := range []int{1, 16} {
+		b.Run(fmt.Sprint("rooms=100/publishers=", n), func(b *testing.B) { benchLatency(b, 100, n) })
 	}
 }
 
-func benchLatency(b *testing.B, publishers int) {
+func benchLatency(b *testing.B, rooms, publishers int) {
 	prefix := uniquePrefix()
 	a := newBroker(b, shared.Addr, prefix)
 	bb := newBroker(b, shared.Addr, prefix)
@@ -79,11 +84,15 @@ func benchLatency(b *testing.B, publishers int) {
 		}
 	})
 	b.Cleanup(func() { a.Close(); bb.Close() })
-	if err := bb.Subscribe(pubsubtest.Context(b), "lat"); err != nil {
-		b.Fatal(err)
+	for r := range rooms {
+		if err := bb.Subscribe(pubsubtest.Context(b), fmt.Sprint("lat-", r)); err != nil {
+			b.Fatal(err)
+		}
 	}
+	var next atomic.Int64
 	runPublishers(b, publishers, func(data []byte) error {
-		_, err := a.Publish(pubsubtest.Context(b), "lat", data, pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}})
+		room := fmt.Sprint("lat-", next.Add(1)%int64(rooms))
+		_, err := a.Publish(pubsubtest.Context(b), room, data, pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: time.Minute}})
 		return err
 	})
 	lat.report(b)
