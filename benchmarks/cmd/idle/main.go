@@ -69,7 +69,7 @@ func run() error {
 		w = io.MultiWriter(os.Stdout, f)
 	}
 	fmt.Fprintf(w, "# What an idle connection costs the roomcast server\n\n")
-	fmt.Fprintf(w, "- command: `%s`\n", strings.Join(os.Args, " "))
+	fmt.Fprintf(w, "- command: `%s`\n", strings.Join(append([]string{"go run ./cmd/idle"}, os.Args[1:]...), " "))
 	fmt.Fprintf(w, "- %s, %d idle connections per kind, median of %d round(s)\n\n", h.Describe(), *conns, *rounds)
 	fmt.Fprintln(w, "| kind | RSS per connection after GC | Go heap in use | goroutine stacks | goroutines | load (1 min) |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---|")
