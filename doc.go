@@ -255,8 +255,9 @@
 //
 // Beside it: package protocol (the wire vocabulary), package client (the
 // Go client), package pubsubtest (the test kit), package brokertest (the
-// Broker conformance suite), js/ (the browser client), and a module per
-// broker on another engine (redisbroker, pgbroker, natsbroker).
+// Broker conformance suite), js/ (the browser client), a module per
+// broker on another engine (redisbroker, pgbroker, natsbroker), and the
+// metrics module (Prometheus).
 //
 // # Shutdown
 //
