@@ -253,7 +253,7 @@ func (c *Client) subscribeReply(sub *Subscription, resub bool) func(*inbound) er
 		sub.pos = position{r.Epoch, r.Seq}
 		if resub {
 			rec := &Recovery{Room: sub.room, Recovered: r.Recovered != nil && *r.Recovered,
-				Reason: r.Reason, Missed: r.Missed, Epoch: r.Epoch, Seq: r.Seq}
+				Reason: r.Reason, Missed: deref(r.Missed), Epoch: r.Epoch, Seq: r.Seq}
 			if !rec.Recovered {
 				c.log.Debug("client: recovery refused", "room", sub.room, "reason", rec.Reason)
 			}

@@ -106,56 +106,8 @@ func encodePayloadRequest(typ, id, room string, p []byte) []byte {
 
 var pongEnvelope = []byte(`{"type":"pong"}`)
 
-// inbound is any server envelope. Within roomcast.v1 the server only adds
-// fields and types, so one struct decodes them all; unknown fields are
-// ignored.
-type inbound struct {
-	Type string `json:"type"`
-	ID   string `json:"id"`
-	Room string `json:"room"`
-
-	// message; epoch and seq also in a subscribe's ack
-	Epoch     string          `json:"epoch"`
-	Seq       uint64          `json:"seq"`
-	MessageID string          `json:"message_id"`
-	Duplicate bool            `json:"duplicate"` // the ack of a publish whose key was sequenced already
-	Time      int64           `json:"time"`
-	Data      json.RawMessage `json:"data"`
-	Text      *string         `json:"text"`
-	Binary    *string         `json:"binary"`
-
-	// error
-	Code    protocol.ErrorCode `json:"code"`
-	Message string             `json:"message"`
-
-	// join and leave; conn_id and user_id also in welcome
-	ConnID string          `json:"conn_id"`
-	UserID string          `json:"user_id"`
-	Info   json.RawMessage `json:"info"`
-
-	// ack of a subscribe
-	Presence  string          `json:"presence"`
-	Missed    int             `json:"missed"`
-	Recovered *bool           `json:"recovered"`
-	Reason    protocol.Reason `json:"reason"`
-
-	// presence reply
-	Count       int `json:"count"`
-	Connections int `json:"connections"`
-	Members     []struct {
-		Conns  []string        `json:"conns"`
-		UserID string          `json:"user_id"`
-		Info   json.RawMessage `json:"info"`
-	} `json:"members"`
-
-	// welcome
-	Protocol        string `json:"protocol"`
-	HeartbeatMS     int64  `json:"heartbeat_ms"`
-	TimeoutMS       int64  `json:"timeout_ms"`
-	MaxMessageBytes int64  `json:"max_message_bytes"`
-	KeyTTLMS        int64  `json:"key_ttl_ms"`
-	MaxRooms        int    `json:"max_rooms"`
-}
+// inbound is any server envelope (see protocol.Envelope).
+type inbound struct{ protocol.Envelope }
 
 // payload decodes the envelope's one payload field.
 func (in *inbound) payload() ([]byte, Kind, error) {
@@ -169,4 +121,12 @@ func (in *inbound) err() error {
 		return nil
 	}
 	return &Error{Code: in.Code, Message: in.Message}
+}
+
+// deref is *p, or 0 for a field the envelope left out.
+func deref(p *int) int {
+	if p == nil {
+		return 0
+	}
+	return *p
 }

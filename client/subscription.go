@@ -228,7 +228,7 @@ func (s *Subscription) presence(ctx context.Context) (Presence, error) {
 	if err != nil {
 		return Presence{}, err
 	}
-	p := Presence{Count: r.Count, Connections: r.Connections}
+	p := Presence{Count: deref(r.Count), Connections: deref(r.Connections)}
 	if r.Members != nil {
 		p.Members = make([]Member, len(r.Members))
 		for i, m := range r.Members {

@@ -6,6 +6,7 @@ import (
 	"go/token"
 	"maps"
 	"os"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -147,6 +148,49 @@ func TestProtocolMDDocumentsEveryCode(t *testing.T) {
 		}
 		if !strings.Contains(string(doc), row) {
 			t.Errorf("PROTOCOL.md does not document close code %s", c)
+		}
+	}
+}
+
+// Envelope decodes exactly the fields PROTOCOL.md's table of server
+// envelopes (section 3.4) names: none is missing, none is invented.
+func TestEnvelopeHasEveryFieldOfTheServerEnvelopes(t *testing.T) {
+	doc, err := os.ReadFile("../PROTOCOL.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(doc), "### 3.4 Server to client")
+	section, _, _ = strings.Cut(section, "```")
+	documented := map[string]bool{"type": true, "data": true, "text": true, "binary": true} // "one payload field"
+	rows := 0
+	for line := range strings.SplitSeq(section, "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 || !strings.HasPrefix(strings.TrimSpace(cells[1]), "`") {
+			continue
+		}
+		rows++
+		fields := regexp.MustCompile("for `[a-z]+`").ReplaceAllString(cells[2], "") // the ack's "for `publish` also …"
+		for _, m := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(fields, -1) {
+			documented[m[1]] = true
+		}
+	}
+	if rows < 10 {
+		t.Fatalf("read %d rows of section 3.4's table, want its 10 envelope types", rows)
+	}
+	decoded := map[string]bool{}
+	typ := reflect.TypeFor[protocol.Envelope]()
+	for i := range typ.NumField() {
+		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
+		decoded[name] = true
+	}
+	for f := range documented {
+		if !decoded[f] {
+			t.Errorf("PROTOCOL.md section 3.4 names the field %q; protocol.Envelope does not decode it", f)
+		}
+	}
+	for f := range decoded {
+		if !documented[f] {
+			t.Errorf("protocol.Envelope decodes %q, which PROTOCOL.md section 3.4 does not name", f)
 		}
 	}
 }

@@ -14,58 +14,16 @@ import (
 // Fields is a client envelope, as a map: {"type": "subscribe", "room": "chat"}.
 type Fields = map[string]any
 
-// Envelope is any server envelope of protocol mode, decoded loosely: the
-// fields its type does not use are zero. Raw holds its exact bytes.
+// Envelope is any server envelope of protocol mode, decoded loosely (see
+// protocol.Envelope: the fields its type does not use are zero, pointers
+// nil when absent). Raw holds its exact bytes.
 type Envelope struct {
-	Type string `json:"type"`
-	ID   string `json:"id"`
-	Room string `json:"room"`
-
-	// message (epoch and seq also in a subscribe's ack)
-	Epoch     string          `json:"epoch"`
-	Seq       uint64          `json:"seq"`
-	MessageID string          `json:"message_id"`
-	Time      int64           `json:"time"`
-	Data      json.RawMessage `json:"data"`
-	Text      *string         `json:"text"`
-	Binary    *string         `json:"binary"`
-
-	// error
-	Code    protocol.ErrorCode `json:"code"`
-	Message string             `json:"message"`
-
-	// welcome, join and leave
-	ConnID string          `json:"conn_id"`
-	UserID string          `json:"user_id"`
-	Info   json.RawMessage `json:"info"`
-
-	// ack of a subscribe
-	Presence  string          `json:"presence"`
-	Missed    *int            `json:"missed"`
-	Recovered *bool           `json:"recovered"`
-	Reason    protocol.Reason `json:"reason"`
-
-	// presence reply
-	Count       *int     `json:"count"`
-	Connections *int     `json:"connections"`
-	Members     []Member `json:"members"`
-
-	// welcome
-	Protocol        string `json:"protocol"`
-	HeartbeatMS     int64  `json:"heartbeat_ms"`
-	TimeoutMS       int64  `json:"timeout_ms"`
-	MaxMessageBytes int64  `json:"max_message_bytes"`
-	MaxRooms        int    `json:"max_rooms"`
-
+	protocol.Envelope
 	Raw []byte `json:"-"`
 }
 
 // Member is one member of a presence reply.
-type Member struct {
-	Conns  []string        `json:"conns"`
-	UserID string          `json:"user_id"`
-	Info   json.RawMessage `json:"info"`
-}
+type Member = protocol.Member
 
 // Payload is the bytes the envelope's payload field carries (data, text
 // or binary), or nil when it has none.
