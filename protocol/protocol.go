@@ -1,10 +1,11 @@
 // Package protocol is the vocabulary of roomcast's wire protocol, version 1
 // (PROTOCOL.md at the repository root): the subprotocol name, the error
-// codes, the reasons a recovery is refused, and the close codes. The server
-// (package pubsub) and the Go client (package client) both speak in these
-// names, so they cannot drift apart; the browser client's copy (CLOSE,
-// ERROR and REASON in js/roomcast.js) is checked against these lists by a
-// test.
+// codes, the reasons a recovery is refused, the close codes, and Envelope,
+// which decodes whatever the server sends. The server (package pubsub),
+// the Go client (package client) and the test kit (package pubsubtest) all
+// speak in these names, so they cannot drift apart; the browser client's
+// copy (CLOSE, ERROR and REASON in js/roomcast.js) and PROTOCOL.md's
+// tables are checked against them by tests.
 package protocol
 
 import "strconv"
