@@ -128,9 +128,13 @@ func FuzzRawQuery(f *testing.F) {
 		v := q.Get("history")
 		want, convErr := strconv.Atoi(v)
 		switch {
-		case v == "":
+		case !q.Has("history"):
 			if n != 0 || err != nil {
-				t.Fatalf("rawHistory without a value = %d, %v", n, err)
+				t.Fatalf("rawHistory without the parameter = %d, %v", n, err)
+			}
+		case v == "": // "history" or "history=": a value that is not a number
+			if err == nil {
+				t.Fatalf("rawHistory accepted an empty history parameter: %d", n)
 			}
 		case err != nil:
 			if convErr == nil && want >= 0 && want <= maxHistorySize {
