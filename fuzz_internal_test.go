@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,7 +22,8 @@ import (
 // Fuzz targets for every parser of client input beside the envelope
 // decoder (FuzzDecodeInbound, protocol_internal_test.go): room names, the
 // raw-mode query, the upgrade headers, the Origin check, and the payload
-// classification that decides how client bytes are sent back out. Seed
+// classification that decides how client bytes are sent back out, and an
+// event stream's Last-Event-ID. Seed
 // corpora live in testdata/fuzz/<target>/. Helpers start with "fuzz".
 
 // fuzzHandler is a Handler for the methods under test; NewHandler starts
@@ -389,6 +391,32 @@ func FuzzEncodeMessageRoundTrip(f *testing.F) {
 		direct := fuzzPayload(t, encodeDirect(data, kind), data, kind)
 		if string(direct["type"]) != `"direct"` || len(direct) != 2 {
 			t.Fatalf("direct envelope fields %v", direct)
+		}
+	})
+}
+
+// FuzzSSELastEventID: any Last-Event-ID is read without panicking, as
+// positions for exactly the stream's rooms or not at all; and the ids the
+// server writes read back as the positions they carry.
+func FuzzSSELastEventID(f *testing.F) {
+	f.Add("W1siZSIsMV0sWyIiLDBdXQ", 2, "e", uint64(1), "", uint64(0))
+	f.Add("", 1, "3c1f", uint64(42), "x", uint64(7))
+	f.Add("not base64!", 1, "", uint64(0), "\u2028", uint64(1<<63))
+	f.Add("W1siZSIsLTFdXQ", 1, "e\"", uint64(18446744073709551615), "a", uint64(0))
+	f.Fuzz(func(t *testing.T, id string, rooms int, e1 string, s1 uint64, e2 string, s2 uint64) {
+		rooms = int(uint(rooms)%4) + 1
+		if pos, ok := parseLastEventID(id, rooms); ok && len(pos) != rooms {
+			t.Fatalf("%q read as %d positions for %d rooms", id, len(pos), rooms)
+		}
+		want := []ssePos{{e1, s1}, {e2, s2}}
+		s := &sseStream{next: want}
+		line := string(s.appendID(nil))
+		got, ok := parseLastEventID(strings.TrimSuffix(strings.TrimPrefix(line, "id: "), "\n"), 2)
+		if !ok || !slices.Equal(got, want) {
+			if !utf8.ValidString(e1) || !utf8.ValidString(e2) {
+				return // epochs are UUIDs; JSON cannot carry other bytes exactly
+			}
+			t.Fatalf("the id %q reads back as %v %v, want %v", line, got, ok, want)
 		}
 	})
 }
