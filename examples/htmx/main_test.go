@@ -308,6 +308,8 @@ func TestServesThePageAndTheVendoredHTMX(t *testing.T) {
 		`hx-sse:connect="` + feedPath + `"`,
 		`hx-on:+reset="if (JSON.parse(data).room === '` + feedRoom + `') location.reload()"`,
 		`hx-ws:connect="/ws?room=` + chatRoom + `"`,
+		// htmx's own list, and roomcast's codes that mean "come back".
+		`"reconnectCodes": [1001, 1005, 1006, 1011, 1012, 1013, 1014, 4001, 4002, 4005, 4006]`,
 		`<form id="post-form" hx-post="/notify"`,
 		`<span id="total">0</span>`,
 	} {
