@@ -250,7 +250,9 @@ var errNotChat = errors.New("htmx: not a chat line")
 // rendered and published into the chat room; an invalid one is answered
 // to its sender only, with a fragment that shows why. Anything that is not
 // htmx's JSON in the chat room (a binary frame, a wscat user typing plain
-// text) is rejected: its connection is closed with 1008.
+// text, a frame from another room) is rejected: a raw-mode connection is
+// closed with 1008 "message rejected" (a protocol-mode "send" is answered
+// with the "rejected" error code).
 func (a *app) chat(ctx context.Context, m *pubsub.ClientMessage) error {
 	var in struct {
 		Text *string `json:"text"`
