@@ -13,7 +13,7 @@
 //     (Server-Sent Events, htmx's SSE extension: hx-sse:connect="/ws?…").
 //     htmx gets each payload as an unnamed event and swaps it in: the item
 //     on top of the feed, and the total, which the same fragment carries
-//     out of band (hx-swap-oob), replaced in the header. The feed room
+//     out of band (hx-swap-oob), replaced in the heading. The feed room
 //     keeps its last 100 notifications for an hour, so a page that lost
 //     its connection gets exactly what it missed when htmx reconnects with
 //     Last-Event-ID; when that is impossible it gets a "+reset" event and
