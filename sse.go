@@ -221,13 +221,13 @@ func sseUnnamed(r *http.Request) (bool, error) {
 	if !q.Has("events") {
 		return r.Header.Get("HX-Request") == "true", nil
 	}
-	switch v := q.Get("events"); v {
+	switch q.Get("events") {
 	case "room":
 		return false, nil
 	case "message":
 		return true, nil
 	default:
-		return false, fmt.Errorf("events=%q: want events=room (events named after their room) or events=message (unnamed events)", v)
+		return false, errors.New("events must be room (events named after their room) or message (unnamed events)")
 	}
 }
 

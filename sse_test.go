@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -115,6 +116,60 @@ func TestSSERefusals(t *testing.T) {
 	pubsubtest.ListenStatus(t, srv.URL+"/ws?room=bad%20room", http.StatusBadRequest)
 	pubsubtest.ListenStatus(t, srv.URL+"/ws?room=ok&room=secret", http.StatusForbidden)
 	pubsubtest.ListenStatus(t, srv.URL+"/ws?room=ok", http.StatusForbidden, pubsubtest.Origin("http://evil.example"))
+}
+
+func TestSSERefusalOfAnHTMXRequestShowsAsText(t *testing.T) {
+	t.Parallel()
+	// htmx 4 swaps an error response into the page as HTML, whatever its
+	// Content-Type: a reason quoting the request must not become markup.
+	// This host's validator accepts any name, and its authorize hook
+	// refuses one.
+	srv := pubsubtest.Start(t,
+		pubsub.WithRoomValidator(func(string) error { return nil }),
+		pubsub.WithAuthorize(func(_ context.Context, _ pubsub.Client, _ pubsub.Action, room string) error {
+			if strings.HasPrefix(room, "<") {
+				return pubsub.ErrForbidden
+			}
+			return nil
+		}))
+	refusal := func(path string, fromHTMX bool) (int, string) {
+		req, err := http.NewRequestWithContext(pubsubtest.Context(t), http.MethodGet, srv.URL+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Accept", "text/html, text/event-stream")
+		if fromHTMX {
+			req.Header.Set("HX-Request", "true")
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b bytes.Buffer
+		if _, err := b.ReadFrom(resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		if ct := resp.Header.Get("Content-Type"); ct != "text/plain; charset=utf-8" || resp.Header.Get("X-Content-Type-Options") != "nosniff" {
+			t.Fatalf("GET %s: Content-Type %q, nosniff %q, want plain text, not sniffed", path, ct, resp.Header.Get("X-Content-Type-Options"))
+		}
+		return resp.StatusCode, b.String()
+	}
+
+	room := "/ws?room=" + url.QueryEscape(`<img src=x onerror="alert(1)">`)
+	if status, body := refusal(room, true); status != http.StatusForbidden ||
+		body != "roomcast: not allowed to subscribe in room &lt;img src=x onerror=&#34;alert(1)&#34;&gt;\n" {
+		t.Errorf("htmx, a refused room: %d %q, want 403 with the room escaped", status, body)
+	}
+	if status, body := refusal(room, false); status != http.StatusForbidden || !strings.Contains(body, `room <img src=x onerror="alert(1)">`) {
+		t.Errorf("EventSource, a refused room: %d %q, want 403 with the room as it was (plain text)", status, body)
+	}
+	// A bad parameter is not quoted back at all.
+	for _, fromHTMX := range []bool{true, false} {
+		if status, body := refusal("/ws?room=feed&events="+url.QueryEscape("<img src=x onerror=alert(1)>"), fromHTMX); status != http.StatusBadRequest || strings.Contains(body, "img") {
+			t.Errorf("events=<img …> (htmx %v): %d %q, want 400 without the value", fromHTMX, status, body)
+		}
+	}
 }
 
 func TestSSEWithDefaultRoomListensToItWhenTheRequestNamesNone(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"html"
 	"net/http"
 	"net/url"
 	"path"
@@ -57,6 +58,11 @@ type refusal struct {
 }
 
 // refuse answers an upgrade request with an HTTP error and counts it.
+// The reason is plain text (with nosniff), except for a request from htmx
+// (HX-Request: true, such as its SSE extension's): htmx swaps an error
+// response into the page as HTML whatever its Content-Type, so there the
+// reason is HTML-escaped and shows as text. A reason may quote the
+// request (a room name a host's validator accepted, its error).
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, ref refusal) {
 	h.stats.refused.Add(1)
 	h.log.Debug("pubsub: upgrade refused", "status", ref.status, "reason", ref.msg, "remote", r.RemoteAddr)
@@ -66,7 +72,11 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, ref refusal) {
 	case ref.retryAfter:
 		w.Header().Set("Retry-After", "5")
 	}
-	http.Error(w, "roomcast: "+ref.msg, ref.status)
+	msg := "roomcast: " + ref.msg
+	if r.Header.Get("HX-Request") == "true" {
+		msg = html.EscapeString(msg)
+	}
+	http.Error(w, msg, ref.status)
 }
 
 // admit decides whether the request becomes a connection: the request
