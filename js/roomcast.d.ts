@@ -50,7 +50,9 @@ export declare const REASON: Readonly<{
  * The connection's state. "listening": the WebSocket cannot connect, and
  * the client listens to its rooms over an event stream (Server-Sent
  * Events) instead; requests fail with "listening_only" until the
- * WebSocket, tried again every maxDelay, is back.
+ * WebSocket, tried again every maxDelay, is back. A server that is down
+ * (restarting) never causes it: the client listens only when the server
+ * answers HTTP and the WebSocket still fails.
  */
 export type State = "connecting" | "open" | "reconnecting" | "listening" | "closed";
 
@@ -146,7 +148,7 @@ export interface ConnectOptions {
   outbox?: number;
   /** "sse" (default): listen over an event stream when the WebSocket cannot connect; "none": keep trying the WebSocket only. */
   fallback?: "sse" | "none";
-  /** How many WebSocket attempts in a row with no welcome before listening over an event stream; default 2. */
+  /** How many WebSocket attempts in a row with no welcome before asking whether the server answers HTTP, and listening over an event stream if it does; default 2. */
   fallbackAfter?: number;
   /** The EventSource constructor; default `globalThis.EventSource`. Without one there is no fallback. */
   EventSource?: EventSourceConstructor;

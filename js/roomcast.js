@@ -175,6 +175,8 @@ export class Client {
     this._failedDials = 0; // WebSocket attempts in a row that got no welcome
     this._es = null; // the EventSource while listening (state "listening")
     this._listening = false;
+    this._probing = false; // _es is a probe: does the server answer HTTP while the WebSocket fails?
+    this._httpUp = false; // a probe stream opened since the last welcome: the WebSocket alone fails
     this._ws = null;
     this._nextId = 0;
     this._attempt = 0; // failed attempts since the last welcome
@@ -304,10 +306,17 @@ export class Client {
    * presence) fail with "listening_only". The WebSocket is tried again
    * every maxDelay; once it connects the client leaves the event stream and
    * resubscribes from the positions it reached.
+   *
+   * With probe, the stream only asks whether the server answers HTTP while
+   * the WebSocket fails: a server that is down (restarting) fails both, and
+   * the client keeps reconnecting; once the probe opens, the client closes
+   * it before any event and dials the WebSocket at once. Only if that fails
+   * too, with the server up, does it listen.
    */
-  _listen() {
+  _listen(probe = false) {
     this._es?.close();
     this._es = null;
+    this._probing = probe;
     const rooms = [...this._subs.keys()];
     if (rooms.length === 0) return;
     const url = new URL(this._url);
@@ -336,12 +345,28 @@ export class Client {
       const c = parseJSON(e.data) ?? {};
       if (FINAL_CLOSE_CODES.has(c.code)) this._drop(c.code, String(c.reason ?? ""), true);
     });
+    es.onopen = () => {
+      if (this._es !== es || !this._probing) return;
+      // The server is up: try the WebSocket now, with no event taken.
+      es.close();
+      this._es = null;
+      this._probing = false;
+      this._httpUp = true;
+      if (this._ws) return; // a dial is under way already
+      this._timers.clearTimeout(this._retryTimer);
+      this._dial();
+    };
     es.onerror = () => {
       // EventSource reconnects by itself (with Last-Event-ID) unless the
-      // server refused the stream: then try the WebSocket again.
+      // server refused the stream: then try the WebSocket again (a probe
+      // just ends; the reconnect schedule goes on).
       if (this._es === es && es.readyState === 2) {
         this._es = null;
-        this._listening = false;
+        if (this._probing) {
+          this._probing = false;
+          return;
+        }
+        this._listening = this._httpUp = false;
         this._retryTimer = this._timers.setTimeout(() => this._dial(), this._opts.minDelay);
       }
     };
@@ -369,7 +394,7 @@ export class Client {
   _stopListening() {
     this._es?.close();
     this._es = null;
-    this._listening = false;
+    this._listening = this._probing = false;
   }
 
   // ---- connection lifecycle ----
@@ -443,15 +468,16 @@ export class Client {
     }
     if (!welcomed) this._failedDials++;
     const canListen = this._opts.fallback === "sse" && typeof this._EventSource === "function";
-    if (canListen && (this._listening || this._failedDials >= this._opts.fallbackAfter)) {
-      // The WebSocket does not connect (a proxy that breaks it): listen
-      // over an event stream meanwhile, and try the WebSocket again later.
+    if (canListen && (this._listening || this._httpUp)) {
+      // The server answers HTTP but the WebSocket does not connect (a
+      // proxy that breaks it): listen over an event stream meanwhile, and
+      // try the WebSocket again later.
       for (const p of pending) p.fail(err);
       this._retryTimer = this._timers.setTimeout(() => this._dial(), this._opts.maxDelay);
+      if (!this._es) this._listen();
       if (!this._listening) {
         this._listening = true;
         this.state = "listening";
-        this._listen();
         this._emit("listening", { code, reason, transport: "sse" });
       }
       return;
@@ -459,6 +485,10 @@ export class Client {
     const delay = this._backoff(this._attempt++);
     this.state = "reconnecting";
     this._retryTimer = this._timers.setTimeout(() => this._dial(), delay);
+    // After fallbackAfter failures, ask meanwhile whether the server
+    // answers HTTP (see _listen): a restarting server does not, a network
+    // that breaks WebSocket does.
+    if (canListen && this._failedDials >= this._opts.fallbackAfter && !this._es) this._listen(true);
     for (const p of pending) p.fail(err);
     this._emit("reconnecting", { code, reason, delay, attempt: this._attempt });
   }
@@ -521,8 +551,9 @@ export class Client {
   }
 
   _onWelcome(env) {
-    if (this._listening) this._stopListening(); // the WebSocket is back
+    this._stopListening(); // the WebSocket is back (or a probe was still out)
     this._failedDials = 0;
+    this._httpUp = false;
     this.connId = env.conn_id ?? null;
     this.userId = env.user_id ?? null;
     this._attempt = 0;

@@ -871,6 +871,10 @@ function fakeEventSourceClass() {
       this.readyState = 2;
     }
     // ---- the server's side ----
+    open() {
+      this.readyState = 1;
+      this.onopen?.();
+    }
     emit(name, data, lastEventId = "") {
       for (const fn of this.listeners.get(name) ?? []) fn({ data, lastEventId });
     }
@@ -888,16 +892,28 @@ test("after failed WebSocket attempts the client listens over an event stream, f
   const recs = [];
   client.subscribe("news", { onMessage: (m) => got.push(m), onRecover: (r) => recs.push(r) });
   ackSubscribe(WS.last, { seq: 5 });
-  // The connection drops; two attempts get no welcome: listen instead.
+  // The connection drops; two attempts get no welcome: the client asks
+  // whether the server answers HTTP, with an event stream.
   WS.last.serverClose(1006);
   timers.advance(500);
   WS.last.serverClose(1006);
   assert.equal(client.state, "reconnecting");
+  assert.equal(ES.instances.length, 0);
   timers.advance(1000);
+  WS.last.serverClose(1006);
+  assert.equal(client.state, "reconnecting");
+  const probe = ES.last;
+  // It does: the probe is closed before any event, and the WebSocket
+  // tried at once. It fails again, with the server up: listen.
+  const dials = WS.instances.length;
+  probe.open();
+  assert.equal(probe.readyState, 2);
+  assert.equal(WS.instances.length, dials + 1);
   WS.last.serverClose(1006);
   assert.equal(client.state, "listening");
   assert.equal(states.at(-1).state, "listening");
   const es = ES.last;
+  assert.notEqual(es, probe);
   assert.equal(es.url.protocol, "http:");
   assert.deepEqual(es.url.searchParams.getAll("room"), ["news"]);
   assert.equal(es.url.searchParams.get("last_event_id"), streamID([["e1", 5]]));
@@ -931,6 +947,54 @@ test("after failed WebSocket attempts the client listens over an event stream, f
   assert.equal(ES.last.readyState, 2);
   const resub = WS.last.sentOf("subscribe").find((e) => e.room === "news");
   assert.deepEqual(resub.since, { epoch: "e1", seq: 20 });
+});
+
+test("a server that is down (restarting) never sends the client to listening: it comes back on the WebSocket", () => {
+  const ES = fakeEventSourceClass();
+  const { client, WS, timers, states } = setupOpen({ EventSource: ES, fallbackAfter: 2 });
+  const got = [];
+  client.subscribe("news", { onMessage: (m) => got.push(m) });
+  ackSubscribe(WS.last, { seq: 5 });
+  WS.last.serverClose(1001); // the server goes away
+  for (let i = 0; i < 4; i++) {
+    timers.advance(30000);
+    WS.last.serverClose(1006); // refused: nothing listens (the probe stream keeps retrying by itself)
+  }
+  assert.equal(client.state, "reconnecting");
+  assert.ok(!states.some((s) => s.state === "listening"), "never listening while the server is down");
+  // The server is back, and the probe stream happens to reach it first:
+  // it is closed before any event, and the WebSocket dialled at once.
+  const dials = WS.instances.length;
+  const probe = ES.last;
+  probe.open();
+  probe.emit("news", '{"n":6}', streamID([["e1", 6]])); // ignored: recovery is the WebSocket's
+  assert.equal(probe.readyState, 2);
+  assert.equal(WS.instances.length, dials + 1);
+  WS.last.welcome();
+  assert.equal(client.state, "open");
+  assert.deepEqual(got, []);
+  assert.deepEqual(WS.last.sentOf("subscribe").find((e) => e.room === "news").since, { epoch: "e1", seq: 5 });
+});
+
+test("once listening, the WebSocket is tried every maxDelay, whatever the stream does", () => {
+  const ES = fakeEventSourceClass();
+  const { client, WS, timers } = setupOpen({ EventSource: ES, fallbackAfter: 1 });
+  client.subscribe("news");
+  ackSubscribe(WS.last, { seq: 5 });
+  WS.last.serverClose(1006);
+  timers.advance(500);
+  WS.last.serverClose(1006); // a dial that got no welcome: probe
+  ES.last.open(); // the server answers HTTP
+  WS.last.serverClose(1006); // but not WebSocket
+  assert.equal(client.state, "listening");
+  const dials = WS.instances.length;
+  ES.last.open(); // EventSource reconnected by itself: no extra dial
+  timers.advance(29000);
+  assert.equal(WS.instances.length, dials);
+  timers.advance(1000);
+  assert.equal(WS.instances.length, dials + 1);
+  WS.last.serverClose(1006);
+  assert.equal(client.state, "listening");
 });
 
 test("fallback none never opens an event stream", () => {
