@@ -94,11 +94,7 @@ func (c *Client) publish(ctx context.Context, room string, data []byte) (Publish
 	c.outbox = append(c.outbox, e)
 	sess := c.takeForLocked(e)
 	c.mu.Unlock()
-	if sess != nil {
-		c.sendMu.Lock()
-		c.send(sess, e)
-		c.sendMu.Unlock()
-	}
+	c.sendTaken(sess, e)
 	select {
 	case r := <-e.res:
 		return r.pub, r.err
@@ -178,11 +174,18 @@ func (c *Client) retry(e *outgoing) {
 	}
 	sess := c.takeForLocked(e)
 	c.mu.Unlock()
-	if sess != nil {
-		c.sendMu.Lock()
-		c.send(sess, e)
-		c.sendMu.Unlock()
+	c.sendTaken(sess, e)
+}
+
+// sendTaken sends e on sess, which takeForLocked chose (nil: not now),
+// in send order with flushOutbox.
+func (c *Client) sendTaken(sess *session, e *outgoing) {
+	if sess == nil {
+		return
 	}
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.send(sess, e)
 }
 
 // flushOutbox runs when a connection is up: it sends every waiting
