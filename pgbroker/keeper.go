@@ -37,11 +37,11 @@ func (b *Broker) keepLoop() {
 			refreshing.report(b, b.refresh(ctx), "presence refresh failed; this node's members expire if it keeps failing")
 			cancel()
 		case <-touch.C:
-			ctx, cancel := context.WithTimeout(b.ctx, readTimeout)
+			ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 			touching.report(b, b.touch(ctx), "keeping this node's rooms alive failed")
 			cancel()
 		case <-sweep.C:
-			ctx, cancel := context.WithTimeout(b.ctx, readTimeout)
+			ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 			_, err := b.Sweep(ctx)
 			sweeping.report(b, err, "the sweep failed")
 			cancel()

@@ -70,11 +70,12 @@ type sub struct {
 }
 
 // pos is the last position of a room this node delivered: its epoch
-// ("" when the room had no life), the seq of its last message and the
-// number of its last presence event.
+// ("" when the room had no life), the seq and id of its last message (the
+// id "" when unknown) and the number of its last presence event.
 type pos struct {
 	epoch string
 	seq   uint64
+	id    string
 	ev    int64
 }
 
@@ -238,8 +239,9 @@ func (b *Broker) Subscribe(ctx context.Context, room string) error {
 	var (
 		epoch   string
 		seq, ev int64
+		id      *string
 	)
-	if err := b.pool.QueryRow(ctx, b.sql.position, room).Scan(&epoch, &seq, &ev); err != nil {
+	if err := b.pool.QueryRow(ctx, b.sql.position, room).Scan(&epoch, &seq, &id, &ev); err != nil {
 		b.mu.Lock()
 		if b.subs[room] == s {
 			delete(b.subs, room)
@@ -250,6 +252,9 @@ func (b *Broker) Subscribe(ctx context.Context, room string) error {
 	b.mu.Lock()
 	if b.subs[room] == s {
 		s.pos = pos{epoch: epoch, seq: uint64(seq), ev: ev}
+		if id != nil {
+			s.pos.id = *id
+		}
 		s.ready = true
 		b.markLocked(room)
 	}
@@ -291,10 +296,12 @@ func newStatements(s string) statements {
 		publish: `SELECT o_item, o_epoch, o_seq, o_id::text, o_at, o_duplicate, o_busy FROM ` + s +
 			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9)`,
 		history:  `SELECT o_epoch, o_top, o_seq, o_id::text, o_at, o_data FROM ` + s + `.read_history($1, $2, $3, $4)`,
-		position: `SELECT o_epoch, o_seq, o_ev FROM ` + s + `.position($1)`,
-		// One statement, so one snapshot: each room's row (its top), then
-		// its messages and events after the node's position. A strict
-		// read keeps to what the room's history bounds keep.
+		position: `SELECT o_epoch, o_seq, o_id, o_ev FROM ` + s + `.position($1)`,
+		// One statement, so one snapshot: each room's row (its top), the
+		// id of the message at the node's position (to check it is still
+		// the one the node delivered), then its messages and events after
+		// the position. A strict read keeps to what the room's history
+		// bounds keep.
 		read: `WITH q AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[]) AS q (name, after_seq, after_ev, strict)
 ), r AS (
@@ -302,6 +309,9 @@ func newStatements(s string) statements {
     FROM q JOIN ` + s + `.rooms rm ON rm.name = q.name
 )
 SELECT r.name, 'r', r.epoch, r.seq, r.ev, NULL::text, NULL::timestamptz, NULL::bytea, NULL::text, NULL::text FROM r
+UNION ALL
+SELECT r.name, 'c', NULL, m.seq, NULL, m.id::text, NULL, NULL, NULL, NULL
+FROM r JOIN ` + s + `.messages m ON m.room_id = r.id AND m.seq = r.after_seq
 UNION ALL
 SELECT r.name, 'm', NULL, m.seq, NULL, m.id::text, m.published_at, m.data, NULL, NULL
 FROM r CROSS JOIN LATERAL (

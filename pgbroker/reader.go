@@ -19,8 +19,6 @@ const (
 	// readLimit bounds the messages, and the events, one read takes of a
 	// room; a room with more is read again at once.
 	readLimit = 1000
-	// readTimeout bounds one read query.
-	readTimeout = 10 * time.Second
 	// retryRead is how soon a failed read is tried again.
 	retryRead = 250 * time.Millisecond
 	// Reconnection backoff of the listening connection.
@@ -114,12 +112,26 @@ func jitter(d time.Duration) time.Duration {
 	return d - d/5 + rand.N(2*d/5+1)
 }
 
+// timeout bounds one of the broker's own calls (a read, a sweep, the
+// listener's connect and check): twice the poll interval, from 1s to 10s,
+// so a link that lost its bytes is found out about that fast.
+func (b *Broker) timeout() time.Duration {
+	return min(max(2*b.cfg.poll, time.Second), 10*time.Second)
+}
+
 // connectListener opens a session with the pool's connection settings
-// and LISTENs.
+// (its application_name says what it is, in pg_stat_activity) and
+// LISTENs.
 func (b *Broker) connectListener() (*pgx.Conn, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, readTimeout)
+	ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, b.pool.Config().ConnConfig)
+	cfg := b.pool.Config().ConnConfig
+	name := "roomcast pgbroker listener"
+	if app := cfg.RuntimeParams["application_name"]; app != "" {
+		name = app + " (" + name + ")"
+	}
+	cfg.RuntimeParams["application_name"] = name
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -134,7 +146,7 @@ func (b *Broker) connectListener() (*pgx.Conn, error) {
 // connection is checked every poll interval, so a link that silently
 // stopped carrying bytes is found out.
 func (b *Broker) listen(conn *pgx.Conn) error {
-	check := min(b.cfg.poll, 5*time.Second)
+	check := b.timeout()
 	for {
 		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.poll)
 		n, err := conn.WaitForNotification(ctx)
@@ -264,6 +276,7 @@ type roomRead struct {
 	epoch  string
 	top    uint64
 	evTop  int64
+	check  string // the id of the message at the node's position, if still in the table
 	msgs   []pubsub.Message
 	events []event
 }
@@ -341,7 +354,7 @@ func (b *Broker) readChunk(rooms []string) error {
 
 // query runs the read statement.
 func (b *Broker) query(names []string, seqs, evs []int64, strict []bool) (map[string]*roomRead, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, readTimeout)
+	ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 	defer cancel()
 	rows, err := b.pool.Query(ctx, b.sql.read, names, seqs, evs, strict, readLimit)
 	if err != nil {
@@ -368,6 +381,8 @@ func (b *Broker) query(names []string, seqs, evs []int64, strict []bool) (map[st
 		switch kind {
 		case "r":
 			rr.found, rr.epoch, rr.top, rr.evTop = true, *epoch, uint64(*seq), *ev
+		case "c":
+			rr.check = *id
 		case "m":
 			rr.msgs = append(rr.msgs, pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: *id, Seq: uint64(*seq), Time: *at, Data: data})
 		case "join", "leave":
@@ -430,8 +445,12 @@ func (b *Broker) apply(sn snapshot, rr *roomRead) (pos, bool) {
 			"room", sn.room, "epoch", p.epoch, "new_epoch", rr.epoch)
 		b.reset(sn.room)
 		return pos{epoch: rr.epoch}, true
-	case rr.top < p.seq:
-		b.log.Error("pgbroker: the room's sequence went back (was the database restored from a backup? give its rooms new epochs); resetting the room",
+	case rr.top < p.seq || (p.id != "" && rr.check != "" && rr.check != p.id):
+		// Committed messages this node delivered are gone, and their seqs
+		// may name others now: PostgreSQL lost transactions it had
+		// acknowledged (synchronous_commit off, then a crash), or the
+		// database was restored from a backup.
+		b.log.Error("pgbroker: the room's history was rewritten: messages this node delivered are not in the table any more (was the database restored from a backup, or did it lose commits with synchronous_commit off?); resetting the room",
 			"room", sn.room, "epoch", p.epoch, "seq", p.seq, "top", rr.top)
 		b.reset(sn.room)
 		return pos{epoch: rr.epoch, seq: rr.top, ev: rr.evTop}, false
@@ -464,7 +483,7 @@ func (b *Broker) apply(sn snapshot, rr *roomRead) (pos, bool) {
 			p.ev = rr.events[ei].ev
 		}
 		b.deliver(m)
-		p.seq = m.Seq
+		p.seq, p.id = m.Seq, m.ID
 	}
 	for ; ei < len(rr.events) && rr.events[ei].after <= p.seq; ei++ {
 		b.deliver(rr.events[ei].m)

@@ -374,9 +374,10 @@ BEGIN
     END IF;
 END $$;
 
--- position returns the room's epoch, newest seq and newest event, starting
--- its life when it has none: where a node's subscription starts.
-CREATE OR REPLACE FUNCTION {{schema}}.position(p_room text, OUT o_epoch text, OUT o_seq bigint, OUT o_ev bigint)
+-- position returns the room's epoch, newest seq (and that message's id,
+-- while it is in the table) and newest event, starting its life when it
+-- has none: where a node's subscription starts.
+CREATE OR REPLACE FUNCTION {{schema}}.position(p_room text, OUT o_epoch text, OUT o_seq bigint, OUT o_id text, OUT o_ev bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_room {{schema}}.rooms := {{schema}}.ensure_room(p_room);
@@ -384,6 +385,7 @@ BEGIN
     o_epoch := v_room.epoch;
     o_seq := v_room.seq;
     o_ev := v_room.ev;
+    SELECT id::text INTO o_id FROM {{schema}}.messages WHERE room_id = v_room.id AND seq = v_room.seq;
 END $$;
 
 -- presence_expire deletes the room's expired presence entries, announcing

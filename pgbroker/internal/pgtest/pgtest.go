@@ -25,15 +25,15 @@ import (
 // ErrNotInstalled: initdb or postgres is not in PATH.
 var ErrNotInstalled = errors.New("pgtest: initdb and postgres not found in PATH: install PostgreSQL's server binaries (apt-get install postgresql)")
 
-// Settings are the server settings tests use: nothing is synced to disk
-// (a crash of the machine loses the data; a crash of the server does not),
-// and room for many parallel tests' connections.
+// Settings are the server settings tests use: nothing is synced to disk,
+// so a crash of the machine would lose data, but a commit is written out
+// before it returns (synchronous_commit stays on), so a crash of the
+// server loses nothing; and room for many parallel tests' connections.
 var Settings = map[string]string{
-	"fsync":              "off",
-	"synchronous_commit": "off",
-	"full_page_writes":   "off",
-	"max_connections":    "400",
-	"shared_buffers":     "64MB",
+	"fsync":            "off",
+	"full_page_writes": "off",
+	"max_connections":  "400",
+	"shared_buffers":   "64MB",
 }
 
 // Durable are the settings of a server that syncs every commit, as a
