@@ -31,9 +31,13 @@ type Broker struct {
 
 	ctx    context.Context // ends at Close; bounds the broker's own calls
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the listener, the reader, the publishers and the keeper
+	wg     sync.WaitGroup // the listener, the reader, the publishers, the waiters and the keeper
 
 	queue chan *publishCall // publishes waiting for a batch
+
+	wmu     sync.Mutex
+	waiting map[string][]*publishCall // busy rooms' publishes, for the waiters
+	ready   chan string               // rooms in waiting, each at most once
 
 	// dmu is held by the reader while it delivers one room's messages and
 	// by Unsubscribe, so nothing of a room is delivered once Unsubscribe
@@ -104,6 +108,8 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Broker, erro
 		node:    uuid.NewString(),
 		sql:     newStatements(cfg.schema),
 		queue:   make(chan *publishCall, 4*cfg.maxBatch),
+		waiting: make(map[string][]*publishCall),
+		ready:   make(chan string, 4096),
 		subs:    make(map[string]*sub),
 		dirty:   make(map[string]bool),
 		wake:    make(chan struct{}, 1),
@@ -114,8 +120,9 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Broker, erro
 }
 
 // Bind starts the broker's goroutines: the listener (unless WithPollOnly),
-// the reader that delivers, the publishers that batch, and the keeper
-// (presence refresh and sweep).
+// the reader that delivers, the publishers that batch and as many waiters
+// (for rooms other transactions hold), and the keeper (presence refresh
+// and sweep).
 func (b *Broker) Bind(deliver func(pubsub.Message)) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -132,6 +139,7 @@ func (b *Broker) Bind(deliver func(pubsub.Message)) {
 	b.wg.Go(b.readLoop)
 	for range b.cfg.publishConns {
 		b.wg.Go(b.publishLoop)
+		b.wg.Go(b.waitLoop)
 	}
 	b.wg.Go(b.keepLoop)
 }
@@ -163,6 +171,15 @@ func (b *Broker) Close() error {
 	b.mu.Unlock()
 	b.cancel()
 	b.wg.Wait()
+	b.wmu.Lock()
+	var rooms []string
+	for room := range b.waiting {
+		rooms = append(rooms, room)
+	}
+	b.wmu.Unlock()
+	for _, room := range rooms {
+		b.failWaiting(room)
+	}
 	for {
 		select {
 		case c := <-b.queue:

@@ -183,7 +183,8 @@ func (b *Broker) publishTx(ctx context.Context, tx pgx.Tx, room string, data []b
 
 // publishLoop is one of the broker's publishers: it takes what is queued,
 // up to a batch, and publishes it in one call. With several publishers a
-// batch is sent while the previous one commits.
+// batch is sent while the previous one commits. It never waits for a room
+// another transaction holds: those calls go to the waiters.
 func (b *Broker) publishLoop() {
 	batch := make([]*publishCall, 0, b.cfg.maxBatch)
 	for {
@@ -205,9 +206,12 @@ func (b *Broker) publishLoop() {
 			}
 		}
 		ctx, cancel := b.batchContext(batch)
-		b.run(ctx, b.pool, batch, false)
+		busy := b.run(ctx, b.pool, batch, false)
 		cancel()
 		clear(batch)
+		if len(busy) > 0 {
+			b.wait(busy)
+		}
 	}
 }
 
@@ -233,13 +237,12 @@ type querier interface {
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 }
 
-// run publishes a batch and finishes every call in it. A publisher whose
-// context already ended is dropped first. Rooms that another transaction
-// holds (a host's PublishTx, most likely) are skipped by the first call,
-// so they do not hold up the others, then published by a second call that
-// waits for them. A deadlock (a host's transaction locking rooms in
-// another order) is retried.
-func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait bool) {
+// run publishes a batch and finishes every call in it, but those whose
+// room another transaction holds, when wait is false: they are returned.
+// A publisher whose context already ended is dropped first. A deadlock or
+// a serialization failure (a host's transaction locking rooms in another
+// order) is retried.
+func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait bool) (busy []*publishCall) {
 	live := batch[:0:0]
 	for _, c := range batch {
 		if err := c.ctx.Err(); err != nil {
@@ -252,15 +255,84 @@ func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait 
 		busy, err := b.exec(ctx, q, live, wait)
 		var pgErr *pgconn.PgError
 		if err != nil && attempt < 3 && errors.As(err, &pgErr) && (pgErr.Code == "40P01" || pgErr.Code == "40001") {
-			continue // deadlock or serialization failure: nothing was published
+			continue // nothing was published
 		}
 		if err != nil {
 			for _, c := range live {
 				c.finish(pubsub.PublishResult{}, err)
 			}
-			return
+			return nil
 		}
-		live, wait = busy, true
+		return busy
+	}
+	return nil
+}
+
+// wait hands calls whose room was busy to the waiters, room by room.
+func (b *Broker) wait(calls []*publishCall) {
+	var fresh []string
+	b.wmu.Lock()
+	for _, c := range calls {
+		if len(b.waiting[c.room]) == 0 {
+			fresh = append(fresh, c.room)
+		}
+		b.waiting[c.room] = append(b.waiting[c.room], c)
+	}
+	b.wmu.Unlock()
+	for _, room := range fresh {
+		select {
+		case b.ready <- room:
+		case <-b.ctx.Done():
+			b.failWaiting(room)
+		}
+	}
+}
+
+// failWaiting fails the calls waiting for room, at Close.
+func (b *Broker) failWaiting(room string) {
+	b.wmu.Lock()
+	calls := b.waiting[room]
+	delete(b.waiting, room)
+	b.wmu.Unlock()
+	for _, c := range calls {
+		c.finish(pubsub.PublishResult{}, pubsub.ErrClosed)
+	}
+}
+
+// waitLoop is one of the broker's waiters: it publishes the calls of one
+// busy room at a time, waiting for the room's lock (a host's transaction
+// holds it, or another node's batch). Waiting room by room, on goroutines
+// of their own, a long transaction holds up only its room's publishes
+// (and, while every waiter waits on one, other busy rooms), never the
+// batches of the rooms nobody holds.
+func (b *Broker) waitLoop() {
+	for {
+		var room string
+		select {
+		case <-b.ctx.Done():
+			return
+		case room = <-b.ready:
+		}
+		b.wmu.Lock()
+		calls := b.waiting[room]
+		n := min(len(calls), b.cfg.maxBatch)
+		batch := slices.Clone(calls[:n])
+		if n == len(calls) {
+			delete(b.waiting, room)
+		} else {
+			b.waiting[room] = calls[n:]
+		}
+		b.wmu.Unlock()
+		ctx, cancel := b.batchContext(batch)
+		b.run(ctx, b.pool, batch, true)
+		cancel()
+		if n < len(calls) {
+			select {
+			case b.ready <- room:
+			case <-b.ctx.Done():
+				b.failWaiting(room)
+			}
+		}
 	}
 }
 

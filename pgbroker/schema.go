@@ -39,7 +39,10 @@ func SchemaSQL(schema string) string {
 	if !schemaName.MatchString(schema) {
 		panic(fmt.Sprintf("pgbroker: SchemaSQL(%q): want a lower-case identifier of at most 40 bytes ([a-z_][a-z0-9_]*)", schema))
 	}
-	return strings.NewReplacer("{{schema}}", schema, "{{sweeplock}}", fmt.Sprint(lockKey("sweep", schema))).Replace(schemaTemplate)
+	return strings.NewReplacer("{{schema}}", schema,
+		"{{sweeplock}}", fmt.Sprint(lockKey("sweep", schema)),
+		"{{roomlock}}", fmt.Sprint(int32(lockKey("room", schema))),
+	).Replace(schemaTemplate)
 }
 
 // lockKey is the advisory lock that serializes what of kind the nodes of
@@ -198,8 +201,27 @@ CREATE OR REPLACE VIEW {{schema}}.history AS
 SELECT r.name AS room, r.epoch, m.seq, m.id, m.published_at, m.data
 FROM {{schema}}.messages m JOIN {{schema}}.rooms r ON r.id = m.room_id;
 
--- ensure_room returns the room's row, starting its life (a new epoch) when
--- it has none.
+-- create_room starts the room's life (a new epoch) unless it has one, and
+-- returns its row, or nothing when p_try finds another transaction
+-- creating it. Every creation holds an advisory lock on the room's name
+-- until its transaction ends, so a publish that must not wait can tell a
+-- room another transaction is creating (a host's PublishTx, uncommitted)
+-- from a room nobody has. The lock's first key is the schema's.
+CREATE OR REPLACE FUNCTION {{schema}}.create_room(p_room text, p_try boolean) RETURNS SETOF {{schema}}.rooms
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_try THEN
+        IF NOT pg_try_advisory_xact_lock({{roomlock}}, hashtext(p_room)) THEN
+            RETURN;
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock({{roomlock}}, hashtext(p_room));
+    END IF;
+    RETURN QUERY INSERT INTO {{schema}}.rooms (name, epoch) VALUES (p_room, gen_random_uuid()::text)
+    ON CONFLICT (name) DO NOTHING RETURNING *;
+END $$;
+
+-- ensure_room returns the room's row, starting its life when it has none.
 CREATE OR REPLACE FUNCTION {{schema}}.ensure_room(p_room text) RETURNS {{schema}}.rooms
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -210,8 +232,7 @@ BEGIN
         IF FOUND THEN
             RETURN v_room;
         END IF;
-        INSERT INTO {{schema}}.rooms (name, epoch) VALUES (p_room, gen_random_uuid()::text)
-        ON CONFLICT (name) DO NOTHING RETURNING * INTO v_room;
+        SELECT * INTO v_room FROM {{schema}}.create_room(p_room, false);
         IF FOUND THEN
             RETURN v_room;
         END IF;
@@ -230,9 +251,35 @@ BEGIN
         IF FOUND THEN
             RETURN v_room;
         END IF;
-        INSERT INTO {{schema}}.rooms (name, epoch) VALUES (p_room, gen_random_uuid()::text)
-        ON CONFLICT (name) DO NOTHING;
+        SELECT * INTO v_room FROM {{schema}}.create_room(p_room, false);
+        IF FOUND THEN
+            RETURN v_room;
+        END IF;
     END LOOP;
+END $$;
+
+-- try_lock_room is lock_room without waiting: it returns nothing when
+-- another transaction holds the room's row, or is creating it.
+CREATE OR REPLACE FUNCTION {{schema}}.try_lock_room(p_room text) RETURNS SETOF {{schema}}.rooms
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_room {{schema}}.rooms;
+BEGIN
+    SELECT * INTO v_room FROM {{schema}}.rooms WHERE name = p_room FOR NO KEY UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        RETURN NEXT v_room;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM {{schema}}.rooms WHERE name = p_room) THEN
+        RETURN; -- held
+    END IF;
+    SELECT * INTO v_room FROM {{schema}}.create_room(p_room, true);
+    IF FOUND THEN
+        RETURN NEXT v_room;
+        RETURN;
+    END IF;
+    -- Being created, or created and committed since the first look.
+    RETURN QUERY SELECT * FROM {{schema}}.rooms WHERE name = p_room FOR NO KEY UPDATE SKIP LOCKED;
 END $$;
 
 -- publish sequences a batch of messages: item i goes to room p_rooms[i]
@@ -272,18 +319,15 @@ BEGIN
         IF p_wait THEN
             v_room := {{schema}}.lock_room(p_rooms[v_i]);
         ELSE
-            SELECT * INTO v_room FROM {{schema}}.rooms WHERE name = p_rooms[v_i] FOR NO KEY UPDATE SKIP LOCKED;
+            SELECT * INTO v_room FROM {{schema}}.try_lock_room(p_rooms[v_i]);
             IF NOT FOUND THEN
-                IF EXISTS (SELECT 1 FROM {{schema}}.rooms WHERE name = p_rooms[v_i]) THEN
-                    FOR v_x IN v_i .. v_j LOOP
-                        o_item := v_x; o_epoch := NULL; o_seq := NULL; o_id := NULL; o_at := NULL;
-                        o_duplicate := false; o_busy := true;
-                        RETURN NEXT;
-                    END LOOP;
-                    v_i := v_j + 1;
-                    CONTINUE;
-                END IF;
-                v_room := {{schema}}.lock_room(p_rooms[v_i]);
+                FOR v_x IN v_i .. v_j LOOP
+                    o_item := v_x; o_epoch := NULL; o_seq := NULL; o_id := NULL; o_at := NULL;
+                    o_duplicate := false; o_busy := true;
+                    RETURN NEXT;
+                END LOOP;
+                v_i := v_j + 1;
+                CONTINUE;
             END IF;
         END IF;
 
