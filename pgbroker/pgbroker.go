@@ -36,13 +36,17 @@ type Broker struct {
 	queue chan *publishCall // publishes waiting for a batch
 
 	wmu     sync.Mutex
-	waiting map[string][]*publishCall // busy rooms' publishes, for the waiters
-	ready   chan string               // rooms in waiting, each at most once
+	waiting map[string]*waitingRoom // busy rooms' publishes, for the waiters
+	ready   chan string             // rooms in waiting, each at most once
 
 	// dmu is held by the reader while it delivers one room's messages and
 	// by Unsubscribe, so nothing of a room is delivered once Unsubscribe
 	// returned. Lock order: dmu, then mu.
 	dmu sync.Mutex
+
+	nmu      sync.Mutex
+	notifyTo map[string]bool // rooms whose publishes committed, for the notifier to announce
+	notifyUp chan struct{}   // capacity 1: the notifier has work
 
 	mu        sync.Mutex
 	deliver   func(pubsub.Message)
@@ -102,27 +106,33 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Broker, erro
 		return nil, fmt.Errorf("pgbroker: schema %q: %w", cfg.schema, err)
 	}
 	b := &Broker{
-		pool:    pool,
-		cfg:     cfg,
-		log:     cfg.logger,
-		node:    uuid.NewString(),
-		sql:     newStatements(cfg.schema),
-		queue:   make(chan *publishCall, 4*cfg.maxBatch),
-		waiting: make(map[string][]*publishCall),
-		ready:   make(chan string, 4096),
-		subs:    make(map[string]*sub),
-		dirty:   make(map[string]bool),
-		wake:    make(chan struct{}, 1),
-		members: make(map[string]map[string]*member),
+		pool:     pool,
+		cfg:      cfg,
+		log:      cfg.logger,
+		node:     uuid.NewString(),
+		sql:      newStatements(cfg.schema),
+		queue:    make(chan *publishCall, 4*cfg.maxBatch),
+		waiting:  make(map[string]*waitingRoom),
+		ready:    make(chan string, 4096),
+		notifyTo: make(map[string]bool),
+		notifyUp: make(chan struct{}, 1),
+		subs:     make(map[string]*sub),
+		dirty:    make(map[string]bool),
+		wake:     make(chan struct{}, 1),
+		members:  make(map[string]map[string]*member),
 	}
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	return b, nil
 }
 
-// Bind starts the broker's goroutines: the listener (unless WithPollOnly),
-// the reader that delivers, the publishers that batch and as many waiters
-// (for rooms other transactions hold), and the keeper (presence refresh
-// and sweep).
+// waiters is how many rooms that other transactions hold a node waits for
+// at once (see waitLoop), each on a pooled connection.
+const waiters = 4
+
+// Bind starts the broker's goroutines: the listener and the notifier
+// (unless WithPollOnly), the reader that delivers, the publishers that
+// batch, the waiters (for rooms other transactions hold), and the keeper
+// (presence refresh and sweep).
 func (b *Broker) Bind(deliver func(pubsub.Message)) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -135,10 +145,13 @@ func (b *Broker) Bind(deliver func(pubsub.Message)) {
 	}
 	if !b.cfg.pollOnly {
 		b.wg.Go(b.listenLoop)
+		b.wg.Go(b.notifyLoop)
 	}
 	b.wg.Go(b.readLoop)
 	for range b.cfg.publishConns {
 		b.wg.Go(b.publishLoop)
+	}
+	for range waiters {
 		b.wg.Go(b.waitLoop)
 	}
 	b.wg.Go(b.keepLoop)
@@ -303,44 +316,22 @@ func us(d time.Duration) int64 {
 
 // statements are the broker's SQL, in its schema.
 type statements struct {
-	publish, history, position, read      string
-	join, leave, presence, presenceCounts string
-	refresh, touch, sweep                 string
+	publish, publishBatch, notify, history, position, read string
+	join, leave, presence, presenceCounts                  string
+	refresh, touch, sweep                                  string
 }
 
 func newStatements(s string) statements {
 	return statements{
 		publish: `SELECT o_item, o_epoch, o_seq, o_id::text, o_at, o_duplicate, o_busy FROM ` + s +
-			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9)`,
+			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9, $10)`,
+		publishBatch: `SELECT o_room, o_epoch, o_base, o_at FROM ` + s +
+			`.publish_batch($1::text[], $2::uuid[], $3::integer[], $4::bytea[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[], $9, $10)`,
+		notify:   `SELECT ` + s + `.notify($1::text[])`,
 		history:  `SELECT o_epoch, o_top, o_seq, o_id::text, o_at, o_data FROM ` + s + `.read_history($1, $2, $3, $4)`,
 		position: `SELECT o_epoch, o_seq, o_id, o_ev FROM ` + s + `.position($1)`,
-		// One statement, so one snapshot: each room's row (its top), the
-		// id of the message at the node's position (to check it is still
-		// the one the node delivered), then its messages and events after
-		// the position. A strict read keeps to what the room's history
-		// bounds keep.
-		read: `WITH q AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[]) AS q (name, after_seq, after_ev, strict)
-), r AS (
-    SELECT q.name, q.after_seq, q.after_ev, q.strict, rm.id, rm.epoch, rm.seq, rm.ev, rm.keep_size, rm.keep_ttl
-    FROM q JOIN ` + s + `.rooms rm ON rm.name = q.name
-)
-SELECT r.name, 'r', r.epoch, r.seq, r.ev, NULL::text, NULL::timestamptz, NULL::bytea, NULL::text, NULL::text FROM r
-UNION ALL
-SELECT r.name, 'c', NULL, m.seq, NULL, m.id::text, NULL, NULL, NULL, NULL
-FROM r JOIN ` + s + `.messages m ON m.room_id = r.id AND m.seq = r.after_seq
-UNION ALL
-SELECT r.name, 'm', NULL, m.seq, NULL, m.id::text, m.published_at, m.data, NULL, NULL
-FROM r CROSS JOIN LATERAL (
-    SELECT seq, id, published_at, data FROM ` + s + `.messages
-    WHERE room_id = r.id AND seq > r.after_seq AND seq <= r.seq
-      AND (NOT r.strict OR (seq > r.seq - r.keep_size
-                            AND (r.keep_ttl = interval '0' OR published_at >= clock_timestamp() - r.keep_ttl)))
-    ORDER BY seq LIMIT $5) m
-UNION ALL
-SELECT r.name, e.kind, NULL, e.after_seq, e.ev, NULL, e.at, e.info, e.conn_id, e.user_id
-FROM r CROSS JOIN LATERAL (
-    SELECT * FROM ` + s + `.events WHERE room_id = r.id AND ev > r.after_ev AND ev <= r.ev ORDER BY ev LIMIT $5) e`,
+		read: `SELECT o_room, o_kind, o_epoch, o_seq, o_ev, o_id::text, o_at, o_data, o_conn, o_user FROM ` + s +
+			`.read($1::text[], $2::bigint[], $3::bigint[], $4::boolean[], $5)`,
 		join:           `SELECT ` + s + `.presence_join($1, $2, $3, $4, $5, $6, $7, $8)`,
 		leave:          `SELECT ` + s + `.presence_leave($1, $2, $3)`,
 		presence:       `SELECT o_conn, o_user, o_info FROM ` + s + `.presence_list($1)`,

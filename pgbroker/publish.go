@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/google/uuid"
 	"slices"
 	"strings"
 	"time"
@@ -102,7 +103,7 @@ func (b *Broker) publish(ctx context.Context, room string, data []byte, o pubsub
 	}
 	if !bound {
 		// No publishers run before Bind: publish on its own.
-		b.run(ctx, b.pool, []*publishCall{c}, true)
+		b.run(ctx, b.pool, []*publishCall{c}, lockWait)
 		d := <-c.done
 		return d.res, d.err
 	}
@@ -174,7 +175,7 @@ func (b *Broker) publishTx(ctx context.Context, tx pgx.Tx, room string, data []b
 	if err != nil {
 		return pubsub.PublishResult{}, err
 	}
-	if _, err := b.exec(ctx, tx, []*publishCall{c}, true); err != nil {
+	if _, err := b.exec(ctx, tx, []*publishCall{c}, lockWait); err != nil {
 		return pubsub.PublishResult{}, fmt.Errorf("pgbroker: publish to room %q in a transaction: %w", room, err)
 	}
 	d := <-c.done
@@ -206,7 +207,10 @@ func (b *Broker) publishLoop() {
 			}
 		}
 		ctx, cancel := b.batchContext(batch)
-		busy := b.run(ctx, b.pool, batch, false)
+		busy := b.run(ctx, b.pool, batch, lockFree)
+		if len(busy) > 0 {
+			busy = b.run(ctx, b.pool, busy, lockCreate)
+		}
 		cancel()
 		clear(batch)
 		if len(busy) > 0 {
@@ -237,12 +241,20 @@ type querier interface {
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 }
 
+// The publish function's ways of locking the rooms (see its p_mode).
+const (
+	lockFree   = 0 // the rooms that exist and nobody holds, without waiting
+	lockCreate = 1 // the rooms nobody holds, creating those that have no row, without waiting
+	lockWait   = 2 // every room, waiting for each
+)
+
 // run publishes a batch and finishes every call in it, but those whose
-// room another transaction holds, when wait is false: they are returned.
+// room another transaction holds, when mode does not wait: they are
+// returned.
 // A publisher whose context already ended is dropped first. A deadlock or
 // a serialization failure (a host's transaction locking rooms in another
 // order) is retried.
-func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait bool) (busy []*publishCall) {
+func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, mode int) (busy []*publishCall) {
 	live := batch[:0:0]
 	for _, c := range batch {
 		if err := c.ctx.Err(); err != nil {
@@ -252,7 +264,7 @@ func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait 
 		live = append(live, c)
 	}
 	for attempt := 0; len(live) > 0; attempt++ {
-		busy, err := b.exec(ctx, q, live, wait)
+		busy, err := b.exec(ctx, q, live, mode)
 		var pgErr *pgconn.PgError
 		if err != nil && attempt < 3 && errors.As(err, &pgErr) && (pgErr.Code == "40P01" || pgErr.Code == "40001") {
 			continue // nothing was published
@@ -268,15 +280,20 @@ func (b *Broker) run(ctx context.Context, q querier, batch []*publishCall, wait 
 	return nil
 }
 
-// wait hands calls whose room was busy to the waiters, room by room.
+// wait hands calls whose room was busy to the waiters, room by room: a
+// room is served by one waiter at a time, so rooms held for long take one
+// waiter each at most.
 func (b *Broker) wait(calls []*publishCall) {
 	var fresh []string
 	b.wmu.Lock()
 	for _, c := range calls {
-		if len(b.waiting[c.room]) == 0 {
+		w := b.waiting[c.room]
+		if w == nil {
+			w = &waitingRoom{}
+			b.waiting[c.room] = w
 			fresh = append(fresh, c.room)
 		}
-		b.waiting[c.room] = append(b.waiting[c.room], c)
+		w.calls = append(w.calls, c)
 	}
 	b.wmu.Unlock()
 	for _, room := range fresh {
@@ -288,11 +305,20 @@ func (b *Broker) wait(calls []*publishCall) {
 	}
 }
 
+// waitingRoom is a room's calls waiting for a waiter. It stays in the
+// broker's waiting map while a waiter serves it.
+type waitingRoom struct {
+	calls []*publishCall
+}
+
 // failWaiting fails the calls waiting for room, at Close.
 func (b *Broker) failWaiting(room string) {
 	b.wmu.Lock()
-	calls := b.waiting[room]
-	delete(b.waiting, room)
+	var calls []*publishCall
+	if w := b.waiting[room]; w != nil {
+		calls = w.calls
+		delete(b.waiting, room)
+	}
 	b.wmu.Unlock()
 	for _, c := range calls {
 		c.finish(pubsub.PublishResult{}, pubsub.ErrClosed)
@@ -313,25 +339,21 @@ func (b *Broker) waitLoop() {
 			return
 		case room = <-b.ready:
 		}
-		b.wmu.Lock()
-		calls := b.waiting[room]
-		n := min(len(calls), b.cfg.maxBatch)
-		batch := slices.Clone(calls[:n])
-		if n == len(calls) {
-			delete(b.waiting, room)
-		} else {
-			b.waiting[room] = calls[n:]
-		}
-		b.wmu.Unlock()
-		ctx, cancel := b.batchContext(batch)
-		b.run(ctx, b.pool, batch, true)
-		cancel()
-		if n < len(calls) {
-			select {
-			case b.ready <- room:
-			case <-b.ctx.Done():
-				b.failWaiting(room)
+		for b.ctx.Err() == nil {
+			b.wmu.Lock()
+			w := b.waiting[room]
+			if w == nil || len(w.calls) == 0 {
+				delete(b.waiting, room) // served; its next busy calls queue it afresh
+				b.wmu.Unlock()
+				break
 			}
+			n := min(len(w.calls), b.cfg.maxBatch)
+			batch := slices.Clone(w.calls[:n])
+			w.calls = slices.Delete(w.calls, 0, n)
+			b.wmu.Unlock()
+			ctx, cancel := b.batchContext(batch)
+			b.run(ctx, b.pool, batch, lockWait)
+			cancel()
 		}
 	}
 }
@@ -340,8 +362,12 @@ func (b *Broker) waitLoop() {
 // each call it published (or found a duplicate of). With wait false, calls
 // whose room was busy are left unfinished and returned. On an error it
 // finishes none.
-func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, wait bool) (busy []*publishCall, err error) {
+func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, mode int) (busy []*publishCall, err error) {
 	slices.SortStableFunc(calls, func(x, y *publishCall) int { return strings.Compare(x.room, y.room) })
+	_, inTx := q.(pgx.Tx)
+	if !inTx && !slices.ContainsFunc(calls, func(c *publishCall) bool { return c.key != "" || c.size < 0 }) {
+		return b.execBatch(ctx, q, calls, mode)
+	}
 	n := len(calls)
 	var (
 		rooms   = make([]string, n)
@@ -359,7 +385,7 @@ func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, wait
 			data[i] = []byte{} // NULL is not an empty payload
 		}
 	}
-	rows, err := q.Query(ctx, b.sql.publish, rooms, data, keys, keyTTLs, sizes, ttls, archive, us(b.cfg.window), wait)
+	rows, err := q.Query(ctx, b.sql.publish, rooms, data, keys, keyTTLs, sizes, ttls, archive, us(b.cfg.window), mode, inTx)
 	if err != nil {
 		return nil, err
 	}
@@ -406,9 +432,123 @@ func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, wait
 		}
 		c.finish(pubsub.PublishResult{Message: m, Duplicate: o.dup}, nil)
 	}
-	if _, inTx := q.(pgx.Tx); !inTx {
+	if !inTx {
 		// This node's subscribers need not wait for the NOTIFY.
 		b.mark(woken...)
+		b.notify(woken)
 	}
+	return busy, nil
+}
+
+// notify hands rooms whose publishes committed to the notifier.
+func (b *Broker) notify(rooms []string) {
+	if b.cfg.pollOnly || len(rooms) == 0 {
+		return
+	}
+	b.nmu.Lock()
+	for _, room := range rooms {
+		b.notifyTo[room] = true
+	}
+	b.nmu.Unlock()
+	select {
+	case b.notifyUp <- struct{}{}:
+	default:
+	}
+}
+
+// notifyLoop is the broker's notifier: it wakes the other nodes for the
+// rooms this node published to, in a transaction of its own after the
+// publishes committed (see the notify function), the rooms of every batch
+// that committed meanwhile in one call. A notification that fails is
+// logged; the nodes read the rooms at their next poll.
+func (b *Broker) notifyLoop() {
+	var failing failure
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-b.notifyUp:
+		}
+		b.nmu.Lock()
+		rooms := make([]string, 0, len(b.notifyTo))
+		for room := range b.notifyTo {
+			rooms = append(rooms, room)
+		}
+		clear(b.notifyTo)
+		b.nmu.Unlock()
+		ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
+		_, err := b.pool.Exec(ctx, b.sql.notify, rooms)
+		cancel()
+		failing.report(b, err, "notifying the other nodes failed; they read what was published at their next poll")
+	}
+}
+
+// execBatch is exec for calls with no idempotency key, sorted by room,
+// outside a host's transaction: the publish_batch function, which returns
+// one row per room rather than per message.
+func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall, mode int) (busy []*publishCall, err error) {
+	n := len(calls)
+	var (
+		rooms   = make([]string, n)
+		ids     = make([]string, n)
+		ks      = make([]int32, n)
+		data    = make([][]byte, n)
+		last    = make([]bool, n)
+		sizes   = make([]int32, n)
+		ttls    = make([]int64, n)
+		archive = make([]bool, n)
+	)
+	for i, c := range calls {
+		rooms[i], ids[i], data[i], sizes[i], ttls[i], archive[i] = c.room, uuid.NewString(), c.data, c.size, c.ttl, c.archive
+		if data[i] == nil {
+			data[i] = []byte{} // NULL is not an empty payload
+		}
+		ks[i] = 1
+		if i > 0 && rooms[i-1] == c.room {
+			ks[i] = ks[i-1] + 1
+		}
+		last[i] = i == n-1 || calls[i+1].room != c.room
+	}
+	rows, err := q.Query(ctx, b.sql.publishBatch, rooms, ids, ks, data, last, sizes, ttls, archive, us(b.cfg.window), mode)
+	if err != nil {
+		return nil, err
+	}
+	type position struct {
+		epoch string
+		base  int64
+		at    time.Time
+	}
+	got := make(map[string]position)
+	for rows.Next() {
+		var (
+			room string
+			p    position
+		)
+		if err := rows.Scan(&room, &p.epoch, &p.base, &p.at); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		got[room] = p
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	// Only now is it committed.
+	var woken []string
+	for i, c := range calls {
+		p, ok := got[c.room]
+		if !ok {
+			busy = append(busy, c)
+			continue
+		}
+		if last[i] {
+			woken = append(woken, c.room)
+		}
+		c.finish(pubsub.PublishResult{Message: pubsub.Message{
+			Kind: pubsub.KindMessage, Room: c.room, ID: ids[i], Epoch: p.epoch, Seq: uint64(p.base) + uint64(ks[i]), Time: p.at, Data: c.data,
+		}}, nil)
+	}
+	b.mark(woken...)
+	b.notify(woken)
 	return busy, nil
 }

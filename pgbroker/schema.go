@@ -39,10 +39,16 @@ func SchemaSQL(schema string) string {
 	if !schemaName.MatchString(schema) {
 		panic(fmt.Sprintf("pgbroker: SchemaSQL(%q): want a lower-case identifier of at most 40 bytes ([a-z_][a-z0-9_]*)", schema))
 	}
+	sql := strings.NewReplacer(
+		"{{publish_skip}}", strings.ReplaceAll(publishStatement, "{{locked}}", lockedSkip),
+		"{{publish_locked}}", strings.ReplaceAll(publishStatement, "{{locked}}", lockedHeld),
+		"{{batch_skip}}", strings.ReplaceAll(batchStatement, "{{locked}}", lockedSkip),
+		"{{batch_locked}}", strings.ReplaceAll(batchStatement, "{{locked}}", lockedHeld),
+	).Replace(schemaTemplate)
 	return strings.NewReplacer("{{schema}}", schema,
 		"{{sweeplock}}", fmt.Sprint(lockKey("sweep", schema)),
 		"{{roomlock}}", fmt.Sprint(int32(lockKey("room", schema))),
-	).Replace(schemaTemplate)
+	).Replace(sql)
 }
 
 // lockKey is the advisory lock that serializes what of kind the nodes of
@@ -99,6 +105,87 @@ func install(ctx context.Context, pool *pgxpool.Pool, schema string, install boo
 		return err
 	})
 }
+
+// The publish function's statement, for its two paths: {{locked}} is how
+// it gets the rooms' rows, locked.
+const (
+	lockedSkip = `SELECT * FROM {{schema}}.rooms WHERE name = ANY (p_rooms) ORDER BY name FOR NO KEY UPDATE SKIP LOCKED`
+	lockedHeld = `SELECT * FROM {{schema}}.rooms WHERE id = ANY (v_locked)`
+
+	publishStatement = `
+    WITH locked AS (
+        {{locked}}
+    ), it AS (
+        SELECT i AS item, r.id AS room_id, r.epoch, r.seq AS base, greatest(v_now, r.last_at) AS at,
+               p_data[i] AS data, nullif(p_keys[i], '') AS key, p_key_ttls[i] AS key_ttl
+        FROM generate_subscripts(p_rooms, 1) AS i JOIN locked r ON r.name = p_rooms[i]
+    ), live AS ( -- items whose key is live in the table
+        SELECT it.item, k.seq, k.id, k.published_at FROM it
+        JOIN {{schema}}.keys k ON k.room_id = it.room_id AND k.key = it.key AND k.expires_at > it.at
+    ), pub AS ( -- the items that publish, with their seq and id
+        SELECT it.*, it.base + row_number() OVER (PARTITION BY it.room_id ORDER BY it.item) AS seq, gen_random_uuid() AS id
+        FROM it
+        WHERE NOT EXISTS (SELECT 1 FROM live WHERE live.item = it.item)
+          AND (it.key IS NULL OR NOT EXISTS (
+              SELECT 1 FROM it e WHERE e.room_id = it.room_id AND e.key = it.key AND e.item < it.item))
+    ), ins AS (
+        INSERT INTO {{schema}}.messages (room_id, seq, id, published_at, data)
+        SELECT room_id, seq, id, at, data FROM pub
+    ), keyed AS (
+        INSERT INTO {{schema}}.keys (room_id, key, seq, id, published_at, expires_at)
+        SELECT room_id, key, seq, id, at, at + key_ttl * interval '1 microsecond' FROM pub WHERE key IS NOT NULL
+        ON CONFLICT (room_id, key) DO UPDATE
+        SET seq = excluded.seq, id = excluded.id, published_at = excluded.published_at, expires_at = excluded.expires_at
+    ), last AS ( -- per room: the newest seq, and the bounds of its last item
+        SELECT DISTINCT ON (pub.room_id) pub.room_id, pub.seq, pub.at,
+               CASE WHEN p_sizes[pub.item] < 0 THEN r.keep_size ELSE p_sizes[pub.item] END AS size,
+               CASE WHEN p_sizes[pub.item] < 0 THEN r.keep_ttl ELSE p_ttls[pub.item] * interval '1 microsecond' END AS ttl,
+               p_archive[pub.item] AS archive
+        FROM pub JOIN locked r ON r.id = pub.room_id ORDER BY pub.room_id, pub.item DESC
+    ), upd AS (
+        UPDATE {{schema}}.rooms AS u SET
+            seq = last.seq, keep_size = last.size, keep_ttl = last.ttl,
+            archive = last.archive, last_at = last.at, touched_at = last.at,
+            due = CASE
+                WHEN last.archive THEN u.due
+                WHEN last.seq > last.size THEN least(u.due, last.at + v_window)
+                WHEN last.ttl > interval '0' THEN least(u.due, last.at + greatest(last.ttl, v_window))
+                ELSE u.due END
+        FROM last WHERE u.id = last.room_id
+    )
+    SELECT pub.item, pub.epoch, pub.seq, pub.id, pub.at, false, false FROM pub
+    UNION ALL
+    SELECT it.item, it.epoch, live.seq, live.id, live.published_at, true, false FROM it JOIN live USING (item)
+    UNION ALL
+    SELECT it.item, it.epoch, f.seq, f.id, f.at, true, false FROM it
+    JOIN pub f ON f.room_id = it.room_id AND f.key = it.key AND f.item < it.item
+    UNION ALL
+    SELECT i, NULL, NULL, NULL, NULL, false, true FROM generate_subscripts(p_rooms, 1) AS i
+    WHERE NOT EXISTS (SELECT 1 FROM locked r WHERE r.name = p_rooms[i])`
+)
+
+// The publish_batch function's statement: {{locked}} as for publish.
+const batchStatement = `
+    WITH locked AS (
+        {{locked}}
+    ), ins AS (
+        INSERT INTO {{schema}}.messages (room_id, seq, id, published_at, data)
+        SELECT r.id, r.seq + u.k, u.id, greatest(v_now, r.last_at), u.data
+        FROM unnest(p_rooms, p_ids, p_ks, p_data) AS u (room, id, k, data) JOIN locked r ON r.name = u.room
+    ), upd AS (
+        UPDATE {{schema}}.rooms AS t SET
+            seq = r.seq + g.k, keep_size = g.size, keep_ttl = g.ttl * interval '1 microsecond', archive = g.archive,
+            last_at = greatest(v_now, r.last_at), touched_at = greatest(v_now, r.last_at),
+            due = CASE
+                WHEN g.archive THEN t.due
+                WHEN r.seq + g.k > g.size THEN least(t.due, greatest(v_now, r.last_at) + v_window)
+                WHEN g.ttl > 0 THEN least(t.due, greatest(v_now, r.last_at) + greatest(g.ttl * interval '1 microsecond', v_window))
+                ELSE t.due END
+        FROM unnest(p_rooms, p_ks, p_last, p_sizes, p_ttls, p_archive) AS g (room, k, last, size, ttl, archive)
+        JOIN locked r ON r.name = g.room
+        WHERE g.last AND t.id = r.id
+    )
+    SELECT r.name, r.epoch, r.seq, greatest(v_now, r.last_at) FROM locked r`
 
 // schemaTemplate is the schema, with {{schema}} for its name. Keep
 // schema.sql in step: TestShippedSchemaSQL compares them.
@@ -208,7 +295,7 @@ FROM {{schema}}.messages m JOIN {{schema}}.rooms r ON r.id = m.room_id;
 -- room another transaction is creating (a host's PublishTx, uncommitted)
 -- from a room nobody has. The lock's first key is the schema's.
 CREATE OR REPLACE FUNCTION {{schema}}.create_room(p_room text, p_try boolean) RETURNS SETOF {{schema}}.rooms
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     IF p_try THEN
         IF NOT pg_try_advisory_xact_lock({{roomlock}}, hashtext(p_room)) THEN
@@ -223,7 +310,7 @@ END $$;
 
 -- ensure_room returns the room's row, starting its life when it has none.
 CREATE OR REPLACE FUNCTION {{schema}}.ensure_room(p_room text) RETURNS {{schema}}.rooms
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms;
 BEGIN
@@ -242,7 +329,7 @@ END $$;
 -- lock_room is ensure_room, holding the row's lock until the transaction
 -- ends.
 CREATE OR REPLACE FUNCTION {{schema}}.lock_room(p_room text) RETURNS {{schema}}.rooms
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms;
 BEGIN
@@ -261,7 +348,7 @@ END $$;
 -- try_lock_room is lock_room without waiting: it returns nothing when
 -- another transaction holds the room's row, or is creating it.
 CREATE OR REPLACE FUNCTION {{schema}}.try_lock_room(p_room text) RETURNS SETOF {{schema}}.rooms
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms;
 BEGIN
@@ -282,107 +369,143 @@ BEGIN
     RETURN QUERY SELECT * FROM {{schema}}.rooms WHERE name = p_room FOR NO KEY UPDATE SKIP LOCKED;
 END $$;
 
--- publish sequences a batch of messages: item i goes to room p_rooms[i]
--- (one room's items next to each other). Each room's row is locked once,
--- its items get the next seqs, their rows are inserted with one statement,
--- the row is updated, and the room's nodes are woken by a NOTIFY that
--- carries only the room's name. With p_wait false a room whose row
--- another transaction holds is skipped: its items come back busy, for a
--- second call. p_keys[i] '' means no idempotency key; p_sizes[i] < 0 keeps
--- the room's bounds. Durations are in microseconds.
+-- publish sequences a batch of messages: item i goes to room p_rooms[i].
+-- It locks the rows of the batch's rooms, then, in one statement, gives
+-- every item the next seq of its room (in item order), inserts the
+-- messages, records the idempotency keys and updates the rooms. An item
+-- whose key is live in the table, or repeats the key of an earlier item of
+-- its room, is a duplicate: it returns the first one's position and
+-- publishes nothing. How it locks is p_mode's:
+--   0: without waiting, the rooms that exist: one statement in all when no
+--      item has a key (a key must be looked up after the lock is held);
+--   1: without waiting, room by room, creating the rooms that have none;
+--   2: waiting for each room's lock, creating the rooms that have none.
+-- The items of a room another transaction holds (or, with 0, that has no
+-- row yet) come back busy, for a call with the next mode. With p_notify
+-- the rooms' nodes are woken at commit by a NOTIFY that carries only the
+-- room's name (else call notify after the commit). p_keys[i] '' means no
+-- key; p_sizes[i] < 0 keeps the room's bounds; durations are in
+-- microseconds.
 CREATE OR REPLACE FUNCTION {{schema}}.publish(
     p_rooms text[], p_data bytea[], p_keys text[], p_key_ttls bigint[],
-    p_sizes integer[], p_ttls bigint[], p_archive boolean[], p_window bigint, p_wait boolean)
+    p_sizes integer[], p_ttls bigint[], p_archive boolean[], p_window bigint, p_mode integer, p_notify boolean)
 RETURNS TABLE (o_item integer, o_epoch text, o_seq bigint, o_id uuid, o_at timestamptz, o_duplicate boolean, o_busy boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
-    v_n integer := coalesce(array_length(p_rooms, 1), 0);
-    v_i integer := 1;
-    v_j integer;
-    v_x integer;
+    v_name text;
+    v_locked bigint[] := '{}';
     v_room {{schema}}.rooms;
-    v_at timestamptz;
-    v_seq bigint;
-    v_id uuid;
-    v_seqs bigint[];
-    v_ids uuid[];
-    v_data bytea[];
-    v_size integer;
-    v_ttl interval;
+    v_now timestamptz := clock_timestamp();
     v_window interval := p_window * interval '1 microsecond';
 BEGIN
-    WHILE v_i <= v_n LOOP
-        v_j := v_i;
-        WHILE v_j < v_n AND p_rooms[v_j + 1] = p_rooms[v_i] LOOP
-            v_j := v_j + 1;
-        END LOOP;
-        IF p_wait THEN
-            v_room := {{schema}}.lock_room(p_rooms[v_i]);
-        ELSE
-            SELECT * INTO v_room FROM {{schema}}.try_lock_room(p_rooms[v_i]);
-            IF NOT FOUND THEN
-                FOR v_x IN v_i .. v_j LOOP
-                    o_item := v_x; o_epoch := NULL; o_seq := NULL; o_id := NULL; o_at := NULL;
-                    o_duplicate := false; o_busy := true;
-                    RETURN NEXT;
-                END LOOP;
-                v_i := v_j + 1;
-                CONTINUE;
-            END IF;
-        END IF;
-
-        v_at := greatest(clock_timestamp(), v_room.last_at);
-        v_seq := v_room.seq;
-        v_seqs := '{}'; v_ids := '{}'; v_data := '{}';
-        FOR v_x IN v_i .. v_j LOOP
-            o_item := v_x; o_epoch := v_room.epoch; o_busy := false;
-            IF p_keys[v_x] <> '' THEN
-                SELECT k.seq, k.id, k.published_at INTO o_seq, o_id, o_at FROM {{schema}}.keys k
-                WHERE k.room_id = v_room.id AND k.key = p_keys[v_x] AND k.expires_at > v_at;
-                IF FOUND THEN
-                    o_duplicate := true;
-                    RETURN NEXT;
-                    CONTINUE;
-                END IF;
-            END IF;
-            v_seq := v_seq + 1;
-            v_id := gen_random_uuid();
-            v_seqs := array_append(v_seqs, v_seq);
-            v_ids := array_append(v_ids, v_id);
-            v_data := array_append(v_data, p_data[v_x]);
-            IF p_keys[v_x] <> '' THEN
-                INSERT INTO {{schema}}.keys (room_id, key, seq, id, published_at, expires_at)
-                VALUES (v_room.id, p_keys[v_x], v_seq, v_id, v_at, v_at + p_key_ttls[v_x] * interval '1 microsecond')
-                ON CONFLICT (room_id, key) DO UPDATE
-                SET seq = excluded.seq, id = excluded.id, published_at = excluded.published_at, expires_at = excluded.expires_at;
-            END IF;
-            o_seq := v_seq; o_id := v_id; o_at := v_at; o_duplicate := false;
-            RETURN NEXT;
-        END LOOP;
-
-        IF v_seq > v_room.seq THEN
-            INSERT INTO {{schema}}.messages (room_id, seq, id, published_at, data)
-            SELECT v_room.id, u.seq, u.id, v_at, u.data FROM unnest(v_seqs, v_ids, v_data) AS u (seq, id, data);
-            IF p_sizes[v_j] < 0 THEN
-                v_size := v_room.keep_size;
-                v_ttl := v_room.keep_ttl;
+    IF p_mode = 0 AND '' = ALL (p_keys) THEN
+        RETURN QUERY {{publish_skip}};
+        RETURN;
+    ELSIF p_mode = 0 THEN
+        SELECT coalesce(array_agg(x.id), '{}') INTO v_locked FROM (
+            SELECT id FROM {{schema}}.rooms WHERE name = ANY (p_rooms) ORDER BY name FOR NO KEY UPDATE SKIP LOCKED) x;
+    ELSE
+        FOR v_name IN SELECT DISTINCT r FROM unnest(p_rooms) AS r ORDER BY r LOOP
+            IF p_mode = 1 THEN
+                SELECT * INTO v_room FROM {{schema}}.try_lock_room(v_name);
+                CONTINUE WHEN NOT FOUND;
             ELSE
-                v_size := p_sizes[v_j];
-                v_ttl := p_ttls[v_j] * interval '1 microsecond';
+                v_room := {{schema}}.lock_room(v_name);
             END IF;
-            UPDATE {{schema}}.rooms SET
-                seq = v_seq, keep_size = v_size, keep_ttl = v_ttl, archive = p_archive[v_j],
-                last_at = v_at, touched_at = v_at,
-                due = CASE
-                    WHEN p_archive[v_j] THEN due
-                    WHEN v_seq > v_size THEN least(due, v_at + v_window)
-                    WHEN v_ttl > interval '0' THEN least(due, v_at + greatest(v_ttl, v_window))
-                    ELSE due END
-            WHERE id = v_room.id;
-            PERFORM pg_notify('{{schema}}', 'r' || p_rooms[v_i]);
+            v_locked := v_locked || v_room.id;
+        END LOOP;
+    END IF;
+    RETURN QUERY {{publish_locked}};
+    IF p_notify THEN
+        PERFORM pg_notify('{{schema}}', 'r' || r.name) FROM {{schema}}.rooms r WHERE r.id = ANY (v_locked);
+    END IF;
+END $$;
+
+-- read returns what a node reads of its rooms (p_rooms[i], its position
+-- p_seqs[i] and p_evs[i]; p_strict[i] keeps to what the history bounds
+-- keep): for each room that exists a row 'r' (its epoch, newest seq and
+-- event), a row 'c' (the id of the message at the position, while it is
+-- in the table), then rows 'm' (its messages after the position, at most
+-- p_limit) and 'join' or 'leave' (its events after the position, at most
+-- p_limit). One statement, so one snapshot.
+CREATE OR REPLACE FUNCTION {{schema}}.read(p_rooms text[], p_seqs bigint[], p_evs bigint[], p_strict boolean[], p_limit integer)
+RETURNS TABLE (o_room text, o_kind text, o_epoch text, o_seq bigint, o_ev bigint, o_id uuid, o_at timestamptz,
+               o_data bytea, o_conn text, o_user text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    RETURN QUERY
+    WITH q AS (
+        SELECT * FROM unnest(p_rooms, p_seqs, p_evs, p_strict) AS q (name, after_seq, after_ev, strict)
+    ), r AS (
+        SELECT q.name, q.after_seq, q.after_ev, q.strict, rm.id, rm.epoch, rm.seq, rm.ev, rm.keep_size, rm.keep_ttl
+        FROM q CROSS JOIN LATERAL (SELECT * FROM {{schema}}.rooms WHERE rooms.name = q.name) rm
+    )
+    SELECT r.name, 'r', r.epoch, r.seq, r.ev, NULL::uuid, NULL::timestamptz, NULL::bytea, NULL::text, NULL::text FROM r
+    UNION ALL
+    SELECT r.name, 'c', NULL, r.after_seq, NULL, c.id, NULL, NULL, NULL, NULL
+    FROM r CROSS JOIN LATERAL (
+        SELECT msg.id FROM {{schema}}.messages msg WHERE msg.room_id = r.id AND msg.seq = r.after_seq) c
+    UNION ALL
+    SELECT r.name, 'm', NULL, m.seq, NULL, m.id, m.published_at, m.data, NULL, NULL
+    FROM r CROSS JOIN LATERAL (
+        SELECT msg.seq, msg.id, msg.published_at, msg.data FROM {{schema}}.messages msg
+        WHERE msg.room_id = r.id AND msg.seq > r.after_seq AND msg.seq <= r.seq
+          AND (NOT r.strict OR (msg.seq > r.seq - r.keep_size
+                                AND (r.keep_ttl = interval '0' OR msg.published_at >= clock_timestamp() - r.keep_ttl)))
+        ORDER BY msg.seq LIMIT p_limit) m
+    UNION ALL
+    SELECT r.name, e.kind, NULL, e.after_seq, e.ev, NULL, e.at, e.info, e.conn_id, e.user_id
+    FROM r CROSS JOIN LATERAL (
+        SELECT * FROM {{schema}}.events ev WHERE ev.room_id = r.id AND ev.ev > r.after_ev AND ev.ev <= r.ev
+        ORDER BY ev.ev LIMIT p_limit) e;
+END $$;
+
+-- publish_batch is publish for a batch with no idempotency key, as each
+-- node's publishers send it: the caller numbers each room's items
+-- (p_ks[i], from 1), gives them their ids, marks each room's last item
+-- (p_last, whose bounds the room keeps) and sorts them by room; one
+-- statement (with p_mode 0) locks the rooms, inserts the messages and
+-- updates the rooms, and returns, per room it could lock, its epoch, its
+-- seq before the batch (item k's seq is that plus k) and the messages'
+-- time. The items of the other rooms are busy (see publish's p_mode).
+CREATE OR REPLACE FUNCTION {{schema}}.publish_batch(
+    p_rooms text[], p_ids uuid[], p_ks integer[], p_data bytea[], p_last boolean[],
+    p_sizes integer[], p_ttls bigint[], p_archive boolean[], p_window bigint, p_mode integer)
+RETURNS TABLE (o_room text, o_epoch text, o_base bigint, o_at timestamptz)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_name text;
+    v_locked bigint[] := '{}';
+    v_room {{schema}}.rooms;
+    v_now timestamptz := clock_timestamp();
+    v_window interval := p_window * interval '1 microsecond';
+BEGIN
+    IF p_mode = 0 THEN
+        RETURN QUERY {{batch_skip}};
+        RETURN;
+    END IF;
+    FOR v_name IN SELECT DISTINCT r FROM unnest(p_rooms) AS r ORDER BY r LOOP
+        IF p_mode = 1 THEN
+            SELECT * INTO v_room FROM {{schema}}.try_lock_room(v_name);
+            CONTINUE WHEN NOT FOUND;
+        ELSE
+            v_room := {{schema}}.lock_room(v_name);
         END IF;
-        v_i := v_j + 1;
+        v_locked := v_locked || v_room.id;
     END LOOP;
+    RETURN QUERY {{batch_locked}};
+END $$;
+
+-- notify wakes the nodes of the rooms, after their publishes committed.
+-- A transaction that notifies holds a lock that serializes every
+-- notifying commit of the database until it is flushed; this one writes
+-- nothing that must survive a crash, so it does not wait for the flush,
+-- and the publishes' own commits (which do) are free to share one.
+CREATE OR REPLACE FUNCTION {{schema}}.notify(p_rooms text[]) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_notify('{{schema}}', 'r' || r) FROM unnest(p_rooms) AS r;
 END $$;
 
 -- read_history returns the room's position (a first row with o_seq NULL),
@@ -390,7 +513,7 @@ END $$;
 -- or with p_latest the newest. A room with no life gets one.
 CREATE OR REPLACE FUNCTION {{schema}}.read_history(p_room text, p_since bigint, p_limit integer, p_latest boolean)
 RETURNS TABLE (o_epoch text, o_top bigint, o_seq bigint, o_id uuid, o_at timestamptz, o_data bytea)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms := {{schema}}.ensure_room(p_room);
     v_floor bigint := greatest(p_since, v_room.seq - v_room.keep_size);
@@ -422,7 +545,7 @@ END $$;
 -- while it is in the table) and newest event, starting its life when it
 -- has none: where a node's subscription starts.
 CREATE OR REPLACE FUNCTION {{schema}}.position(p_room text, OUT o_epoch text, OUT o_seq bigint, OUT o_id text, OUT o_ev bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms := {{schema}}.ensure_room(p_room);
 BEGIN
@@ -437,7 +560,7 @@ END $$;
 -- newest event. The caller holds the room's lock and stores the result in
 -- rooms.ev.
 CREATE OR REPLACE FUNCTION {{schema}}.presence_expire(p_room {{schema}}.rooms) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_ev bigint := p_room.ev;
     v_now timestamptz := clock_timestamp();
@@ -469,7 +592,7 @@ END $$;
 CREATE OR REPLACE FUNCTION {{schema}}.presence_join(
     p_room text, p_conn text, p_member_key text, p_user text, p_info bytea, p_events boolean, p_node uuid, p_ttl bigint)
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms := {{schema}}.lock_room(p_room);
     v_ev bigint := {{schema}}.presence_expire(v_room);
@@ -496,7 +619,7 @@ END $$;
 -- a member's last connection when p_events is set.
 CREATE OR REPLACE FUNCTION {{schema}}.presence_leave(p_room text, p_conn text, p_events boolean)
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms;
     v_ev bigint;
@@ -524,7 +647,7 @@ END $$;
 -- others first when nobody else holds the room's lock.
 CREATE OR REPLACE FUNCTION {{schema}}.presence_list(p_room text)
 RETURNS TABLE (o_conn text, o_member_key text, o_user text, o_info bytea)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_room {{schema}}.rooms;
     v_ev bigint;
@@ -556,7 +679,7 @@ END $$;
 -- whose node stopped refreshing them. Durations are in microseconds.
 CREATE OR REPLACE FUNCTION {{schema}}.sweep(p_window bigint, p_room_ttl bigint, p_limit integer)
 RETURNS TABLE (o_rooms integer, o_trimmed bigint, o_reclaimed integer, o_keys bigint, o_events bigint, o_expired integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_now timestamptz := clock_timestamp();
     v_window interval := p_window * interval '1 microsecond';

@@ -31,7 +31,7 @@ func waitLockWaiters(t *testing.T, admin *pgxpool.Pool, schema string, n int) {
 	waitFor(t, fmt.Sprint(n, " publishes to wait for the room's lock"), func() bool {
 		var waiting int
 		err := admin.QueryRow(testCtx(t), `SELECT count(*) FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '.publish(%'`, schema).Scan(&waiting)
+			WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '.publish%'`, schema).Scan(&waiting)
 		return err == nil && waiting >= n
 	})
 }
@@ -45,6 +45,7 @@ func TestRolledBackPublishTxPublishesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer tx.Rollback(ctx)
 	m, err := n.b.PublishTx(ctx, tx, "orders:1", []byte("never"))
 	if err != nil || m.Seq != 1 {
 		t.Fatalf("PublishTx: %+v, %v; want seq 1", m, err)
@@ -70,6 +71,7 @@ func TestPublishTxIsDeliveredOnCommitInCommitOrder(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer tx.Rollback(ctx)
 	if _, err := n.b.PublishTx(ctx, tx, "room", []byte("in tx")); err != nil {
 		t.Fatal(err)
 	}

@@ -233,6 +233,16 @@ func (s *Server) Close() {
 	}
 }
 
+// PID is the server's postmaster process id, 0 while it is stopped.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Log returns the server's log so far, for a failing test to show.
 func (s *Server) Log() string {
 	b, _ := os.ReadFile(filepath.Join(s.dir, "postgres.log"))
