@@ -3,7 +3,6 @@ package pgbroker_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"slices"
@@ -11,13 +10,13 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/roomcast/pubsub/internal/faultproxy"
 	"github.com/roomcast/pubsub/internal/leaktest"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pgbroker/internal/pgtest"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // shared is the PostgreSQL server most tests use; each test keeps to a
@@ -48,13 +47,6 @@ func uniqueSchema() string {
 	return fmt.Sprintf("test_%d", schemas.Add(1))
 }
 
-func testCtx(t testing.TB) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 // newPool returns a pool on dsn, closed at cleanup (after the brokers and
 // handlers registered later).
 func newPool(t testing.TB, dsn string, adjust ...func(*pgxpool.Config)) *pgxpool.Pool {
@@ -79,8 +71,8 @@ func newPool(t testing.TB, dsn string, adjust ...func(*pgxpool.Config)) *pgxpool
 // factory's caller binds and closes it.
 func newBroker(t testing.TB, dsn, schema string, opts ...pgbroker.Option) *pgbroker.Broker {
 	t.Helper()
-	b, err := pgbroker.New(testCtx(t), newPool(t, dsn), append([]pgbroker.Option{
-		pgbroker.WithSchema(schema), pgbroker.WithLogger(quietLogger()),
+	b, err := pgbroker.New(pubsubtest.Context(t), newPool(t, dsn), append([]pgbroker.Option{
+		pgbroker.WithSchema(schema), pgbroker.WithLogger(pubsubtest.Logger()),
 	}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
@@ -88,83 +80,41 @@ func newBroker(t testing.TB, dsn, schema string, opts ...pgbroker.Option) *pgbro
 	return b
 }
 
-// quietLogger keeps test output to failures; ROOMCAST_TEST_LOG=1 shows logs.
-func quietLogger() *slog.Logger {
-	if os.Getenv("ROOMCAST_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-// logRecorder captures a broker's log records for assertions.
+// logRecorder is a slog.Handler that keeps the records a broker logs, for
+// tests to find one.
 type logRecorder struct {
 	mu      sync.Mutex
-	records []logRecord
+	records []slog.Record
 }
 
-type logRecord struct {
-	level slog.Level
-	msg   string
-	attrs map[string]string
-}
+func (l *logRecorder) logger() *slog.Logger { return slog.New(l) }
 
-func (l *logRecorder) logger() *slog.Logger {
-	return slog.New(&captureHandler{rec: l, next: quietLogger().Handler()})
+func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.records = append(l.records, r.Clone())
+	return pubsubtest.Logger().Handler().Handle(context.Background(), r)
 }
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
 
+// find reports whether a record at level whose message holds msgPart (and,
+// unless room is "", whose room attribute is room) was logged.
 func (l *logRecorder) find(level slog.Level, msgPart, room string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return slices.ContainsFunc(l.records, func(r logRecord) bool {
-		return r.level == level && strings.Contains(r.msg, msgPart) && (room == "" || r.attrs["room"] == room)
-	})
-}
-
-type captureHandler struct {
-	rec   *logRecorder
-	next  slog.Handler
-	attrs []slog.Attr
-}
-
-func (h *captureHandler) Enabled(context.Context, slog.Level) bool { return true }
-func (h *captureHandler) Handle(ctx context.Context, r slog.Record) error {
-	lr := logRecord{level: r.Level, msg: r.Message, attrs: make(map[string]string)}
-	for _, a := range h.attrs {
-		lr.attrs[a.Key] = a.Value.String()
-	}
-	r.Attrs(func(a slog.Attr) bool {
-		lr.attrs[a.Key] = a.Value.String()
-		return true
-	})
-	h.rec.mu.Lock()
-	h.rec.records = append(h.rec.records, lr)
-	h.rec.mu.Unlock()
-	if h.next.Enabled(ctx, r.Level) {
-		return h.next.Handle(ctx, r)
-	}
-	return nil
-}
-func (h *captureHandler) WithAttrs(as []slog.Attr) slog.Handler {
-	return &captureHandler{rec: h.rec, next: h.next.WithAttrs(as), attrs: append(slices.Clone(h.attrs), as...)}
-}
-func (h *captureHandler) WithGroup(name string) slog.Handler {
-	return &captureHandler{rec: h.rec, next: h.next.WithGroup(name), attrs: h.attrs}
-}
-
-// waitFor polls cond until it holds or the test's timeout passes. It is
-// for state with no event to wait on (rows in a table, presence).
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	ctx := testCtx(t)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
+	return slices.ContainsFunc(l.records, func(r slog.Record) bool {
+		if r.Level != level || !strings.Contains(r.Message, msgPart) {
+			return false
 		}
-	}
+		found := room == ""
+		r.Attrs(func(a slog.Attr) bool {
+			found = found || (a.Key == "room" && a.Value.String() == room)
+			return !found
+		})
+		return found
+	})
 }
 
 // startProxy starts a fault-injecting proxy to addr, closed at cleanup
@@ -186,3 +136,16 @@ func viaProxy(srv *pgtest.Server, p *faultproxy.Proxy) string {
 
 // addr is the server's TCP address.
 func addr(srv *pgtest.Server) string { return fmt.Sprintf("127.0.0.1:%d", srv.Port) }
+
+// waitListening waits until n nodes of schema hold their listening
+// connection (seen in pg_stat_activity on the server at dsn).
+func waitListening(t testing.TB, dsn, schema string, n int) {
+	t.Helper()
+	admin := newPool(t, dsn)
+	pubsubtest.WaitFor(t, fmt.Sprint(n, " nodes of ", schema, " to listen"), func() bool {
+		var listening int
+		err := admin.QueryRow(pubsubtest.Context(t), `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name LIKE '%pgbroker listener%' AND query = 'LISTEN "' || $1 || '"'`, schema).Scan(&listening)
+		return err == nil && listening >= n
+	})
+}

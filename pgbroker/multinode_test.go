@@ -10,6 +10,7 @@ import (
 
 	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/pgbroker"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 func TestPublishOnOneNodeReachesSubscribersOnAnotherInOrder(t *testing.T) {
@@ -17,7 +18,7 @@ func TestPublishOnOneNodeReachesSubscribersOnAnotherInOrder(t *testing.T) {
 	s := uniqueSchema()
 	a, b := newNode(t, shared.DSN, s, nil), newNode(t, shared.DSN, s, nil)
 	wa, wb := watch(t, a.url(""), "chat", false), watch(t, b.url(""), "chat", false)
-	pub, err := client.Dial(testCtx(t), b.url("pub"), client.WithLogger(quietLogger()))
+	pub, err := client.Dial(pubsubtest.Context(t), b.url("pub"), client.WithLogger(pubsubtest.Logger()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,8 +28,8 @@ func TestPublishOnOneNodeReachesSubscribersOnAnotherInOrder(t *testing.T) {
 		data := fmt.Sprintf(`{"n":%d}`, i+1)
 		want = append(want, data)
 		if i%2 == 0 {
-			a.publish(t, "chat", data)
-		} else if err := pub.Publish(testCtx(t), "chat", []byte(data)); err != nil {
+			a.Publish("chat", []byte(data))
+		} else if _, err := pub.Publish(pubsubtest.Context(t), "chat", []byte(data)); err != nil {
 			t.Fatalf("client publish on node b: %v", err)
 		}
 	}
@@ -67,7 +68,7 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 				return
 			default:
 			}
-			if err := b.h.Publish(context.Background(), "room", fmt.Appendf(nil, "%d", n+1)); err != nil {
+			if err := b.Handler.Publish(context.Background(), "room", fmt.Appendf(nil, "%d", n+1)); err != nil {
 				t.Errorf("publish %d: %v", n+1, err)
 				return
 			}
@@ -93,7 +94,7 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 	if i := slices.IndexFunc(leave, func(i item) bool { return i.ev != nil && i.ev.Type == client.EventLeave }); leave[i].ev.UserID != "dave" {
 		t.Fatalf("watcher got %v, want dave's leave (carl is back on node b: still a member)", leave[i])
 	}
-	p, err := b.h.Presence(testCtx(t), "room")
+	p, err := b.Handler.Presence(pubsubtest.Context(t), "room")
 	if err != nil || p.Count != 2 || p.Connections != 2 {
 		t.Fatalf("presence after the kill: %+v, %v; want the watcher and carl's new connection", p, err)
 	}
@@ -106,11 +107,11 @@ func TestPresenceSpansNodes(t *testing.T) {
 	a, b := newNode(t, shared.DSN, s, nil), newNode(t, shared.DSN, s, nil)
 	ann := watch(t, a.url("ann"), "team", true)
 	bob := watch(t, b.url("bob"), "team", true)
-	bob2, err := client.Dial(testCtx(t), a.url("bob"), client.WithLogger(quietLogger())) // bob's second tab, on the other node
+	bob2, err := client.Dial(pubsubtest.Context(t), a.url("bob"), client.WithLogger(pubsubtest.Logger())) // bob's second tab, on the other node
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bob2.Subscribe(testCtx(t), "team", func(client.Message) {}); err != nil {
+	if _, err := bob2.Subscribe(pubsubtest.Context(t), "team", func(client.Message) {}); err != nil {
 		t.Fatal(err)
 	}
 	joins := func(items []item) (out []string) {
@@ -124,7 +125,7 @@ func TestPresenceSpansNodes(t *testing.T) {
 	ann.waitUntil("bob's join from the other node", func(items []item) bool {
 		return slices.Equal(joins(items), []string{"join:ann", "join:bob"})
 	})
-	p, err := ann.sub.Presence(testCtx(t))
+	p, err := ann.sub.Presence(pubsubtest.Context(t))
 	if err != nil || p.Count != 2 || p.Connections != 3 {
 		t.Fatalf("presence on node a: %+v, %v; want ann and bob, three connections on two nodes", p, err)
 	}
@@ -156,7 +157,7 @@ func TestManyNodesManyRoomsOneSequenceEach(t *testing.T) {
 		for r := range rooms {
 			wg.Go(func() {
 				for k := range each {
-					if err := n.h.Publish(context.Background(), fmt.Sprint("room-", r), fmt.Appendf(nil, "n%d-%d", i, k)); err != nil {
+					if err := n.Handler.Publish(context.Background(), fmt.Sprint("room-", r), fmt.Appendf(nil, "n%d-%d", i, k)); err != nil {
 						t.Errorf("publish: %v", err)
 						return
 					}

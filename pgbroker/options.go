@@ -205,10 +205,13 @@ func (c *config) validate() {
 	if c.maxBatch < 1 || c.maxBatch > 10_000 {
 		bad("WithMaxBatch(%d): want from 1 to 10000", c.maxBatch)
 	}
-	if h := c.txHistory; h != nil && (h.Size < 0 || h.Size > pubsub.MaxHistorySize || h.TTL < 0) {
-		bad("WithTxHistory(%d, %v): want a size from 0 to %d and a ttl of 0 (no age bound) or more", h.Size, h.TTL, pubsub.MaxHistorySize)
+	if h := c.txHistory; h != nil && (h.Size < 0 || h.Size > maxHistorySize || h.TTL < 0) {
+		bad("WithTxHistory(%d, %v): want a size from 0 to %d and a ttl of 0 (no age bound) or more", h.Size, h.TTL, maxHistorySize)
 	}
 	if c.logger == nil {
 		c.logger = slog.Default()
 	}
 }
+
+// maxHistorySize bounds a room's history size, as the Handler does.
+const maxHistorySize = 100_000

@@ -9,6 +9,7 @@ import (
 
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/protocol"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // A node cut off from PostgreSQL while the room goes on: its subscribers
@@ -41,6 +42,7 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 			c := newNode(t, viaProxy(shared, proxy), s, []pgbroker.Option{
 				pgbroker.WithLogger(logs.logger()), pgbroker.WithPollInterval(200 * time.Millisecond),
 			})
+			waitListening(t, shared.DSN, s, 3)
 			w := watch(t, c.url(""), "room", false)
 			publishAlternately(t, "room", 1, 46, a, b)
 			got := w.waitMessages(46)
@@ -53,12 +55,12 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 				proxy.Cut()
 			}
 			publishAlternately(t, "room", 47, 46+tc.missed, a, b)
-			waitFor(t, "node c to find its listening connection gone", func() bool {
+			pubsubtest.WaitFor(t, "node c to find its listening connection gone", func() bool {
 				return logs.find(slog.LevelError, "lost the listening connection", "")
 			})
 			proxy.Heal()
 			last := 46 + tc.missed + 1
-			a.publish(t, "room", fmt.Sprint(last))
+			a.Publish("room", []byte(fmt.Sprint(last)))
 
 			if tc.recovers {
 				items := w.waitData(fmt.Sprint(last))
@@ -79,12 +81,12 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 			if r := items[i].rec; r.Recovered || r.Reason != protocol.ReasonHistoryTooShort {
 				t.Fatalf("resubscribe from seq 46 after %d were published and 100 are kept: %+v, want not recovered, history_too_short", tc.missed, *r)
 			}
-			a.publish(t, "room", "next")
+			a.Publish("room", []byte("next"))
 			items = w.waitData("next")
 			if after := messages(items[i+1:]); after[len(after)-1].Seq != items[i].rec.Seq+1 {
 				t.Fatalf("after the reset: %v, want the next message after the position the resubscribe got", after)
 			}
-			waitFor(t, "the lost messages to be logged", func() bool {
+			pubsubtest.WaitFor(t, "the lost messages to be logged", func() bool {
 				return logs.find(slog.LevelError, "no longer in the room's history", "room")
 			})
 		})
@@ -96,6 +98,6 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 func publishAlternately(t *testing.T, room string, from, to int, nodes ...*node) {
 	t.Helper()
 	for i := from; i <= to; i++ {
-		nodes[i%len(nodes)].publish(t, room, fmt.Sprint(i))
+		nodes[i%len(nodes)].Publish(room, []byte(fmt.Sprint(i)))
 	}
 }

@@ -55,7 +55,7 @@ func (b *Broker) call(ctx context.Context, room string, data []byte, o pubsub.Pu
 	}
 	c := &publishCall{
 		ctx: ctx, room: room, data: data, key: o.Key, keyTTL: max(us(o.KeyTTL), 1),
-		size: int32(min(max(o.History.Size, 0), pubsub.MaxHistorySize)), ttl: us(o.History.TTL),
+		size: int32(min(max(o.History.Size, 0), maxHistorySize)), ttl: us(o.History.TTL),
 		done: make(chan publishDone, 1),
 	}
 	if c.size == 0 {

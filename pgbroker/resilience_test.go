@@ -14,6 +14,7 @@ import (
 	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pgbroker/internal/pgtest"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // startPostgres starts a server of the test's own, for tests that stop or
@@ -53,7 +54,7 @@ func startPublisher(t *testing.T, n *node, room string) *publisher {
 			case <-tick.C:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			err := n.h.Publish(ctx, room, []byte(strconv.Itoa(i)))
+			err := n.Handler.Publish(ctx, room, []byte(strconv.Itoa(i)))
 			cancel()
 			p.mu.Lock()
 			if err == nil {
@@ -83,7 +84,7 @@ func (p *publisher) halt() {
 // the errors of those that failed.
 func (p *publisher) waitUntil(t *testing.T, what string, cond func(ok []int, failed []error) bool) {
 	t.Helper()
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	for {
 		p.mu.Lock()
 		done, change := cond(p.ok, p.failed), p.change
@@ -151,6 +152,7 @@ func TestPostgresRestartMidStream(t *testing.T) {
 			logs := &logRecorder{}
 			opts := []pgbroker.Option{pgbroker.WithLogger(logs.logger()), pgbroker.WithPollInterval(500 * time.Millisecond)}
 			a, b := newNode(t, srv.DSN, s, opts), newNode(t, srv.DSN, s, opts)
+			waitListening(t, srv.DSN, s, 2)
 			w := watch(t, a.url(""), "room", false)
 			pub := startPublisher(t, b, "room")
 			pub.waitUntil(t, "20 publishes", func(ok []int, _ []error) bool { return len(ok) >= 20 })
@@ -179,7 +181,7 @@ func TestPostgresRestartMidStream(t *testing.T) {
 			if r := recoveries(got); len(r) > 0 {
 				t.Fatalf("the subscriber reconnected (%+v): a PostgreSQL restart must not cost it its subscription", r)
 			}
-			waitFor(t, "the lost listening connection to be logged", func() bool {
+			pubsubtest.WaitFor(t, "the lost listening connection to be logged", func() bool {
 				return logs.find(slog.LevelError, "lost the listening connection", "")
 			})
 		})
@@ -194,23 +196,24 @@ func TestListeningConnectionKilledIsReopenedAndCaughtUp(t *testing.T) {
 	logs := &logRecorder{}
 	a := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.logger())})
 	b := newNode(t, shared.DSN, s, nil)
+	waitListening(t, shared.DSN, s, 2)
 	w := watch(t, a.url(""), "room", false)
-	b.publish(t, "room", "1")
+	b.Publish("room", []byte("1"))
 	w.waitMessages(1)
 
 	admin := newPool(t, shared.DSN)
 	var killed *bool
-	err := admin.QueryRow(testCtx(t), `SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity
+	err := admin.QueryRow(pubsubtest.Context(t), `SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity
 		WHERE application_name LIKE '%pgbroker listener%' AND query = 'LISTEN "' || $1 || '"'`, s).Scan(&killed)
 	if err != nil || killed == nil || !*killed {
 		t.Fatalf("terminating node a's listening connection: %v, %v", killed, err)
 	}
 	for i := 2; i <= 6; i++ {
-		b.publish(t, "room", fmt.Sprint(i)) // node a may not hear these
+		b.Publish("room", []byte(fmt.Sprint(i))) // node a may not hear these
 	}
 	got := w.waitMessages(6)
 	checkStream(t, got, got[0].Epoch, 1, numbered(1, 6)...)
-	waitFor(t, "the lost listening connection to be logged", func() bool {
+	pubsubtest.WaitFor(t, "the lost listening connection to be logged", func() bool {
 		return logs.find(slog.LevelError, "lost the listening connection", "")
 	})
 	if r := recoveries(w.items); len(r) > 0 {
@@ -230,7 +233,7 @@ func TestCloseReturnsWhilePostgresIsUnreachable(t *testing.T) {
 			proxy := startProxy(t, addr(srv))
 			n := newNode(t, viaProxy(srv, proxy), uniqueSchema(), []pgbroker.Option{pgbroker.WithPresenceTTL(600 * time.Millisecond)})
 			watch(t, n.url("ann"), "room", true)
-			n.publish(t, "room", "x")
+			n.Publish("room", []byte("x"))
 			if tc == "stopped" {
 				srv.Stop()
 			} else {

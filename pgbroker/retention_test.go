@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/pgbroker"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // retentionBroker is a bound broker whose delivery window is short, so
@@ -31,7 +32,7 @@ func retentionBroker(t *testing.T, opts ...pgbroker.Option) (*pgbroker.Broker, s
 // rowsOf returns the seqs of the room's messages still in the table.
 func rowsOf(t *testing.T, db *pgxpool.Pool, schema, room string) []uint64 {
 	t.Helper()
-	rows, err := db.Query(testCtx(t), `SELECT seq FROM `+schema+`.history WHERE room = $1 ORDER BY seq`, room)
+	rows, err := db.Query(pubsubtest.Context(t), `SELECT seq FROM `+schema+`.history WHERE room = $1 ORDER BY seq`, room)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,8 +59,8 @@ func span(from, to uint64) []uint64 {
 // sweepUntil runs the sweep until cond holds.
 func sweepUntil(t *testing.T, b *pgbroker.Broker, what string, cond func() bool) {
 	t.Helper()
-	waitFor(t, what, func() bool {
-		if _, err := b.Sweep(testCtx(t)); err != nil {
+	pubsubtest.WaitFor(t, what, func() bool {
+		if _, err := b.Sweep(pubsubtest.Context(t)); err != nil {
 			t.Fatal(err)
 		}
 		return cond()
@@ -70,7 +71,7 @@ func publishN(t *testing.T, b *pgbroker.Broker, room string, n int, h pubsub.His
 	t.Helper()
 	var out []pubsub.Message
 	for i := range n {
-		res, err := b.Publish(testCtx(t), room, fmt.Appendf(nil, "m%d", i+1), pubsub.PublishOptions{History: h})
+		res, err := b.Publish(pubsubtest.Context(t), room, fmt.Appendf(nil, "m%d", i+1), pubsub.PublishOptions{History: h})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -98,13 +99,13 @@ func TestRetentionBoundsHold(t *testing.T) {
 	if got := rowsOf(t, db, s, "archive"); !slices.Equal(got, span(1, 50)) {
 		t.Fatalf("archived room's rows: %v, want all 50", got)
 	}
-	res, err := b.History(testCtx(t), "archive", pubsub.HistoryQuery{Limit: 100})
+	res, err := b.History(pubsubtest.Context(t), "archive", pubsub.HistoryQuery{Limit: 100})
 	if err != nil || len(res.Messages) != 5 || res.Messages[0].ID != archived[45].ID {
 		t.Fatalf("archived room's History: %d messages, %v; want the newest 5", len(res.Messages), err)
 	}
 	// Trimmed rooms keep their position: the next message follows on.
 	for room, top := range map[string]uint64{"count": 100, "age": 20, "none": 30} {
-		res, err := b.History(testCtx(t), room, pubsub.HistoryQuery{})
+		res, err := b.History(pubsubtest.Context(t), room, pubsub.HistoryQuery{})
 		if err != nil || res.Top != top {
 			t.Fatalf("room %s: position %+v, %v; want top %d", room, res, err, top)
 		}
@@ -117,7 +118,7 @@ func TestRetentionBoundsHold(t *testing.T) {
 func TestSweepForgetsKeysEventsAndIdleRooms(t *testing.T) {
 	t.Parallel()
 	b, s, db := retentionBroker(t, pgbroker.WithRoomTTL(time.Second))
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	count := func(table string) int {
 		var n int
 		if err := db.QueryRow(ctx, `SELECT count(*) FROM `+s+`.`+table).Scan(&n); err != nil {
@@ -183,7 +184,7 @@ func TestMessagesLargerThanANotifyPayload(t *testing.T) {
 		data := make([]byte, size)
 		rand.Read(data)
 		want = append(want, data)
-		if err := a.h.Publish(testCtx(t), "big", data); err != nil {
+		if err := a.Handler.Publish(pubsubtest.Context(t), "big", data); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -193,7 +194,7 @@ func TestMessagesLargerThanANotifyPayload(t *testing.T) {
 			t.Fatalf("message %d: %d bytes arrived, not the %d published", i, len(got[i].Data), len(want[i]))
 		}
 	}
-	h, err := b.h.History(testCtx(t), "big", 3)
+	h, err := b.Handler.History(pubsubtest.Context(t), "big", 3)
 	if err != nil || len(h) != 3 || !bytes.Equal(h[2].Data, want[2]) {
 		t.Fatalf("history of the large messages: %d, %v", len(h), err)
 	}
@@ -206,10 +207,10 @@ func TestHistoryIsQueryableWithSQL(t *testing.T) {
 	s := uniqueSchema()
 	n := newNode(t, shared.DSN, s, nil)
 	for _, text := range []string{`{"nick":"ann","text":"hello"}`, `{"nick":"bob","text":"hi ann"}`, `{"nick":"ann","text":"bye"}`} {
-		n.publish(t, "lobby", text)
+		n.Publish("lobby", []byte(text))
 	}
 	db := newPool(t, shared.DSN)
-	rows, err := db.Query(testCtx(t), `SELECT seq, convert_from(data, 'UTF8')::json->>'text' FROM `+s+`.history
+	rows, err := db.Query(pubsubtest.Context(t), `SELECT seq, convert_from(data, 'UTF8')::json->>'text' FROM `+s+`.history
 		WHERE room = 'lobby' AND convert_from(data, 'UTF8')::json->>'nick' = 'ann' ORDER BY seq`)
 	if err != nil {
 		t.Fatal(err)
@@ -240,10 +241,10 @@ func TestWholeClusterRestartRecoversExactly(t *testing.T) {
 	lb := startFront(t, a)
 	w := watch(t, lb.url("ann"), "room", false)
 	for i := 1; i <= 5; i++ {
-		a.publish(t, "room", fmt.Sprint(i))
+		a.Publish("room", []byte(fmt.Sprint(i)))
 	}
 	before := w.waitMessages(5)
-	if err := a.h.Shutdown(testCtx(t)); err != nil {
+	if err := a.Handler.Shutdown(pubsubtest.Context(t)); err != nil {
 		t.Fatal(err)
 	}
 	srv.Stop()
@@ -252,14 +253,14 @@ func TestWholeClusterRestartRecoversExactly(t *testing.T) {
 	}
 	a2, b2 := newNode(t, srv.DSN, s, nil), newNode(t, srv.DSN, s, nil)
 	for i := 6; i <= 8; i++ {
-		b2.publish(t, "room", fmt.Sprint(i)) // while ann is away
+		b2.Publish("room", []byte(fmt.Sprint(i))) // while ann is away
 	}
 	lb.point(a2)
 	items := w.waitUntil("the recovery", func(items []item) bool { return len(recoveries(items)) > 0 })
 	if r := recoveries(items)[0]; !r.Recovered || r.Missed != 3 {
 		t.Fatalf("recovery after the whole cluster restarted: %+v, want recovered with 3 missed", r)
 	}
-	b2.publish(t, "room", "9")
+	b2.Publish("room", []byte("9"))
 	got := w.waitMessages(9)
 	checkStream(t, got, before[0].Epoch, 1, numbered(1, 9)...)
 }
@@ -274,18 +275,18 @@ func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.logger())})
 	w := watch(t, n.url(""), "room", false)
 	for i := 1; i <= 5; i++ {
-		n.publish(t, "room", fmt.Sprint(i))
+		n.Publish("room", []byte(fmt.Sprint(i)))
 	}
 	w.waitMessages(5)
 	db := newPool(t, shared.DSN)
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	// The backup had the room at seq 2.
 	if _, err := db.Exec(ctx, `WITH r AS (UPDATE `+s+`.rooms SET seq = 2, last_at = now() WHERE name = 'room' RETURNING id)
 		DELETE FROM `+s+`.messages m USING r WHERE m.room_id = r.id AND m.seq > 2`); err != nil {
 		t.Fatal(err)
 	}
 	for i := 3; i <= 5; i++ {
-		if err := n.h.Publish(context.Background(), "room", fmt.Appendf(nil, "new %d", i)); err != nil {
+		if err := n.Handler.Publish(context.Background(), "room", fmt.Appendf(nil, "new %d", i)); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/roomcast/pubsub/pgbroker"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 var update = flag.Bool("update", false, "rewrite schema.sql from SchemaSQL")
@@ -37,7 +38,7 @@ func TestShippedSchemaSQLIsWhatTheBrokerInstalls(t *testing.T) {
 		t.Fatal("schema.sql differs from SchemaSQL(DefaultSchema): run go test -run TestShippedSchemaSQL -update .")
 	}
 
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	byHand, byBroker := newDatabase(t), newDatabase(t)
 	conn, err := pgx.Connect(ctx, shared.DSNFor(byHand))
 	if err != nil {
@@ -71,7 +72,7 @@ func newDatabase(t *testing.T) string {
 	t.Helper()
 	name := "db_" + uniqueSchema()
 	admin := newPool(t, shared.DSN)
-	if _, err := admin.Exec(testCtx(t), "CREATE DATABASE "+name); err != nil {
+	if _, err := admin.Exec(pubsubtest.Context(t), "CREATE DATABASE "+name); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -87,7 +88,7 @@ func newDatabase(t *testing.T) string {
 // view's definition, the version rows.
 func catalog(t *testing.T, dsn string) string {
 	t.Helper()
-	conn, err := pgx.Connect(testCtx(t), dsn)
+	conn, err := pgx.Connect(pubsubtest.Context(t), dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +107,7 @@ func catalog(t *testing.T, dsn string) string {
 		`SELECT 'view ' || viewname || ' ' || definition FROM pg_views WHERE schemaname = 'roomcast' ORDER BY 1`,
 		`SELECT 'version ' || version FROM roomcast.schema_version ORDER BY 1`,
 	} {
-		rows, err := conn.Query(testCtx(t), q)
+		rows, err := conn.Query(pubsubtest.Context(t), q)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -134,7 +135,7 @@ func TestNodesStartingAtOnceInstallTheSchemaOnce(t *testing.T) {
 	errs := make(chan error, 8)
 	for range 8 {
 		wg.Go(func() {
-			_, err := pgbroker.New(testCtx(t), pool, pgbroker.WithSchema(s))
+			_, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s))
 			errs <- err
 		})
 	}
@@ -146,7 +147,7 @@ func TestNodesStartingAtOnceInstallTheSchemaOnce(t *testing.T) {
 		}
 	}
 	var n int
-	if err := pool.QueryRow(testCtx(t), `SELECT count(*) FROM `+s+`.schema_version`).Scan(&n); err != nil || n != 1 {
+	if err := pool.QueryRow(pubsubtest.Context(t), `SELECT count(*) FROM `+s+`.schema_version`).Scan(&n); err != nil || n != 1 {
 		t.Fatalf("%d version rows, %v; want 1", n, err)
 	}
 }
@@ -157,7 +158,7 @@ func TestWithoutSchemaInstallChecksTheVersion(t *testing.T) {
 	t.Parallel()
 	s := uniqueSchema()
 	pool := newPool(t, shared.DSN)
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	if _, err := pgbroker.New(ctx, pool, pgbroker.WithSchema(s), pgbroker.WithoutSchemaInstall()); !errors.Is(err, pgbroker.ErrSchemaMissing) {
 		t.Fatalf("New on a database without the schema: %v, want ErrSchemaMissing", err)
 	}

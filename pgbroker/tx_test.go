@@ -14,6 +14,7 @@ import (
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/pgbroker"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
 // txNode is a node, its schema and a pool of the host's own on the same
@@ -28,9 +29,9 @@ func txNode(t *testing.T, bopts ...pgbroker.Option) (*node, string, *pgxpool.Poo
 // waitLockWaiters waits until n publishes of schema wait for a room's lock.
 func waitLockWaiters(t *testing.T, admin *pgxpool.Pool, schema string, n int) {
 	t.Helper()
-	waitFor(t, fmt.Sprint(n, " publishes to wait for the room's lock"), func() bool {
+	pubsubtest.WaitFor(t, fmt.Sprint(n, " publishes to wait for the room's lock"), func() bool {
 		var waiting int
-		err := admin.QueryRow(testCtx(t), `SELECT count(*) FROM pg_stat_activity
+		err := admin.QueryRow(pubsubtest.Context(t), `SELECT count(*) FROM pg_stat_activity
 			WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '.publish%'`, schema).Scan(&waiting)
 		return err == nil && waiting >= n
 	})
@@ -40,7 +41,7 @@ func TestRolledBackPublishTxPublishesNothing(t *testing.T) {
 	t.Parallel()
 	n, _, host := txNode(t)
 	w := watch(t, n.url(""), "orders:1", false)
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	tx, err := host.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -53,10 +54,10 @@ func TestRolledBackPublishTxPublishesNothing(t *testing.T) {
 	if err := tx.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n.publish(t, "orders:1", "after the rollback")
+	n.Publish("orders:1", []byte("after the rollback"))
 	got := w.waitMessages(1)
 	checkStream(t, got, got[0].Epoch, 1, "after the rollback") // seq 1 again: nothing was taken
-	h, err := n.h.History(ctx, "orders:1", 10)
+	h, err := n.Handler.History(ctx, "orders:1", 10)
 	if err != nil || len(h) != 1 || string(h[0].Data) != "after the rollback" {
 		t.Fatalf("history %v, %v; want only the message after the rollback", h, err)
 	}
@@ -66,7 +67,7 @@ func TestPublishTxIsDeliveredOnCommitInCommitOrder(t *testing.T) {
 	t.Parallel()
 	n, schema, host := txNode(t)
 	w := watch(t, n.url(""), "room", false)
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	tx, err := host.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -78,7 +79,7 @@ func TestPublishTxIsDeliveredOnCommitInCommitOrder(t *testing.T) {
 	// A publish outside waits for the transaction's row lock: the room's
 	// sequence is the commit order.
 	published := make(chan error, 1)
-	go func() { published <- n.h.Publish(context.Background(), "room", []byte("outside")) }()
+	go func() { published <- n.Handler.Publish(context.Background(), "room", []byte("outside")) }()
 	waitLockWaiters(t, host, schema, 1)
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
@@ -99,9 +100,9 @@ func TestABusyRoomDoesNotHoldUpOtherRooms(t *testing.T) {
 		t.Run(fmt.Sprint("room exists=", exists), func(t *testing.T) {
 			t.Parallel()
 			n, schema, host := txNode(t)
-			ctx := testCtx(t)
+			ctx := pubsubtest.Context(t)
 			if exists {
-				n.publish(t, "busy", "before")
+				n.Publish("busy", []byte("before"))
 			}
 			tx, err := host.Begin(ctx)
 			if err != nil {
@@ -114,11 +115,11 @@ func TestABusyRoomDoesNotHoldUpOtherRooms(t *testing.T) {
 			var wg sync.WaitGroup
 			busy := make(chan error, 4)
 			for range 4 {
-				wg.Go(func() { busy <- n.h.Publish(context.Background(), "busy", []byte("waits")) })
+				wg.Go(func() { busy <- n.Handler.Publish(context.Background(), "busy", []byte("waits")) })
 			}
 			waitLockWaiters(t, host, schema, 1)
 			for i := range 50 { // each in a batch with the busy ones, or after them
-				if err := n.h.Publish(ctx, fmt.Sprint("free-", i%5), []byte("goes")); err != nil {
+				if err := n.Handler.Publish(ctx, fmt.Sprint("free-", i%5), []byte("goes")); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -199,7 +200,7 @@ func TestConcurrentHostTransactionsKeepOneGaplessSequence(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	n.publish(t, "room", "end")
+	n.Publish("room", []byte("end"))
 	got := messages(w.waitData("end"))
 	got = got[:len(got)-1]
 	checkGapless(t, got)
@@ -220,7 +221,7 @@ var errRollback = errors.New("rolled back on purpose")
 func TestPublishTxWithAKey(t *testing.T) {
 	t.Parallel()
 	n, _, host := txNode(t)
-	ctx := testCtx(t)
+	ctx := pubsubtest.Context(t)
 	o := pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 10, TTL: time.Minute}, Key: "event-7", KeyTTL: time.Minute}
 	var first, again pubsub.PublishResult
 	for _, res := range []*pubsub.PublishResult{&first, &again} {

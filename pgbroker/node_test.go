@@ -2,51 +2,41 @@ package pgbroker_test
 
 import (
 	"fmt"
-	"io"
-	"log"
 	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
 	"net/url"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/client"
+	"github.com/roomcast/pubsub/internal/faultproxy"
 	"github.com/roomcast/pubsub/pgbroker"
+	"github.com/roomcast/pubsub/pubsubtest"
 )
 
-// node is one Handler with its own broker and HTTP server: one node of a
-// cluster.
+// node is one Handler with its own broker, served on a loopback port: one
+// node of a cluster.
 type node struct {
-	h   *pubsub.Handler
-	b   *pgbroker.Broker
-	srv *httptest.Server
+	*pubsubtest.Server
+	b *pgbroker.Broker
 }
 
 // startNode starts a node on broker b. Clients name their user with
 // ?user=. Cleanup closes the handler (and so the broker), then the server.
 func startNode(t testing.TB, b *pgbroker.Broker, hopts ...pubsub.Option) *node {
 	t.Helper()
-	h := pubsub.NewHandler(append([]pubsub.Option{
+	srv := pubsubtest.Start(t, append([]pubsub.Option{
 		pubsub.WithBroker(b),
-		pubsub.WithLogger(quietLogger()),
 		pubsub.WithClientPublish(true),
 		pubsub.WithHistory(100, time.Minute),
 		pubsub.WithAuthenticate(func(r *http.Request) (pubsub.Identity, error) {
 			return pubsub.Identity{UserID: r.URL.Query().Get("user")}, nil
 		}),
 	}, hopts...)...)
-	srv := httptest.NewServer(h)
-	t.Cleanup(func() {
-		h.Close()
-		srv.Close()
-	})
-	return &node{h: h, b: b, srv: srv}
+	return &node{Server: srv, b: b}
 }
 
 // newNode starts a node with a broker of its own on dsn, in schema.
@@ -55,23 +45,16 @@ func newNode(t testing.TB, dsn, schema string, bopts []pgbroker.Option, hopts ..
 	return startNode(t, newBroker(t, dsn, schema, bopts...), hopts...)
 }
 
+// url is the node's endpoint for user ("" for an anonymous client).
 func (n *node) url(user string) string {
-	return wsURL(n.srv.URL, user)
+	return userURL(n.WS("/ws"), user)
 }
 
-func wsURL(base, user string) string {
-	u := "ws" + strings.TrimPrefix(base, "http") + "/ws"
+func userURL(ws, user string) string {
 	if user != "" {
-		u += "?user=" + url.QueryEscape(user)
+		ws += "?user=" + url.QueryEscape(user)
 	}
-	return u
-}
-
-func (n *node) publish(t testing.TB, room, data string) {
-	t.Helper()
-	if err := n.h.Publish(testCtx(t), room, []byte(data)); err != nil {
-		t.Fatalf("Publish(%s, %s): %v", room, data, err)
-	}
+	return ws
 }
 
 // kill stops a node as a crash would: its broker first, so nothing it
@@ -82,40 +65,24 @@ func (n *node) kill(t testing.TB) {
 	if err := n.b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	n.h.Close()
-	n.srv.CloseClientConnections()
+	n.Handler.Close()
 }
 
-// front is the load balancer in front of the nodes: it forwards HTTP and
-// WebSocket upgrades to one node, which a test can change.
-type front struct {
-	srv    *httptest.Server
-	target atomic.Pointer[url.URL]
-}
+// front is the load balancer in front of the nodes: a TCP proxy whose
+// connections go to one node, which a test can change.
+type front struct{ *faultproxy.Proxy }
 
-func startFront(t testing.TB, to *node) *front {
+func startFront(t testing.TB, to *node) front {
 	t.Helper()
-	f := &front{}
-	f.point(to)
-	rp := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
-		r.SetURL(f.target.Load())
-	}, ErrorLog: log.New(io.Discard, "", 0)}
-	rp.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, _ error) { w.WriteHeader(http.StatusBadGateway) }
-	f.srv = httptest.NewServer(rp)
-	t.Cleanup(f.srv.Close)
-	return f
+	return front{startProxy(t, hostOf(to))}
 }
 
 // point sends the next connections to n.
-func (f *front) point(n *node) {
-	u, err := url.Parse(n.srv.URL)
-	if err != nil {
-		panic(err)
-	}
-	f.target.Store(u)
-}
+func (f front) point(n *node) { f.SetTarget(hostOf(n)) }
 
-func (f *front) url(user string) string { return wsURL(f.srv.URL, user) }
+func (f front) url(user string) string { return userURL("ws://"+f.Addr()+"/ws", user) }
+
+func hostOf(n *node) string { return strings.TrimPrefix(n.URL, "http://") }
 
 // watcher is a Go client subscribed to one room, recording everything its
 // subscription gets, in order.
@@ -155,8 +122,8 @@ func (i item) String() string {
 func watch(t testing.TB, url, room string, presence bool, opts ...client.SubscribeOption) *watcher {
 	t.Helper()
 	w := &watcher{t: t, changed: make(chan struct{})}
-	c, err := client.Dial(testCtx(t), url, client.WithReconnect(20*time.Millisecond, 200*time.Millisecond),
-		client.WithLogger(quietLogger()))
+	c, err := client.Dial(pubsubtest.Context(t), url, client.WithReconnect(20*time.Millisecond, 200*time.Millisecond),
+		client.WithLogger(pubsubtest.Logger()))
 	if err != nil {
 		t.Fatalf("dial %s: %v", url, err)
 	}
@@ -166,7 +133,7 @@ func watch(t testing.TB, url, room string, presence bool, opts ...client.Subscri
 	if presence {
 		opts = append(opts, client.OnPresence(func(e client.Event) { w.add(item{ev: &e}) }))
 	}
-	if w.sub, err = c.Subscribe(testCtx(t), room, func(m client.Message) { w.add(item{m: &m}) }, opts...); err != nil {
+	if w.sub, err = c.Subscribe(pubsubtest.Context(t), room, func(m client.Message) { w.add(item{m: &m}) }, opts...); err != nil {
 		t.Fatalf("subscribe %s: %v", room, err)
 	}
 	return w
@@ -183,7 +150,7 @@ func (w *watcher) add(i item) {
 // waitUntil waits until cond holds for everything received, and returns it.
 func (w *watcher) waitUntil(what string, cond func([]item) bool) []item {
 	w.t.Helper()
-	ctx := testCtx(w.t)
+	ctx := pubsubtest.Context(w.t)
 	for {
 		w.mu.Lock()
 		items, changed := slices.Clone(w.items), w.changed
