@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -22,8 +23,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// ErrNotInstalled: initdb or postgres is not in PATH.
-var ErrNotInstalled = errors.New("pgtest: initdb and postgres not found in PATH: install PostgreSQL's server binaries (apt-get install postgresql)")
+// ErrNotInstalled: initdb and postgres are neither in PATH nor in
+// /usr/lib/postgresql/*/bin.
+var ErrNotInstalled = errors.New("pgtest: initdb and postgres not found in PATH or /usr/lib/postgresql/*/bin: install PostgreSQL's server binaries (apt-get install postgresql)")
 
 // Settings are the server settings tests use: nothing is synced to disk,
 // so a crash of the machine would lose data, but a commit is written out
@@ -51,6 +53,7 @@ type Server struct {
 	DSN  string
 	Port int
 
+	bin      string // the directory of initdb and postgres
 	dir      string
 	settings map[string]string
 	cred     *syscall.Credential
@@ -59,17 +62,37 @@ type Server struct {
 	cmd *exec.Cmd
 }
 
+// binDir is where initdb and postgres are: in PATH, or else in Debian's
+// /usr/lib/postgresql/<version>/bin, the newest version (the Debian
+// package puts only wrappers in PATH).
+func binDir() (string, error) {
+	if initdb, err := exec.LookPath("initdb"); err == nil {
+		if _, err := exec.LookPath("postgres"); err == nil {
+			return filepath.Dir(initdb), nil
+		}
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	slices.SortFunc(dirs, func(a, b string) int {
+		va, _ := strconv.Atoi(filepath.Base(filepath.Dir(a)))
+		vb, _ := strconv.Atoi(filepath.Base(filepath.Dir(b)))
+		return vb - va
+	})
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
+			return d, nil
+		}
+	}
+	return "", ErrNotInstalled
+}
+
 // Start initializes a cluster in a new temporary directory and starts the
 // server with Settings, or with the settings given.
 func Start(settings ...map[string]string) (*Server, error) {
-	initdb, err := exec.LookPath("initdb")
+	bin, err := binDir()
 	if err != nil {
-		return nil, ErrNotInstalled
+		return nil, err
 	}
-	if _, err := exec.LookPath("postgres"); err != nil {
-		return nil, ErrNotInstalled
-	}
-	s := &Server{settings: Settings}
+	s := &Server{settings: Settings, bin: bin}
 	if len(settings) > 0 {
 		s.settings = settings[0]
 	}
@@ -87,7 +110,7 @@ func Start(settings ...map[string]string) (*Server, error) {
 			return nil, err
 		}
 	}
-	out, err := s.command(initdb, "-D", s.data(), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+	out, err := s.command(filepath.Join(bin, "initdb"), "-D", s.data(), "-U", "postgres", "-A", "trust", "-E", "UTF8",
 		"--locale=C", "--no-sync", "--no-instructions").CombinedOutput()
 	if err != nil {
 		s.Close()
@@ -156,7 +179,7 @@ func (s *Server) Restart() error {
 		return err
 	}
 	defer log.Close()
-	cmd := s.command("postgres", args...)
+	cmd := s.command(filepath.Join(s.bin, "postgres"), args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("pgtest: start postgres: %w", err)
