@@ -85,7 +85,7 @@ func main() {
 	fmt.Printf("PostgreSQL %s (fsync %s, synchronous_commit %s), %s, GOMAXPROCS %d, %d rooms, %d-byte payloads, %v per scenario after %v warm-up, publish conns %d\n\n",
 		version, fsync, sync, runtime.Version(), runtime.GOMAXPROCS(0), rooms, payloadSize, *dur, *warm, *conns)
 
-	fmt.Println("| scenario | publishers | publishes/s | vs floor | p50 ms | p99 ms | CPU µs/publish |")
+	fmt.Println("| scenario | publishers | publishes/s | vs floor | p50 ms | p99 ms | CPU µs/publish: Go + PostgreSQL |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
 	for _, f := range strings.Split(*pubs, ",") {
 		var p int
@@ -119,7 +119,8 @@ type result struct {
 	rate     float64
 	p50, p99 time.Duration
 	errors   int64
-	cpu      time.Duration // CPU time of this process and the server's, per publish; 0 when unknown
+	goCPU    time.Duration // CPU time of this process per publish
+	pgCPU    time.Duration // CPU time of the server's processes per publish; 0 when unknown
 }
 
 func row(name string, publishers int, r result, floor float64) {
@@ -131,9 +132,9 @@ func row(name string, publishers int, r result, floor float64) {
 	if r.errors > 0 {
 		errs = fmt.Sprintf(" (%d errors)", r.errors)
 	}
-	cpu := "–"
-	if r.cpu > 0 {
-		cpu = fmt.Sprint(r.cpu.Microseconds())
+	cpu := fmt.Sprintf("%d + –", r.goCPU.Microseconds())
+	if r.pgCPU > 0 {
+		cpu = fmt.Sprintf("%d + %d = %d", r.goCPU.Microseconds(), r.pgCPU.Microseconds(), (r.goCPU + r.pgCPU).Microseconds())
 	}
 	fmt.Printf("| %s%s | %d | %.0f | %s | %.2f | %.2f | %s |\n", name, errs, publishers, r.rate, vs,
 		float64(r.p50.Microseconds())/1000, float64(r.p99.Microseconds())/1000, cpu)
@@ -200,18 +201,19 @@ func drive(publishers, rate int, warm, dur time.Duration, lat *recorder, publish
 	time.Sleep(warm)
 	lat.measuring.Store(true)
 	measureFrom := time.Now()
-	cpuFrom := cpuTime()
+	goFrom, pgFrom := cpuTime()
 	time.Sleep(dur)
 	lat.measuring.Store(false)
 	got := n.Load()
 	elapsed := time.Since(measureFrom)
-	cpu := cpuTime() - cpuFrom
+	goTo, pgTo := cpuTime()
 	stop.Store(true)
 	wg.Wait()
 	p50, p99 := lat.quantiles()
 	res := result{rate: float64(got) / elapsed.Seconds(), p50: p50, p99: p99, errors: errs.Load()}
-	if postmaster != 0 && got > 0 {
-		res.cpu = cpu / time.Duration(got)
+	if got > 0 {
+		res.goCPU = (goTo - goFrom) / time.Duration(got)
+		res.pgCPU = (pgTo - pgFrom) / time.Duration(got)
 	}
 	return res
 }
@@ -222,15 +224,15 @@ var postmaster int
 
 // cpuTime is the CPU time (user and system) used so far by this process
 // and by the server's processes, read from /proc (Linux).
-func cpuTime() time.Duration {
-	var total time.Duration
+func cpuTime() (self, server time.Duration) {
 	var ru syscall.Rusage
 	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
-		total += time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		self = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	if postmaster == 0 {
-		return total
+		return self, 0
 	}
+	var total time.Duration
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
@@ -255,7 +257,7 @@ func cpuTime() time.Duration {
 		st, _ := strconv.ParseInt(f[12], 10, 64)
 		total += time.Duration(ut+st) * time.Second / clockTicks
 	}
-	return total
+	return self, total
 }
 
 // clockTicks is the kernel's USER_HZ, the unit of /proc/<pid>/stat times.
