@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pubsubtest"
@@ -46,7 +47,9 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 	t.Parallel()
 	s := uniqueSchema()
 	fast := []pgbroker.Option{pgbroker.WithPresenceTTL(600 * time.Millisecond)}
-	a, b := newNode(t, shared.DSN, s, fast), newNode(t, shared.DSN, s, fast)
+	// The room keeps what a reconnect takes at the publisher's pace.
+	roomy := pubsub.WithHistory(5000, time.Minute)
+	a, b := newNode(t, shared.DSN, s, fast, roomy), newNode(t, shared.DSN, s, fast, roomy)
 	lb := startFront(t, a)
 	watcher := watch(t, b.url("watcher"), "room", true)
 	carl := watch(t, lb.url("carl"), "room", false)
@@ -56,17 +59,19 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 			slices.ContainsFunc(items, func(i item) bool { return i.ev != nil && i.ev.Type == client.EventJoin && i.ev.UserID == "carl" })
 	})
 
-	// Publish on node b throughout, flat out.
+	// Publish on node b throughout, 500 a second.
 	stop := make(chan struct{})
 	published := make(chan int, 1)
 	go func() {
 		n := 0
 		defer func() { published <- n }()
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
 		for {
 			select {
 			case <-stop:
 				return
-			default:
+			case <-tick.C:
 			}
 			if err := b.Handler.Publish(context.Background(), "room", fmt.Appendf(nil, "%d", n+1)); err != nil {
 				t.Errorf("publish %d: %v", n+1, err)

@@ -77,8 +77,14 @@ func startFront(t testing.TB, to *node) front {
 	return front{startProxy(t, hostOf(to))}
 }
 
-// point sends the next connections to n.
-func (f front) point(n *node) { f.SetTarget(hostOf(n)) }
+// point sends every connection to n from now on: the ones open to the
+// previous node drop (idle HTTP connections too, which a client would
+// reuse for its next upgrade), as when that node goes away.
+func (f front) point(n *node) {
+	f.SetTarget(hostOf(n))
+	f.Cut()
+	f.Heal()
+}
 
 func (f front) url(user string) string { return userURL("ws://"+f.Addr()+"/ws", user) }
 

@@ -186,8 +186,17 @@ func (b *Broker) publishTx(ctx context.Context, tx pgx.Tx, room string, data []b
 // up to a batch, and publishes it in one call. With several publishers a
 // batch is sent while the previous one commits. It never waits for a room
 // another transaction holds: those calls go to the waiters.
+//
+// The batch is as large as the concurrency: when the previous batch had k
+// publishes, their publishers are likely to be back soon (they were
+// woken as it committed), so it waits up to linger for the batch to reach
+// k again before sending it. A lone publisher (k = 1) never waits.
 func (b *Broker) publishLoop() {
 	batch := make([]*publishCall, 0, b.cfg.maxBatch)
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
+	defer linger.Stop()
+	last := 1
 	for {
 		select {
 		case <-b.ctx.Done():
@@ -196,16 +205,38 @@ func (b *Broker) publishLoop() {
 			batch = append(batch[:0], c)
 		}
 		size := len(batch[0].data)
+		waiting := false
 	fill:
 		for len(batch) < b.cfg.maxBatch && size < maxBatchBytes {
 			select {
 			case c := <-b.queue:
 				batch = append(batch, c)
 				size += len(c.data)
+				continue
 			default:
+			}
+			if len(batch) >= last {
+				break
+			}
+			if !waiting {
+				waiting = true
+				linger.Reset(lingerFor)
+			}
+			select {
+			case c := <-b.queue:
+				batch = append(batch, c)
+				size += len(c.data)
+			case <-linger.C:
+				waiting = false
+				break fill
+			case <-b.ctx.Done():
 				break fill
 			}
 		}
+		if waiting && !linger.Stop() {
+			<-linger.C
+		}
+		last = len(batch)
 		ctx, cancel := b.batchContext(batch)
 		busy := b.run(ctx, b.pool, batch, lockFree)
 		if len(busy) > 0 {
@@ -218,6 +249,10 @@ func (b *Broker) publishLoop() {
 		}
 	}
 }
+
+// lingerFor is the longest a publisher waits for a batch to grow back to
+// the previous one's size.
+const lingerFor = 200 * time.Microsecond
 
 // batchContext ends at Close, or at the latest deadline of the batch's
 // publishers (batchTimeout when one has none).

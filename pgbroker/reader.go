@@ -6,6 +6,8 @@ import (
 	"errors"
 	"math/rand/v2"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -169,13 +171,30 @@ func (b *Broker) listen(conn *pgx.Conn) error {
 	}
 }
 
-// notified handles one notification: "r" and a room's name.
+// notified handles one notification: "r" and a room's name (a
+// PublishTx's commit, a presence change), or "m" and rooms, each as its
+// length in bytes, ":" and its name (the notifier's). Anything else, or a
+// malformed list, reads every room.
 func (b *Broker) notified(payload string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if len(payload) > 0 && payload[0] == 'r' {
+	switch {
+	case len(payload) > 0 && payload[0] == 'r':
 		b.markLocked(payload[1:])
 		return
+	case len(payload) > 0 && payload[0] == 'm':
+		for rest := payload[1:]; rest != ""; {
+			colon := strings.IndexByte(rest, ':')
+			n, err := strconv.Atoi(rest[:max(colon, 0)])
+			if colon < 1 || err != nil || n < 0 || n > len(rest)-colon-1 {
+				break
+			}
+			b.markLocked(rest[colon+1 : colon+1+n])
+			rest = rest[colon+1+n:]
+			if rest == "" {
+				return
+			}
+		}
 	}
 	b.markAllLocked()
 }

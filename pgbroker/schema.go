@@ -501,11 +501,27 @@ END $$;
 -- notifying commit of the database until it is flushed; this one writes
 -- nothing that must survive a crash, so it does not wait for the flush,
 -- and the publishes' own commits (which do) are free to share one.
+-- The rooms share notifications: 'm' then, per room, its name's length in
+-- bytes, ':' and the name, up to about 7,900 bytes each.
 CREATE OR REPLACE FUNCTION {{schema}}.notify(p_rooms text[]) RETURNS void
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_room text;
+    v_item text;
+    v_payload text := 'm';
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM pg_notify('{{schema}}', 'r' || r) FROM unnest(p_rooms) AS r;
+    FOREACH v_room IN ARRAY p_rooms LOOP
+        v_item := octet_length(v_room) || ':' || v_room;
+        IF octet_length(v_payload) + octet_length(v_item) > 7900 THEN
+            PERFORM pg_notify('{{schema}}', v_payload);
+            v_payload := 'm';
+        END IF;
+        v_payload := v_payload || v_item;
+    END LOOP;
+    IF v_payload <> 'm' THEN
+        PERFORM pg_notify('{{schema}}', v_payload);
+    END IF;
 END $$;
 
 -- read_history returns the room's position (a first row with o_seq NULL),

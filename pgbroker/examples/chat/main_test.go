@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -16,6 +17,11 @@ import (
 )
 
 var db *pgtest.Server
+
+var schemas atomic.Int64
+
+// schema names a schema of the test's own, across -count runs too.
+func schema(name string) string { return fmt.Sprintf("%s_%d", name, schemas.Add(1)) }
 
 func TestMain(m *testing.M) {
 	srv, err := pgtest.Start()
@@ -45,7 +51,8 @@ func startChat(t *testing.T, schema string) *pubsubtest.Server {
 // reaches the raw-mode clients of both.
 func TestTwoServersOnOneDatabaseAreOneChat(t *testing.T) {
 	t.Parallel()
-	a, b := startChat(t, "two_servers"), startChat(t, "two_servers")
+	s := schema("two_servers")
+	a, b := startChat(t, s), startChat(t, s)
 	ann, bob := a.DialRaw("/ws?room=lobby"), b.DialRaw("/ws?room=lobby")
 	a.Publish("lobby", []byte("warm-up")) // both are subscribed once they hear it
 	ann.ExpectText("warm-up")
@@ -60,7 +67,8 @@ func TestTwoServersOnOneDatabaseAreOneChat(t *testing.T) {
 // room's messages; the database keeps every one of them.
 func TestRestartedServerRecoversExactly(t *testing.T) {
 	t.Parallel()
-	first := startChat(t, "restarted")
+	s := schema("restarted")
+	first := startChat(t, s)
 	c := first.Dial("/ws")
 	ack := c.Subscribe("lobby")
 	for _, line := range []string{"one", "two", "three"} {
@@ -72,7 +80,7 @@ func TestRestartedServerRecoversExactly(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	second := startChat(t, "restarted")
+	second := startChat(t, s)
 	second.Publish("lobby", []byte("four"))
 	second.Publish("lobby", []byte("five"))
 	again := second.Dial("/ws")
@@ -107,7 +115,7 @@ func TestRestartedServerRecoversExactly(t *testing.T) {
 	}
 	defer pool.Close()
 	var kept int
-	if err := pool.QueryRow(pubsubtest.Context(t), `SELECT count(*) FROM restarted.history WHERE room = 'lobby'`).Scan(&kept); err != nil || kept != 5 {
+	if err := pool.QueryRow(pubsubtest.Context(t), `SELECT count(*) FROM `+s+`.history WHERE room = 'lobby'`).Scan(&kept); err != nil || kept != 5 {
 		t.Fatalf("the archive holds %d messages, %v; want 5", kept, err)
 	}
 }
