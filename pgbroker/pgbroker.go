@@ -48,16 +48,15 @@ type Broker struct {
 	notifyTo map[string]bool // rooms whose publishes committed, for the notifier to announce
 	notifyUp chan struct{}   // capacity 1: the notifier has work
 
-	mu        sync.Mutex
-	deliver   func(pubsub.Message)
-	closed    bool
-	subs      map[string]*sub               // rooms this node is subscribed to
-	dirty     map[string]bool               // subscribed rooms to read from the table
-	readAll   bool                          // read every subscribed room
-	wake      chan struct{}                 // capacity 1: the reader has work
-	members   map[string]map[string]*member // room -> conn id -> this node's presence entries
-	listening bool                          // the listener holds its LISTEN
-	outages   uint64                        // outages so far: a sub's strict names one
+	mu      sync.Mutex
+	deliver func(pubsub.Message)
+	closed  bool
+	subs    map[string]*sub               // rooms this node is subscribed to
+	dirty   map[string]bool               // subscribed rooms to read from the table
+	readAll bool                          // read every subscribed room
+	wake    chan struct{}                 // capacity 1: the reader has work
+	members map[string]map[string]*member // room -> conn id -> this node's presence entries
+	outages uint64                        // outages so far: a sub's strict names one
 }
 
 var _ pubsub.Broker = (*Broker)(nil)

@@ -420,7 +420,10 @@ func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, mode
 			data[i] = []byte{} // NULL is not an empty payload
 		}
 	}
-	rows, err := q.Query(ctx, b.sql.publish, rooms, data, keys, keyTTLs, sizes, ttls, archive, us(b.cfg.window), mode, inTx)
+	// In a host's transaction the nodes are woken by its commit's NOTIFY
+	// (nobody listens when polling only).
+	notify := inTx && !b.cfg.pollOnly
+	rows, err := q.Query(ctx, b.sql.publish, rooms, data, keys, keyTTLs, sizes, ttls, archive, us(b.cfg.window), mode, notify)
 	if err != nil {
 		return nil, err
 	}

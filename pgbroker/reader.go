@@ -92,7 +92,6 @@ func (b *Broker) listenLoop() {
 		}
 		backoff = backoffMin
 		b.mu.Lock()
-		b.listening = true
 		b.markAllLocked() // what committed before the LISTEN took effect
 		b.mu.Unlock()
 
@@ -203,7 +202,6 @@ func (b *Broker) notified(payload string) {
 func (b *Broker) lost() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.listening = false
 	b.outages++
 	for _, s := range b.subs {
 		s.strict = b.outages

@@ -561,6 +561,11 @@ DECLARE
     v_ev bigint := roomcast.presence_expire(v_room);
     v_now timestamptz := clock_timestamp();
 BEGIN
+    -- Presence and housekeeping need not wait for the disk: what a crash
+    -- loses is redone (a node's refresh adds its entries back, the next
+    -- sweep sweeps again), and a notifying commit that waited would hold
+    -- up every other one.
+    PERFORM set_config('synchronous_commit', 'off', true);
     UPDATE roomcast.presence SET expires_at = v_now + p_ttl * interval '1 microsecond', node = p_node
     WHERE room_id = v_room.id AND conn_id = p_conn;
     IF NOT FOUND THEN
@@ -588,6 +593,11 @@ DECLARE
     v_ev bigint;
     v_gone roomcast.presence;
 BEGIN
+    -- Presence and housekeeping need not wait for the disk: what a crash
+    -- loses is redone (a node's refresh adds its entries back, the next
+    -- sweep sweeps again), and a notifying commit that waited would hold
+    -- up every other one.
+    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT * INTO v_room FROM roomcast.rooms WHERE name = p_room FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN;
@@ -656,6 +666,11 @@ DECLARE
     v_ev bigint;
     v_rid bigint;
 BEGIN
+    -- Presence and housekeeping need not wait for the disk: what a crash
+    -- loses is redone (a node's refresh adds its entries back, the next
+    -- sweep sweeps again), and a notifying commit that waited would hold
+    -- up every other one.
+    PERFORM set_config('synchronous_commit', 'off', true);
     o_rooms := 0; o_trimmed := 0; o_reclaimed := 0; o_keys := 0; o_events := 0; o_expired := 0;
     IF NOT pg_try_advisory_xact_lock(-9084448158320191501) THEN
         RETURN;
