@@ -2,8 +2,6 @@ module github.com/roomcast/pubsub/pgbroker
 
 go 1.26.8
 
-replace github.com/roomcast/pubsub => ../
-
 require (
 	github.com/google/uuid v1.6.0
 	github.com/jackc/pgx/v5 v5.12.0
@@ -18,3 +16,5 @@ require (
 	golang.org/x/sync v0.22.0 // indirect
 	golang.org/x/text v0.41.0 // indirect
 )
+
+replace github.com/roomcast/pubsub => ../

@@ -31,7 +31,7 @@ type Broker struct {
 
 	ctx    context.Context // ends at Close; bounds the broker's own calls
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the listener, the reader, the publishers, the waiters and the keeper
+	wg     sync.WaitGroup // the listener, the notifier, the reader, the publishers, the waiters and the keeper
 
 	queue chan *publishCall // publishes waiting for a batch
 

@@ -478,9 +478,16 @@ func (b *Broker) exec(ctx context.Context, q querier, calls []*publishCall, mode
 	return busy, nil
 }
 
-// notify hands rooms whose publishes committed to the notifier.
+// notify hands rooms whose publishes committed to the notifier; before
+// Bind, when there is none, it notifies itself.
 func (b *Broker) notify(rooms []string) {
 	if b.cfg.pollOnly || len(rooms) == 0 {
+		return
+	}
+	if !b.bound() {
+		ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
+		defer cancel()
+		_, _ = b.pool.Exec(ctx, b.sql.notify, rooms) // best effort: the nodes poll too
 		return
 	}
 	b.nmu.Lock()
