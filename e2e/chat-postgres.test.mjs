@@ -64,11 +64,10 @@ test("the chat on PostgreSQL: a page whose server restarted recovers exactly wha
   t.after(() => first.stop());
   const proxy = await startProxy(first.port);
   t.after(() => proxy.close());
-  // ann's page runs on a clock the test holds while the server is away,
-  // so her client waits to redial rather than failing dials against a
-  // server not started yet (two failures would make it listen over an
-  // event stream instead: that recovers exactly too, but this test is
-  // about the WebSocket's recovery).
+  // ann's page runs on a clock the test holds while the server is away:
+  // her client redials once the new server is there, rather than backing
+  // off further with every dial against a server not started yet (the
+  // next attempt could then come after the test's wait).
   const ann = await openPage(browser, "about:blank");
   t.after(() => ann.context().close());
   await ann.clock.install();
