@@ -14,8 +14,10 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -58,8 +60,9 @@ type Server struct {
 	settings map[string]string
 	cred     *syscall.Credential
 
-	mu  sync.Mutex
-	cmd *exec.Cmd
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited <-chan struct{} // closed once cmd has exited
 }
 
 // binDir is where initdb and postgres are: in PATH, or else in Debian's
@@ -92,6 +95,7 @@ func Start(settings ...map[string]string) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	removeStale()
 	s := &Server{settings: Settings, bin: bin}
 	if len(settings) > 0 {
 		s.settings = settings[0]
@@ -131,6 +135,31 @@ func Start(settings ...map[string]string) (*Server, error) {
 	return s, nil
 }
 
+// removeStale removes the directories of earlier servers whose process is
+// gone without its test binary's cleanup (the binary was killed): the
+// postmaster.pid they name is not running, or, with none, they are older
+// than ten minutes (an initdb that never finished).
+func removeStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "roomcast-pg-*"))
+	for _, dir := range dirs {
+		pidFile, err := os.ReadFile(filepath.Join(dir, "data", "postmaster.pid"))
+		if err != nil {
+			if fi, err := os.Stat(dir); err == nil && time.Since(fi.ModTime()) > 10*time.Minute {
+				os.RemoveAll(dir)
+			}
+			continue
+		}
+		line, _, _ := strings.Cut(string(pidFile), "\n")
+		pid, err := strconv.Atoi(strings.TrimSpace(line))
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			os.RemoveAll(dir)
+		}
+	}
+}
+
 // postgresUser is the credential of the "postgres" system user.
 func postgresUser() (*syscall.Credential, error) {
 	u, err := user.Lookup("postgres")
@@ -157,9 +186,35 @@ func (s *Server) command(bin string, args ...string) *exec.Cmd {
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = s.dir
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
-	// The server dies with the test binary rather than outliving it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred, Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred, Setpgid: true}
 	return cmd
+}
+
+// start starts the server's process so that it dies with the test binary
+// rather than outliving it (the parent-death signal), and returns a
+// channel closed once it has exited and been waited for. The kernel sends
+// that signal when the thread that forked the process ends, not the
+// process, so the fork happens on a goroutine locked to its thread that
+// lives as long as the server: the Go runtime never lets that thread go
+// while the server runs.
+func start(cmd *exec.Cmd) (exited <-chan struct{}, err error) {
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	done := make(chan struct{})
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine, after the server
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		_ = cmd.Wait()
+		close(done)
+	}()
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return done, nil
 }
 
 // Restart starts the server after Stop or Crash, on the same port, with
@@ -181,10 +236,11 @@ func (s *Server) Restart() error {
 	defer log.Close()
 	cmd := s.command(filepath.Join(s.bin, "postgres"), args...)
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
+	exited, err := start(cmd)
+	if err != nil {
 		return fmt.Errorf("pgtest: start postgres: %w", err)
 	}
-	s.cmd = cmd
+	s.cmd, s.exited = cmd, exited
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		err := ping(s.DSN)
@@ -232,18 +288,13 @@ func (s *Server) stopLocked(sig syscall.Signal) {
 		return
 	}
 	_ = s.cmd.Process.Signal(sig)
-	done := make(chan struct{})
-	go func() {
-		_ = s.cmd.Wait()
-		close(done)
-	}()
 	select {
-	case <-done:
+	case <-s.exited:
 	case <-time.After(30 * time.Second):
 		_ = s.cmd.Process.Kill()
-		<-done
+		<-s.exited
 	}
-	s.cmd = nil
+	s.cmd, s.exited = nil, nil
 }
 
 // Close stops the server and removes its directory.
