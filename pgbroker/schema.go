@@ -13,7 +13,9 @@ import (
 
 // SchemaVersion is the version of the schema this package installs and
 // expects. A schema at an older version is upgraded by New; New refuses a
-// newer one (a newer broker's schema: upgrade this node first).
+// newer one (a newer broker's schema: upgrade this node first). Any change
+// to the schema's SQL once released bumps it and adds the step from the
+// previous version to install.
 const SchemaVersion = 1
 
 // Errors about the schema, checked with errors.Is.
