@@ -6,9 +6,9 @@
 #   FUZZTIME=1000000x bash scripts/test-all.sh
 #
 # It installs whatever real component the tests need (redis-server,
-# prometheus and Chromium from apt, the e2e suite's pinned npm packages; the
-# tests start their own servers), so it works on a fresh machine with Go,
-# Node and npm.
+# postgresql, prometheus and Chromium from apt, the e2e suite's pinned npm
+# packages; the tests start their own servers), so it works on a fresh
+# machine with Go, Node and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -37,6 +37,15 @@ apt_install() { # apt_install PACKAGE: install a Debian package once
 # port; they need the binary.
 if [ -f redisbroker/go.mod ] && ! command -v redis-server >/dev/null; then
   apt_install redis-server
+fi
+
+# The PostgreSQL broker's tests (and the e2e chat on PostgreSQL) start their
+# own throwaway server: initdb into a temporary directory, run as the
+# postgres system user when run as root. Debian's postgresql package
+# provides the binaries (in /usr/lib/postgresql/<version>/bin, where the
+# tests look too) and the user.
+if [ -f pgbroker/go.mod ] && ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
 fi
 
 # The metrics module runs every dashboard query on a real Prometheus that its
