@@ -180,6 +180,12 @@ func (b *memoryBroker) Publish(ctx context.Context, room string, data []byte, o 
 	r.seq++
 	m := Message{Kind: KindMessage, Room: room, ID: uuid.NewString(), Epoch: r.epoch, Seq: r.seq, Time: now, Data: data}
 	if h.Size > 0 {
+		if len(r.hist) == cap(r.hist) {
+			// Trimming slides the history along its array: give it room to
+			// slide for a whole history's worth of publishes, so it moves
+			// (copying Size messages) once per Size publishes, not every few.
+			r.hist = append(make([]Message, 0, len(r.hist)+min(h.Size, len(r.hist)+8)+1), r.hist...)
+		}
 		r.hist = append(r.hist, m)
 		r.ttl = h.TTL
 		r.trim(h.Size, now)
