@@ -3,11 +3,8 @@ package pgbroker_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
-	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -78,43 +75,6 @@ func newBroker(t testing.TB, dsn, schema string, opts ...pgbroker.Option) *pgbro
 		t.Fatal(err)
 	}
 	return b
-}
-
-// logRecorder is a slog.Handler that keeps the records a broker logs, for
-// tests to find one.
-type logRecorder struct {
-	mu      sync.Mutex
-	records []slog.Record
-}
-
-func (l *logRecorder) logger() *slog.Logger { return slog.New(l) }
-
-func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.records = append(l.records, r.Clone())
-	return pubsubtest.Logger().Handler().Handle(context.Background(), r)
-}
-func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l }
-func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
-
-// find reports whether a record at level whose message holds msgPart (and,
-// unless room is "", whose room attribute is room) was logged.
-func (l *logRecorder) find(level slog.Level, msgPart, room string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.ContainsFunc(l.records, func(r slog.Record) bool {
-		if r.Level != level || !strings.Contains(r.Message, msgPart) {
-			return false
-		}
-		found := room == ""
-		r.Attrs(func(a slog.Attr) bool {
-			found = found || (a.Key == "room" && a.Value.String() == room)
-			return !found
-		})
-		return found
-	})
 }
 
 // startProxy starts a fault-injecting proxy to addr, closed at cleanup

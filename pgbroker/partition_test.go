@@ -38,9 +38,9 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 			s := uniqueSchema()
 			a, b := newNode(t, shared.DSN, s, nil), newNode(t, shared.DSN, s, nil)
 			proxy := startProxy(t, addr(shared))
-			logs := &logRecorder{}
+			logs := &pubsubtest.Logs{}
 			c := newNode(t, viaProxy(shared, proxy), s, []pgbroker.Option{
-				pgbroker.WithLogger(logs.logger()), pgbroker.WithPollInterval(200 * time.Millisecond),
+				pgbroker.WithLogger(logs.Logger()), pgbroker.WithPollInterval(200 * time.Millisecond),
 			})
 			waitListening(t, shared.DSN, s, 3)
 			w := watch(t, c.url(""), "room", false)
@@ -56,7 +56,7 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 			}
 			publishAlternately(t, "room", 47, 46+tc.missed, a, b)
 			pubsubtest.WaitFor(t, "node c to find its listening connection gone", func() bool {
-				return logs.find(slog.LevelError, "lost the listening connection", "")
+				return logs.Find(slog.LevelError, "lost the listening connection")
 			})
 			proxy.Heal()
 			last := 46 + tc.missed + 1
@@ -87,7 +87,7 @@ func TestANodeCutOffFromPostgresNeverSkipsSilently(t *testing.T) {
 				t.Fatalf("after the reset: %v, want the next message after the position the resubscribe got", after)
 			}
 			pubsubtest.WaitFor(t, "the lost messages to be logged", func() bool {
-				return logs.find(slog.LevelError, "no longer in the room's history", "room")
+				return logs.Find(slog.LevelError, "no longer in the room's history", "room", "room")
 			})
 		})
 	}

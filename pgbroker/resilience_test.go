@@ -149,8 +149,8 @@ func TestPostgresRestartMidStream(t *testing.T) {
 			t.Parallel()
 			srv := startPostgres(t)
 			s := uniqueSchema()
-			logs := &logRecorder{}
-			opts := []pgbroker.Option{pgbroker.WithLogger(logs.logger()), pgbroker.WithPollInterval(500 * time.Millisecond)}
+			logs := &pubsubtest.Logs{}
+			opts := []pgbroker.Option{pgbroker.WithLogger(logs.Logger()), pgbroker.WithPollInterval(500 * time.Millisecond)}
 			a, b := newNode(t, srv.DSN, s, opts), newNode(t, srv.DSN, s, opts)
 			waitListening(t, srv.DSN, s, 2)
 			w := watch(t, a.url(""), "room", false)
@@ -182,7 +182,7 @@ func TestPostgresRestartMidStream(t *testing.T) {
 				t.Fatalf("the subscriber reconnected (%+v): a PostgreSQL restart must not cost it its subscription", r)
 			}
 			pubsubtest.WaitFor(t, "the lost listening connection to be logged", func() bool {
-				return logs.find(slog.LevelError, "lost the listening connection", "")
+				return logs.Find(slog.LevelError, "lost the listening connection")
 			})
 		})
 	}
@@ -193,8 +193,8 @@ func TestPostgresRestartMidStream(t *testing.T) {
 func TestListeningConnectionKilledIsReopenedAndCaughtUp(t *testing.T) {
 	t.Parallel()
 	s := uniqueSchema()
-	logs := &logRecorder{}
-	a := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.logger())})
+	logs := &pubsubtest.Logs{}
+	a := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
 	b := newNode(t, shared.DSN, s, nil)
 	waitListening(t, shared.DSN, s, 2)
 	w := watch(t, a.url(""), "room", false)
@@ -214,7 +214,7 @@ func TestListeningConnectionKilledIsReopenedAndCaughtUp(t *testing.T) {
 	got := w.waitMessages(6)
 	checkStream(t, got, got[0].Epoch, 1, numbered(1, 6)...)
 	pubsubtest.WaitFor(t, "the lost listening connection to be logged", func() bool {
-		return logs.find(slog.LevelError, "lost the listening connection", "")
+		return logs.Find(slog.LevelError, "lost the listening connection")
 	})
 	if r := recoveries(w.items); len(r) > 0 {
 		t.Fatalf("the subscriber reconnected (%+v): a lost listening connection must not cost it its subscription", r)

@@ -271,8 +271,8 @@ func TestWholeClusterRestartRecoversExactly(t *testing.T) {
 func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 	t.Parallel()
 	s := uniqueSchema()
-	logs := &logRecorder{}
-	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.logger())})
+	logs := &pubsubtest.Logs{}
+	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
 	w := watch(t, n.url(""), "room", false)
 	for i := 1; i <= 5; i++ {
 		n.Publish("room", []byte(fmt.Sprint(i)))
@@ -291,7 +291,7 @@ func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 		}
 	}
 	w.waitUntil("a reset", func(items []item) bool { return len(recoveries(items)) > 0 })
-	if !logs.find(slog.LevelError, "history was rewritten", "room") {
+	if !logs.Find(slog.LevelError, "history was rewritten", "room", "room") {
 		t.Fatal("the rewritten history was not logged at Error")
 	}
 }

@@ -3,11 +3,7 @@ package redisbroker_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
-	"slices"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -63,61 +59,6 @@ func newClient(t testing.TB, addr string, adjust ...func(*redis.Options)) *redis
 	c := redis.NewClient(o)
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// logRecorder captures a broker's log records for assertions.
-type logRecorder struct {
-	mu      sync.Mutex
-	records []logRecord
-}
-
-type logRecord struct {
-	level slog.Level
-	msg   string
-	attrs map[string]string
-}
-
-func (l *logRecorder) logger() *slog.Logger {
-	return slog.New(&captureHandler{rec: l, next: pubsubtest.Logger().Handler()})
-}
-
-func (l *logRecorder) find(level slog.Level, msgPart, room string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.ContainsFunc(l.records, func(r logRecord) bool {
-		return r.level == level && strings.Contains(r.msg, msgPart) && (room == "" || r.attrs["room"] == room)
-	})
-}
-
-type captureHandler struct {
-	rec   *logRecorder
-	next  slog.Handler
-	attrs []slog.Attr
-}
-
-func (h *captureHandler) Enabled(context.Context, slog.Level) bool { return true }
-func (h *captureHandler) Handle(ctx context.Context, r slog.Record) error {
-	lr := logRecord{level: r.Level, msg: r.Message, attrs: make(map[string]string)}
-	for _, a := range h.attrs {
-		lr.attrs[a.Key] = a.Value.String()
-	}
-	r.Attrs(func(a slog.Attr) bool {
-		lr.attrs[a.Key] = a.Value.String()
-		return true
-	})
-	h.rec.mu.Lock()
-	h.rec.records = append(h.rec.records, lr)
-	h.rec.mu.Unlock()
-	if h.next.Enabled(ctx, r.Level) {
-		return h.next.Handle(ctx, r)
-	}
-	return nil
-}
-func (h *captureHandler) WithAttrs(as []slog.Attr) slog.Handler {
-	return &captureHandler{rec: h.rec, next: h.next.WithAttrs(as), attrs: append(slices.Clone(h.attrs), as...)}
-}
-func (h *captureHandler) WithGroup(name string) slog.Handler {
-	return &captureHandler{rec: h.rec, next: h.next.WithGroup(name), attrs: h.attrs}
 }
 
 // newBroker returns a broker on addr with its own client.

@@ -47,9 +47,9 @@ func publishWhenBack(t *testing.T, n *node, room, data string) {
 func TestRedisRestartThatLostItsDataChangesTheEpoch(t *testing.T) {
 	t.Parallel()
 	srv := startRedis(t)
-	logs := &logRecorder{}
+	logs := &pubsubtest.Logs{}
 	a := startNode(t, srv.Addr, uniquePrefix(), []redisbroker.Option{
-		redisbroker.WithLogger(logs.logger()), redisbroker.WithPresenceTTL(300 * time.Millisecond),
+		redisbroker.WithLogger(logs.Logger()), redisbroker.WithPresenceTTL(300 * time.Millisecond),
 	})
 	c := pubsubtest.Dial(t, a.url("ann"))
 	ack := c.Subscribe("room")
@@ -67,7 +67,7 @@ func TestRedisRestartThatLostItsDataChangesTheEpoch(t *testing.T) {
 	// (4006) and, coming back with its position, told it cannot recover.
 	c.ExpectClose(protocol.CloseRoomReset)
 	pubsubtest.WaitFor(t, "the lost state to be logged at Error", func() bool {
-		return logs.find(slog.LevelError, "epoch changed", "room") || logs.find(slog.LevelError, "state is gone", "room")
+		return logs.Find(slog.LevelError, "epoch changed", "room", "room") || logs.Find(slog.LevelError, "state is gone", "room", "room")
 	})
 	c2 := pubsubtest.Dial(t, a.url("ann"))
 	ack2 := c2.SubscribeWith(pubsubtest.Fields{"room": "room", "since": pubsubtest.Fields{"epoch": ack.Epoch, "seq": 3}})
@@ -166,20 +166,20 @@ func cutPubSub(t *testing.T, gate *gatedDialer, name string) (reopen func()) {
 }
 
 // gatedNode starts a node whose Redis client dials through gate.
-func gatedNode(t *testing.T, prefix, name string, gate *gatedDialer, logs *logRecorder, hopts ...pubsub.Option) *node {
+func gatedNode(t *testing.T, prefix, name string, gate *gatedDialer, logs *pubsubtest.Logs, hopts ...pubsub.Option) *node {
 	t.Helper()
 	c := newClient(t, shared.Addr, func(o *redis.Options) {
 		o.ClientName = name
 		o.Dialer = gate.dial
 	})
-	b := redisbroker.New(c, redisbroker.WithPrefix(prefix), redisbroker.WithLogger(logs.logger()))
+	b := redisbroker.New(c, redisbroker.WithPrefix(prefix), redisbroker.WithLogger(logs.Logger()))
 	return startNodeWith(t, b, hopts...)
 }
 
 func TestMessagesPublishedWhilePubSubIsDownAreFilledFromHistory(t *testing.T) {
 	t.Parallel()
 	p := uniquePrefix()
-	gate, logs := &gatedDialer{}, &logRecorder{}
+	gate, logs := &gatedDialer{}, &pubsubtest.Logs{}
 	a := gatedNode(t, p, p+"-a", gate, logs)
 	b := startNode(t, shared.Addr, p, nil)
 	c := pubsubtest.Dial(t, a.url(""))
@@ -195,7 +195,7 @@ func TestMessagesPublishedWhilePubSubIsDownAreFilledFromHistory(t *testing.T) {
 	b.Publish("room", []byte("7"))
 	checkSeqs(t, c.Messages("room", 6), ack.Epoch, 2, "2", "3", "4", "5", "6", "7")
 	pubsubtest.WaitFor(t, "the filled gap to be logged", func() bool {
-		return logs.find(slog.LevelWarn, "from the room's history", "room")
+		return logs.Find(slog.LevelWarn, "from the room's history", "room", "room")
 	})
 }
 
@@ -205,7 +205,7 @@ func TestMessagesPublishedWhilePubSubIsDownAreFilledFromHistory(t *testing.T) {
 func TestGapHistoryCannotFillResetsTheRoomsSubscribers(t *testing.T) {
 	t.Parallel()
 	p := uniquePrefix()
-	gate, logs := &gatedDialer{}, &logRecorder{}
+	gate, logs := &gatedDialer{}, &pubsubtest.Logs{}
 	a := gatedNode(t, p, p+"-a", gate, logs, pubsub.WithHistory(0, 0))
 	b := startNode(t, shared.Addr, p, nil, pubsub.WithHistory(0, 0))
 	c := pubsubtest.Dial(t, a.url(""))
@@ -218,7 +218,7 @@ func TestGapHistoryCannotFillResetsTheRoomsSubscribers(t *testing.T) {
 	b.Publish("room", []byte("3"))
 	reopen()
 	pubsubtest.WaitFor(t, "the lost messages to be logged at Error", func() bool {
-		return logs.find(slog.LevelError, "messages were lost", "room")
+		return logs.Find(slog.LevelError, "messages were lost", "room", "room")
 	})
 	_ = ack
 	c.ExpectClose(protocol.CloseRoomReset)
