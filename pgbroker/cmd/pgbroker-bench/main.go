@@ -33,6 +33,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -56,11 +57,22 @@ func main() {
 	dsn := flag.String("postgres", "", "PostgreSQL URL; empty starts a throwaway server")
 	dur := flag.Duration("d", 5*time.Second, "how long each scenario measures")
 	warm := flag.Duration("warmup", time.Second, "how long each scenario runs before measuring")
-	rate := flag.Int("rate", 1000, "publishes per second of the fixed-rate scenario")
+	rate := flag.Int("rate", 1000, "publishes per second of the fixed-rate scenario (0 skips it)")
 	conns := flag.Int("publish-conns", pgbroker.DefaultPublishConns, "the broker's WithPublishConns")
 	pubs := flag.String("publishers", "1,16", "the publisher counts to measure")
 	trim := flag.Int("trim", 1000, "messages beyond its bounds per room for the sweep scenario (0 skips it)")
+	profile := flag.String("cpuprofile", "", "write this process's CPU profile (both nodes and the publishers) to the file")
 	flag.Parse()
+	if *profile != "" {
+		f, err := os.Create(*profile)
+		if err != nil {
+			fail(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fail(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 
 	if *dsn == "" {
 		srv, err := pgtest.Start(pgtest.Durable)
@@ -89,14 +101,18 @@ func main() {
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
 	for _, f := range strings.Split(*pubs, ",") {
 		var p int
-		fmt.Sscan(f, &p)
+		if _, err := fmt.Sscan(f, &p); err != nil || p < 1 {
+			continue // -publishers "" measures only the fixed rate
+		}
 		floor := runFloor(ctx, pool, p, *warm, *dur)
 		row("floor: INSERT; COMMIT", p, floor, floor.rate)
 		rc := runRoomcast(ctx, *dsn, p, 0, *conns, *warm, *dur)
 		row("roomcast Publish → delivery on another node", p, rc, floor.rate)
 	}
-	fixed := runRoomcast(ctx, *dsn, 16, *rate, *conns, *warm, *dur)
-	row(fmt.Sprintf("roomcast at %d/s → delivery on another node", *rate), 16, fixed, 0)
+	if *rate > 0 {
+		fixed := runRoomcast(ctx, *dsn, 16, *rate, *conns, *warm, *dur)
+		row(fmt.Sprintf("roomcast at %d/s → delivery on another node", *rate), 16, fixed, 0)
+	}
 	if *trim > 0 {
 		fmt.Println()
 		runSweep(ctx, *dsn, *trim)
