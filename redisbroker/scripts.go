@@ -8,19 +8,21 @@ import "github.com/redis/go-redis/v9"
 // A room's keys (prefix P, room R):
 //
 //	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) of the last
-//	         publish, l / t = the last publish's message id and time (µs),
-//	         to answer a retried publish instead of sequencing it twice.
-//	         Its expiry ends the room's life: a missing meta key means a new
+//	         publish. Its expiry ends the room's life: a missing meta key means a new
 //	         epoch (expired, evicted, or lost in a restart).
 //	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
-//	         t (time, µs), d (payload). Trimmed by count on publish, by age
-//	         on read, and expired with the TTL.
+//	         t (time, µs), d (payload). Trimmed by count on publish (XADD
+//	         MAXLEN), by age on read, and expired as a whole with the TTL.
 //	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
 //	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
 //	P:{R}    the room's pub/sub channel.
 //	P:{R}:k:K  string: "epoch seq id time" of the message that idempotency
 //	         key K sequenced; it expires with the key's TTL.
+//	P:l:L    string: "batch-id result" of the last batch that publish lane
+//	         L ran (see publish.go), to answer a resent batch instead of
+//	         sequencing it twice; P:{R}:l:L on a Redis Cluster, where a
+//	         batch holds one room. It expires with WithRoomTTL.
 //
 // Times come from the server (TIME), so every node agrees on them.
 //
@@ -125,48 +127,103 @@ local function add(p, c, u, conn, ukey, flag, rec, score, e, ts, channel)
 end
 `
 
-// publishScript sequences, stores and fans out one message.
-// KEYS: meta, hist, and the idempotency key's key when there is one.
-// ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel, key ttl ms.
-// Returns epoch, seq, time (µs); for a key seen before, epoch, seq, time
-// and id of the message it sequenced.
+// publishScript sequences, stores and fans out a batch of messages, for
+// one or more rooms, in one atomic step.
+//
+// KEYS: the lane, then per room: meta, hist, then the idempotency keys of
+// that room's keyed messages, in order.
+// ARGV: batch id, lane ttl ms, rooms; then per room: messages, epoch
+// candidate, size, ttl ms, idle ms, channel; then per message: id, data,
+// key ttl ms (0: no key).
+//
+// It returns, per message in order, f(epoch) f(seq) f(time) f(dup), where
+// dup is empty for a message it sequenced and, for a key seen before, the
+// id of the message that key sequenced (seq and time are that message's).
+//
+// It reads first (each room's epoch and sequence, each key's record), then
+// records "batch-id result" in the lane key with SET … GET, which also
+// returns what the lane held: when that was this very batch, Redis ran it
+// already (go-redis resent it after losing the reply), so it puts the
+// record back and returns the first run's result without writing
+// anything. Only then does it write: one HSET and the expiries per room,
+// an XADD and a PUBLISH (and a SET for a key) per message.
+//
+// Messages are kept by count (XADD MAXLEN) and expire with the whole
+// stream (PEXPIRE); the age bound is applied when history is read
+// (historyScript), not here, so a publish never reads the stream.
 var publishScript = redis.NewScript(luaPrelude + `
-local meta, hist, kkey = KEYS[1], KEYS[2], KEYS[3]
-local size, ttl, idle = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local e = redis.call('HGET', meta, 'e')
-if e then
-  local last = redis.call('HMGET', meta, 'l', 's', 't')
-  if last[1] == ARGV[2] then return {e, last[2], last[3]} end
-  if kkey then
-    local prev = redis.call('GET', kkey)
-    if prev then
-      local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
-      if pe == e then return {pe, ps, pt, pi} end
+local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
+local ts = us(now_us())
+local rooms, out = {}, {}
+local ki, ai = 2, 4
+for r = 1, tonumber(ARGV[3]) do
+  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), size = tonumber(ARGV[ai + 2]),
+    ttl = tonumber(ARGV[ai + 3]), idle = tonumber(ARGV[ai + 4]), channel = ARGV[ai + 5], msgs = {}}
+  local cand = ARGV[ai + 1]
+  ki, ai = ki + 2, ai + 6
+  local st = redis.call('HMGET', room.meta, 'e', 's')
+  local e, seq = st[1], tonumber(st[2] or '0')
+  if not e then e, seq, room.fresh = cand, 0, true end
+  local seen = {}
+  for _ = 1, room.n do
+    local m = {id = ARGV[ai], data = ARGV[ai + 1], kttl = ARGV[ai + 2]}
+    ai = ai + 3
+    local dup
+    if m.kttl ~= '0' then
+      m.kkey = KEYS[ki]
+      ki = ki + 1
+      dup = seen[m.kkey]
+      if not dup and not room.fresh then
+        local prev = redis.call('GET', m.kkey)
+        if prev then
+          local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
+          if pe == e then dup = {ps, pt, pi} end
+        end
+      end
+    end
+    if dup then
+      out[#out + 1] = f(e) .. f(dup[1]) .. f(dup[2]) .. f(dup[3])
+    else
+      seq = seq + 1
+      m.seq = string.format('%d', seq)
+      if m.kkey then seen[m.kkey] = {m.seq, ts, m.id} end
+      room.msgs[#room.msgs + 1] = m
+      out[#out + 1] = f(e) .. f(m.seq) .. f(ts) .. f('')
     end
   end
-else
-  e = ensure(meta, hist, ARGV[3], idle)
+  room.e, room.seq = e, string.format('%d', seq)
+  rooms[r] = room
 end
-local seq = string.format('%d', redis.call('HINCRBY', meta, 's', 1))
-local now = now_us()
-local ts = us(now)
-redis.call('HSET', meta, 'l', ARGV[2], 't', ts, 'h', ttl)
-if size > 0 then
-  redis.call('XADD', hist, 'MAXLEN', size, '0-' .. seq, 'i', ARGV[2], 't', ts, 'd', ARGV[1])
-  if ttl > 0 then
-    trim(hist, now - ttl * 1000, 8)
-    redis.call('PEXPIRE', hist, ttl)
+local result = table.concat(out)
+local held = redis.call('SET', lane, batch .. ' ' .. result, 'PX', lttl, 'GET')
+if held and string.sub(held, 1, #batch + 1) == batch .. ' ' then
+  redis.call('SET', lane, held, 'PX', lttl)
+  return string.sub(held, #batch + 2)
+end
+for _, room in ipairs(rooms) do
+  local e = room.e
+  if room.fresh then
+    redis.call('DEL', room.hist)
+    redis.call('HSET', room.meta, 'e', e, 's', room.seq, 'h', room.ttl)
   else
-    redis.call('PEXPIRE', hist, idle)
+    redis.call('HSET', room.meta, 's', room.seq, 'h', room.ttl)
+    if room.size == 0 then redis.call('DEL', room.hist) end
   end
-else
-  redis.call('DEL', hist)
+  for _, m in ipairs(room.msgs) do
+    if room.size > 0 then
+      redis.call('XADD', room.hist, 'MAXLEN', room.size, '0-' .. m.seq, 'i', m.id, 't', ts, 'd', m.data)
+    end
+    redis.call('PUBLISH', room.channel, 'm' .. f(e) .. f(m.seq) .. f(m.id) .. f(ts) .. m.data)
+    if m.kkey then redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. m.id .. ' ' .. ts, 'PX', m.kttl) end
+  end
+  local idle = room.idle
+  if room.size > 0 then
+    if room.ttl > 0 then redis.call('PEXPIRE', room.hist, room.ttl) else redis.call('PEXPIRE', room.hist, idle) end
+  end
+  if room.ttl > idle then idle = room.ttl end
+  redis.call('PEXPIRE', room.meta, idle)
 end
-if ttl > idle then idle = ttl end
-redis.call('PEXPIRE', meta, idle)
-redis.call('PUBLISH', ARGV[7], 'm' .. f(e) .. f(seq) .. f(ARGV[2]) .. f(ts) .. ARGV[1])
-if kkey then redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. ts, 'PX', ARGV[8]) end
-return {e, seq, ts}
+return result
 `)
 
 // historyScript reads the room's position and the entries a query selects,
