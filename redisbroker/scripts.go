@@ -8,7 +8,8 @@ import "github.com/redis/go-redis/v9"
 // A room's keys (prefix P, room R):
 //
 //	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) of the last
-//	         publish. Its expiry ends the room's life: a missing meta key means a new
+//	         publish, x = when (ms) a publish must next extend the expiries
+//	         of the room's keys (publishScript). Its expiry ends the room's life: a missing meta key means a new
 //	         epoch (expired, evicted, or lost in a restart).
 //	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
 //	         t (time, µs), d (payload). Trimmed by count on publish (XADD
@@ -150,10 +151,17 @@ end
 //
 // Messages are kept by count (XADD MAXLEN) and expire with the whole
 // stream (PEXPIRE); the age bound is applied when history is read
-// (historyScript), not here, so a publish never reads the stream.
-var publishScript = redis.NewScript(luaPrelude + `
+// (historyScript), not here, so a publish never reads the stream. The
+// expiries are extended to a tenth more than they must be, and only by
+// the publishes that find that tenth used up (or the history TTL changed):
+// a busy room's publishes mostly skip both PEXPIREs, and still every
+// message outlives its TTL and the room's state its idle time.
+var publishScript = redis.NewScript(luaPrelude + publishLua)
+
+const publishLua = `
 local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
-local ts = us(now_us())
+local now = now_us()
+local ts, nowms = us(now), math.floor(now / 1000)
 local rooms, out = {}, {}
 local ki, ai = 2, 4
 for r = 1, tonumber(ARGV[3]) do
@@ -161,9 +169,10 @@ for r = 1, tonumber(ARGV[3]) do
     ttl = tonumber(ARGV[ai + 3]), idle = tonumber(ARGV[ai + 4]), channel = ARGV[ai + 5], msgs = {}}
   local cand = ARGV[ai + 1]
   ki, ai = ki + 2, ai + 6
-  local st = redis.call('HMGET', room.meta, 'e', 's')
+  local st = redis.call('HMGET', room.meta, 'e', 's', 'h', 'x')
   local e, seq = st[1], tonumber(st[2] or '0')
   if not e then e, seq, room.fresh = cand, 0, true end
+  room.renew = room.fresh or not st[4] or nowms >= tonumber(st[4]) or tonumber(st[3]) ~= room.ttl
   local seen = {}
   for _ = 1, room.n do
     local m = {id = ARGV[ai], data = ARGV[ai + 1], kttl = ARGV[ai + 2]}
@@ -202,13 +211,29 @@ if held and string.sub(held, 1, #batch + 1) == batch .. ' ' then
 end
 for _, room in ipairs(rooms) do
   local e = room.e
+  local hset = {'HSET', room.meta, 's', room.seq, 'h', room.ttl}
   if room.fresh then
     redis.call('DEL', room.hist)
-    redis.call('HSET', room.meta, 'e', e, 's', room.seq, 'h', room.ttl)
-  else
-    redis.call('HSET', room.meta, 's', room.seq, 'h', room.ttl)
-    if room.size == 0 then redis.call('DEL', room.hist) end
+    hset[#hset + 1], hset[#hset + 2] = 'e', e
+  elseif room.size == 0 then
+    redis.call('DEL', room.hist)
   end
+  if room.renew then
+    -- Each key lives a tenth longer than it must, so that the room's next
+    -- publishes, for that tenth, need not extend it again.
+    local life = room.idle
+    if room.ttl > life then life = room.ttl end
+    local due = life
+    if room.size > 0 then
+      local hl = room.ttl
+      if hl == 0 then hl = room.idle end
+      redis.call('PEXPIRE', room.hist, hl + math.floor(hl / 10))
+      if hl < due then due = hl end
+    end
+    redis.call('PEXPIRE', room.meta, life + math.floor(life / 10))
+    hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
+  end
+  redis.call(unpack(hset))
   for _, m in ipairs(room.msgs) do
     if room.size > 0 then
       redis.call('XADD', room.hist, 'MAXLEN', room.size, '0-' .. m.seq, 'i', m.id, 't', ts, 'd', m.data)
@@ -216,15 +241,9 @@ for _, room in ipairs(rooms) do
     redis.call('PUBLISH', room.channel, 'm' .. f(e) .. f(m.seq) .. f(m.id) .. f(ts) .. m.data)
     if m.kkey then redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. m.id .. ' ' .. ts, 'PX', m.kttl) end
   end
-  local idle = room.idle
-  if room.size > 0 then
-    if room.ttl > 0 then redis.call('PEXPIRE', room.hist, room.ttl) else redis.call('PEXPIRE', room.hist, idle) end
-  end
-  if room.ttl > idle then idle = room.ttl end
-  redis.call('PEXPIRE', room.meta, idle)
 end
 return result
-`)
+`
 
 // historyScript reads the room's position and the entries a query selects,
 // starting the room's life when it has none.

@@ -32,6 +32,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strconv"
@@ -58,6 +59,7 @@ type config struct {
 	history    int
 	historyTTL time.Duration
 	impls      []string
+	batches    int
 }
 
 func main() {
@@ -80,8 +82,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&c.size, "size", 128, "payload bytes")
 	fs.IntVar(&c.history, "history", 100, "messages kept per room")
 	fs.DurationVar(&c.historyTTL, "history-ttl", 10*time.Minute, "how long messages are kept")
+	fs.IntVar(&c.batches, "batches", redisbroker.DefaultPublishBatches, "roomcast's WithPublishBatches")
 	impls := fs.String("impls", "roomcast,centrifuge", "implementations, in the order of each round")
 	out := fs.String("out", "", "also write the report to this file")
+	cpuprofile := fs.String("cpuprofile", "", "write this process's CPU profile of the whole run here")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -103,6 +107,17 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("-rounds, -rooms, -size and -history must be positive")
 	}
 
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	started := time.Now()
 	if c.addr == "" {
 		srv, err := startRedis()
@@ -164,7 +179,7 @@ type roomcastPub struct {
 
 func newRoomcast(ctx context.Context, c config, addr string, rooms []string) (publisher, error) {
 	client := redis.NewClient(&redis.Options{Addr: addr})
-	b := redisbroker.New(client, redisbroker.WithLogger(slog.New(slog.DiscardHandler)))
+	b := redisbroker.New(client, redisbroker.WithLogger(slog.New(slog.DiscardHandler)), redisbroker.WithPublishBatches(c.batches))
 	b.Bind(func(pubsub.Message) {})
 	p := &roomcastPub{client: client, b: b,
 		opts: pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: c.history, TTL: c.historyTTL}}}
@@ -439,8 +454,8 @@ func median(xs []float64) float64 {
 }
 
 func report(w io.Writer, c config, rs []result, version, load0, load1 string, started time.Time) {
-	fmt.Fprintf(w, "redisbench: %s UTC, redis-server %s, %d rooms, %d-byte payloads, history %d messages / %v, %v per run after %v warm-up, %d rounds\n",
-		started.UTC().Format("2006-01-02 15:04"), version, c.rooms, c.size, c.history, c.historyTTL, c.duration, c.warmup, c.rounds)
+	fmt.Fprintf(w, "redisbench: %s UTC, redis-server %s, %d rooms, %d-byte payloads, history %d messages / %v, %v per run after %v warm-up, %d rounds, roomcast with %d publish batches in flight\n",
+		started.UTC().Format("2006-01-02 15:04"), version, c.rooms, c.size, c.history, c.historyTTL, c.duration, c.warmup, c.rounds, c.batches)
 	fmt.Fprintf(w, "load average (1, 5, 15 min): %s before, %s after; took %v\n\n", load0, load1, time.Since(started).Round(time.Second))
 	fmt.Fprintln(w, "| implementation | publishers | round | publishes/s | p50 | p99 | Redis CPU µs/publish | Redis calls/publish | Go CPU µs/publish | load |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
