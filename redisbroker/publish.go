@@ -199,7 +199,7 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 		laneKey = b.keys(groups[0].room).base + ":l:" + lane
 	}
 	rkeys := make([]string, 0, 1+2*len(groups)+len(batch))
-	args := make([]any, 0, 3+6*len(groups)+3*len(batch))
+	args := make([]any, 0, 3+5*len(groups)+3*len(batch))
 	rkeys = append(rkeys, laneKey)
 	args = append(args, uuid.NewString(), ms(b.cfg.roomTTL), len(groups))
 	order := make([]*pubReq, 0, len(batch))
@@ -212,7 +212,7 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 			ttl = ms(h.TTL)
 		}
 		rkeys = append(rkeys, k.meta, k.hist)
-		args = append(args, len(g.reqs), uuid.NewString(), size, ttl, ms(b.cfg.roomTTL), k.channel)
+		args = append(args, len(g.reqs), size, ttl, ms(b.cfg.roomTTL), k.channel)
 		for _, q := range g.reqs {
 			kttl := int64(0)
 			if q.o.Key != "" {

@@ -133,9 +133,10 @@ end
 //
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
-// ARGV: batch id, lane ttl ms, rooms; then per room: messages, epoch
-// candidate, size, ttl ms, idle ms, channel; then per message: id, data,
-// key ttl ms (0: no key).
+// ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
+// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
+// key). A room with no state starts its new life with the batch id as its
+// epoch (unique per room life, which is all an epoch must be).
 //
 // It returns, per message in order, f(epoch) f(seq) f(time) f(dup), where
 // dup is empty for a message it sequenced and, for a key seen before, the
@@ -153,7 +154,8 @@ end
 // stream (PEXPIRE); the age bound is applied when history is read
 // (historyScript), not here, so a publish never reads the stream. The
 // expiries are extended to a tenth more than they must be, and only by
-// the publishes that find that tenth used up (or the history TTL changed):
+// the publishes that find that tenth used up, the history TTL changed or
+// the stream new (XADD NOMKSTREAM tells, in the same call):
 // a busy room's publishes mostly skip both PEXPIREs, and still every
 // message outlives its TTL and the room's state its idle time.
 var publishScript = redis.NewScript(luaPrelude + publishLua)
@@ -165,13 +167,12 @@ local ts, nowms = us(now), math.floor(now / 1000)
 local rooms, out = {}, {}
 local ki, ai = 2, 4
 for r = 1, tonumber(ARGV[3]) do
-  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), size = tonumber(ARGV[ai + 2]),
-    ttl = tonumber(ARGV[ai + 3]), idle = tonumber(ARGV[ai + 4]), channel = ARGV[ai + 5], msgs = {}}
-  local cand = ARGV[ai + 1]
-  ki, ai = ki + 2, ai + 6
+  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), size = tonumber(ARGV[ai + 1]),
+    ttl = tonumber(ARGV[ai + 2]), idle = tonumber(ARGV[ai + 3]), channel = ARGV[ai + 4], msgs = {}}
+  ki, ai = ki + 2, ai + 5
   local st = redis.call('HMGET', room.meta, 'e', 's', 'h', 'x')
   local e, seq = st[1], tonumber(st[2] or '0')
-  if not e then e, seq, room.fresh = cand, 0, true end
+  if not e then e, seq, room.fresh = batch, 0, true end
   room.renew = room.fresh or not st[4] or nowms >= tonumber(st[4]) or tonumber(st[3]) ~= room.ttl
   local seen = {}
   for _ = 1, room.n do
@@ -218,28 +219,33 @@ for _, room in ipairs(rooms) do
   elseif room.size == 0 then
     redis.call('DEL', room.hist)
   end
-  if room.renew then
+  for _, m in ipairs(room.msgs) do
+    if room.size > 0 then
+      local id = '0-' .. m.seq
+      if not redis.call('XADD', room.hist, 'NOMKSTREAM', 'MAXLEN', room.size, id, 'i', m.id, 't', ts, 'd', m.data) then
+        -- A new stream: it needs its expiry.
+        redis.call('XADD', room.hist, 'MAXLEN', room.size, id, 'i', m.id, 't', ts, 'd', m.data)
+        room.renew = true
+      end
+    end
+    redis.call('PUBLISH', room.channel, 'm' .. f(e) .. f(m.seq) .. f(m.id) .. f(ts) .. m.data)
+    if m.kkey then redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. m.id .. ' ' .. ts, 'PX', m.kttl) end
+  end
+  if not room.renew then
+    redis.call(unpack(hset))
+  else
     -- Each key lives a tenth longer than it must, so that the room's next
     -- publishes, for that tenth, need not extend it again.
     local life = room.idle
     if room.ttl > life then life = room.ttl end
     local due = life
-    if room.size > 0 then
-      local hl = room.ttl
-      if hl == 0 then hl = room.idle end
-      redis.call('PEXPIRE', room.hist, hl + math.floor(hl / 10))
-      if hl < due then due = hl end
-    end
-    redis.call('PEXPIRE', room.meta, life + math.floor(life / 10))
+    local hl = room.ttl
+    if hl == 0 then hl = room.idle end
+    if room.size > 0 and hl < due then due = hl end
     hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
-  end
-  redis.call(unpack(hset))
-  for _, m in ipairs(room.msgs) do
-    if room.size > 0 then
-      redis.call('XADD', room.hist, 'MAXLEN', room.size, '0-' .. m.seq, 'i', m.id, 't', ts, 'd', m.data)
-    end
-    redis.call('PUBLISH', room.channel, 'm' .. f(e) .. f(m.seq) .. f(m.id) .. f(ts) .. m.data)
-    if m.kkey then redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. m.id .. ' ' .. ts, 'PX', m.kttl) end
+    redis.call(unpack(hset))
+    if room.size > 0 then redis.call('PEXPIRE', room.hist, hl + math.floor(hl / 10)) end
+    redis.call('PEXPIRE', room.meta, life + math.floor(life / 10))
   end
 end
 return result
