@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
@@ -41,6 +42,12 @@ import (
 const (
 	maxBatch      = 256
 	maxBatchBytes = 1 << 20
+	// linger bounds how long a leader waits for its batch to grow back to
+	// the previous batch's size: the publishers that batch answered are
+	// about to publish again, and one script for all of them costs Redis
+	// much less than several. A lone publisher (batches of one) never
+	// waits.
+	linger = 100 * time.Microsecond
 )
 
 // pubReq is one queued publish.
@@ -82,10 +89,16 @@ func (b *Broker) Publish(ctx context.Context, room string, data []byte, o pubsub
 	r := &pubReq{ctx: ctx, room: room, data: data, o: o, id: uuid.NewString(), done: make(chan pubDone, 1)}
 	b.pmu.Lock()
 	b.queue = append(b.queue, r)
+	b.queued++
+	if b.grown != nil && b.queued >= b.want {
+		close(b.grown)
+		b.grown = nil
+	}
 	if n := len(b.lanes); n > 0 {
 		lane := b.lanes[n-1]
 		b.lanes = b.lanes[:n-1]
 		r.state = reqLeading
+		b.queued--
 		b.pmu.Unlock()
 		return b.lead(r, lane)
 	}
@@ -102,6 +115,7 @@ func (b *Broker) Publish(ctx context.Context, room string, data []byte, o pubsub
 	switch r.state {
 	case reqQueued:
 		b.queue = remove(b.queue, r)
+		b.queued--
 		b.pmu.Unlock()
 	case reqLeading: // the lane is already on its way: lead, or the others wait forever
 		b.pmu.Unlock()
@@ -124,6 +138,7 @@ func remove(q []*pubReq, r *pubReq) []*pubReq {
 // lead sends the next batch, starting with r, on lane, then hands the
 // lane on, and returns r's result.
 func (b *Broker) lead(r *pubReq, lane string) (pubsub.PublishResult, error) {
+	b.grow()
 	batch := b.take(r)
 	b.run(lane, batch)
 	b.pmu.Lock()
@@ -131,6 +146,7 @@ func (b *Broker) lead(r *pubReq, lane string) (pubsub.PublishResult, error) {
 	for _, next := range b.queue {
 		if next.state == reqQueued {
 			next.state = reqLeading
+			b.queued--
 			next.done <- pubDone{lane: lane}
 			handed = true
 			break
@@ -160,9 +176,15 @@ func (b *Broker) take(r *pubReq) []*pubReq {
 			(b.cluster && q.room != r.room)):
 			kept = append(kept, q)
 		case q.ctx.Err() != nil:
+			if q.state == reqQueued {
+				b.queued--
+			}
 			q.state = reqTaken
 			q.done <- pubDone{err: fmt.Errorf("redisbroker: publish to room %q: %w", q.room, q.ctx.Err())}
 		default:
+			if q.state == reqQueued {
+				b.queued--
+			}
 			q.state = reqTaken
 			batch = append(batch, q)
 			size += len(q.data)
@@ -170,7 +192,34 @@ func (b *Broker) take(r *pubReq) []*pubReq {
 	}
 	clear(b.queue[len(kept):])
 	b.queue = kept
+	b.last = len(batch)
 	return batch
+}
+
+// grow waits, up to linger, until as many publishes are queued as the
+// last batch carried (the leader's own counts: it is no longer queued).
+// One leader at a time waits; another goes at once.
+func (b *Broker) grow() {
+	b.pmu.Lock()
+	want := min(b.last, maxBatch) - 1
+	if b.queued >= want || b.grown != nil {
+		b.pmu.Unlock()
+		return
+	}
+	grown := make(chan struct{})
+	b.grown, b.want = grown, want
+	b.pmu.Unlock()
+	t := time.NewTimer(linger)
+	select {
+	case <-grown:
+	case <-t.C:
+	}
+	t.Stop()
+	b.pmu.Lock()
+	if b.grown == grown {
+		b.grown = nil
+	}
+	b.pmu.Unlock()
 }
 
 // run sends one batch and answers each of its publishes.
@@ -219,7 +268,7 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 				rkeys = append(rkeys, k.idempotency+q.o.Key)
 				kttl = max(ms(q.o.KeyTTL), 1)
 			}
-			args = append(args, q.id, q.data, kttl)
+			args = append(args, appendField(nil, q.id), q.data, kttl)
 			order = append(order, q)
 		}
 	}

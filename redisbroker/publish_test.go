@@ -297,3 +297,49 @@ func TestEveryPublishLeavesTheRoomAliveForItsTTL(t *testing.T) {
 		}
 	}
 }
+
+// Entries that an earlier version wrote (fields i, t and d) are still
+// served, beside the current ones, during a rolling upgrade.
+func TestHistoryReadsEntriesOfTheEarlierFormat(t *testing.T) {
+	t.Parallel()
+	prefix := uniquePrefix()
+	b := newBroker(t, shared.Addr, prefix)
+	b.Bind(func(pubsub.Message) {})
+	t.Cleanup(func() { b.Close() })
+	admin := newClient(t, shared.Addr)
+	ctx := pubsubtest.Context(t)
+	first, err := b.Publish(ctx, "room", []byte("new 1"), hist)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What the earlier publish script did for seq 2.
+	now := time.Now().UnixMicro()
+	if err := admin.XAdd(ctx, &redis.XAddArgs{Stream: prefix + ":{room}:h", ID: "0-2",
+		Values: []any{"i", "old-id", "t", strconv.FormatInt(now, 10), "d", "old 2"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.HSet(ctx, prefix+":{room}:m", "s", 2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	third, err := b.Publish(ctx, "room", []byte("new 3"), hist)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := b.History(ctx, "room", pubsub.HistoryQuery{Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct{ id, data string }{{first.ID, "new 1"}, {"old-id", "old 2"}, {third.ID, "new 3"}}
+	if len(h.Messages) != len(want) {
+		t.Fatalf("history holds %d messages, want 3: %+v", len(h.Messages), h.Messages)
+	}
+	for i, w := range want {
+		m := h.Messages[i]
+		if m.Seq != uint64(i+1) || m.ID != w.id || string(m.Data) != w.data || m.Time.IsZero() {
+			t.Fatalf("message %d is %+v, want %s %q", i, m, w.id, w.data)
+		}
+	}
+	if got := h.Messages[1].Time.UnixMicro(); got != now {
+		t.Fatalf("the old entry's time is %d, want %d", got, now)
+	}
+}

@@ -78,9 +78,13 @@ type Broker struct {
 
 	cluster bool // a Redis Cluster: one room per batch
 
-	pmu   sync.Mutex // the publish queue (publish.go); never held with mu
-	queue []*pubReq
-	lanes []string // free lanes
+	pmu    sync.Mutex // the publish queue (publish.go); never held with mu
+	queue  []*pubReq
+	queued int           // requests in queue still reqQueued
+	lanes  []string      // free lanes
+	last   int           // the size of the last batch taken
+	grown  chan struct{} // closed when queued reaches want; nil when no leader waits
+	want   int
 
 	mu      sync.Mutex
 	deliver func(pubsub.Message)

@@ -11,8 +11,9 @@ import "github.com/redis/go-redis/v9"
 //	         publish, x = when (ms) a publish must next extend the expiries
 //	         of the room's keys (publishScript). Its expiry ends the room's life: a missing meta key means a new
 //	         epoch (expired, evicted, or lost in a restart).
-//	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
-//	         t (time, µs), d (payload). Trimmed by count on publish (XADD
+//	P:{R}:h  stream: the history; entry id 0-<seq>, one field v = f(message
+//	         id) f(time, µs) payload (entries written by earlier versions
+//	         have fields i, t and d instead; readers take both). Trimmed by count on publish (XADD
 //	         MAXLEN), by age on read, and expired as a whole with the TTL.
 //	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
@@ -36,7 +37,7 @@ import "github.com/redis/go-redis/v9"
 // where record = f(conn id) f(user id) f(info), built by the node that
 // joined it.
 const luaPrelude = `
-local function f(s) return #s .. ':' .. s end
+local function f(s) return string.format('%d:%s', #s, s) end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -57,13 +58,22 @@ local function touch(meta, idle)
   local ttl = redis.call('PTTL', meta)
   if ttl >= 0 and ttl < idle then redis.call('PEXPIRE', meta, idle) end
 end
+-- etime is a stream entry's time (µs).
+local function etime(en)
+  if en[2][1] ~= 'v' then return tonumber(en[2][4]) end
+  local v = en[2][2]
+  local c = string.find(v, ':', 1, true)
+  local p = c + tonumber(string.sub(v, 1, c - 1)) + 1
+  local c2 = string.find(v, ':', p, true)
+  return tonumber(string.sub(v, c2 + 1, c2 + tonumber(string.sub(v, p, c2 - 1))))
+end
 -- trim drops history entries older than cutoff (µs) among the oldest
 -- scan; it returns true when it dropped all of them (more may be old).
 local function trim(hist, cutoff, scan)
   local old = redis.call('XRANGE', hist, '-', '+', 'COUNT', scan)
   local n = 0
   for i, en in ipairs(old) do
-    if tonumber(en[2][4]) >= cutoff then break end
+    if etime(en) >= cutoff then break end
     n = i
   end
   if n == 0 then return false end
@@ -75,14 +85,16 @@ local function trim(hist, cutoff, scan)
   redis.call('XTRIM', hist, 'MINID', '0-' .. string.format('%d', last + 1))
   return n == scan
 end
--- entries appends stream entries to out as seq, id, time, data.
+-- entries appends stream entries to out as seq, then f(id) f(time) data.
 local function entries(out, list, from, to, step)
   for i = from, to, step do
     local en = list[i]
     out[#out + 1] = string.sub(en[1], 3)
-    out[#out + 1] = en[2][2]
-    out[#out + 1] = en[2][4]
-    out[#out + 1] = en[2][6]
+    if en[2][1] == 'v' then
+      out[#out + 1] = en[2][2]
+    else -- written before field v: i, t, d
+      out[#out + 1] = f(en[2][2]) .. f(en[2][4]) .. en[2][6]
+    end
   end
   return out
 end
@@ -162,26 +174,34 @@ var publishScript = redis.NewScript(luaPrelude + publishLua)
 
 const publishLua = `
 local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
-local now = now_us()
-local ts, nowms = us(now), math.floor(now / 1000)
+-- Numbers reach Redis and strings only through string.format's integer
+-- path: Lua's own number-to-string conversion (printf %.14g) costs more
+-- than some of the calls.
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%06d', tonumber(t[2]))
+local fts = string.format('%d:%s', #ts, ts)
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rooms, out = {}, {}
 local ki, ai = 2, 4
 for r = 1, tonumber(ARGV[3]) do
-  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), size = tonumber(ARGV[ai + 1]),
-    ttl = tonumber(ARGV[ai + 2]), idle = tonumber(ARGV[ai + 3]), channel = ARGV[ai + 4], msgs = {}}
+  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), sizes = ARGV[ai + 1],
+    size = tonumber(ARGV[ai + 1]), ttls = ARGV[ai + 2], ttl = tonumber(ARGV[ai + 2]),
+    idle = tonumber(ARGV[ai + 3]), channel = ARGV[ai + 4], msgs = {}}
   ki, ai = ki + 2, ai + 5
   local st = redis.call('HMGET', room.meta, 'e', 's', 'h', 'x')
   local e, seq = st[1], tonumber(st[2] or '0')
   if not e then e, seq, room.fresh = batch, 0, true end
-  room.renew = room.fresh or not st[4] or nowms >= tonumber(st[4]) or tonumber(st[3]) ~= room.ttl
-  local seen = {}
+  room.renew = room.fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= room.ttls
+  local fe = string.format('%d:%s', #e, e)
+  local seen
   for _ = 1, room.n do
-    local m = {id = ARGV[ai], data = ARGV[ai + 1], kttl = ARGV[ai + 2]}
+    local m = {fid = ARGV[ai], data = ARGV[ai + 1], kttl = ARGV[ai + 2]}
     ai = ai + 3
     local dup
     if m.kttl ~= '0' then
       m.kkey = KEYS[ki]
       ki = ki + 1
+      seen = seen or {}
       dup = seen[m.kkey]
       if not dup and not room.fresh then
         local prev = redis.call('GET', m.kkey)
@@ -192,13 +212,15 @@ for r = 1, tonumber(ARGV[3]) do
       end
     end
     if dup then
-      out[#out + 1] = f(e) .. f(dup[1]) .. f(dup[2]) .. f(dup[3])
+      out[#out + 1] = fe .. f(dup[1]) .. f(dup[2]) .. f(dup[3])
     else
       seq = seq + 1
-      m.seq = string.format('%d', seq)
-      if m.kkey then seen[m.kkey] = {m.seq, ts, m.id} end
+      local sq = string.format('%d', seq)
+      local fsq = string.format('%d:%s', #sq, sq)
+      m.seq, m.v, m.head = sq, m.fid .. fts .. m.data, 'm' .. fe .. fsq
+      if m.kkey then seen[m.kkey] = {sq, ts, string.match(m.fid, ':(.*)$')} end
       room.msgs[#room.msgs + 1] = m
-      out[#out + 1] = f(e) .. f(m.seq) .. f(ts) .. f('')
+      out[#out + 1] = fe .. fsq .. fts .. '0:'
     end
   end
   room.e, room.seq = e, string.format('%d', seq)
@@ -212,7 +234,7 @@ if held and string.sub(held, 1, #batch + 1) == batch .. ' ' then
 end
 for _, room in ipairs(rooms) do
   local e = room.e
-  local hset = {'HSET', room.meta, 's', room.seq, 'h', room.ttl}
+  local hset = {'HSET', room.meta, 's', room.seq, 'h', room.ttls}
   if room.fresh then
     redis.call('DEL', room.hist)
     hset[#hset + 1], hset[#hset + 2] = 'e', e
@@ -222,14 +244,16 @@ for _, room in ipairs(rooms) do
   for _, m in ipairs(room.msgs) do
     if room.size > 0 then
       local id = '0-' .. m.seq
-      if not redis.call('XADD', room.hist, 'NOMKSTREAM', 'MAXLEN', room.size, id, 'i', m.id, 't', ts, 'd', m.data) then
+      if not redis.call('XADD', room.hist, 'NOMKSTREAM', 'MAXLEN', room.sizes, id, 'v', m.v) then
         -- A new stream: it needs its expiry.
-        redis.call('XADD', room.hist, 'MAXLEN', room.size, id, 'i', m.id, 't', ts, 'd', m.data)
+        redis.call('XADD', room.hist, 'MAXLEN', room.sizes, id, 'v', m.v)
         room.renew = true
       end
     end
-    redis.call('PUBLISH', room.channel, 'm' .. f(e) .. f(m.seq) .. f(m.id) .. f(ts) .. m.data)
-    if m.kkey then redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. m.id .. ' ' .. ts, 'PX', m.kttl) end
+    redis.call('PUBLISH', room.channel, m.head .. m.v)
+    if m.kkey then
+      redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. string.match(m.fid, ':(.*)$') .. ' ' .. ts, 'PX', m.kttl)
+    end
   end
   if not room.renew then
     redis.call(unpack(hset))
@@ -244,8 +268,8 @@ for _, room in ipairs(rooms) do
     if room.size > 0 and hl < due then due = hl end
     hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
     redis.call(unpack(hset))
-    if room.size > 0 then redis.call('PEXPIRE', room.hist, hl + math.floor(hl / 10)) end
-    redis.call('PEXPIRE', room.meta, life + math.floor(life / 10))
+    if room.size > 0 then redis.call('PEXPIRE', room.hist, string.format('%d', hl + math.floor(hl / 10))) end
+    redis.call('PEXPIRE', room.meta, string.format('%d', life + math.floor(life / 10)))
   end
 end
 return result
@@ -254,7 +278,7 @@ return result
 // historyScript reads the room's position and the entries a query selects,
 // starting the room's life when it has none.
 // KEYS: meta, hist. ARGV: since, limit, latest (1/0), epoch candidate, idle ms.
-// Returns epoch, top, then seq, id, time, data per entry.
+// Returns epoch, top, then seq and f(id) f(time) data per entry.
 var historyScript = redis.NewScript(luaPrelude + `
 local meta, hist = KEYS[1], KEYS[2]
 local e = redis.call('HGET', meta, 'e')
