@@ -170,61 +170,59 @@ end
 // the stream new (XADD NOMKSTREAM tells, in the same call):
 // a busy room's publishes mostly skip both PEXPIREs, and still every
 // message outlives its TTL and the room's state its idle time.
-var publishScript = redis.NewScript(luaPrelude + publishLua)
+var publishScript = redis.NewScript(publishLua)
 
 const publishLua = `
+local function f(s) return string.format('%d:%s', #s, s) end
 local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
 -- Numbers reach Redis and strings only through string.format's integer
 -- path: Lua's own number-to-string conversion (printf %.14g) costs more
--- than some of the calls.
+-- than some of the calls. Messages are read from ARGV twice rather than
+-- copied into tables.
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%06d', tonumber(t[2]))
-local fts = string.format('%d:%s', #ts, ts)
+local fts = f(ts)
 local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rooms, out = {}, {}
+local nrooms = tonumber(ARGV[3])
+local rooms, out, dup = {}, {}, {}
 local ki, ai = 2, 4
-for r = 1, tonumber(ARGV[3]) do
-  local room = {meta = KEYS[ki], hist = KEYS[ki + 1], n = tonumber(ARGV[ai]), sizes = ARGV[ai + 1],
-    size = tonumber(ARGV[ai + 1]), ttls = ARGV[ai + 2], ttl = tonumber(ARGV[ai + 2]),
-    idle = tonumber(ARGV[ai + 3]), channel = ARGV[ai + 4], msgs = {}}
+-- Read: each room's epoch and sequence, each key's record.
+for r = 1, nrooms do
+  local meta, n, ttls = KEYS[ki], tonumber(ARGV[ai]), ARGV[ai + 2]
+  local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x')
+  local e, seq, fresh = st[1], tonumber(st[2] or '0'), false
+  if not e then e, seq, fresh = batch, 0, true end
+  local renew = fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= ttls
+  local fe = f(e)
+  rooms[r] = {e = e, fe = fe, first = seq, fresh = fresh, renew = renew, ki = ki, ai = ai}
   ki, ai = ki + 2, ai + 5
-  local st = redis.call('HMGET', room.meta, 'e', 's', 'h', 'x')
-  local e, seq = st[1], tonumber(st[2] or '0')
-  if not e then e, seq, room.fresh = batch, 0, true end
-  room.renew = room.fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= room.ttls
-  local fe = string.format('%d:%s', #e, e)
   local seen
-  for _ = 1, room.n do
-    local m = {fid = ARGV[ai], data = ARGV[ai + 1], kttl = ARGV[ai + 2]}
-    ai = ai + 3
-    local dup
-    if m.kttl ~= '0' then
-      m.kkey = KEYS[ki]
+  for _ = 1, n do
+    local kttl, d = ARGV[ai + 2], nil
+    if kttl ~= '0' then
+      local kkey = KEYS[ki]
       ki = ki + 1
       seen = seen or {}
-      dup = seen[m.kkey]
-      if not dup and not room.fresh then
-        local prev = redis.call('GET', m.kkey)
+      d = seen[kkey]
+      if not d and not fresh then
+        local prev = redis.call('GET', kkey)
         if prev then
           local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
-          if pe == e then dup = {ps, pt, pi} end
+          if pe == e then d = {ps, pt, pi} end
         end
       end
+      if not d then seen[kkey] = {string.format('%d', seq + 1), ts, string.match(ARGV[ai], ':(.*)$')} end
     end
-    if dup then
-      out[#out + 1] = fe .. f(dup[1]) .. f(dup[2]) .. f(dup[3])
+    if d then
+      dup[ai] = true
+      out[#out + 1] = fe .. f(d[1]) .. f(d[2]) .. f(d[3])
     else
       seq = seq + 1
-      local sq = string.format('%d', seq)
-      local fsq = string.format('%d:%s', #sq, sq)
-      m.seq, m.v, m.head = sq, m.fid .. fts .. m.data, 'm' .. fe .. fsq
-      if m.kkey then seen[m.kkey] = {sq, ts, string.match(m.fid, ':(.*)$')} end
-      room.msgs[#room.msgs + 1] = m
-      out[#out + 1] = fe .. fsq .. fts .. '0:'
+      out[#out + 1] = fe .. f(string.format('%d', seq)) .. fts .. '0:'
     end
+    ai = ai + 3
   end
-  room.e, room.seq = e, string.format('%d', seq)
-  rooms[r] = room
+  rooms[r].last = seq
 end
 local result = table.concat(out)
 local held = redis.call('SET', lane, batch .. ' ' .. result, 'PX', lttl, 'GET')
@@ -232,44 +230,57 @@ if held and string.sub(held, 1, #batch + 1) == batch .. ' ' then
   redis.call('SET', lane, held, 'PX', lttl)
   return string.sub(held, #batch + 2)
 end
+-- Write.
 for _, room in ipairs(rooms) do
-  local e = room.e
-  local hset = {'HSET', room.meta, 's', room.seq, 'h', room.ttls}
-  if room.fresh then
-    redis.call('DEL', room.hist)
-    hset[#hset + 1], hset[#hset + 2] = 'e', e
-  elseif room.size == 0 then
-    redis.call('DEL', room.hist)
-  end
-  for _, m in ipairs(room.msgs) do
-    if room.size > 0 then
-      local id = '0-' .. m.seq
-      if not redis.call('XADD', room.hist, 'NOMKSTREAM', 'MAXLEN', room.sizes, id, 'v', m.v) then
-        -- A new stream: it needs its expiry.
-        redis.call('XADD', room.hist, 'MAXLEN', room.sizes, id, 'v', m.v)
-        room.renew = true
+  local e, fe, seq, ki, ai = room.e, room.fe, room.first, room.ki, room.ai
+  local meta, hist = KEYS[ki], KEYS[ki + 1]
+  local n, sizes, ttls, idle, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], tonumber(ARGV[ai + 3]), ARGV[ai + 4]
+  local size = tonumber(sizes)
+  ki, ai = ki + 2, ai + 5
+  if room.fresh or size == 0 then redis.call('DEL', hist) end
+  for _ = 1, n do
+    local fid, kttl = ARGV[ai], ARGV[ai + 2]
+    local kkey
+    if kttl ~= '0' then
+      kkey = KEYS[ki]
+      ki = ki + 1
+    end
+    if not dup[ai] then
+      seq = seq + 1
+      local sq = string.format('%d', seq)
+      local v = fid .. fts .. ARGV[ai + 1]
+      if size > 0 then
+        local id = '0-' .. sq
+        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', sizes, id, 'v', v) then
+          -- A new stream: it needs its expiry.
+          redis.call('XADD', hist, 'MAXLEN', sizes, id, 'v', v)
+          room.renew = true
+        end
+      end
+      redis.call('PUBLISH', channel, 'm' .. fe .. f(sq) .. v)
+      if kkey then
+        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. string.match(fid, ':(.*)$') .. ' ' .. ts, 'PX', kttl)
       end
     end
-    redis.call('PUBLISH', room.channel, m.head .. m.v)
-    if m.kkey then
-      redis.call('SET', m.kkey, e .. ' ' .. m.seq .. ' ' .. string.match(m.fid, ':(.*)$') .. ' ' .. ts, 'PX', m.kttl)
-    end
+    ai = ai + 3
   end
+  local hset = {'HSET', meta, 's', string.format('%d', room.last), 'h', ttls}
+  if room.fresh then hset[7], hset[8] = 'e', e end
   if not room.renew then
     redis.call(unpack(hset))
   else
     -- Each key lives a tenth longer than it must, so that the room's next
     -- publishes, for that tenth, need not extend it again.
-    local life = room.idle
-    if room.ttl > life then life = room.ttl end
+    local ttl = tonumber(ttls)
+    local life, hl = idle, ttl
+    if ttl > life then life = ttl end
+    if hl == 0 then hl = idle end
     local due = life
-    local hl = room.ttl
-    if hl == 0 then hl = room.idle end
-    if room.size > 0 and hl < due then due = hl end
+    if size > 0 and hl < due then due = hl end
     hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
     redis.call(unpack(hset))
-    if room.size > 0 then redis.call('PEXPIRE', room.hist, string.format('%d', hl + math.floor(hl / 10))) end
-    redis.call('PEXPIRE', room.meta, string.format('%d', life + math.floor(life / 10)))
+    if size > 0 then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
+    redis.call('PEXPIRE', meta, string.format('%d', life + math.floor(life / 10)))
   end
 end
 return result
