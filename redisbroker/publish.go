@@ -47,7 +47,7 @@ const (
 	// about to publish again, and one script for all of them costs Redis
 	// much less than several. A lone publisher (batches of one) never
 	// waits.
-	linger = 100 * time.Microsecond
+	linger = 300 * time.Microsecond
 )
 
 // pubReq is one queued publish.

@@ -7,14 +7,17 @@ import "github.com/redis/go-redis/v9"
 //
 // A room's keys (prefix P, room R):
 //
-//	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) of the last
-//	         publish, x = when (ms) a publish must next extend the expiries
+//	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) and n =
+//	         history size of the last publish, x = when (ms) a publish must next extend the expiries
 //	         of the room's keys (publishScript). Its expiry ends the room's life: a missing meta key means a new
 //	         epoch (expired, evicted, or lost in a restart).
 //	P:{R}:h  stream: the history; entry id 0-<seq>, one field v = f(message
 //	         id) f(time, µs) payload (entries written by earlier versions
-//	         have fields i, t and d instead; readers take both). Trimmed by count on publish (XADD
-//	         MAXLEN), by age on read, and expired as a whole with the TTL.
+//	         have fields i, t and d instead; readers take both). Trimmed
+//	         roughly by count on publish (XADD MAXLEN ~: whole nodes of
+//	         the stream, so it holds at most a node's worth of entries
+//	         more), exactly by count and age on read, and expired as a
+//	         whole with the TTL.
 //	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
 //	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
@@ -162,9 +165,10 @@ end
 // anything. Only then does it write: one HSET and the expiries per room,
 // an XADD and a PUBLISH (and a SET for a key) per message.
 //
-// Messages are kept by count (XADD MAXLEN) and expire with the whole
-// stream (PEXPIRE); the age bound is applied when history is read
-// (historyScript), not here, so a publish never reads the stream. The
+// Messages are kept by count (XADD MAXLEN ~, whole stream nodes at a
+// time) and expire with the whole stream (PEXPIRE); the exact count bound
+// and the age bound are applied when history is read (historyScript), so
+// a publish never reads the stream. The
 // expiries are extended to a tenth more than they must be, and only by
 // the publishes that find that tenth used up, the history TTL changed or
 // the stream new (XADD NOMKSTREAM tells, in the same call):
@@ -189,12 +193,12 @@ local ki, ai = 2, 4
 -- Read: each room's epoch and sequence, each key's record.
 for r = 1, nrooms do
   local meta, n, ttls = KEYS[ki], tonumber(ARGV[ai]), ARGV[ai + 2]
-  local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x')
+  local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
   local e, seq, fresh = st[1], tonumber(st[2] or '0'), false
   if not e then e, seq, fresh = batch, 0, true end
   local renew = fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= ttls
   local fe = f(e)
-  rooms[r] = {e = e, fe = fe, first = seq, fresh = fresh, renew = renew, ki = ki, ai = ai}
+  rooms[r] = {e = e, fe = fe, first = seq, fresh = fresh, renew = renew, resize = st[5] ~= ARGV[ai + 1], ki = ki, ai = ai}
   ki, ai = ki + 2, ai + 5
   local seen
   for _ = 1, n do
@@ -251,9 +255,9 @@ for _, room in ipairs(rooms) do
       local v = fid .. fts .. ARGV[ai + 1]
       if size > 0 then
         local id = '0-' .. sq
-        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', sizes, id, 'v', v) then
+        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'v', v) then
           -- A new stream: it needs its expiry.
-          redis.call('XADD', hist, 'MAXLEN', sizes, id, 'v', v)
+          redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'v', v)
           room.renew = true
         end
       end
@@ -265,7 +269,8 @@ for _, room in ipairs(rooms) do
     ai = ai + 3
   end
   local hset = {'HSET', meta, 's', string.format('%d', room.last), 'h', ttls}
-  if room.fresh then hset[7], hset[8] = 'e', e end
+  if room.fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
+  if room.resize then hset[#hset + 1], hset[#hset + 2] = 'n', sizes end
   if not room.renew then
     redis.call(unpack(hset))
   else
@@ -296,7 +301,7 @@ local e = redis.call('HGET', meta, 'e')
 if not e then
   return {ensure(meta, hist, ARGV[4], tonumber(ARGV[5])), '0'}
 end
-local st = redis.call('HMGET', meta, 's', 'h')
+local st = redis.call('HMGET', meta, 's', 'h', 'n')
 local out = {e, st[1]}
 local limit = tonumber(ARGV[2])
 if limit <= 0 then return out end
@@ -305,25 +310,38 @@ if ttl > 0 then
   local cutoff = now_us() - ttl * 1000
   while trim(hist, cutoff, 100) do end
 end
+-- The stream is trimmed only roughly (XADD MAXLEN ~): the room's size
+-- bounds what a read returns.
+local since = ARGV[1]
+if st[3] then
+  local lo = tonumber(st[1] or '0') - tonumber(st[3])
+  if lo > tonumber(since) then since = string.format('%d', lo) end
+end
 if ARGV[3] == '1' then
-  local list = redis.call('XREVRANGE', hist, '+', '(0-' .. ARGV[1], 'COUNT', limit)
+  local list = redis.call('XREVRANGE', hist, '+', '(0-' .. since, 'COUNT', limit)
   return entries(out, list, #list, 1, -1)
 end
-local list = redis.call('XRANGE', hist, '(0-' .. ARGV[1], '+', 'COUNT', limit)
+local list = redis.call('XRANGE', hist, '(0-' .. since, '+', 'COUNT', limit)
 return entries(out, list, 1, #list, 1)
 `)
 
 // rangeScript reads kept entries after from, up to to ('+' for the newest),
-// with no age filter: a node filling a gap takes whatever is still kept.
+// within the room's size but with no age filter: a node filling a gap
+// takes whatever the history still promises.
 // KEYS: meta, hist. ARGV: from, to, limit.
 // Returns nothing when the room has no state; else like historyScript.
 var rangeScript = redis.NewScript(luaPrelude + `
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then return {} end
-local out = {e, redis.call('HGET', KEYS[1], 's')}
+local st = redis.call('HMGET', KEYS[1], 'e', 's', 'n')
+if not st[1] then return {} end
+local out = {st[1], st[2]}
 local hi = ARGV[2]
 if hi ~= '+' then hi = '0-' .. hi end
-local list = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], hi, 'COUNT', ARGV[3])
+local from = ARGV[1]
+if st[3] then
+  local lo = tonumber(st[2] or '0') - tonumber(st[3])
+  if lo > tonumber(from) then from = string.format('%d', lo) end
+end
+local list = redis.call('XRANGE', KEYS[2], '(0-' .. from, hi, 'COUNT', ARGV[3])
 return entries(out, list, 1, #list, 1)
 `)
 
