@@ -11,12 +11,20 @@
 // # How it works
 //
 // A room's sequence, history and presence live in Redis, under keys that
-// share the hash tag {room}. Publish is one Lua script: it reads the room's
-// epoch (starting a new one when the room's state is missing, which is how
-// a Redis that lost its data changes the epoch), increments the sequence,
-// appends to the history stream (trimmed to the room's size), refreshes
-// the expiries, and PUBLISHes the message on the room's channel, so
-// sequencing, history and fan-out are one atomic step. A node SUBSCRIBEs to
+// share the hash tag {room}. Publishing is one Lua script per batch:
+// concurrent publishes are queued and sent together (at most
+// WithPublishBatches batches in flight, a lone publish being a batch of
+// one), and for each room in the batch the script reads the epoch
+// (starting a new one when the room's state is missing, which is how a
+// Redis that lost its data changes the epoch), sequences the room's
+// messages in the order they were queued, appends them to the history
+// stream, and PUBLISHes each on the room's channel, so sequencing, history
+// and fan-out are one atomic step. A batch that go-redis resends after
+// losing its reply is recognised and answered with its first result, never
+// sequenced twice. History is bounded by count and age: the stream is
+// trimmed roughly on publish and expires as a whole, and reads return only
+// the room's newest size messages younger than its TTL (see scripts.go and
+// publish.go). A node SUBSCRIBEs to
 // the channel of each room it has subscribers in, so a message goes to
 // exactly the nodes that want it. A publish with an idempotency key checks
 // and records the key in the same script, so a key is sequenced once
@@ -27,6 +35,11 @@
 // leave events, within about one TTL. Join and leave events are decided in
 // the scripts, atomically: a member's first connection joins, its last
 // leaves.
+//
+// NewSharded spreads rooms over several Redis servers, each room wholly on
+// one of them, so everything above holds per room unchanged.
+//
+// It needs Redis 6.2 or later (SET … GET, XADD NOMKSTREAM).
 //
 // # Failures
 //
