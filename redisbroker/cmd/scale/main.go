@@ -658,6 +658,9 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 		}
 		loadCPU0[i] = s.CPU
 	}
+	if err := admin.ConfigResetStat(ctx).Err(); err != nil {
+		return err
+	}
 	pubStart := time.Now()
 	for i := range nodes {
 		url := fmt.Sprintf("http://%s/publish?rate=%g&duration=%s&nodes=%d", nodeAddrs[i], *rate, *duration, len(nodes))
@@ -710,6 +713,10 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 	}
 	settled := time.Now()
 	redis1, err := redisCPU(ctx, admin)
+	if err != nil {
+		return err
+	}
+	cmdstats, err := admin.Info(ctx, "commandstats").Result()
 	if err != nil {
 		return err
 	}
@@ -789,6 +796,7 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 	redisUsed := redis1 - redis0
 	fmt.Fprintf(w, "| Redis CPU | %v: %.2f µs per delivery, %.1f µs per message sequenced |\n", redisUsed.Round(time.Millisecond),
 		float64(redisUsed.Microseconds())/float64(max(sum.Deliveries, 1)), float64(redisUsed.Microseconds())/float64(max(sequenced, 1)))
+	fmt.Fprintf(w, "| Redis's busiest commands (INFO commandstats: calls, µs) | %s |\n", topCommands(cmdstats, 6))
 	fmt.Fprintf(w, "| load processes' CPU (the clients) | %v: %.2f µs per delivery |\n", loadCPU.Round(time.Millisecond), float64(loadCPU.Microseconds())/float64(max(sum.Deliveries, 1)))
 	fmt.Fprintf(w, "\n| node | connections at the end | deliveries written | CPU | CPU per delivery |\n|---|---:|---:|---:|---:|\n")
 	for i := range nodes {
@@ -808,6 +816,39 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(w, "\nExact: every connection got every message of its room once, in order.")
 	return nil
+}
+
+// topCommands lists the n commands that took Redis the most time.
+func topCommands(stats string, n int) string {
+	type cmd struct {
+		name        string
+		calls, usec int64
+	}
+	var cmds []cmd
+	for line := range strings.SplitSeq(stats, "\n") {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_")
+		if !ok {
+			continue
+		}
+		name, kv, _ := strings.Cut(rest, ":")
+		c := cmd{name: name}
+		for f := range strings.SplitSeq(kv, ",") {
+			k, v, _ := strings.Cut(f, "=")
+			switch k {
+			case "calls":
+				c.calls, _ = strconv.ParseInt(v, 10, 64)
+			case "usec":
+				c.usec, _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		cmds = append(cmds, c)
+	}
+	slices.SortFunc(cmds, func(a, b cmd) int { return int(b.usec - a.usec) })
+	var parts []string
+	for _, c := range cmds[:min(n, len(cmds))] {
+		parts = append(parts, fmt.Sprintf("%s %d, %d", c.name, c.calls, c.usec))
+	}
+	return strings.Join(parts, "; ")
 }
 
 func quantile(buckets []uint64, q float64) time.Duration {
