@@ -250,7 +250,8 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 	rkeys := make([]string, 0, 1+2*len(groups)+len(batch))
 	args := make([]any, 0, 3+5*len(groups)+3*len(batch))
 	rkeys = append(rkeys, laneKey)
-	args = append(args, uuid.NewString(), ms(b.cfg.roomTTL), len(groups))
+	id := uuid.NewString()
+	args = append(args, id, ms(b.cfg.roomTTL), len(groups))
 	order := make([]*pubReq, 0, len(batch))
 	for _, g := range groups {
 		k := b.keys(g.room)
@@ -273,6 +274,13 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 		}
 	}
 	out, err := publishScript.Run(b.ctx, b.client, rkeys, args...).Text()
+	if err == nil {
+		var first string
+		var ok bool
+		if first, out, ok = field(out); !ok || first != id {
+			err = errMalformed // not this batch's answer
+		}
+	}
 	for _, q := range order {
 		var d pubDone
 		if err == nil {

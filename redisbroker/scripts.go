@@ -153,13 +153,14 @@ end
 // key). A room with no state starts its new life with the batch id as its
 // epoch (unique per room life, which is all an epoch must be).
 //
-// It returns, per message in order, f(epoch) f(seq) f(time) f(dup), where
+// It returns f(batch id), then, per message in order, f(epoch) f(seq)
+// f(time) f(dup), where
 // dup is empty for a message it sequenced and, for a key seen before, the
 // id of the message that key sequenced (seq and time are that message's).
 //
 // It reads first (each room's epoch and sequence, each key's record), then
-// records "batch-id result" in the lane key with SET … GET, which also
-// returns what the lane held: when that was this very batch, Redis ran it
+// records the result in the lane key with SET … GET, which also returns
+// what the lane held: when that was this very batch, Redis ran it
 // already (go-redis resent it after losing the reply), so it puts the
 // record back and returns the first run's result without writing
 // anything. Only then does it write: one HSET and the expiries per room,
@@ -179,16 +180,17 @@ var publishScript = redis.NewScript(publishLua)
 const publishLua = `
 local function f(s) return string.format('%d:%s', #s, s) end
 local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
--- Numbers reach Redis and strings only through string.format's integer
--- path: Lua's own number-to-string conversion (printf %.14g) costs more
--- than some of the calls. Messages are read from ARGV twice rather than
--- copied into tables.
+-- Every string and table here costs Redis time per publish: numbers
+-- reach strings only through string.format's integer path (Lua's own
+-- conversion is printf %.14g), messages are read from ARGV twice rather
+-- than copied into tables, and what the write phase needs of the read
+-- phase is kept by ARGV index.
 local t = redis.call('TIME')
-local ts = t[1] .. string.format('%06d', tonumber(t[2]))
-local fts = f(ts)
+local fts = string.format('%d:%s%06d', #t[1] + 6, t[1], tonumber(t[2]))
 local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nrooms = tonumber(ARGV[3])
-local rooms, out, dup = {}, {}, {}
+local fb = f(batch)
+local rooms, out, dup, seqs, fseqs = {}, {fb}, {}, {}, {}
 local ki, ai = 2, 4
 -- Read: each room's epoch and sequence, each key's record.
 for r = 1, nrooms do
@@ -198,7 +200,8 @@ for r = 1, nrooms do
   if not e then e, seq, fresh = batch, 0, true end
   local renew = fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= ttls
   local fe = f(e)
-  rooms[r] = {e = e, fe = fe, first = seq, fresh = fresh, renew = renew, resize = st[5] ~= ARGV[ai + 1], ki = ki, ai = ai}
+  local room = {e = e, fe = fe, fresh = fresh, renew = renew, resize = st[5] ~= ARGV[ai + 1], ki = ki, ai = ai}
+  rooms[r] = room
   ki, ai = ki + 2, ai + 5
   local seen
   for _ = 1, n do
@@ -215,28 +218,34 @@ for r = 1, nrooms do
           if pe == e then d = {ps, pt, pi} end
         end
       end
-      if not d then seen[kkey] = {string.format('%d', seq + 1), ts, string.match(ARGV[ai], ':(.*)$')} end
+      if not d then
+        seen[kkey] = {string.format('%d', seq + 1), string.match(fts, ':(.*)$'), string.match(ARGV[ai], ':(.*)$')}
+      end
     end
     if d then
       dup[ai] = true
       out[#out + 1] = fe .. f(d[1]) .. f(d[2]) .. f(d[3])
     else
       seq = seq + 1
-      out[#out + 1] = fe .. f(string.format('%d', seq)) .. fts .. '0:'
+      local sq = string.format('%d', seq)
+      local fsq = string.format('%d:%s', #sq, sq)
+      seqs[ai], fseqs[ai] = sq, fsq
+      out[#out + 1] = fe .. fsq .. fts .. '0:'
+      room.lasts = sq
     end
     ai = ai + 3
   end
-  rooms[r].last = seq
 end
+-- The result, which starts with the batch id, is also the lane's record.
 local result = table.concat(out)
-local held = redis.call('SET', lane, batch .. ' ' .. result, 'PX', lttl, 'GET')
-if held and string.sub(held, 1, #batch + 1) == batch .. ' ' then
+local held = redis.call('SET', lane, result, 'PX', lttl, 'GET')
+if held and string.find(held, fb, 1, true) == 1 then
   redis.call('SET', lane, held, 'PX', lttl)
-  return string.sub(held, #batch + 2)
+  return held
 end
 -- Write.
 for _, room in ipairs(rooms) do
-  local e, fe, seq, ki, ai = room.e, room.fe, room.first, room.ki, room.ai
+  local e, fe, ki, ai = room.e, room.fe, room.ki, room.ai
   local meta, hist = KEYS[ki], KEYS[ki + 1]
   local n, sizes, ttls, idle, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], tonumber(ARGV[ai + 3]), ARGV[ai + 4]
   local size = tonumber(sizes)
@@ -250,8 +259,7 @@ for _, room in ipairs(rooms) do
       ki = ki + 1
     end
     if not dup[ai] then
-      seq = seq + 1
-      local sq = string.format('%d', seq)
+      local sq = seqs[ai]
       local v = fid .. fts .. ARGV[ai + 1]
       if size > 0 then
         local id = '0-' .. sq
@@ -261,31 +269,37 @@ for _, room in ipairs(rooms) do
           room.renew = true
         end
       end
-      redis.call('PUBLISH', channel, 'm' .. fe .. f(sq) .. v)
+      redis.call('PUBLISH', channel, 'm' .. fe .. fseqs[ai] .. v)
       if kkey then
-        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. string.match(fid, ':(.*)$') .. ' ' .. ts, 'PX', kttl)
+        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. string.match(fid, ':(.*)$') .. ' ' .. string.match(fts, ':(.*)$'), 'PX', kttl)
       end
     end
     ai = ai + 3
   end
-  local hset = {'HSET', meta, 's', string.format('%d', room.last), 'h', ttls}
-  if room.fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
-  if room.resize then hset[#hset + 1], hset[#hset + 2] = 'n', sizes end
-  if not room.renew then
-    redis.call(unpack(hset))
+  local last = room.lasts
+  if not last then
+    -- Only duplicates: the room's sequence is unchanged.
+  elseif not room.renew and not room.fresh and not room.resize then
+    redis.call('HSET', meta, 's', last, 'h', ttls)
   else
-    -- Each key lives a tenth longer than it must, so that the room's next
-    -- publishes, for that tenth, need not extend it again.
-    local ttl = tonumber(ttls)
-    local life, hl = idle, ttl
-    if ttl > life then life = ttl end
-    if hl == 0 then hl = idle end
-    local due = life
-    if size > 0 and hl < due then due = hl end
-    hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
-    redis.call(unpack(hset))
-    if size > 0 then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
-    redis.call('PEXPIRE', meta, string.format('%d', life + math.floor(life / 10)))
+    local hset = {'HSET', meta, 's', last, 'h', ttls, 'n', sizes}
+    if room.fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
+    if room.renew then
+      -- Each key lives a tenth longer than it must, so that the room's
+      -- next publishes, for that tenth, need not extend it again.
+      local ttl = tonumber(ttls)
+      local life, hl = idle, ttl
+      if ttl > life then life = ttl end
+      if hl == 0 then hl = idle end
+      local due = life
+      if size > 0 and hl < due then due = hl end
+      hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
+      redis.call(unpack(hset))
+      if size > 0 then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
+      redis.call('PEXPIRE', meta, string.format('%d', life + math.floor(life / 10)))
+    else
+      redis.call(unpack(hset))
+    end
   end
 end
 return result
