@@ -3,6 +3,7 @@ package redisbroker_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -341,5 +342,92 @@ func TestHistoryReadsEntriesOfTheEarlierFormat(t *testing.T) {
 	}
 	if got := h.Messages[1].Time.UnixMicro(); got != now {
 		t.Fatalf("the old entry's time is %d, want %d", got, now)
+	}
+}
+
+// gatedConn holds back the next EVALSHA it carries once armed, until
+// released: a batch stuck on its way to Redis.
+type gatedConn struct {
+	net.Conn
+	armed   *atomic.Bool
+	held    chan struct{} // gets a value when an EVALSHA is held
+	release chan struct{} // closed to let it go
+}
+
+func (c *gatedConn) Write(p []byte) (int, error) {
+	if bytes.Contains(bytes.ToLower(p), []byte("evalsha")) && c.armed.CompareAndSwap(true, false) {
+		c.held <- struct{}{}
+		<-c.release
+	}
+	return c.Conn.Write(p)
+}
+
+// A publish still queued behind a batch in flight when its ctx ends
+// returns at once and is never sent; the batch in flight is answered.
+func TestAQueuedPublishWhoseContextEndsIsNeverSent(t *testing.T) {
+	t.Parallel()
+	var armed atomic.Bool
+	held, release := make(chan struct{}, 1), make(chan struct{})
+	c := newClient(t, shared.Addr, func(o *redis.Options) {
+		o.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &gatedConn{Conn: conn, armed: &armed, held: held, release: release}, nil
+		}
+	})
+	b := redisbroker.New(c, redisbroker.WithPrefix(uniquePrefix()), redisbroker.WithLogger(pubsubtest.Logger()),
+		redisbroker.WithPublishBatches(1))
+	b.Bind(func(pubsub.Message) {})
+	t.Cleanup(func() { b.Close() })
+	ctx := pubsubtest.Context(t)
+	if _, err := b.Publish(ctx, "room", []byte("1"), hist); err != nil {
+		t.Fatal(err)
+	}
+
+	armed.Store(true)
+	first := make(chan error, 1)
+	go func() {
+		res, err := b.Publish(ctx, "room", []byte("2"), hist)
+		if err == nil && res.Seq != 2 {
+			err = fmt.Errorf("seq %d, want 2", res.Seq)
+		}
+		first <- err
+	}()
+	<-held // the only lane's batch is on its way, and stays there
+	gone, cancel := context.WithCancel(ctx)
+	second := make(chan error, 1)
+	go func() {
+		_, err := b.Publish(gone, "room", []byte("never"), hist)
+		second <- err
+	}()
+	cancel()
+	select {
+	case err := <-second:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("the queued publish returned %v, want context.Canceled", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("a queued publish whose ctx ended did not return while the batch ahead of it was stuck")
+	}
+	close(release)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	third, err := b.Publish(ctx, "room", []byte("3"), hist)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := b.History(ctx, "room", pubsub.HistoryQuery{Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range h.Messages {
+		got = append(got, string(m.Data))
+	}
+	if third.Seq != 3 || !slices.Equal(got, []string{"1", "2", "3"}) {
+		t.Fatalf("history %q, third publish seq %d; want 1 2 3: the abandoned publish must not be sequenced", got, third.Seq)
 	}
 }
