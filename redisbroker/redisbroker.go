@@ -24,11 +24,11 @@
 // sequenced twice. History is bounded by count and age: the stream is
 // trimmed roughly on publish and expires as a whole, and reads return only
 // the room's newest size messages younger than its TTL (see scripts.go and
-// publish.go). A node SUBSCRIBEs to
-// the channel of each room it has subscribers in, so a message goes to
-// exactly the nodes that want it. A publish with an idempotency key checks
-// and records the key in the same script, so a key is sequenced once
-// whichever node its publishes reach, however many race.
+// publish.go). A node SUBSCRIBEs to the channel of each room it has
+// subscribers in, so a message goes to exactly the nodes that want it. A
+// publish with an idempotency key checks and records the key in the same
+// script, so a key is sequenced once whichever node its publishes reach,
+// however many race.
 //
 // Presence entries carry an expiry: each node refreshes its own every
 // third of WithPresenceTTL, so a crashed node's members disappear, with
@@ -39,7 +39,7 @@
 // NewSharded spreads rooms over several Redis servers, each room wholly on
 // one of them, so everything above holds per room unchanged.
 //
-// It needs Redis 6.2 or later (SET … GET, XADD NOMKSTREAM).
+// The broker needs Redis 6.2 or later (SET … GET, XADD NOMKSTREAM).
 //
 // # Failures
 //

@@ -8,9 +8,11 @@ import "github.com/redis/go-redis/v9"
 // A room's keys (prefix P, room R):
 //
 //	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) and n =
-//	         history size of the last publish, x = when (ms) a publish must next extend the expiries
-//	         of the room's keys (publishScript). Its expiry ends the room's life: a missing meta key means a new
-//	         epoch (expired, evicted, or lost in a restart).
+//	         history size of the last publish, x = when (ms) a publish
+//	         must next extend the expiries of the room's keys
+//	         (publishScript). Its expiry ends the room's life: a missing
+//	         meta key means a new epoch (expired, evicted, or lost in a
+//	         restart).
 //	P:{R}:h  stream: the history; entry id 0-<seq>, one field v = f(message
 //	         id) f(time, µs) payload (entries written by earlier versions
 //	         have fields i, t and d instead; readers take both). Trimmed
@@ -24,10 +26,11 @@ import "github.com/redis/go-redis/v9"
 //	P:{R}    the room's pub/sub channel.
 //	P:{R}:k:K  string: "epoch seq id time" of the message that idempotency
 //	         key K sequenced; it expires with the key's TTL.
-//	P:l:L    string: "batch-id result" of the last batch that publish lane
-//	         L ran (see publish.go), to answer a resent batch instead of
-//	         sequencing it twice; P:{R}:l:L on a Redis Cluster, where a
-//	         batch holds one room. It expires with WithRoomTTL.
+//	P:l:L    string: the result of the last batch that publish lane L
+//	         ran, which starts with the batch's id (see publish.go), to
+//	         answer a resent batch instead of sequencing it twice;
+//	         P:{R}:l:L on a Redis Cluster, where a batch holds one room.
+//	         It expires with WithRoomTTL.
 //
 // Times come from the server (TIME), so every node agrees on them.
 //
@@ -149,14 +152,14 @@ end
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
 // ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
-// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
+// ttl ms, idle ms, channel; then per message: f(id), data, key ttl ms (0: no
 // key). A room with no state starts its new life with the batch id as its
 // epoch (unique per room life, which is all an epoch must be).
 //
 // It returns f(batch id), then, per message in order, f(epoch) f(seq)
-// f(time) f(dup), where
-// dup is empty for a message it sequenced and, for a key seen before, the
-// id of the message that key sequenced (seq and time are that message's).
+// f(time) f(dup), where dup is empty for a message it sequenced and, for
+// a key seen before, the id of the message that key sequenced (seq and
+// time are that message's).
 //
 // It reads first (each room's epoch and sequence, each key's record), then
 // records the result in the lane key with SET … GET, which also returns
@@ -169,12 +172,12 @@ end
 // Messages are kept by count (XADD MAXLEN ~, whole stream nodes at a
 // time) and expire with the whole stream (PEXPIRE); the exact count bound
 // and the age bound are applied when history is read (historyScript), so
-// a publish never reads the stream. The
-// expiries are extended to a tenth more than they must be, and only by
-// the publishes that find that tenth used up, the history TTL changed or
-// the stream new (XADD NOMKSTREAM tells, in the same call):
-// a busy room's publishes mostly skip both PEXPIREs, and still every
-// message outlives its TTL and the room's state its idle time.
+// a publish never reads the stream. The expiries are extended to a tenth
+// more than they must be, and only by the publishes that find that tenth
+// used up, the history TTL changed or the stream new (XADD NOMKSTREAM
+// tells, in the same call): a busy room's publishes mostly skip both
+// PEXPIREs, and still every message outlives its TTL and the room's state
+// its idle time.
 var publishScript = redis.NewScript(publishLua)
 
 const publishLua = `
