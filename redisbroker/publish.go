@@ -269,7 +269,7 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 				rkeys = append(rkeys, k.idempotency+q.o.Key)
 				kttl = max(ms(q.o.KeyTTL), 1)
 			}
-			args = append(args, appendField(nil, q.id), q.data, kttl)
+			args = append(args, q.id, q.data, kttl)
 			order = append(order, q)
 		}
 	}

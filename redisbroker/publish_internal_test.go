@@ -46,7 +46,7 @@ func BenchmarkPublishPaths(b *testing.B) {
 		base := prefix + ":{" + room + "}"
 		return publishScript.Run(ctx, s, []string{prefix + ":l:" + lane, base + ":m", base + ":h"},
 			uuid.NewString(), 3600000, 1, 1, h.Size, ms(h.TTL), 3600000, base,
-			appendField(nil, uuid.NewString()), data, 0).Err()
+			uuid.NewString(), data, 0).Err()
 	}
 	run := func(b *testing.B, publish func(lane, room string) error) {
 		if err := c.FlushAll(ctx).Err(); err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -299,9 +300,10 @@ func TestEveryPublishLeavesTheRoomAliveForItsTTL(t *testing.T) {
 	}
 }
 
-// Entries that an earlier version wrote (fields i, t and d) are still
-// served, beside the current ones, during a rolling upgrade.
-func TestHistoryReadsEntriesOfTheEarlierFormat(t *testing.T) {
+// Nodes of the earlier version share the Redis during a rolling upgrade:
+// the entries their publish script wrote (fields i, t and d, as this one
+// writes them) are served beside the current ones.
+func TestHistoryReadsEntriesAnEarlierVersionWrote(t *testing.T) {
 	t.Parallel()
 	prefix := uniquePrefix()
 	b := newBroker(t, shared.Addr, prefix)
@@ -429,5 +431,82 @@ func TestAQueuedPublishWhoseContextEndsIsNeverSent(t *testing.T) {
 	}
 	if third.Seq != 3 || !slices.Equal(got, []string{"1", "2", "3"}) {
 		t.Fatalf("history %q, third publish seq %d; want 1 2 3: the abandoned publish must not be sequenced", got, third.Seq)
+	}
+}
+
+// During a rolling upgrade, nodes of the version before batches (its
+// publish script, verbatim in testdata) and of this one publish into the
+// same rooms: one sequence, one history, every message delivered in order.
+func TestNodesOfTheEarlierVersionShareTheRedis(t *testing.T) {
+	t.Parallel()
+	src, err := os.ReadFile("testdata/publish-242384c.lua")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := redis.NewScript(string(src))
+	prefix := uniquePrefix()
+	var mu sync.Mutex
+	var got []pubsub.Message
+	b := newBroker(t, shared.Addr, prefix)
+	b.Bind(func(m pubsub.Message) {
+		mu.Lock()
+		got = append(got, m)
+		mu.Unlock()
+	})
+	t.Cleanup(func() { b.Close() })
+	admin := newClient(t, shared.Addr)
+	ctx := pubsubtest.Context(t)
+	if err := b.Subscribe(ctx, "room"); err != nil {
+		t.Fatal(err)
+	}
+	base := prefix + ":{room}"
+	publishOld := func(data, id string) uint64 {
+		t.Helper()
+		// KEYS: meta, hist. ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel, key ttl ms.
+		vals, err := old.Run(ctx, admin, []string{base + ":m", base + ":h"},
+			data, id, "old-epoch", 100, 60000, 3600000, base, 1).Slice()
+		if err != nil {
+			t.Fatalf("the earlier script: %v", err)
+		}
+		seq, _ := strconv.ParseUint(vals[1].(string), 10, 64)
+		return seq
+	}
+	want := []string{"new 1", "old 2", "new 3", "old 4", "new 5"}
+	for i, d := range want {
+		var seq uint64
+		if strings.HasPrefix(d, "old") {
+			seq = publishOld(d, fmt.Sprint("old-id-", i+1))
+		} else {
+			res, err := b.Publish(ctx, "room", []byte(d), hist)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seq = res.Seq
+		}
+		if seq != uint64(i+1) {
+			t.Fatalf("%q got seq %d, want %d", d, seq, i+1)
+		}
+	}
+	h, err := b.History(ctx, "room", pubsub.HistoryQuery{Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubsubtest.WaitFor(t, "every message to be delivered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) >= len(want)
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(h.Messages) != len(want) || len(got) != len(want) {
+		t.Fatalf("history holds %d, the node delivered %d; want %d", len(h.Messages), len(got), len(want))
+	}
+	for i, d := range want {
+		if m := h.Messages[i]; m.Seq != uint64(i+1) || string(m.Data) != d || m.Epoch != h.Epoch {
+			t.Fatalf("history message %d is %+v, want %q at seq %d", i, m, d, i+1)
+		}
+		if m := got[i]; m.Seq != uint64(i+1) || string(m.Data) != d || m.Epoch != h.Epoch {
+			t.Fatalf("delivered message %d is %+v, want %q at seq %d", i, m, d, i+1)
+		}
 	}
 }

@@ -13,13 +13,11 @@ import "github.com/redis/go-redis/v9"
 //	         (publishScript). Its expiry ends the room's life: a missing
 //	         meta key means a new epoch (expired, evicted, or lost in a
 //	         restart).
-//	P:{R}:h  stream: the history; entry id 0-<seq>, one field v = f(message
-//	         id) f(time, µs) payload (entries written by earlier versions
-//	         have fields i, t and d instead; readers take both). Trimmed
-//	         roughly by count on publish (XADD MAXLEN ~: whole nodes of
-//	         the stream, so it holds at most a node's worth of entries
-//	         more), exactly by count and age on read, and expired as a
-//	         whole with the TTL.
+//	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
+//	         t (time, µs), d (payload). Trimmed roughly by count on
+//	         publish (XADD MAXLEN ~: whole nodes of the stream, so it
+//	         holds at most a node's worth of entries more), exactly by
+//	         count and age on read, and expired as a whole with the TTL.
 //	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
 //	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
@@ -64,22 +62,13 @@ local function touch(meta, idle)
   local ttl = redis.call('PTTL', meta)
   if ttl >= 0 and ttl < idle then redis.call('PEXPIRE', meta, idle) end
 end
--- etime is a stream entry's time (µs).
-local function etime(en)
-  if en[2][1] ~= 'v' then return tonumber(en[2][4]) end
-  local v = en[2][2]
-  local c = string.find(v, ':', 1, true)
-  local p = c + tonumber(string.sub(v, 1, c - 1)) + 1
-  local c2 = string.find(v, ':', p, true)
-  return tonumber(string.sub(v, c2 + 1, c2 + tonumber(string.sub(v, p, c2 - 1))))
-end
 -- trim drops history entries older than cutoff (µs) among the oldest
 -- scan; it returns true when it dropped all of them (more may be old).
 local function trim(hist, cutoff, scan)
   local old = redis.call('XRANGE', hist, '-', '+', 'COUNT', scan)
   local n = 0
   for i, en in ipairs(old) do
-    if etime(en) >= cutoff then break end
+    if tonumber(en[2][4]) >= cutoff then break end
     n = i
   end
   if n == 0 then return false end
@@ -96,11 +85,7 @@ local function entries(out, list, from, to, step)
   for i = from, to, step do
     local en = list[i]
     out[#out + 1] = string.sub(en[1], 3)
-    if en[2][1] == 'v' then
-      out[#out + 1] = en[2][2]
-    else -- written before field v: i, t, d
-      out[#out + 1] = f(en[2][2]) .. f(en[2][4]) .. en[2][6]
-    end
+    out[#out + 1] = f(en[2][2]) .. f(en[2][4]) .. en[2][6]
   end
   return out
 end
@@ -152,7 +137,7 @@ end
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
 // ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
-// ttl ms, idle ms, channel; then per message: f(id), data, key ttl ms (0: no
+// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
 // key). A room with no state starts its new life with the batch id as its
 // epoch (unique per room life, which is all an epoch must be).
 //
@@ -187,9 +172,12 @@ local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
 -- reach strings only through string.format's integer path (Lua's own
 -- conversion is printf %.14g), messages are read from ARGV twice rather
 -- than copied into tables, and what the write phase needs of the read
--- phase is kept by ARGV index.
+-- phase is kept by ARGV index. Stream entries keep the fields earlier
+-- versions wrote (i, t, d), so nodes of both can share a Redis while a
+-- cluster is upgraded.
 local t = redis.call('TIME')
-local fts = string.format('%d:%s%06d', #t[1] + 6, t[1], tonumber(t[2]))
+local ts = string.format('%s%06d', t[1], tonumber(t[2]))
+local fts = f(ts)
 local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nrooms = tonumber(ARGV[3])
 local fb = f(batch)
@@ -222,7 +210,7 @@ for r = 1, nrooms do
         end
       end
       if not d then
-        seen[kkey] = {string.format('%d', seq + 1), string.match(fts, ':(.*)$'), string.match(ARGV[ai], ':(.*)$')}
+        seen[kkey] = {string.format('%d', seq + 1), ts, ARGV[ai]}
       end
     end
     if d then
@@ -255,7 +243,7 @@ for _, room in ipairs(rooms) do
   ki, ai = ki + 2, ai + 5
   if room.fresh or size == 0 then redis.call('DEL', hist) end
   for _ = 1, n do
-    local fid, kttl = ARGV[ai], ARGV[ai + 2]
+    local mid, data, kttl = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
     local kkey
     if kttl ~= '0' then
       kkey = KEYS[ki]
@@ -263,18 +251,17 @@ for _, room in ipairs(rooms) do
     end
     if not dup[ai] then
       local sq = seqs[ai]
-      local v = fid .. fts .. ARGV[ai + 1]
       if size > 0 then
         local id = '0-' .. sq
-        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'v', v) then
+        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data) then
           -- A new stream: it needs its expiry.
-          redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'v', v)
+          redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data)
           room.renew = true
         end
       end
-      redis.call('PUBLISH', channel, 'm' .. fe .. fseqs[ai] .. v)
+      redis.call('PUBLISH', channel, 'm' .. fe .. fseqs[ai] .. f(mid) .. fts .. data)
       if kkey then
-        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. string.match(fid, ':(.*)$') .. ' ' .. string.match(fts, ':(.*)$'), 'PX', kttl)
+        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. mid .. ' ' .. ts, 'PX', kttl)
       end
     end
     ai = ai + 3
