@@ -4,11 +4,15 @@ go 1.26.8
 
 replace github.com/roomcast/pubsub => ../
 
+replace github.com/roomcast/pubsub/redisbroker => ../redisbroker
+
 require (
 	github.com/centrifugal/centrifuge v0.38.0
 	github.com/gorilla/websocket v1.5.3
 	github.com/olahol/melody v1.3.0
+	github.com/redis/go-redis/v9 v9.23.0
 	github.com/roomcast/pubsub v0.0.0-00010101000000-000000000000
+	github.com/roomcast/pubsub/redisbroker v0.0.0-00010101000000-000000000000
 )
 
 require (
@@ -35,8 +39,9 @@ require (
 	github.com/segmentio/encoding v0.5.3 // indirect
 	github.com/shadowspore/fossil-delta v0.0.0-20241213113458-1d797d70cbe3 // indirect
 	github.com/valyala/bytebufferpool v1.0.0 // indirect
+	go.uber.org/atomic v1.12.0 // indirect
 	go.yaml.in/yaml/v2 v2.4.2 // indirect
 	golang.org/x/sync v0.18.0 // indirect
-	golang.org/x/sys v0.35.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
 	google.golang.org/protobuf v1.36.10 // indirect
 )

@@ -4,8 +4,12 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/brokertest"
+	"github.com/roomcast/pubsub/pubsubtest"
+	"github.com/roomcast/pubsub/redisbroker"
+	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
 )
 
 func TestConformance(t *testing.T) {
@@ -49,4 +53,27 @@ func clusterPrefix() func(t *testing.T) string {
 		}
 		return p
 	}
+}
+
+// On a Redis Cluster of three masters, where a script may touch one slot
+// only: a batch holds one room (its keys share the room's hash tag).
+func TestConformanceRedisCluster(t *testing.T) {
+	t.Parallel()
+	c, err := redistest.StartCluster(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	newCluster := func(t *testing.T, prefix string) *redisbroker.Broker {
+		cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs})
+		t.Cleanup(func() { cc.Close() })
+		return redisbroker.New(cc, redisbroker.WithPrefix(prefix), redisbroker.WithLogger(pubsubtest.Logger()))
+	}
+	t.Run("Run", func(t *testing.T) {
+		brokertest.Run(t, func(t *testing.T) pubsub.Broker { return newCluster(t, uniquePrefix()) })
+	})
+	t.Run("RunCluster", func(t *testing.T) {
+		prefix := clusterPrefix()
+		brokertest.RunCluster(t, func(t *testing.T) pubsub.Broker { return newCluster(t, prefix(t)) })
+	})
 }

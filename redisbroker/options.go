@@ -12,6 +12,8 @@ const (
 	DefaultPrefix      = "roomcast"
 	DefaultPresenceTTL = 30 * time.Second
 	DefaultRoomTTL     = time.Hour
+	// DefaultPublishBatches is WithPublishBatches' default.
+	DefaultPublishBatches = 2
 )
 
 // Option configures a Broker.
@@ -22,6 +24,7 @@ type config struct {
 	presenceTTL time.Duration
 	roomTTL     time.Duration
 	logger      *slog.Logger
+	batches     int
 }
 
 // WithPrefix sets the prefix of every key and channel the broker uses, so
@@ -48,6 +51,15 @@ func WithRoomTTL(d time.Duration) Option {
 	return func(c *config) { c.roomTTL = d }
 }
 
+// WithPublishBatches sets how many batches of publishes may be in flight
+// to Redis at once (each on a connection of the client's pool while it
+// runs). Publishes that arrive while they all are wait for the next
+// batch, which carries all of them in one script run. Default 2; at least
+// 1.
+func WithPublishBatches(n int) Option {
+	return func(c *config) { c.batches = n }
+}
+
 // WithLogger sets the logger for failures the broker cannot return to a
 // caller: a gap it could not fill, a refresh that failed. Default
 // slog.Default().
@@ -67,6 +79,9 @@ func (c *config) validate() {
 	}
 	if c.roomTTL < 10*time.Millisecond {
 		bad("WithRoomTTL(%v): want at least 10ms", c.roomTTL)
+	}
+	if c.batches < 1 {
+		bad("WithPublishBatches(%d): want at least 1", c.batches)
 	}
 	if c.logger == nil {
 		c.logger = slog.Default()

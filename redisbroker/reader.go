@@ -87,14 +87,21 @@ func (b *Broker) advance(room string, p pos, m pubsub.Message) pos {
 	next := pos{epoch: m.Epoch, seq: m.Seq, state: posDelivered}
 	switch {
 	case p.state == posUnknown:
+		if b.cluster {
+			// A Redis Cluster carries PUBLISH between its servers
+			// asynchronously: a message published before the SUBSCRIBE
+			// may arrive after it. Subscribe promises only what is
+			// published after it returns, which comes after the baseline.
+			return p
+		}
 	case p.epoch == "" || p.epoch == m.Epoch:
 		last := p.seq
 		if p.epoch == "" {
 			last = 0 // the room had no state: its next life starts at 1
 		}
 		if m.Seq <= last {
-			if p.state == posDelivered {
-				return p // already delivered, from history
+			if p.state == posDelivered || b.cluster {
+				return p // already delivered, from history; or, on a cluster, perhaps published before the SUBSCRIBE
 			}
 			b.deliver(m) // published before the baseline was read
 			return p

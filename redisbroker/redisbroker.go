@@ -11,22 +11,35 @@
 // # How it works
 //
 // A room's sequence, history and presence live in Redis, under keys that
-// share the hash tag {room}. Publish is one Lua script: it reads the room's
-// epoch (starting a new one when the room's state is missing, which is how
-// a Redis that lost its data changes the epoch), increments the sequence,
-// appends to the history stream (trimmed to the room's size), refreshes
-// the expiries, and PUBLISHes the message on the room's channel, so
-// sequencing, history and fan-out are one atomic step. A node SUBSCRIBEs to
-// the channel of each room it has subscribers in, so a message goes to
-// exactly the nodes that want it. A publish with an idempotency key checks
-// and records the key in the same script, so a key is sequenced once
-// whichever node its publishes reach, however many race.
+// share the hash tag {room}. Publishing is one Lua script per batch:
+// concurrent publishes are queued and sent together (at most
+// WithPublishBatches batches in flight, a lone publish being a batch of
+// one), and for each room in the batch the script reads the epoch
+// (starting a new one when the room's state is missing, which is how a
+// Redis that lost its data changes the epoch), sequences the room's
+// messages in the order they were queued, appends them to the history
+// stream, and PUBLISHes each on the room's channel, so sequencing, history
+// and fan-out are one atomic step. A batch that go-redis resends after
+// losing its reply is recognised and answered with its first result, never
+// sequenced twice. History is bounded by count and age: the stream is
+// trimmed roughly on publish and expires as a whole, and reads return only
+// the room's newest size messages younger than its TTL (see scripts.go and
+// publish.go). A node SUBSCRIBEs to the channel of each room it has
+// subscribers in, so a message goes to exactly the nodes that want it. A
+// publish with an idempotency key checks and records the key in the same
+// script, so a key is sequenced once whichever node its publishes reach,
+// however many race.
 //
 // Presence entries carry an expiry: each node refreshes its own every
 // third of WithPresenceTTL, so a crashed node's members disappear, with
 // leave events, within about one TTL. Join and leave events are decided in
 // the scripts, atomically: a member's first connection joins, its last
 // leaves.
+//
+// NewSharded spreads rooms over several Redis servers, each room wholly on
+// one of them, so everything above holds per room unchanged.
+//
+// The broker needs Redis 6.2 or later (SET … GET, XADD NOMKSTREAM).
 //
 // # Failures
 //
@@ -75,6 +88,16 @@ type Broker struct {
 	ctx    context.Context // ends at Close; bounds the broker's own calls
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the reader and the refresher
+
+	cluster bool // a Redis Cluster: one room per batch
+
+	pmu    sync.Mutex // the publish queue (publish.go); never held with mu
+	queue  []*pubReq
+	queued int           // requests in queue still reqQueued
+	lanes  []string      // free lanes
+	last   int           // the size of the last batch taken
+	grown  chan struct{} // closed when queued reaches want; nil when no leader waits
+	want   int
 
 	mu      sync.Mutex
 	deliver func(pubsub.Message)
@@ -128,7 +151,7 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 	if client == nil {
 		panic("redisbroker: New(nil): want a Redis client")
 	}
-	cfg := config{prefix: DefaultPrefix, presenceTTL: DefaultPresenceTTL, roomTTL: DefaultRoomTTL}
+	cfg := config{prefix: DefaultPrefix, presenceTTL: DefaultPresenceTTL, roomTTL: DefaultRoomTTL, batches: DefaultPublishBatches}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -139,6 +162,10 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 		log:     cfg.logger,
 		subs:    make(map[string]*sub),
 		members: make(map[string]map[string]*member),
+		cluster: isCluster(client),
+	}
+	for range cfg.batches {
+		b.lanes = append(b.lanes, uuid.NewString())
 	}
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	return b
@@ -146,13 +173,14 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 
 // keys are one room's Redis keys; see scripts.go.
 type keys struct {
+	base                                    string // P:{R}
 	meta, hist, pres, conns, users, channel string
 	idempotency                             string // the prefix of its idempotency keys
 }
 
 func (b *Broker) keys(room string) keys {
 	base := b.cfg.prefix + ":{" + room + "}"
-	return keys{base + ":m", base + ":h", base + ":p", base + ":c", base + ":u", base, base + ":k:"}
+	return keys{base, base + ":m", base + ":h", base + ":p", base + ":c", base + ":u", base, base + ":k:"}
 }
 
 // roomOf is the room whose channel ch is, or "".
@@ -221,53 +249,6 @@ func (b *Broker) Close() error {
 	}
 	b.wg.Wait()
 	return nil
-}
-
-// Publish runs the publish script: sequence, history, expiry and fan-out
-// in one atomic step. With h.Size > 0 and no h.TTL, messages have no age
-// bound and the history lives as long as the room's state (WithRoomTTL). A
-// retry of the same call that Redis already ran (go-redis retries after a
-// lost reply) returns the first result instead of sequencing the message
-// twice. An idempotency key is a key of the room's own (so it shares the
-// room's cluster slot) that expires with o.KeyTTL; a key whose message
-// belongs to an older epoch of the room no longer counts.
-func (b *Broker) Publish(ctx context.Context, room string, data []byte, o pubsub.PublishOptions) (pubsub.PublishResult, error) {
-	if b.isClosed() {
-		return pubsub.PublishResult{}, pubsub.ErrClosed
-	}
-	k := b.keys(room)
-	h := o.History
-	id := uuid.NewString()
-	size := max(h.Size, 0)
-	ttl := int64(0)
-	if size > 0 {
-		ttl = ms(h.TTL)
-	}
-	rkeys := []string{k.meta, k.hist}
-	if o.Key != "" {
-		rkeys = append(rkeys, k.idempotency+o.Key)
-	}
-	vals, err := publishScript.Run(ctx, b.client, rkeys,
-		data, id, uuid.NewString(), size, ttl, ms(b.cfg.roomTTL), k.channel, max(ms(o.KeyTTL), 1)).Slice()
-	if err != nil {
-		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, err)
-	}
-	epoch, seq, err := position(vals)
-	if err != nil || len(vals) < 3 || len(vals) > 4 {
-		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
-	}
-	ts, _ := vals[2].(string)
-	t, ok := parseMicros(ts)
-	if !ok {
-		return pubsub.PublishResult{}, fmt.Errorf("redisbroker: publish to room %q: %w", room, errMalformed)
-	}
-	m := pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: id, Epoch: epoch, Seq: seq, Time: t, Data: data}
-	if len(vals) == 4 { // the key's first message
-		m.ID, _ = vals[3].(string)
-		m.Data = nil
-		return pubsub.PublishResult{Message: m, Duplicate: true}, nil
-	}
-	return pubsub.PublishResult{Message: m}, nil
 }
 
 // History returns the room's position and the kept messages q selects. A

@@ -7,20 +7,28 @@ import "github.com/redis/go-redis/v9"
 //
 // A room's keys (prefix P, room R):
 //
-//	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) of the last
-//	         publish, l / t = the last publish's message id and time (µs),
-//	         to answer a retried publish instead of sequencing it twice.
-//	         Its expiry ends the room's life: a missing meta key means a new
-//	         epoch (expired, evicted, or lost in a restart).
+//	P:{R}:m  hash: e = epoch, s = last seq, h = history TTL (ms) and n =
+//	         history size of the last publish, x = when (ms) a publish
+//	         must next extend the expiries of the room's keys
+//	         (publishScript). Its expiry ends the room's life: a missing
+//	         meta key means a new epoch (expired, evicted, or lost in a
+//	         restart).
 //	P:{R}:h  stream: the history; entry id 0-<seq>, fields i (message id),
-//	         t (time, µs), d (payload). Trimmed by count on publish, by age
-//	         on read, and expired with the TTL.
+//	         t (time, µs), d (payload). Trimmed roughly by count on
+//	         publish (XADD MAXLEN ~: whole nodes of the stream, so it
+//	         holds at most a node's worth of entries more), exactly by
+//	         count and age on read, and expired as a whole with the TTL.
 //	P:{R}:p  sorted set: conn id -> when its presence entry expires (ms).
 //	P:{R}:c  hash: conn id -> events flag, member key and member record.
 //	P:{R}:u  hash: member key (u:<user> or c:<conn>) -> its connections.
 //	P:{R}    the room's pub/sub channel.
 //	P:{R}:k:K  string: "epoch seq id time" of the message that idempotency
 //	         key K sequenced; it expires with the key's TTL.
+//	P:l:L    string: the result of the last batch that publish lane L
+//	         ran, which starts with the batch's id (see publish.go), to
+//	         answer a resent batch instead of sequencing it twice;
+//	         P:{R}:l:L on a Redis Cluster, where a batch holds one room.
+//	         It expires with WithRoomTTL.
 //
 // Times come from the server (TIME), so every node agrees on them.
 //
@@ -33,7 +41,7 @@ import "github.com/redis/go-redis/v9"
 // where record = f(conn id) f(user id) f(info), built by the node that
 // joined it.
 const luaPrelude = `
-local function f(s) return #s .. ':' .. s end
+local function f(s) return string.format('%d:%s', #s, s) end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -72,14 +80,12 @@ local function trim(hist, cutoff, scan)
   redis.call('XTRIM', hist, 'MINID', '0-' .. string.format('%d', last + 1))
   return n == scan
 end
--- entries appends stream entries to out as seq, id, time, data.
+-- entries appends stream entries to out as seq, then f(id) f(time) data.
 local function entries(out, list, from, to, step)
   for i = from, to, step do
     local en = list[i]
     out[#out + 1] = string.sub(en[1], 3)
-    out[#out + 1] = en[2][2]
-    out[#out + 1] = en[2][4]
-    out[#out + 1] = en[2][6]
+    out[#out + 1] = f(en[2][2]) .. f(en[2][4]) .. en[2][6]
   end
   return out
 end
@@ -125,61 +131,181 @@ local function add(p, c, u, conn, ukey, flag, rec, score, e, ts, channel)
 end
 `
 
-// publishScript sequences, stores and fans out one message.
-// KEYS: meta, hist, and the idempotency key's key when there is one.
-// ARGV: data, id, epoch candidate, size, ttl ms, idle ms, channel, key ttl ms.
-// Returns epoch, seq, time (µs); for a key seen before, epoch, seq, time
-// and id of the message it sequenced.
-var publishScript = redis.NewScript(luaPrelude + `
-local meta, hist, kkey = KEYS[1], KEYS[2], KEYS[3]
-local size, ttl, idle = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local e = redis.call('HGET', meta, 'e')
-if e then
-  local last = redis.call('HMGET', meta, 'l', 's', 't')
-  if last[1] == ARGV[2] then return {e, last[2], last[3]} end
-  if kkey then
-    local prev = redis.call('GET', kkey)
-    if prev then
-      local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
-      if pe == e then return {pe, ps, pt, pi} end
+// publishScript sequences, stores and fans out a batch of messages, for
+// one or more rooms, in one atomic step.
+//
+// KEYS: the lane, then per room: meta, hist, then the idempotency keys of
+// that room's keyed messages, in order.
+// ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
+// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
+// key). A room with no state starts its new life with the batch id as its
+// epoch (unique per room life, which is all an epoch must be).
+//
+// It returns f(batch id), then, per message in order, f(epoch) f(seq)
+// f(time) f(dup), where dup is empty for a message it sequenced and, for
+// a key seen before, the id of the message that key sequenced (seq and
+// time are that message's).
+//
+// It reads first (each room's epoch and sequence, each key's record), then
+// records the result in the lane key with SET … GET, which also returns
+// what the lane held: when that was this very batch, Redis ran it
+// already (go-redis resent it after losing the reply), so it puts the
+// record back and returns the first run's result without writing
+// anything. Only then does it write: one HSET and the expiries per room,
+// an XADD and a PUBLISH (and a SET for a key) per message.
+//
+// Messages are kept by count (XADD MAXLEN ~, whole stream nodes at a
+// time) and expire with the whole stream (PEXPIRE); the exact count bound
+// and the age bound are applied when history is read (historyScript), so
+// a publish never reads the stream. The expiries are extended to a tenth
+// more than they must be, and only by the publishes that find that tenth
+// used up, the history TTL changed or the stream new (XADD NOMKSTREAM
+// tells, in the same call): a busy room's publishes mostly skip both
+// PEXPIREs, and still every message outlives its TTL and the room's state
+// its idle time.
+var publishScript = redis.NewScript(publishLua)
+
+const publishLua = `
+local function f(s) return string.format('%d:%s', #s, s) end
+local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
+-- Every string and table here costs Redis time per publish: numbers
+-- reach strings only through string.format's integer path (Lua's own
+-- conversion is printf %.14g), messages are read from ARGV twice rather
+-- than copied into tables, and what the write phase needs of the read
+-- phase is kept by ARGV index. Stream entries keep the fields earlier
+-- versions wrote (i, t, d), so nodes of both can share a Redis while a
+-- cluster is upgraded.
+local t = redis.call('TIME')
+local ts = string.format('%s%06d', t[1], tonumber(t[2]))
+local fts = f(ts)
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nrooms = tonumber(ARGV[3])
+local fb = f(batch)
+local rooms, out, dup, seqs, fseqs = {}, {fb}, {}, {}, {}
+local ki, ai = 2, 4
+-- Read: each room's epoch and sequence, each key's record.
+for r = 1, nrooms do
+  local meta, n, ttls = KEYS[ki], tonumber(ARGV[ai]), ARGV[ai + 2]
+  local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
+  local e, seq, fresh = st[1], tonumber(st[2] or '0'), false
+  if not e then e, seq, fresh = batch, 0, true end
+  local renew = fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= ttls
+  local fe = f(e)
+  local room = {e = e, fe = fe, fresh = fresh, renew = renew, resize = st[5] ~= ARGV[ai + 1], ki = ki, ai = ai}
+  rooms[r] = room
+  ki, ai = ki + 2, ai + 5
+  local seen
+  for _ = 1, n do
+    local kttl, d = ARGV[ai + 2], nil
+    if kttl ~= '0' then
+      local kkey = KEYS[ki]
+      ki = ki + 1
+      seen = seen or {}
+      d = seen[kkey]
+      if not d and not fresh then
+        local prev = redis.call('GET', kkey)
+        if prev then
+          local pe, ps, pi, pt = string.match(prev, '^(%S+) (%S+) (%S+) (%S+)$')
+          if pe == e then d = {ps, pt, pi} end
+        end
+      end
+      if not d then
+        seen[kkey] = {string.format('%d', seq + 1), ts, ARGV[ai]}
+      end
+    end
+    if d then
+      dup[ai] = true
+      out[#out + 1] = fe .. f(d[1]) .. f(d[2]) .. f(d[3])
+    else
+      seq = seq + 1
+      local sq = string.format('%d', seq)
+      local fsq = string.format('%d:%s', #sq, sq)
+      seqs[ai], fseqs[ai] = sq, fsq
+      out[#out + 1] = fe .. fsq .. fts .. '0:'
+      room.lasts = sq
+    end
+    ai = ai + 3
+  end
+end
+-- The result, which starts with the batch id, is also the lane's record.
+local result = table.concat(out)
+local held = redis.call('SET', lane, result, 'PX', lttl, 'GET')
+if held and string.find(held, fb, 1, true) == 1 then
+  redis.call('SET', lane, held, 'PX', lttl)
+  return held
+end
+-- Write.
+for _, room in ipairs(rooms) do
+  local e, fe, ki, ai = room.e, room.fe, room.ki, room.ai
+  local meta, hist = KEYS[ki], KEYS[ki + 1]
+  local n, sizes, ttls, idle, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], tonumber(ARGV[ai + 3]), ARGV[ai + 4]
+  local size = tonumber(sizes)
+  ki, ai = ki + 2, ai + 5
+  if room.fresh or size == 0 then redis.call('DEL', hist) end
+  for _ = 1, n do
+    local mid, data, kttl = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
+    local kkey
+    if kttl ~= '0' then
+      kkey = KEYS[ki]
+      ki = ki + 1
+    end
+    if not dup[ai] then
+      local sq = seqs[ai]
+      if size > 0 then
+        local id = '0-' .. sq
+        if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data) then
+          -- A new stream: it needs its expiry.
+          redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data)
+          room.renew = true
+        end
+      end
+      redis.call('PUBLISH', channel, 'm' .. fe .. fseqs[ai] .. f(mid) .. fts .. data)
+      if kkey then
+        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. mid .. ' ' .. ts, 'PX', kttl)
+      end
+    end
+    ai = ai + 3
+  end
+  local last = room.lasts
+  if not last then
+    -- Only duplicates: the room's sequence is unchanged.
+  elseif not room.renew and not room.fresh and not room.resize then
+    redis.call('HSET', meta, 's', last, 'h', ttls)
+  else
+    local hset = {'HSET', meta, 's', last, 'h', ttls, 'n', sizes}
+    if room.fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
+    if room.renew then
+      -- Each key lives a tenth longer than it must, so that the room's
+      -- next publishes, for that tenth, need not extend it again.
+      local ttl = tonumber(ttls)
+      local life, hl = idle, ttl
+      if ttl > life then life = ttl end
+      if hl == 0 then hl = idle end
+      local due = life
+      if size > 0 and hl < due then due = hl end
+      hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
+      redis.call(unpack(hset))
+      if size > 0 then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
+      redis.call('PEXPIRE', meta, string.format('%d', life + math.floor(life / 10)))
+    else
+      redis.call(unpack(hset))
     end
   end
-else
-  e = ensure(meta, hist, ARGV[3], idle)
 end
-local seq = string.format('%d', redis.call('HINCRBY', meta, 's', 1))
-local now = now_us()
-local ts = us(now)
-redis.call('HSET', meta, 'l', ARGV[2], 't', ts, 'h', ttl)
-if size > 0 then
-  redis.call('XADD', hist, 'MAXLEN', size, '0-' .. seq, 'i', ARGV[2], 't', ts, 'd', ARGV[1])
-  if ttl > 0 then
-    trim(hist, now - ttl * 1000, 8)
-    redis.call('PEXPIRE', hist, ttl)
-  else
-    redis.call('PEXPIRE', hist, idle)
-  end
-else
-  redis.call('DEL', hist)
-end
-if ttl > idle then idle = ttl end
-redis.call('PEXPIRE', meta, idle)
-redis.call('PUBLISH', ARGV[7], 'm' .. f(e) .. f(seq) .. f(ARGV[2]) .. f(ts) .. ARGV[1])
-if kkey then redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. ts, 'PX', ARGV[8]) end
-return {e, seq, ts}
-`)
+return result
+`
 
 // historyScript reads the room's position and the entries a query selects,
 // starting the room's life when it has none.
 // KEYS: meta, hist. ARGV: since, limit, latest (1/0), epoch candidate, idle ms.
-// Returns epoch, top, then seq, id, time, data per entry.
+// Returns epoch, top, then seq and f(id) f(time) data per entry.
 var historyScript = redis.NewScript(luaPrelude + `
 local meta, hist = KEYS[1], KEYS[2]
 local e = redis.call('HGET', meta, 'e')
 if not e then
   return {ensure(meta, hist, ARGV[4], tonumber(ARGV[5])), '0'}
 end
-local st = redis.call('HMGET', meta, 's', 'h')
+local st = redis.call('HMGET', meta, 's', 'h', 'n')
 local out = {e, st[1]}
 local limit = tonumber(ARGV[2])
 if limit <= 0 then return out end
@@ -188,25 +314,38 @@ if ttl > 0 then
   local cutoff = now_us() - ttl * 1000
   while trim(hist, cutoff, 100) do end
 end
+-- The stream is trimmed only roughly (XADD MAXLEN ~): the room's size
+-- bounds what a read returns.
+local since = ARGV[1]
+if st[3] then
+  local lo = tonumber(st[1] or '0') - tonumber(st[3])
+  if lo > tonumber(since) then since = string.format('%d', lo) end
+end
 if ARGV[3] == '1' then
-  local list = redis.call('XREVRANGE', hist, '+', '(0-' .. ARGV[1], 'COUNT', limit)
+  local list = redis.call('XREVRANGE', hist, '+', '(0-' .. since, 'COUNT', limit)
   return entries(out, list, #list, 1, -1)
 end
-local list = redis.call('XRANGE', hist, '(0-' .. ARGV[1], '+', 'COUNT', limit)
+local list = redis.call('XRANGE', hist, '(0-' .. since, '+', 'COUNT', limit)
 return entries(out, list, 1, #list, 1)
 `)
 
 // rangeScript reads kept entries after from, up to to ('+' for the newest),
-// with no age filter: a node filling a gap takes whatever is still kept.
+// within the room's size but with no age filter: a node filling a gap
+// takes whatever the history still promises.
 // KEYS: meta, hist. ARGV: from, to, limit.
 // Returns nothing when the room has no state; else like historyScript.
 var rangeScript = redis.NewScript(luaPrelude + `
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then return {} end
-local out = {e, redis.call('HGET', KEYS[1], 's')}
+local st = redis.call('HMGET', KEYS[1], 'e', 's', 'n')
+if not st[1] then return {} end
+local out = {st[1], st[2]}
 local hi = ARGV[2]
 if hi ~= '+' then hi = '0-' .. hi end
-local list = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], hi, 'COUNT', ARGV[3])
+local from = ARGV[1]
+if st[3] then
+  local lo = tonumber(st[2] or '0') - tonumber(st[3])
+  if lo > tonumber(from) then from = string.format('%d', lo) end
+end
+local list = redis.call('XRANGE', KEYS[2], '(0-' .. from, hi, 'COUNT', ARGV[3])
 return entries(out, list, 1, #list, 1)
 `)
 

@@ -118,24 +118,26 @@ func decode(room, payload string) (pubsub.Message, error) {
 	return pubsub.Message{}, errMalformed
 }
 
-// entries decodes the seq, id, time, data quadruples the history and
+// entries decodes the seq and f(id) f(time) data pairs the history and
 // range scripts return after the epoch and top.
 func entries(room, epoch string, vals []any) ([]pubsub.Message, error) {
-	if len(vals)%4 != 0 {
+	if len(vals)%2 != 0 {
 		return nil, errMalformed
 	}
-	out := make([]pubsub.Message, 0, len(vals)/4)
-	for i := 0; i < len(vals); i += 4 {
+	out := make([]pubsub.Message, 0, len(vals)/2)
+	for i := 0; i < len(vals); i += 2 {
 		seqS, _ := vals[i].(string)
-		id, _ := vals[i+1].(string)
-		ts, _ := vals[i+2].(string)
-		data, _ := vals[i+3].(string)
-		seq, err := strconv.ParseUint(seqS, 10, 64)
-		t, ok := parseMicros(ts)
-		if err != nil || !ok {
+		v, _ := vals[i+1].(string)
+		f, data, ok := fields(v, 2)
+		if !ok {
 			return nil, errMalformed
 		}
-		out = append(out, pubsub.Message{Kind: pubsub.KindMessage, Room: room, Epoch: epoch, Seq: seq, ID: id, Time: t, Data: []byte(data)})
+		seq, err := strconv.ParseUint(seqS, 10, 64)
+		t, tok := parseMicros(f[1])
+		if err != nil || !tok {
+			return nil, errMalformed
+		}
+		out = append(out, pubsub.Message{Kind: pubsub.KindMessage, Room: room, Epoch: epoch, Seq: seq, ID: f[0], Time: t, Data: []byte(data)})
 	}
 	return out, nil
 }

@@ -24,9 +24,10 @@ var ErrNotInstalled = errors.New("redis-server not found in PATH: install redis-
 type Server struct {
 	Addr string // host:port
 
-	bin  string
-	dir  string
-	port int
+	bin   string
+	dir   string
+	port  int
+	extra []string // more redis-server arguments
 
 	mu  sync.Mutex
 	cmd *exec.Cmd
@@ -34,7 +35,9 @@ type Server struct {
 
 // Start starts a redis-server on a free loopback port and waits until it
 // answers PING.
-func Start() (*Server, error) {
+func Start() (*Server, error) { return start(nil) }
+
+func start(extra []string) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, ErrNotInstalled
@@ -49,7 +52,7 @@ func Start() (*Server, error) {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), bin: bin, dir: dir, port: port}
+	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), bin: bin, dir: dir, port: port, extra: extra}
 	if err := s.Restart(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -64,10 +67,10 @@ func (s *Server) Restart() error {
 	if s.cmd != nil {
 		return errors.New("redistest: the server is running")
 	}
-	cmd := exec.Command(s.bin,
+	cmd := exec.Command(s.bin, append([]string{
 		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no",
-		"--dir", s.dir, "--logfile", filepath.Join(s.dir, "redis.log"))
+		"--dir", s.dir, "--logfile", filepath.Join(s.dir, "redis.log")}, s.extra...)...)
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("redistest: start redis-server: %w", err)
 	}
@@ -125,4 +128,58 @@ func ping(addr string) error {
 		return fmt.Errorf("PING answered %q", line)
 	}
 	return nil
+}
+
+// Cluster is a Redis Cluster of servers started here: every one a master
+// with its share of the slots, no replicas.
+type Cluster struct {
+	Addrs   []string
+	servers []*Server
+}
+
+// StartCluster starts n (at least 3) redis-servers in cluster mode, joins
+// them into one cluster with redis-cli, and waits until it serves every
+// slot.
+func StartCluster(n int) (*Cluster, error) {
+	cli, err := exec.LookPath("redis-cli")
+	if err != nil {
+		return nil, errors.New("redis-cli not found in PATH: install redis-server (apt-get install redis-server)")
+	}
+	c := &Cluster{}
+	for range n {
+		s, err := start([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"})
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		c.servers = append(c.servers, s)
+		c.Addrs = append(c.Addrs, s.Addr)
+	}
+	out, err := exec.Command(cli, append(append([]string{"--cluster", "create"}, c.Addrs...), "--cluster-yes")...).CombinedOutput()
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("redistest: redis-cli --cluster create: %v\n%s", err, out)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for _, a := range c.Addrs {
+		for {
+			info, err := exec.Command(cli, "-h", "127.0.0.1", "-p", a[strings.LastIndexByte(a, ':')+1:], "cluster", "info").Output()
+			if err == nil && strings.Contains(string(info), "cluster_state:ok") {
+				break
+			}
+			if time.Now().After(deadline) {
+				c.Close()
+				return nil, fmt.Errorf("redistest: the cluster on %v is not ok: %v %s", c.Addrs, err, info)
+			}
+			time.Sleep(50 * time.Millisecond) // the cluster bus converging: nothing to wait on but polling
+		}
+	}
+	return c, nil
+}
+
+// Close stops every server of the cluster.
+func (c *Cluster) Close() {
+	for _, s := range c.servers {
+		s.Close()
+	}
 }

@@ -1,0 +1,948 @@
+// Command scale runs several roomcast nodes on one Redis at scale, on this
+// machine, kills one of them mid-stream, and counts every message:
+//
+//	cd redisbroker && go run ./cmd/scale                 # about 1½ minutes
+//	go run ./cmd/scale -rooms 1x500,10x50 -per-load 500  # a quick try
+//
+// It starts its own redis-server (no persistence, loopback), -nodes Handler
+// processes (each a pubsub.Handler on redisbroker.New, history 1,000
+// messages for 10 minutes, behind no sticky sessions) and load processes
+// of -per-load connections each (the Go client, protocol mode, reconnect
+// and recovery on). Connection i starts on node i mod -nodes; a client
+// that loses its node dials the next one that answers. Rooms come in
+// several sizes (-rooms: count x subscribers). Once every connection is
+// subscribed, every node publishes into every room (-rate messages per
+// second per room in all, shared by the nodes) for -duration; at -kill-at
+// it SIGKILLs node 0. Its clients reconnect to the others and resubscribe
+// from their last message. After publishing ends it waits until every
+// connection has each room's last message (or -drain passes), then checks
+// each connection: every message of its room exactly once, in order (none
+// lost, none doubled), and reports deliveries per second, latency (publish
+// to receipt, recoveries included), CPU per delivery per node, Redis's CPU
+// and the recovery time of the killed node's clients. Every process it
+// starts is a copy of this binary; they listen on 127.0.0.1 only and exit
+// when it closes their standard input, or after -maxlife.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/roomcast/pubsub"
+	"github.com/roomcast/pubsub/client"
+	"github.com/roomcast/pubsub/redisbroker"
+)
+
+const roleEnv = "ROOMCAST_SCALE_ROLE"
+
+func main() {
+	var err error
+	switch os.Getenv(roleEnv) {
+	case "node":
+		err = runNode(os.Args[1:])
+	case "load":
+		err = runLoad(os.Args[1:])
+	default:
+		err = runDriver(os.Args[1:], os.Stdout, os.Stderr)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "scale:", err)
+		os.Exit(1)
+	}
+}
+
+// room is one room and its subscribers.
+type room struct {
+	Name string
+	Subs int
+}
+
+func parseRooms(spec string) ([]room, error) {
+	var rooms []room
+	for part := range strings.SplitSeq(spec, ",") {
+		count, size, ok := strings.Cut(strings.TrimSpace(part), "x")
+		n, err1 := strconv.Atoi(count)
+		s, err2 := strconv.Atoi(size)
+		if !ok || err1 != nil || err2 != nil || n < 1 || s < 1 {
+			return nil, fmt.Errorf("-rooms %q: want count x subscribers, comma-separated (1x5000,10x500)", spec)
+		}
+		for i := range n {
+			rooms = append(rooms, room{Name: fmt.Sprintf("r%d-%d", s, i), Subs: s})
+		}
+	}
+	return rooms, nil
+}
+
+// exitWithStdin ends the process when its parent closes its standard
+// input, or after maxlife.
+func exitWithStdin(maxlife time.Duration) {
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	time.AfterFunc(maxlife, func() {
+		fmt.Fprintln(os.Stderr, "scale: -maxlife reached")
+		os.Exit(2)
+	})
+}
+
+func serveLoopback(mux *http.ServeMux) (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	go func() { _ = http.Serve(ln, mux) }()
+	return ln.Addr().String(), nil
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// ---- node ----
+
+type nodeStats struct {
+	CPU         time.Duration
+	MessagesOut uint64
+	Published   uint64
+	Connections int
+	Failed      uint64 // publishes that returned an error
+}
+
+func runNode(args []string) error {
+	fs := flag.NewFlagSet("node", flag.ContinueOnError)
+	addr := fs.String("redis", "", "Redis address")
+	index := fs.Int("index", 0, "this node's number")
+	maxlife := fs.Duration("maxlife", 10*time.Minute, "exit after this long")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	exitWithStdin(*maxlife)
+	rdb := redis.NewClient(&redis.Options{Addr: *addr})
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	b := redisbroker.New(rdb, redisbroker.WithLogger(log))
+	h := pubsub.NewHandler(pubsub.WithBroker(b), pubsub.WithHistory(1000, 10*time.Minute),
+		pubsub.WithLogger(log), pubsub.WithMaxConnectionsPerUser(0))
+	var failed atomic.Uint64
+	mux := http.NewServeMux()
+	mux.Handle("/ws", h)
+	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
+		s := h.Stats()
+		writeJSON(w, nodeStats{CPU: processCPU(), MessagesOut: s.MessagesOut, Published: s.Published,
+			Connections: s.Connections, Failed: failed.Load()})
+	})
+	// POST /publish?rate=R&duration=D&nodes=N with the room names, one a
+	// line: publish into each at R/N per second for D.
+	mux.HandleFunc("/publish", func(w http.ResponseWriter, r *http.Request) {
+		rate, _ := strconv.ParseFloat(r.URL.Query().Get("rate"), 64)
+		d, _ := time.ParseDuration(r.URL.Query().Get("duration"))
+		nodes, _ := strconv.Atoi(r.URL.Query().Get("nodes"))
+		body, _ := io.ReadAll(r.Body)
+		rooms := strings.Fields(string(body))
+		if rate <= 0 || d <= 0 || nodes < 1 {
+			http.Error(w, "bad parameters", http.StatusBadRequest)
+			return
+		}
+		interval := time.Duration(float64(time.Second) * float64(nodes) / rate)
+		end := time.Now().Add(d)
+		for i, name := range rooms {
+			go func() {
+				// Spread the rooms' ticks over the interval.
+				time.Sleep(interval * time.Duration(i) / time.Duration(len(rooms)))
+				tick := time.NewTicker(interval)
+				defer tick.Stop()
+				for k := 0; time.Now().Before(end); k++ {
+					data := fmt.Appendf(nil, `{"t":%d,"node":%d,"k":%d}`, time.Now().UnixNano(), *index, k)
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					if err := h.Publish(ctx, name, data); err != nil {
+						failed.Add(1)
+					}
+					cancel()
+					<-tick.C
+				}
+			}()
+		}
+	})
+	// POST /tops with room names: each room's newest seq and epoch.
+	mux.HandleFunc("/tops", func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		out := make(map[string]top)
+		for _, name := range strings.Fields(string(body)) {
+			res, err := b.History(r.Context(), name, pubsub.HistoryQuery{})
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			out[name] = top{Epoch: res.Epoch, Seq: res.Top}
+		}
+		writeJSON(w, out)
+	})
+	addr2, err := serveLoopback(mux)
+	if err != nil {
+		return err
+	}
+	fmt.Println("LISTEN", addr2)
+	select {}
+}
+
+type top struct {
+	Epoch string
+	Seq   uint64
+}
+
+// ---- load ----
+
+// connCount is what one connection received of its room.
+type connCount struct {
+	mu          sync.Mutex
+	room        string
+	epoch       string
+	first       uint64
+	last        uint64
+	n           uint64
+	doubled     uint64 // a seq at or below the last one
+	holes       uint64 // seqs skipped
+	epochs      int    // epoch changes seen
+	refused     int    // recoveries refused (the messages are lost)
+	recoveries  int
+	recoveredAt int64 // unix ns of the last successful recovery
+}
+
+type loadStats struct {
+	Conns        int
+	Subscribed   int
+	Deliveries   uint64
+	Doubled      uint64
+	Holes        uint64
+	EpochChanges int
+	Refused      int
+	Recoveries   int
+	RecoveredAt  []int64 // unix ns, one per connection that recovered
+	Latency      []uint64
+	CPU          time.Duration
+	// Filled by /check: connections missing messages at the end.
+	Behind     int
+	BehindMsgs uint64
+	Ahead      int
+}
+
+func runLoad(args []string) error {
+	fs := flag.NewFlagSet("load", flag.ContinueOnError)
+	nodeList := fs.String("nodes", "", "node addresses, comma-separated")
+	roomSpec := fs.String("rooms", "", "room:connections, comma-separated")
+	first := fs.Int("first", 0, "the global index of this process's first connection")
+	maxlife := fs.Duration("maxlife", 10*time.Minute, "exit after this long")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	exitWithStdin(*maxlife)
+	nodes := strings.Split(*nodeList, ",")
+	var names []string
+	for part := range strings.SplitSeq(*roomSpec, ",") {
+		name, count, _ := strings.Cut(part, ":")
+		n, _ := strconv.Atoi(count)
+		for range n {
+			names = append(names, name)
+		}
+	}
+	var (
+		mu    sync.Mutex
+		lat   = make([]uint64, 40) // log2 buckets of µs
+		conns = make([]*connCount, len(names))
+		subs  atomic.Int64
+	)
+	for i := range conns {
+		conns[i] = &connCount{room: names[i]}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, collect(conns, lat, &mu, int(subs.Load())))
+	})
+	// POST /check with the rooms' tops: how many connections lack the end.
+	mux.HandleFunc("/check", func(w http.ResponseWriter, r *http.Request) {
+		var tops map[string]top
+		if err := json.NewDecoder(r.Body).Decode(&tops); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		s := collect(conns, lat, &mu, int(subs.Load()))
+		for _, c := range conns {
+			c.mu.Lock()
+			t := tops[c.room]
+			switch {
+			case c.epoch != t.Epoch || c.last < t.Seq:
+				s.Behind++
+				if c.epoch == t.Epoch {
+					s.BehindMsgs += t.Seq - c.last
+				} else {
+					s.BehindMsgs += t.Seq
+				}
+			case c.last > t.Seq:
+				s.Ahead++
+			}
+			c.mu.Unlock()
+		}
+		writeJSON(w, s)
+	})
+	addr, err := serveLoopback(mux)
+	if err != nil {
+		return err
+	}
+	fmt.Println("LISTEN", addr)
+
+	// Dial in parallel, a bounded number at a time.
+	sem := make(chan struct{}, 64)
+	var wg sync.WaitGroup
+	var dialErr atomic.Pointer[error]
+	for i, c := range conns {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := startConn(nodes, *first+i, c, lat, &mu); err != nil {
+				dialErr.CompareAndSwap(nil, &err)
+				return
+			}
+			subs.Add(1)
+		})
+	}
+	wg.Wait()
+	if e := dialErr.Load(); e != nil {
+		return *e
+	}
+	fmt.Println("READY")
+	select {}
+}
+
+func startConn(nodes []string, index int, c *connCount, lat []uint64, mu *sync.Mutex) error {
+	next := index % len(nodes)
+	dial := func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var last error
+		for range nodes {
+			addr := nodes[next%len(nodes)]
+			conn, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, network, addr)
+			if err == nil {
+				return conn, nil
+			}
+			last = err
+			// Spread a dead node's clients over the others.
+			next += 1 + (index/len(nodes))%max(len(nodes)-1, 1)
+		}
+		return nil, last
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true}}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cl, err := client.Dial(ctx, "ws://roomcast/ws", client.WithHTTPClient(hc),
+		client.WithReconnect(50*time.Millisecond, time.Second),
+		client.WithLogger(slog.New(slog.DiscardHandler)), client.WithBufferSize(4096))
+	if err != nil {
+		return err
+	}
+	onMsg := func(m client.Message) {
+		now := time.Now().UnixNano()
+		c.mu.Lock()
+		switch {
+		case c.epoch == "":
+			c.epoch, c.first = m.Epoch, m.Seq
+		case m.Epoch != c.epoch:
+			c.epochs++
+			c.epoch, c.first = m.Epoch, m.Seq
+		case m.Seq <= c.last:
+			c.doubled++
+		case m.Seq > c.last+1:
+			c.holes += m.Seq - c.last - 1
+		}
+		if m.Seq > c.last || m.Epoch != c.epoch {
+			c.last = m.Seq
+		}
+		c.n++
+		c.mu.Unlock()
+		if i := strings.Index(string(m.Data), `"t":`); i >= 0 {
+			rest := string(m.Data[i+4:])
+			if j := strings.IndexByte(rest, ','); j > 0 {
+				if t, err := strconv.ParseInt(rest[:j], 10, 64); err == nil && now > t {
+					us := uint64(now-t) / 1000
+					b := 0
+					for us > 1 && b < len(lat)-1 {
+						us >>= 1
+						b++
+					}
+					mu.Lock()
+					lat[b]++
+					mu.Unlock()
+				}
+			}
+		}
+	}
+	onRecover := func(r client.Recovery) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.recoveries++
+		if !r.Recovered {
+			c.refused++
+			return
+		}
+		c.recoveredAt = time.Now().UnixNano()
+	}
+	_, err = cl.Subscribe(ctx, c.room, onMsg, client.OnRecover(onRecover))
+	return err
+}
+
+func collect(conns []*connCount, lat []uint64, mu *sync.Mutex, subscribed int) loadStats {
+	s := loadStats{Conns: len(conns), Subscribed: subscribed, CPU: processCPU()}
+	for _, c := range conns {
+		c.mu.Lock()
+		s.Deliveries += c.n
+		s.Doubled += c.doubled
+		s.Holes += c.holes
+		s.EpochChanges += c.epochs
+		s.Refused += c.refused
+		s.Recoveries += c.recoveries
+		if c.recoveredAt != 0 {
+			s.RecoveredAt = append(s.RecoveredAt, c.recoveredAt)
+		}
+		c.mu.Unlock()
+	}
+	mu.Lock()
+	s.Latency = slices.Clone(lat)
+	mu.Unlock()
+	return s
+}
+
+// ---- driver ----
+
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	addr  string
+	lines chan string
+}
+
+func startChild(self, role string, args ...string) (*child, error) {
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(os.Environ(), roleEnv+"="+role)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	c := &child{cmd: cmd, stdin: stdin, lines: make(chan string, 4)}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			c.lines <- sc.Text()
+		}
+		close(c.lines)
+	}()
+	line, err := c.wait("LISTEN ", 30*time.Second)
+	if err != nil {
+		c.stop()
+		return nil, fmt.Errorf("%s: %w", role, err)
+	}
+	c.addr = line
+	return c, nil
+}
+
+func (c *child) wait(prefix string, d time.Duration) (string, error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case line, ok := <-c.lines:
+			if !ok {
+				return "", errors.New("exited")
+			}
+			if rest, ok := strings.CutPrefix(line, prefix); ok {
+				return rest, nil
+			}
+		case <-t.C:
+			return "", fmt.Errorf("no %q within %v", prefix, d)
+		}
+	}
+}
+
+func (c *child) stop() {
+	c.stdin.Close()
+	done := make(chan struct{})
+	go func() { _ = c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-done
+	}
+}
+
+func getJSON(url string, v any) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("%s: %s %s", url, resp.Status, b)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+func postJSON(url string, body io.Reader, v any) error {
+	resp, err := http.Post(url, "text/plain", body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("%s: %s %s", url, resp.Status, b)
+	}
+	if v == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+func runDriver(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("scale", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	roomSpec := fs.String("rooms", "1x5000,10x500,100x50", "rooms: count x subscribers, comma-separated")
+	nnodes := fs.Int("nodes", 3, "Handler processes")
+	perLoad := fs.Int("per-load", 2500, "connections per load process")
+	rate := fs.Float64("rate", 4, "messages per second per room, over all nodes")
+	duration := fs.Duration("duration", 30*time.Second, "publishing time")
+	killAt := fs.Duration("kill-at", 10*time.Second, "SIGKILL node 0 this long into publishing (0: never)")
+	drain := fs.Duration("drain", 30*time.Second, "after publishing, wait at most this long for every connection to have the end")
+	maxlife := fs.Duration("maxlife", 10*time.Minute, "every process exits after this long")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	rooms, err := parseRooms(*roomSpec)
+	if err != nil {
+		return err
+	}
+	if *nnodes < 2 {
+		return errors.New("-nodes: want at least 2, one to kill")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	started := time.Now()
+	load0 := loadavg()
+	logf := func(format string, a ...any) {
+		fmt.Fprintf(stderr, "%s "+format+"\n", append([]any{time.Since(started).Round(100 * time.Millisecond)}, a...)...)
+	}
+
+	srv, err := startRedis()
+	if err != nil {
+		return err
+	}
+	defer srv.stop()
+	admin := redis.NewClient(&redis.Options{Addr: srv.addr})
+	defer admin.Close()
+	ctx := context.Background()
+
+	var nodes []*child
+	defer func() {
+		for _, n := range nodes {
+			n.stop()
+		}
+	}()
+	var nodeAddrs []string
+	for i := range *nnodes {
+		n, err := startChild(self, "node", "-redis", srv.addr, "-index", strconv.Itoa(i), "-maxlife", maxlife.String())
+		if err != nil {
+			return err
+		}
+		nodes = append(nodes, n)
+		nodeAddrs = append(nodeAddrs, n.addr)
+	}
+	logf("redis %s, nodes %v", srv.addr, nodeAddrs)
+
+	// Deal the connections out to load processes, in order.
+	var slots []string
+	for _, r := range rooms {
+		for range r.Subs {
+			slots = append(slots, r.Name)
+		}
+	}
+	var loads []*child
+	defer func() {
+		for _, l := range loads {
+			l.stop()
+		}
+	}()
+	for first := 0; first < len(slots); first += *perLoad {
+		chunk := slots[first:min(first+*perLoad, len(slots))]
+		var spec []string
+		for i := 0; i < len(chunk); {
+			j := i
+			for j < len(chunk) && chunk[j] == chunk[i] {
+				j++
+			}
+			spec = append(spec, fmt.Sprintf("%s:%d", chunk[i], j-i))
+			i = j
+		}
+		l, err := startChild(self, "load", "-nodes", strings.Join(nodeAddrs, ","), "-rooms", strings.Join(spec, ","),
+			"-first", strconv.Itoa(first), "-maxlife", maxlife.String())
+		if err != nil {
+			return err
+		}
+		loads = append(loads, l)
+	}
+	for i, l := range loads {
+		if _, err := l.wait("READY", 5*time.Minute); err != nil {
+			return fmt.Errorf("load %d: %w", i, err)
+		}
+	}
+	logf("%d connections subscribed in %d rooms over %d load processes", len(slots), len(rooms), len(loads))
+
+	names := make([]string, len(rooms))
+	for i, r := range rooms {
+		names[i] = r.Name
+	}
+	body := strings.Join(names, "\n")
+	nodeStat := func(i int) (nodeStats, error) {
+		var s nodeStats
+		err := getJSON("http://"+nodeAddrs[i]+"/stats", &s)
+		return s, err
+	}
+	before := make([]nodeStats, len(nodes))
+	for i := range nodes {
+		if before[i], err = nodeStat(i); err != nil {
+			return err
+		}
+	}
+	redis0, err := redisCPU(ctx, admin)
+	if err != nil {
+		return err
+	}
+	loadCPU0 := make([]time.Duration, len(loads))
+	for i, l := range loads {
+		var s loadStats
+		if err := getJSON("http://"+l.addr+"/stats", &s); err != nil {
+			return err
+		}
+		loadCPU0[i] = s.CPU
+	}
+	if err := admin.ConfigResetStat(ctx).Err(); err != nil {
+		return err
+	}
+	pubStart := time.Now()
+	for i := range nodes {
+		url := fmt.Sprintf("http://%s/publish?rate=%g&duration=%s&nodes=%d", nodeAddrs[i], *rate, *duration, len(nodes))
+		if err := postJSON(url, strings.NewReader(body), nil); err != nil {
+			return err
+		}
+	}
+	logf("publishing: %g messages/s per room for %v", *rate, *duration)
+
+	var killed time.Time
+	var atKill nodeStats
+	if *killAt > 0 && *killAt < *duration {
+		time.Sleep(*killAt)
+		atKill, _ = nodeStat(0)
+		killed = time.Now()
+		_ = nodes[0].cmd.Process.Signal(syscall.SIGKILL)
+		logf("SIGKILLed node 0 (%s), which served %d connections", nodeAddrs[0], atKill.Connections)
+	}
+	time.Sleep(time.Until(pubStart.Add(*duration)))
+	pubEnd := time.Now()
+	live := 1
+	if killed.IsZero() {
+		live = 0
+	}
+	// Wait for every connection to have its room's last message.
+	var tops map[string]top
+	var final []loadStats
+	deadline := time.Now().Add(*drain)
+	for {
+		time.Sleep(500 * time.Millisecond) // polling other processes: nothing to wait on
+		tops = nil
+		if err := postJSON("http://"+nodeAddrs[live]+"/tops", strings.NewReader(body), &tops); err != nil {
+			return err
+		}
+		final = final[:0]
+		behind := 0
+		for _, l := range loads {
+			var s loadStats
+			b, _ := json.Marshal(tops)
+			if err := postJSON("http://"+l.addr+"/check", strings.NewReader(string(b)), &s); err != nil {
+				return err
+			}
+			final = append(final, s)
+			behind += s.Behind
+		}
+		if behind == 0 || time.Now().After(deadline) {
+			logf("%d connections behind the end, %v after publishing ended", behind, time.Since(pubEnd).Round(100*time.Millisecond))
+			break
+		}
+	}
+	settled := time.Now()
+	redis1, err := redisCPU(ctx, admin)
+	if err != nil {
+		return err
+	}
+	cmdstats, err := admin.Info(ctx, "commandstats").Result()
+	if err != nil {
+		return err
+	}
+	after := make([]nodeStats, len(nodes))
+	for i := range nodes {
+		if !killed.IsZero() && i == 0 {
+			after[i] = atKill
+			continue
+		}
+		if after[i], err = nodeStat(i); err != nil {
+			return err
+		}
+	}
+
+	// The report.
+	var publishFailed uint64
+	for i := range nodes {
+		publishFailed += after[i].Failed - before[i].Failed
+	}
+	var sum loadStats
+	lat := make([]uint64, 40)
+	var recovered []int64
+	var loadCPU time.Duration
+	for i, s := range final {
+		sum.Conns += s.Conns
+		sum.Deliveries += s.Deliveries
+		sum.Doubled += s.Doubled
+		sum.Holes += s.Holes
+		sum.EpochChanges += s.EpochChanges
+		sum.Refused += s.Refused
+		sum.Recoveries += s.Recoveries
+		sum.Behind += s.Behind
+		sum.BehindMsgs += s.BehindMsgs
+		sum.Ahead += s.Ahead
+		recovered = append(recovered, s.RecoveredAt...)
+		loadCPU += s.CPU - loadCPU0[i]
+		for b, n := range s.Latency {
+			lat[b] += n
+		}
+	}
+	var expected uint64
+	for _, r := range rooms {
+		expected += tops[r.Name].Seq * uint64(r.Subs)
+	}
+	window := settled.Sub(pubStart)
+	w := stdout
+	fmt.Fprintf(w, "scale: %s UTC, %d nodes on one redis-server, %d connections in %d rooms (%s) over %d load processes; %g messages/s per room for %v; node 0 SIGKILLed at %v\n",
+		started.UTC().Format("2006-01-02 15:04"), len(nodes), sum.Conns, len(rooms), *roomSpec, len(loads), *rate, *duration, *killAt)
+	fmt.Fprintf(w, "load average (1, 5, 15 min): %s at the start, %s at the end; took %v\n\n", load0, loadavg(), time.Since(started).Round(time.Second))
+	fmt.Fprintf(w, "| | |\n|---|---|\n")
+	var sequenced uint64
+	for _, r := range rooms {
+		sequenced += tops[r.Name].Seq
+	}
+	fmt.Fprintf(w, "| messages sequenced (the rooms' last seqs) | %d (publishes that failed: %d) |\n", sequenced, publishFailed)
+	fmt.Fprintf(w, "| deliveries expected (each room's last seq × its subscribers) | %d |\n", expected)
+	fmt.Fprintf(w, "| deliveries counted | %d |\n", sum.Deliveries)
+	fmt.Fprintf(w, "| lost (holes on a subscription, plus connections short of the end) | %d holes; %d connections short by %d messages |\n", sum.Holes, sum.Behind, sum.BehindMsgs)
+	fmt.Fprintf(w, "| doubled | %d |\n", sum.Doubled)
+	fmt.Fprintf(w, "| recoveries | %d, of which refused (reset or epoch changed) %d; epoch changes seen %d |\n", sum.Recoveries, sum.Refused, sum.EpochChanges)
+	fmt.Fprintf(w, "| deliveries/s (publishing start to every connection at the end) | %.0f over %v |\n", float64(sum.Deliveries)/window.Seconds(), window.Round(100*time.Millisecond))
+	p50, p99 := quantile(lat, 0.5), quantile(lat, 0.99)
+	fmt.Fprintf(w, "| latency, publish to receipt (recoveries included) | p50 ≤ %v, p99 ≤ %v (log2 buckets) |\n", p50, p99)
+	if !killed.IsZero() {
+		slices.Sort(recovered)
+		var after []time.Duration
+		for _, t := range recovered {
+			if t > killed.UnixNano() {
+				after = append(after, time.Duration(t-killed.UnixNano()))
+			}
+		}
+		if len(after) > 0 {
+			fmt.Fprintf(w, "| recovery after the kill (resubscribed with the missed messages) | %d connections; p50 %v, p99 %v, last %v |\n",
+				len(after), after[len(after)/2].Round(time.Millisecond), after[len(after)*99/100].Round(time.Millisecond), after[len(after)-1].Round(time.Millisecond))
+		}
+	}
+	redisUsed := redis1 - redis0
+	fmt.Fprintf(w, "| Redis CPU | %v: %.2f µs per delivery, %.1f µs per message sequenced |\n", redisUsed.Round(time.Millisecond),
+		float64(redisUsed.Microseconds())/float64(max(sum.Deliveries, 1)), float64(redisUsed.Microseconds())/float64(max(sequenced, 1)))
+	fmt.Fprintf(w, "| Redis's busiest commands (INFO commandstats: calls, µs) | %s |\n", topCommands(cmdstats, 6))
+	fmt.Fprintf(w, "| load processes' CPU (the clients) | %v: %.2f µs per delivery |\n", loadCPU.Round(time.Millisecond), float64(loadCPU.Microseconds())/float64(max(sum.Deliveries, 1)))
+	fmt.Fprintf(w, "\n| node | connections at the end | deliveries written | CPU | CPU per delivery |\n|---|---:|---:|---:|---:|\n")
+	for i := range nodes {
+		out := after[i].MessagesOut - before[i].MessagesOut
+		cpu := after[i].CPU - before[i].CPU
+		note := ""
+		if !killed.IsZero() && i == 0 {
+			note = " (until SIGKILL)"
+		}
+		fmt.Fprintf(w, "| %d%s | %d | %d | %v | %.2f µs |\n", i, note, after[i].Connections, out, cpu.Round(time.Millisecond),
+			float64(cpu.Microseconds())/float64(max(out, 1)))
+	}
+	if sum.Holes+sum.Doubled+uint64(sum.Behind)+uint64(sum.Ahead) > 0 || sum.Deliveries != expected {
+		fmt.Fprintf(w, "\nNOT EXACT: %d holes, %d doubled, %d connections behind, %d ahead, %d deliveries against %d expected\n",
+			sum.Holes, sum.Doubled, sum.Behind, sum.Ahead, sum.Deliveries, expected)
+		return errors.New("delivery was not exact")
+	}
+	fmt.Fprintln(w, "\nExact: every connection got every message of its room once, in order.")
+	return nil
+}
+
+// topCommands lists the n commands that took Redis the most time.
+func topCommands(stats string, n int) string {
+	type cmd struct {
+		name        string
+		calls, usec int64
+	}
+	var cmds []cmd
+	for line := range strings.SplitSeq(stats, "\n") {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_")
+		if !ok {
+			continue
+		}
+		name, kv, _ := strings.Cut(rest, ":")
+		c := cmd{name: name}
+		for f := range strings.SplitSeq(kv, ",") {
+			k, v, _ := strings.Cut(f, "=")
+			switch k {
+			case "calls":
+				c.calls, _ = strconv.ParseInt(v, 10, 64)
+			case "usec":
+				c.usec, _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		cmds = append(cmds, c)
+	}
+	slices.SortFunc(cmds, func(a, b cmd) int { return int(b.usec - a.usec) })
+	var parts []string
+	for _, c := range cmds[:min(n, len(cmds))] {
+		parts = append(parts, fmt.Sprintf("%s %d, %d", c.name, c.calls, c.usec))
+	}
+	return strings.Join(parts, "; ")
+}
+
+func quantile(buckets []uint64, q float64) time.Duration {
+	var total uint64
+	for _, n := range buckets {
+		total += n
+	}
+	want := uint64(float64(total) * q)
+	var acc uint64
+	for b, n := range buckets {
+		acc += n
+		if acc > want {
+			return time.Duration(uint64(1)<<(b+1)) * time.Microsecond
+		}
+	}
+	return 0
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func redisCPU(ctx context.Context, c *redis.Client) (time.Duration, error) {
+	s, err := c.Info(ctx, "cpu").Result()
+	if err != nil {
+		return 0, err
+	}
+	var total float64
+	for line := range strings.SplitSeq(s, "\n") {
+		for _, k := range []string{"used_cpu_sys:", "used_cpu_user:"} {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), k); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				total += f
+			}
+		}
+	}
+	return time.Duration(total * float64(time.Second)), nil
+}
+
+type redisServer struct {
+	addr string
+	dir  string
+	cmd  *exec.Cmd
+}
+
+func startRedis() (*redisServer, error) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		return nil, errors.New("redis-server not found in PATH (apt-get install redis-server)")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	dir, err := os.MkdirTemp("", "roomcast-scale-")
+	if err != nil {
+		return nil, err
+	}
+	s := &redisServer{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), dir: dir}
+	s.cmd = exec.Command(bin, "--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--save", "", "--appendonly", "no",
+		"--daemonize", "no", "--dir", dir, "--logfile", filepath.Join(dir, "redis.log"), "--maxclients", "1000")
+	if err := s.cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	c := redis.NewClient(&redis.Options{Addr: s.addr})
+	defer c.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return s, nil
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return nil, fmt.Errorf("redis-server on %s did not answer: %w", s.addr, err)
+		}
+		time.Sleep(20 * time.Millisecond) // a process starting: nothing to wait on but its port
+	}
+}
+
+func (s *redisServer) stop() {
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+	os.RemoveAll(s.dir)
+}
