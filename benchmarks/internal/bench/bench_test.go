@@ -84,7 +84,11 @@ func TestEveryImplementationDeliversEveryMessageInEveryScenario(t *testing.T) {
 				if sc.Idle && spec.Name == "floor" && (r.GoroutinesPerConn > 0.5 || r.IdleRSS <= 0) {
 					t.Errorf("scenario %s: the floor keeps %.2f goroutines per connection, idle RSS %d", sc.Name, r.GoroutinesPerConn, r.IdleRSS)
 				}
-				if sc.Idle && spec.Name != "floor" {
+				if sc.Idle && spec.Name == "roomcast" && (r.GoroutinesPerConn > 0.5 || r.IdleRSS <= 0) {
+					// On Linux an idle connection parks with the poller.
+					t.Errorf("scenario %s: roomcast keeps %.2f goroutines per idle connection, idle RSS %d", sc.Name, r.GoroutinesPerConn, r.IdleRSS)
+				}
+				if sc.Idle && spec.Name != "floor" && spec.Name != "roomcast" {
 					// Every library keeps at least one goroutine and some
 					// heap or stack per connection.
 					if r.GoroutinesPerConn < 1 || r.HeapPerConn+r.StackPerConn <= 0 || r.IdleRSS <= 0 {
@@ -347,11 +351,11 @@ func TestIdleMeasuresEveryKindOfConnection(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", kind, err)
 		}
-		// Each kind is one parked goroutine per connection on the server
-		// (the reader; a writer only while something is queued). Memory
-		// figures are too noisy for 20 connections to check here.
-		if r.Kind != kind || r.Conns != 20 || r.Goroutines < 0.9 || r.Goroutines > 1.1 {
-			t.Errorf("%s: %+v, want 20 connections of one goroutine each", kind, r)
+		// On Linux no kind keeps a goroutine while idle: each parks with
+		// the Handler's poller (one goroutine for all). Memory figures are
+		// too noisy for 20 connections to check here.
+		if r.Kind != kind || r.Conns != 20 || r.Goroutines > 0.1 {
+			t.Errorf("%s: %+v, want 20 connections and no goroutine per connection", kind, r)
 		}
 	}
 	if _, err := RunIdle(self, "carrier-pigeon", 1, 0); err == nil || !strings.Contains(err.Error(), "want raw, protocol, sse") {
