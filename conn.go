@@ -207,12 +207,14 @@ func (c *conn) beginCloseLocked(code protocol.CloseCode, reason string, flush bo
 		c.beat.Stop()
 	}
 	c.cancel()
-	c.startWriterLocked() // it sends the close; a running writer will see closing
 	if c.sock != nil {
 		// A parked connection gets its reader back, which reads the peer's
-		// side of the close (or the closed socket) and ends the connection.
+		// side of the close (or the closed socket) and ends the connection;
+		// and its read buffer, before the writer can start coder's close
+		// handshake, which reads too.
 		c.h.poll.unpark(c)
 	}
+	c.startWriterLocked() // it sends the close; a running writer will see closing
 	return true
 }
 

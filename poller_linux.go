@@ -3,6 +3,7 @@
 package pubsub
 
 import (
+	"bufio"
 	"sync"
 	"syscall"
 	"time"
@@ -89,7 +90,16 @@ func (p *poller) park(c *conn) parkResult {
 	}
 	s.polled, s.pollTok = true, tok
 	p.parked[tok] = c
+	*c.br = *parkedReader // the read buffer goes back to the heap while parked
 	return parked
+}
+
+// takeLocked removes the parked c (by its token) and gives it its read
+// buffer back, before any reader, coder/websocket's close handshake
+// included, can read: each starts after this, under p.mu or c.mu.
+func (p *poller) takeLocked(tok uint64, c *conn) {
+	delete(p.parked, tok)
+	*c.br = *bufio.NewReaderSize(c.sock, readBufferSize)
 }
 
 // unpark takes c back from the poller, if it is parked, and starts its
@@ -102,7 +112,7 @@ func (p *poller) unpark(c *conn) bool {
 		p.mu.Unlock()
 		return false
 	}
-	delete(p.parked, s.pollTok)
+	p.takeLocked(s.pollTok, c)
 	// Through control: once the net.Conn is closed (by whoever), the
 	// descriptor left the epoll set with it, and its number may be
 	// another connection's, whose registration must stay.
@@ -178,7 +188,9 @@ func (p *poller) run() {
 			}
 			p.mu.Lock()
 			c := p.parked[tok]
-			delete(p.parked, tok)
+			if c != nil {
+				p.takeLocked(tok, c)
+			}
 			p.mu.Unlock()
 			if c != nil {
 				go c.serveRead(true) // the connection's count in h.live goes with it
@@ -194,7 +206,7 @@ func (p *poller) sweep() {
 	p.mu.Lock()
 	for tok, c := range p.parked {
 		if c.sock.control(func(uintptr) {}) != nil {
-			delete(p.parked, tok)
+			p.takeLocked(tok, c)
 			c.sock.polled = false
 			closed = append(closed, c)
 		}

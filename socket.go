@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"bufio"
+	"errors"
 	"net"
 	"net/http"
 	"sync"
@@ -24,6 +25,18 @@ const (
 	// queued frames, so a long batch costs at most this much memory.
 	gatherLimit = 64 << 10
 )
+
+// parkedReader is what a parked connection's read buffer holds (see
+// poller.park): no buffer of its own, and a read from it fails, though
+// none is made: the poller gives the connection a fresh buffer before
+// anything reads.
+var parkedReader = bufio.NewReaderSize(parkedSource{}, 16)
+
+type parkedSource struct{}
+
+func (parkedSource) Read([]byte) (int, error) { return 0, errReadWhileParked }
+
+var errReadWhileParked = errors.New("pubsub: read from a parked connection")
 
 // hijacker wraps the ResponseWriter given to websocket.Accept: its Hijack
 // returns the connection with our small buffers instead of net/http's 4 KiB
