@@ -86,8 +86,8 @@ func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // and closes the connection only while holding mu, which tryWrite holds.
 type socket struct {
 	net.Conn
-	pre  []byte // read before the connection, or by fill; only the reader goroutine reads
-	rest []byte // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
+	pre  []byte          // read before the connection, or by fill; only the reader goroutine reads
+	rest []byte          // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
 	rc   syscall.RawConn // for tryWrite, fill and the poller; nil unless the connection is a plain *net.TCPConn or *net.UnixConn
 	// tryWrite's system call, set once (a method value: no allocation per
 	// write), with its argument and results; guarded by mu.
