@@ -27,9 +27,12 @@ import (
 // One case has no readiness to report: a net.Conn closed under the Handler,
 // not through the socket (a host that tracked its connections through
 // http.Server.ConnState may close a hijacked one): the descriptor leaves
-// the epoll set silently. The poller looks for those every sweepEvery
-// (sweep), so such a connection ends within about a second, as it did
-// when its reader goroutine waited on the descriptor.
+// the epoll set silently. The poller looks for those, at most parkSweepBatch
+// parked connections every parkSweepEvery (sweep), so with up to a few
+// thousand parked connections such a connection ends within about a
+// second, as it did when its reader goroutine waited on the descriptor,
+// and with many more the heartbeat finds it (its ping's write fails), at
+// a bounded cost either way.
 //
 // Locks: conn.mu, then socket.mu, then poller.mu; the poller's goroutine
 // holds only poller.mu, and starts readers after releasing it.
@@ -160,9 +163,13 @@ func (p *poller) startLocked() bool {
 	return true
 }
 
-// sweepEvery is how often the poller looks for parked connections whose
-// net.Conn was closed under the Handler (sweep).
-const sweepEvery = time.Second
+// parkSweepEvery and parkSweepBatch: how often the poller looks for parked
+// connections whose net.Conn was closed under the Handler, and at how many
+// at most each time (sweep).
+const (
+	parkSweepEvery = 100 * time.Millisecond
+	parkSweepBatch = 256
+)
 
 // run waits for readiness and starts a reader for each connection that has
 // input, until stop.
@@ -170,11 +177,11 @@ func (p *poller) run() {
 	var events [128]syscall.EpollEvent
 	swept := time.Now()
 	for {
-		if time.Since(swept) >= sweepEvery {
+		if time.Since(swept) >= parkSweepEvery {
 			p.sweep()
 			swept = time.Now()
 		}
-		n, err := syscall.EpollWait(p.epfd, events[:], int(sweepEvery/time.Millisecond))
+		n, err := syscall.EpollWait(p.epfd, events[:], int(parkSweepEvery/time.Millisecond))
 		if err != nil {
 			if err == syscall.EINTR {
 				continue
@@ -199,12 +206,18 @@ func (p *poller) run() {
 	}
 }
 
-// sweep starts the reader of every parked connection whose net.Conn is
-// closed: it reads the closed socket and ends the connection.
+// sweep looks at up to parkSweepBatch parked connections (a map's iteration
+// starts at a random place, so successive sweeps cover them all) and
+// starts the reader of each whose net.Conn is closed: it reads the closed
+// socket and ends the connection.
 func (p *poller) sweep() {
 	var closed []*conn
 	p.mu.Lock()
+	n := 0
 	for tok, c := range p.parked {
+		if n++; n > parkSweepBatch {
+			break
+		}
 		if c.sock.control(func(uintptr) {}) != nil {
 			p.takeLocked(tok, c)
 			c.sock.polled = false
