@@ -262,6 +262,8 @@
 //	queue.go       a connection's bounded outbound queue and the slow-consumer policies
 //	writer.go      the writer pool and a connection's own writer
 //	socket.go      the hijacked connection under coder/websocket
+//	poller_linux.go  where idle connections wait for input without a goroutine (epoll); poller_other.go elsewhere
+//	rawwrite_*.go  the system calls that never wait, per platform
 //	frame.go       a message framed once per mode, shared by every queue
 //	protocol.go    encoding and decoding protocol-mode envelopes (no I/O)
 //	stats.go       Stats, RoomStats, ConnStats
