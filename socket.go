@@ -78,12 +78,16 @@ func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // tryWrite left unwritten (rest) go out before anything else.
 //
 // tryWrite writes to the file descriptor directly, one system call, inside
-// the connection's syscall.RawConn: the descriptor cannot be closed (and its
-// number reused by another connection) under it, even by a Close of the
-// net.Conn that bypasses the socket (a host that tracked its connections
-// through http.Server.ConnState can close a hijacked one): a closed
-// connection fails the write instead. Close also marks the socket closing
-// and closes the connection only while holding mu, which tryWrite holds.
+// the connection's syscall.RawConn Control: the descriptor cannot be closed
+// (and its number reused by another connection) under it, even by a Close
+// of the net.Conn that bypasses the socket (a host that tracked its
+// connections through http.Server.ConnState can close a hijacked one): a
+// closed connection fails the write instead. Control takes only a
+// reference on the descriptor, not its write lock and deadline checks as
+// RawConn.Write would: mu already serializes every write to the socket
+// (coder/websocket's go through Write, below). Close also marks the
+// socket closing and closes the connection only while holding mu, which
+// tryWrite holds.
 type socket struct {
 	net.Conn
 	pre  []byte          // read before the connection, or by fill; only the reader goroutine reads
@@ -91,7 +95,7 @@ type socket struct {
 	rc   syscall.RawConn // for tryWrite, fill and the poller; nil unless the connection is a plain *net.TCPConn or *net.UnixConn
 	// tryWrite's system call, set once (a method value: no allocation per
 	// write), with its argument and results; guarded by mu.
-	writeFn func(fd uintptr) bool
+	writeFn func(fd uintptr)
 	wp      []byte
 	wn      int
 	werr    error
@@ -137,11 +141,9 @@ func newSocket(nc net.Conn, pre []byte) *socket {
 // canTry reports whether tryWrite may be used on this socket.
 func (s *socket) canTry() bool { return s.rc != nil }
 
-// writeNow is tryWrite's system call, inside s.rc.Write: it never asks to
-// wait for writability.
-func (s *socket) writeNow(fd uintptr) bool {
+// writeNow is tryWrite's system call, inside s.rc.Control.
+func (s *socket) writeNow(fd uintptr) {
 	s.wn, s.werr = writeNonBlocking(int(fd), s.wp)
-	return true
 }
 
 // control runs f with the descriptor, unless the connection is closed:
@@ -267,7 +269,7 @@ func (s *socket) tryWrite(p []byte) (tryResult, error) {
 		return tryPartial, nil
 	}
 	s.wp = p
-	err := s.rc.Write(s.writeFn)
+	err := s.rc.Control(s.writeFn)
 	n := s.wn
 	if err == nil {
 		err = s.werr
@@ -317,9 +319,8 @@ func (s *socket) fill() (pending bool) {
 	var n int
 	var eof bool
 	var err error
-	if rerr := s.rc.Read(func(fd uintptr) bool {
+	if rerr := s.rc.Control(func(fd uintptr) {
 		n, eof, err = readNonBlocking(int(fd), b[:])
-		return true
 	}); rerr != nil {
 		return true // closed
 	}
