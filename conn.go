@@ -39,8 +39,12 @@ type conn struct {
 	ctx    context.Context // ends when the connection is closing
 	cancel context.CancelFunc
 
-	rooms  map[string]*room // reader: protocol mode's rooms, made on first use
-	raw    *room            // reader: raw mode's one room
+	// reader: the connection's rooms. The first in a field (raw mode's
+	// only one, and the only one of most protocol-mode connections and
+	// event streams), the others in a map made when a second comes: an
+	// idle connection should not pay for a map.
+	first *room
+	rooms map[string]*room
 	tokens float64          // reader: rate-limit bucket
 	refill time.Time        // reader
 

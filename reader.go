@@ -271,7 +271,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		if r, ok := c.rooms[in.Room]; ok {
+		if r, ok := c.roomOf(in.Room); ok {
 			// Already subscribed: nothing changes, and the ack says where
 			// the subscription stands.
 			if in.ID.set {
@@ -281,7 +281,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 			}
 			return in.ID.set, nil
 		}
-		if len(c.rooms) >= h.cfg.maxRooms {
+		if c.roomCount() >= h.cfg.maxRooms {
 			return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
 		}
 		if len(in.Info) > h.cfg.maxInfo {
@@ -299,7 +299,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		r, ok := c.rooms[in.Room]
+		r, ok := c.roomOf(in.Room)
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
 		}
@@ -317,7 +317,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		r, ok := c.rooms[in.Room]
+		r, ok := c.roomOf(in.Room)
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
 		}
@@ -481,17 +481,36 @@ func (c *conn) publishDenied() string {
 // rawRoomName is a raw connection's room, "" when it joined none (its
 // messages go to the message hook).
 func (c *conn) rawRoomName() string {
-	if c.raw == nil {
+	if c.first == nil {
 		return ""
 	}
-	return c.raw.name
+	return c.first.name
 }
 
-// keep records a room the connection joined. A raw connection has at most
-// one, in a field: an idle connection should not pay for a map.
+// roomOf finds a room the connection is in.
+func (c *conn) roomOf(name string) (*room, bool) {
+	if c.first != nil && c.first.name == name {
+		return c.first, true
+	}
+	r, ok := c.rooms[name]
+	return r, ok
+}
+
+// roomCount is how many rooms the connection is in.
+func (c *conn) roomCount() int {
+	n := len(c.rooms)
+	if c.first != nil {
+		n++
+	}
+	return n
+}
+
+// keep records a room the connection joined: the first in a field (a raw
+// connection has at most one), the others in a map made when a second
+// comes (see conn.first).
 func (c *conn) keep(name string, r *room) {
-	if c.mode == ModeRaw {
-		c.raw = r
+	if c.first == nil || c.first.name == name {
+		c.first = r
 		return
 	}
 	if c.rooms == nil {
@@ -501,17 +520,20 @@ func (c *conn) keep(name string, r *room) {
 }
 
 func (c *conn) forget(name string) {
-	if c.mode == ModeRaw {
-		c.raw = nil
+	if c.first != nil && c.first.name == name {
+		c.first = nil
 		return
 	}
 	delete(c.rooms, name)
+	if len(c.rooms) == 0 {
+		c.rooms = nil
+	}
 }
 
 // leaveAll leaves every room; it runs once the reader has ended.
 func (c *conn) leaveAll() {
-	if r := c.raw; r != nil {
-		c.raw = nil
+	if r := c.first; r != nil {
+		c.first = nil
 		c.h.rooms.leave(r, c)
 	}
 	for name, r := range c.rooms {
