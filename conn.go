@@ -43,10 +43,10 @@ type conn struct {
 	// only one, and the only one of most protocol-mode connections and
 	// event streams), the others in a map made when a second comes: an
 	// idle connection should not pay for a map.
-	first *room
-	rooms map[string]*room
-	tokens float64          // reader: rate-limit bucket
-	refill time.Time        // reader
+	first  *room
+	rooms  map[string]*room
+	tokens float64   // reader: rate-limit bucket
+	refill time.Time // reader
 
 	lastSeen atomic.Int64 // unix nanoseconds of the peer's last sign of life
 	lastApp  atomic.Int64 // the last message either way, heartbeats aside (WithIdleTimeout)
