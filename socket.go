@@ -304,15 +304,13 @@ func (s *socket) writeAll(p []byte) error {
 // parked into pre (where the next Read finds it), up to readBufferSize
 // bytes. It reports pending when a read must follow whatever the buffers
 // hold: the end of the stream or an error (for that read to report, as
-// before), or when it could not look, because another write holds the
-// socket's lock or Close began (the descriptor may be closed, its number
-// reused). Nothing yet (a wake-up without input) is not pending.
+// before), or a closed connection. Nothing yet (a wake-up without input)
+// is not pending. It needs no lock: only the reader reads pre, and the
+// read runs inside the RawConn's Control, whose reference on the
+// descriptor keeps its number from being reused under the call; a write
+// in progress does not stop it.
 func (s *socket) fill() (pending bool) {
-	if s.rc == nil || !s.mu.TryLock() {
-		return true
-	}
-	defer s.mu.Unlock()
-	if s.closing.Load() {
+	if s.rc == nil {
 		return true
 	}
 	var b [readBufferSize]byte
