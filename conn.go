@@ -301,14 +301,14 @@ func (c *conn) heartbeat() {
 		return
 	}
 	// Raw mode: a WebSocket ping after a silent interval, queued like any
-	// frame, and the timer's run heartbeatWait later (runs in between check
-	// the idle timeout as usual) checks that a sign of life (its pong, or
-	// anything else) came since. Pings go out
-	// only after a silent interval, so a healthy client's pongs can be
-	// nearly two intervals apart. The Handler writes the ping itself,
-	// rather than coder/websocket's Ping: a pong then needs no reader
-	// waiting inside coder/websocket for it, and a parked connection reads
-	// it and parks again (conn.takePongs).
+	// frame, and the timer's run heartbeatWait later (runs in between
+	// check the idle timeout as usual) checks that a sign of life (its
+	// pong, or anything else) came since. Pings go out only after a silent
+	// interval, so a healthy client's pongs can be nearly two intervals
+	// apart. The Handler writes the ping itself, rather than
+	// coder/websocket's Ping: a pong then needs no reader waiting inside
+	// coder/websocket for it, and a parked connection reads it and parks
+	// again (conn.takePongs).
 	now := time.Now().UnixNano()
 	if c.pinging {
 		if c.lastSeen.Load() < c.pingAt {
