@@ -261,3 +261,51 @@ func TestPongSize(t *testing.T) {
 		}
 	}
 }
+
+// An event stream parks too: it only watches for the end of its
+// connection, and must not miss it, nor a byte the client sends (which
+// ends the stream: it takes no input).
+func TestAParkedEventStreamSeesItsEnd(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"client gone", "client sends"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			h, url := parkServer(t)
+			ctx := testContext(t)
+			addr := strings.TrimPrefix(strings.TrimSuffix(url, "/ws"), "ws://")
+			nc, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { nc.Close() })
+			req := "GET /ws?room=sse HTTP/1.1\r\nHost: " + addr + "\r\nAccept: text/event-stream\r\n\r\n"
+			if _, err := nc.Write([]byte(req)); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+			if err != nil || resp.StatusCode != http.StatusOK {
+				t.Fatalf("event stream: %v %v", resp, err)
+			}
+			var c *conn
+			waitUntil(t, ctx, "the stream parked", func() bool {
+				h.mu.Lock()
+				for _, x := range h.conns {
+					c = x
+				}
+				h.mu.Unlock()
+				return c != nil && c.isParked()
+			})
+			want := protocol.CloseAbnormal
+			if how == "client sends" {
+				want = protocol.ClosePolicyViolation
+				_, _ = nc.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+			} else {
+				nc.Close()
+			}
+			waitUntil(t, ctx, "the stream to end", func() bool { return h.Stats().Connections == 0 })
+			if code, _ := c.closeStatus(); code != want {
+				t.Fatalf("closed with %d, want %d", code, want)
+			}
+		})
+	}
+}
