@@ -22,8 +22,12 @@ import (
 // "reader" (reading and dispatch are in reader.go). Its queue is written by
 // one writer at a time, the Handler's writer pool or a goroutine of its
 // own (see writer.go), and only while something is queued. Heartbeats are
-// a timer, not a goroutine. An idle connection therefore costs one
-// goroutine.
+// a timer, not a goroutine. On Linux an idle connection has no goroutine
+// at all: its reader parks it with the Handler's poller and ends, and the
+// poller starts a new reader when input arrives (see poller_linux.go and
+// conn.waitInput); the reader goroutine is one at a time, a relay, and
+// "reader" below means whichever runs. Elsewhere an idle connection keeps
+// its one reader goroutine.
 type conn struct {
 	h      *Handler
 	ws     *websocket.Conn // set once, before the writer may start
@@ -35,10 +39,14 @@ type conn struct {
 	ctx    context.Context // ends when the connection is closing
 	cancel context.CancelFunc
 
-	rooms  map[string]*room // reader: protocol mode's rooms, made on first use
-	raw    *room            // reader: raw mode's one room
-	tokens float64          // reader: rate-limit bucket
-	refill time.Time        // reader
+	// reader: the connection's rooms. The first in a field (raw mode's
+	// only one, and the only one of most protocol-mode connections and
+	// event streams), the others in a map made when a second comes: an
+	// idle connection should not pay for a map.
+	first  *room
+	rooms  map[string]*room
+	tokens float64   // reader: rate-limit bucket
+	refill time.Time // reader
 
 	lastSeen atomic.Int64 // unix nanoseconds of the peer's last sign of life
 	lastApp  atomic.Int64 // the last message either way, heartbeats aside (WithIdleTimeout)
@@ -52,6 +60,7 @@ type conn struct {
 	flush   bool
 	abort   bool        // close without a close frame (set with closing)
 	pinging bool        // a raw-mode ping waits for its pong
+	pingAt  int64       // when that ping was queued, unix nanoseconds
 	writer  writerState // who writes the queue, if anyone
 	rest    []*frame    // frames a pool writer took but left to the connection's own writer
 	beat    *time.Timer // the heartbeat; nil until the connection is served
@@ -81,6 +90,7 @@ func (c *conn) attach(ws *websocket.Conn, sock *socket, br *bufio.Reader) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ws, c.sock, c.br = ws, sock, br
+	sock.owner = c
 }
 
 // start serves a registered connection: its heartbeat, a writer for what
@@ -89,10 +99,20 @@ func (c *conn) attach(ws *websocket.Conn, sock *socket, br *bufio.Reader) {
 func (c *conn) start() {
 	c.startHeartbeat()
 	c.wakeWriter()
-	go func() {
-		defer c.h.live.Done()
-		c.run()
-	}()
+	go c.serveRead(false)
+}
+
+// serveRead is the connection's reader goroutine: it reads (after a wake-up
+// from the poller when woken) until the connection parks, and then ends
+// with the connection's count in h.live handed to the poller, which starts
+// serveRead again on input or close; or until the connection closes, and
+// then ends it (end) and gives the count back.
+func (c *conn) serveRead(woken bool) {
+	if c.readLoop(woken) {
+		return // parked
+	}
+	c.end()
+	c.h.live.Done()
 }
 
 // abandon undoes an admission that did not become a served connection:
@@ -191,6 +211,13 @@ func (c *conn) beginCloseLocked(code protocol.CloseCode, reason string, flush bo
 		c.beat.Stop()
 	}
 	c.cancel()
+	if c.sock != nil {
+		// A parked connection gets its reader back, which reads the peer's
+		// side of the close (or the closed socket) and ends the connection;
+		// and its read buffer, before the writer can start coder's close
+		// handshake, which reads too.
+		c.h.poll.unpark(c)
+	}
 	c.startWriterLocked() // it sends the close; a running writer will see closing
 	return true
 }
@@ -273,36 +300,42 @@ func (c *conn) heartbeat() {
 		}
 		return
 	}
-	// Raw mode: the ping is the liveness check, not a deadline on silent.
-	// Pings go out only after a silent interval, so a healthy client's
-	// pongs can be nearly two intervals apart.
-	if silent >= cfg.heartbeat && !c.pinging {
-		c.pinging = true
-		c.wg.Go(c.ping) // not closing, so the reader has not begun to wait
+	// Raw mode: a WebSocket ping after a silent interval, queued like any
+	// frame, and the timer's run heartbeatWait later (runs in between
+	// check the idle timeout as usual) checks that a sign of life (its
+	// pong, or anything else) came since. Pings go out only after a silent
+	// interval, so a healthy client's pongs can be nearly two intervals
+	// apart. The Handler writes the ping itself, rather than
+	// coder/websocket's Ping: a pong then needs no reader waiting inside
+	// coder/websocket for it, and a parked connection reads it and parks
+	// again (conn.takePongs).
+	now := time.Now().UnixNano()
+	if c.pinging {
+		if c.lastSeen.Load() < c.pingAt {
+			if left := time.Duration(c.pingAt + int64(cfg.heartbeatWait) - now); left > 0 {
+				c.beat.Reset(min(cfg.heartbeat, left)) // the ping's time is not up
+				return
+			}
+			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
+			return
+		}
+		c.pinging = false
+	}
+	if silent >= cfg.heartbeat && c.q.pushIfRoom(rawPingFrame, c.h.cfg.queue) {
+		c.pinging, c.pingAt = true, now
+		c.startWriterLocked()
+		c.beat.Reset(min(cfg.heartbeat, cfg.heartbeatWait))
 	}
 }
 
-// ping sends a WebSocket ping to a raw client and waits for its pong. Its
-// context is its own: coder/websocket closes the socket when a write's
-// context ends mid-frame, so one that closing cancels (c.ctx) could cut a
-// close handshake short.
-func (c *conn) ping() {
-	ctx, cancel := context.WithTimeout(context.Background(), c.h.cfg.heartbeatWait)
-	defer cancel()
-	err := c.ws.Ping(ctx)
-	c.mu.Lock()
-	c.pinging = false
-	if err != nil {
-		// A ping that could not even be written (the peer reads nothing)
-		// made coder/websocket close the socket, and the reader may have
-		// recorded that as lost (1006) first: the timeout is the cause.
-		c.closeLostLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout")
-		c.mu.Unlock()
-		return
-	}
-	c.mu.Unlock()
-	c.lastSeen.Store(time.Now().UnixNano())
-}
+// rawPingFrame is raw mode's heartbeat, a WebSocket ping with no payload,
+// shared by every connection.
+var rawPingFrame = func() *frame {
+	f := &frame{size: 2, to: toRaw}
+	f.rawWire = []byte{0x80 | opPing, 0}
+	f.rawOnce.Do(func() {})
+	return f
+}()
 
 // kill ends the connection at once. Closing the TCP connection under the
 // WebSocket also cuts short a close handshake in progress (a writer waiting
@@ -316,11 +349,9 @@ func (c *conn) kill() {
 	}
 }
 
-// run serves the connection on its own goroutine, which the Handler owns:
-// it reads until the connection closes, waits for the writer, then leaves
-// every room and reports the disconnect.
-func (c *conn) run() {
-	c.readLoop()
+// end ends the connection once its reader has: it waits for the writer,
+// then leaves every room and reports the disconnect.
+func (c *conn) end() {
 	c.beginClose(protocol.CloseAbnormal, "connection lost", false) // no-op when already closing
 	c.wg.Wait()
 	c.leaveAll()

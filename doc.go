@@ -159,9 +159,17 @@
 // NewHandler starts no goroutine. ServeHTTP returns as soon as a
 // connection is upgraded: net/http then frees the request's buffers and
 // stack, which would otherwise live as long as the connection. The
-// connection is served by one reader goroutine that the Handler owns, and
-// heartbeats are a timer. An idle connection costs one goroutine and about
-// 8 KiB (see BENCHMARKS.md). Consequences of returning early: the
+// connection is served by a reader goroutine that the Handler owns, and
+// heartbeats are a timer. On Linux an idle connection has no goroutine at
+// all: when nothing is left to read, its reader parks the connection with
+// the Handler's poller (one epoll instance and one goroutine for every
+// connection, through the standard library's syscall package) and ends;
+// the poller starts a new reader when input arrives or the connection
+// closes. Pongs to raw mode's heartbeat pings are taken without waking
+// coder/websocket, so an idle raw connection parks again right after
+// answering one. Elsewhere an idle connection keeps its one reader
+// goroutine, waiting for input. What an idle connection costs is in
+// BENCHMARKS.md ("Idle connections of each kind"). Consequences of returning early: the
 // request's context ends at the upgrade (hooks get a context that lives as
 // long as the connection instead), and middleware around the Handler sees
 // the request finish at the upgrade, so a request logger reports the
@@ -183,12 +191,21 @@
 //
 // Every goroutine has one owner that starts it and waits for it:
 //
-//   - The connection's reader (conn.run, reader.go): started by conn.start
-//     once the upgrade registered the connection; counted in the Handler's
-//     live group (at registration, under the Handler's mu, so never after
-//     Shutdown began waiting); waited for by Shutdown and Close. It reads,
-//     dispatches, runs the hooks of its connection, and at the end waits
-//     for the connection's other goroutines before leaving its rooms.
+//   - The connection's reader (conn.serveRead, reader.go): started by
+//     conn.start once the upgrade registered the connection; counted in
+//     the Handler's live group (at registration, under the Handler's mu, so
+//     never after Shutdown began waiting); waited for by Shutdown and
+//     Close. It reads, dispatches, runs the hooks of its connection, and at
+//     the end waits for the connection's other goroutines before leaving
+//     its rooms. On Linux it ends when it parks the connection
+//     (conn.waitInput), handing the live count to the poller, which
+//     starts the next reader (on input, on the close, from
+//     beginClose or socket.Close, or from its sweep of connections closed
+//     under the Handler) and hands the count back to it: a connection has
+//     at most one reader at a time, or is parked.
+//   - The poller (poller.run, poller_linux.go): one per Handler, started
+//     by the first park, stopped and waited for by the Handler once every
+//     connection has ended (Shutdown, Close).
 //   - The writer pool (writerPool.work, writer.go): at most GOMAXPROCS
 //     goroutines, started by writerPool.push when a connection has
 //     something queued and fewer are running, ending when no connection
@@ -199,8 +216,6 @@
 //     by the connection (startWriterLocked, or handOverLocked, which hands
 //     the pool's count over); counted in the connection's wg; waited for
 //     by its reader.
-//   - A raw-mode ping (conn.ping), started by the heartbeat; counted in
-//     the connection's wg.
 //   - The heartbeat (conn.heartbeat), a time.AfterFunc timer armed by
 //     conn.start and stopped by beginClose; while its callback runs it
 //     counts in the connection's wg (unless closing began), so it never
@@ -219,8 +234,9 @@
 //
 // Locks are taken in this order, never the other way: the broker's own
 // (the memory broker's, then one room's), a registry shard's, a room's,
-// a connection's, the writer pool's. The Handler's mu and a socket's mu
-// are leaves: nothing else is taken while either is held. No lock of the
+// a connection's, a socket's, the poller's; the writer pool's comes after
+// a connection's too. The Handler's mu, the writer pool's and the
+// poller's are leaves: nothing else is taken while one is held. No lock of the
 // Handler, a room or a connection is held across a hook call, a broker
 // call or a socket write; the socket's own lock is held across a write,
 // to keep our frames and coder/websocket's control frames whole. A room's
@@ -246,6 +262,8 @@
 //	queue.go       a connection's bounded outbound queue and the slow-consumer policies
 //	writer.go      the writer pool and a connection's own writer
 //	socket.go      the hijacked connection under coder/websocket
+//	poller_linux.go  where idle connections wait for input without a goroutine (epoll); poller_other.go elsewhere
+//	rawwrite_*.go  the system calls that never wait, per platform
 //	frame.go       a message framed once per mode, shared by every queue
 //	protocol.go    encoding and decoding protocol-mode envelopes (no I/O)
 //	stats.go       Stats, RoomStats, ConnStats

@@ -98,11 +98,15 @@ func (f *frame) policy() SlowConsumerPolicy {
 	return f.room.opts.SlowConsumer
 }
 
-// WebSocket opcodes of the frames the Handler writes itself (RFC 6455,
-// section 5.2). Control frames (ping, pong, close) are coder/websocket's.
+// WebSocket opcodes of the frames the Handler writes or reads itself (RFC
+// 6455, section 5.2): messages, raw mode's heartbeat ping, and the pongs a
+// connection's reader takes between messages (conn.takePongs). Other
+// control frames (a pong to a client's ping, close) are coder/websocket's.
 const (
 	opText   = 0x1
 	opBinary = 0x2
+	opPing   = 0x9
+	opPong   = 0xA
 )
 
 // wireFrame is payload as one unfragmented server frame: FIN set, no

@@ -420,3 +420,25 @@ func FuzzSSELastEventID(f *testing.F) {
 		}
 	})
 }
+
+// FuzzPongSize: the frames a connection's reader takes itself between
+// messages (conn.takePongs) are exactly whole, final, masked pongs with
+// no reserved bit and at most 125 bytes of payload, within the bytes given.
+func FuzzPongSize(f *testing.F) {
+	f.Add([]byte{0x8A, 0x80, 1, 2, 3, 4})
+	f.Add([]byte{0x8A, 0x82, 1, 2, 3, 4, 'h', 'b', 0x81})
+	f.Add([]byte{0x8A, 0x00})
+	f.Add([]byte{0x89, 0x80, 1, 2, 3, 4})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n, ok := pongSize(b)
+		if !ok {
+			if n != 0 {
+				t.Fatalf("not a pong, size %d", n)
+			}
+			return
+		}
+		if n > len(b) || b[0] != 0x8A || b[1]&0x80 == 0 || int(b[1]&0x7f) > 125 || n != 6+int(b[1]&0x7f) {
+			t.Fatalf("pongSize(% x) = %d", b, n)
+		}
+	})
+}

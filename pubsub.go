@@ -49,8 +49,9 @@ type Handler struct {
 	slots     int            // connections open or upgrading (WithMaxConnections)
 	userSlots map[string]int // the same per user (WithMaxConnectionsPerUser)
 	serving   sync.WaitGroup // running ServeHTTP calls
-	live      sync.WaitGroup // served connections' goroutines (conn.run)
+	live      sync.WaitGroup // served connections: their reader goroutine, or their park (conn.serveRead)
 	writers   writerPool
+	poll      poller // where idle connections wait for input without a goroutine (Linux)
 
 	closeBroker sync.Once
 	brokerErr   error
@@ -388,6 +389,7 @@ func (h *Handler) wait() {
 	h.serving.Wait()
 	h.live.Wait()
 	h.writers.wg.Wait() // ends soon: with no connection left, nothing is queued
+	h.poll.stop()       // no connection is left to park
 }
 
 func (h *Handler) beginShutdown() []*conn {

@@ -38,6 +38,25 @@ func writeNonBlocking(fd int, p []byte) (int, error) {
 	}
 }
 
+// readNonBlocking reads what the socket fd holds into p, without waiting:
+// n bytes, or the end of the stream (eof), or nothing yet (0, false, nil).
+func readNonBlocking(fd int, p []byte) (n int, eof bool, err error) {
+	for {
+		r, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd),
+			uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), syscall.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case 0:
+			return int(r), r == 0, nil
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return 0, false, nil
+		default:
+			return 0, false, errno
+		}
+	}
+}
+
 // readable is a syscall.RawConn Read callback: it reports whether the
 // socket fd has a byte to read, the end of the stream or an error, by
 // peeking without waiting; false makes the RawConn wait for readability.

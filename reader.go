@@ -12,33 +12,34 @@ import (
 	"github.com/roomcast/pubsub/protocol"
 )
 
-// readLoop reads client messages until the connection closes.
-func (c *conn) readLoop() {
+// readLoop reads client messages until the connection closes (it returns
+// false) or parks (true: the poller owns the connection until input
+// arrives, see waitInput). woken says the poller just found input.
+func (c *conn) readLoop(woken bool) (parked bool) {
 	if c.sse != nil {
-		c.watchSSE()
-		return
+		return c.watchSSE(woken)
 	}
-	for {
+	for ; ; woken = false {
 		// No deadline and no context: liveness is the heartbeat's job, a
 		// read context that ended would close the socket under a flushing
 		// writer, and a context costs a callback per read. Close and an
 		// expired Shutdown end the read with kill.
-		if c.idleRead() {
-			c.sock.waitReadable()
+		if c.waitInput(woken) {
+			return true
 		}
 		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			c.readFailed(err)
-			return
+			return false
 		}
 		c.lastSeen.Store(time.Now().UnixNano())
 		if typ == websocket.MessageBinary && c.mode == ModeProtocol {
 			c.beginClose(protocol.CloseUnsupportedData, "protocol mode accepts text frames only", false)
-			return
+			return false
 		}
 		if typ == websocket.MessageText && !utf8.Valid(data) {
 			c.beginClose(protocol.CloseInvalidPayload, "text frame is not valid UTF-8", false)
-			return
+			return false
 		}
 		var ok bool
 		if c.mode == ModeProtocol {
@@ -49,21 +50,116 @@ func (c *conn) readLoop() {
 			ok = c.handleRaw(data, typ == websocket.MessageBinary)
 		}
 		if !ok {
-			return
+			return false
 		}
 	}
 }
 
-// idleRead reports whether the next read would wait on the network: no
-// byte is buffered, in coder/websocket's reader or carried over from the
-// handshake. Only the reader goroutine reads them, until the connection
-// closes: then coder's close handshake reads too, so the check is made
-// under mu and only before closing begins (beginClose takes mu), and
-// after it the reader goes straight to coder's Read, which orders the two.
-func (c *conn) idleRead() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return !c.closing && c.br.Buffered() == 0 && len(c.sock.pre) == 0
+// waitInput runs before each read. When the next read would wait on the
+// network (no byte is buffered, in coder/websocket's reader or carried over
+// from the handshake or a wake-up), it parks the connection with the
+// Handler's poller and reports true: the reader goroutine then ends, and
+// the poller starts a new one (woken) on input or close. Where it cannot
+// park (not Linux, a socket that is not the standard library's, a busy
+// socket lock) it waits for readability here, a few calls deep (see
+// socket.waitReadable), and reports false, as it does when input is there.
+//
+// woken: the poller found the socket readable. What arrived is read
+// without waiting (socket.fill), and pongs at the head of it are taken
+// (takePongs), so an idle raw connection answering its heartbeat parks
+// again at once; anything else, the end of the stream or an error is left
+// for the read that follows.
+//
+// Only the reader goroutine reads the socket and the buffers, until the
+// connection closes: then coder's close handshake reads too, so all this
+// is done under mu and only before closing begins (beginClose takes mu),
+// and after it the reader goes straight to coder's Read, which orders the
+// two. Parking under mu is what makes a close never miss a parked
+// connection: beginClose, under mu, takes it back from the poller.
+func (c *conn) waitInput(woken bool) (isParked bool) {
+	for {
+		c.mu.Lock()
+		if c.closing {
+			c.mu.Unlock()
+			return false
+		}
+		pending := woken && c.sock.fill()
+		woken = false
+		if c.sse == nil {
+			c.takePongs()
+		}
+		if pending || c.br.Buffered() > 0 || len(c.sock.pre) > 0 {
+			c.mu.Unlock()
+			return false
+		}
+		res := notHere
+		if parkable {
+			res = c.h.poll.park(c)
+		}
+		c.mu.Unlock()
+		switch res {
+		case parked:
+			return true
+		case lockBusy:
+			// A write holds the socket (a pool writer's, for a moment, or
+			// a connection's own, within WithWriteTimeout): wait for it
+			// without holding mu, then look again.
+			c.sock.mu.Lock()
+			c.sock.mu.Unlock()
+			continue
+		}
+		c.sock.waitReadable()
+		return false
+	}
+}
+
+// takePongs takes the whole pong frames at the head of what is buffered
+// (coder/websocket's reader, or else what the handshake or a wake-up left)
+// and counts them as signs of life. It runs between messages, where
+// coder/websocket's reader is at a frame boundary, so a frame there is a
+// frame of its own; a pong must be exactly that (FIN, no reserved bits,
+// masked as a client's frames are, a control frame's at most 125 bytes of
+// payload), and anything else, a partial pong too, is left to
+// coder/websocket, which answers it or fails the connection as before.
+// Caller holds mu, not closing.
+func (c *conn) takePongs() {
+	took := false
+	for {
+		if n := c.br.Buffered(); n > 0 {
+			b, _ := c.br.Peek(n) // what is buffered: no read
+			size, ok := pongSize(b)
+			if !ok {
+				break
+			}
+			_, _ = c.br.Discard(size)
+		} else {
+			size, ok := pongSize(c.sock.pre)
+			if !ok {
+				break
+			}
+			c.sock.pre = c.sock.pre[size:]
+			if len(c.sock.pre) == 0 {
+				c.sock.pre = nil
+			}
+		}
+		took = true
+	}
+	if took {
+		c.lastSeen.Store(time.Now().UnixNano())
+	}
+}
+
+// pongSize is the length of the whole client pong frame b starts with, if
+// it does (see takePongs).
+func pongSize(b []byte) (int, bool) {
+	if len(b) < 2 || b[0] != 0x80|opPong || b[1]&0x80 == 0 {
+		return 0, false
+	}
+	n := int(b[1] & 0x7f)
+	if n > 125 || len(b) < 2+4+n {
+		return 0, false
+	}
+	return 2 + 4 + n, true
 }
 
 // readFailed records why reading ended: the peer's close frame, an
@@ -175,7 +271,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		if r, ok := c.rooms[in.Room]; ok {
+		if r, ok := c.roomOf(in.Room); ok {
 			// Already subscribed: nothing changes, and the ack says where
 			// the subscription stands.
 			if in.ID.set {
@@ -185,7 +281,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 			}
 			return in.ID.set, nil
 		}
-		if len(c.rooms) >= h.cfg.maxRooms {
+		if c.roomCount() >= h.cfg.maxRooms {
 			return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
 		}
 		if len(in.Info) > h.cfg.maxInfo {
@@ -203,7 +299,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		r, ok := c.rooms[in.Room]
+		r, ok := c.roomOf(in.Room)
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
 		}
@@ -221,7 +317,7 @@ func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
 		if perr := h.checkRoom(in.Room); perr != nil {
 			return false, perr
 		}
-		r, ok := c.rooms[in.Room]
+		r, ok := c.roomOf(in.Room)
 		if !ok {
 			return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
 		}
@@ -385,17 +481,36 @@ func (c *conn) publishDenied() string {
 // rawRoomName is a raw connection's room, "" when it joined none (its
 // messages go to the message hook).
 func (c *conn) rawRoomName() string {
-	if c.raw == nil {
+	if c.first == nil {
 		return ""
 	}
-	return c.raw.name
+	return c.first.name
 }
 
-// keep records a room the connection joined. A raw connection has at most
-// one, in a field: an idle connection should not pay for a map.
+// roomOf finds a room the connection is in.
+func (c *conn) roomOf(name string) (*room, bool) {
+	if c.first != nil && c.first.name == name {
+		return c.first, true
+	}
+	r, ok := c.rooms[name]
+	return r, ok
+}
+
+// roomCount is how many rooms the connection is in.
+func (c *conn) roomCount() int {
+	n := len(c.rooms)
+	if c.first != nil {
+		n++
+	}
+	return n
+}
+
+// keep records a room the connection joined: the first in a field (a raw
+// connection has at most one), the others in a map made when a second
+// comes (see conn.first).
 func (c *conn) keep(name string, r *room) {
-	if c.mode == ModeRaw {
-		c.raw = r
+	if c.first == nil || c.first.name == name {
+		c.first = r
 		return
 	}
 	if c.rooms == nil {
@@ -405,17 +520,20 @@ func (c *conn) keep(name string, r *room) {
 }
 
 func (c *conn) forget(name string) {
-	if c.mode == ModeRaw {
-		c.raw = nil
+	if c.first != nil && c.first.name == name {
+		c.first = nil
 		return
 	}
 	delete(c.rooms, name)
+	if len(c.rooms) == 0 {
+		c.rooms = nil
+	}
 }
 
 // leaveAll leaves every room; it runs once the reader has ended.
 func (c *conn) leaveAll() {
-	if r := c.raw; r != nil {
-		c.raw = nil
+	if r := c.first; r != nil {
+		c.first = nil
 		c.h.rooms.leave(r, c)
 	}
 	for name, r := range c.rooms {

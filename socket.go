@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"bufio"
+	"errors"
 	"net"
 	"net/http"
 	"sync"
@@ -24,6 +25,18 @@ const (
 	// queued frames, so a long batch costs at most this much memory.
 	gatherLimit = 64 << 10
 )
+
+// parkedReader is what a parked connection's read buffer holds (see
+// poller.park): no buffer of its own, and a read from it fails, though
+// none is made: the poller gives the connection a fresh buffer before
+// anything reads.
+var parkedReader = bufio.NewReaderSize(parkedSource{}, 16)
+
+type parkedSource struct{}
+
+func (parkedSource) Read([]byte) (int, error) { return 0, errReadWhileParked }
+
+var errReadWhileParked = errors.New("pubsub: read from a parked connection")
 
 // hijacker wraps the ResponseWriter given to websocket.Accept: its Hijack
 // returns the connection with our small buffers instead of net/http's 4 KiB
@@ -64,24 +77,44 @@ func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // the byte stream whole: writes are serialized by mu, and bytes that a
 // tryWrite left unwritten (rest) go out before anything else.
 //
-// tryWrite writes to the file descriptor directly, one system call and
-// nothing else. That is safe because the descriptor cannot be closed (and
-// its number reused) under it: Close marks the socket closing and closes the
-// connection only while holding mu, which tryWrite holds.
+// tryWrite writes to the file descriptor directly, one system call, inside
+// the connection's syscall.RawConn Control: the descriptor cannot be closed
+// (and its number reused by another connection) under it, even by a Close
+// of the net.Conn that bypasses the socket (a host that tracked its
+// connections through http.Server.ConnState can close a hijacked one): a
+// closed connection fails the write instead. Control takes only a
+// reference on the descriptor, not its write lock and deadline checks as
+// RawConn.Write would: mu already serializes every write to the socket
+// (coder/websocket's go through Write, below). Close also marks the
+// socket closing and closes the connection only while holding mu, which
+// tryWrite holds.
 type socket struct {
 	net.Conn
-	pre  []byte // read before the connection; only the reader goroutine reads
-	rest []byte // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
-	fd   int32  // for tryWrite; -1 unless the connection is a plain *net.TCPConn or *net.UnixConn
+	pre  []byte          // read before the connection, or by fill; only the reader goroutine reads
+	rest []byte          // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
+	rc   syscall.RawConn // for tryWrite, fill and the poller; nil unless the connection is a plain *net.TCPConn or *net.UnixConn
+	// tryWrite's system call, set once (a method value: no allocation per
+	// write), with its argument and results; guarded by mu.
+	writeFn func(fd uintptr)
+	wp      []byte
+	wn      int
+	werr    error
 	// closing is set when Close begins: writes waiting on the network end
 	// then, and tryWrite (holding mu, which Close takes before closing the
 	// descriptor) writes no more.
 	closing atomic.Bool
 	mu      sync.Mutex
+	// owner is the connection on this socket, set by conn.attach: closing
+	// the socket takes it back from the poller first (poller.unpark).
+	owner *conn
+	// polled and pollTok: the descriptor is registered with the Handler's
+	// poller, and the token of its last park; guarded by poller.mu.
+	polled  bool
+	pollTok uint64
 }
 
 func newSocket(nc net.Conn, pre []byte) *socket {
-	s := &socket{Conn: nc, pre: pre, fd: -1}
+	s := &socket{Conn: nc, pre: pre}
 	if !canTryWrite {
 		return s
 	}
@@ -99,13 +132,28 @@ func newSocket(nc net.Conn, pre []byte) *socket {
 		return s
 	}
 	if rc, err := sc.SyscallConn(); err == nil {
-		_ = rc.Control(func(fd uintptr) { s.fd = int32(fd) })
+		s.rc = rc
+		s.writeFn = s.writeNow
 	}
 	return s
 }
 
 // canTry reports whether tryWrite may be used on this socket.
-func (s *socket) canTry() bool { return s.fd >= 0 }
+func (s *socket) canTry() bool { return s.rc != nil }
+
+// writeNow is tryWrite's system call, inside s.rc.Control.
+func (s *socket) writeNow(fd uintptr) {
+	s.wn, s.werr = writeNonBlocking(int(fd), s.wp)
+}
+
+// control runs f with the descriptor, unless the connection is closed:
+// then the descriptor's number may belong to another connection already.
+func (s *socket) control(f func(fd uintptr)) error {
+	if s.rc == nil {
+		return net.ErrClosed
+	}
+	return s.rc.Control(f)
+}
 
 func (s *socket) Read(p []byte) (int, error) {
 	if len(s.pre) > 0 {
@@ -127,7 +175,21 @@ func (s *socket) Close() error {
 	_ = s.Conn.SetWriteDeadline(time.Unix(1, 0))
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.unpark()
 	return s.Conn.Close()
+}
+
+// unpark takes the socket's connection back from the poller before the
+// descriptor closes, so that it is never left parked (its reader then
+// meets the closed socket and ends the connection), and so that a
+// descriptor number the system hands out again is never in the poller's
+// set under this connection's name. The caller holds mu: park, which also
+// holds it, either armed the descriptor before (and unpark disarms it) or
+// sees closing and does not.
+func (s *socket) unpark() {
+	if s.owner != nil {
+		s.owner.h.poll.unpark(s.owner)
+	}
 }
 
 // closeWritten closes the connection after its writer's last write, with
@@ -137,6 +199,7 @@ func (s *socket) closeWritten() error {
 	s.closing.Store(true)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.unpark()
 	return s.Conn.Close()
 }
 
@@ -205,7 +268,13 @@ func (s *socket) tryWrite(p []byte) (tryResult, error) {
 		s.rest = append(s.rest, p...)
 		return tryPartial, nil
 	}
-	n, err := writeNonBlocking(int(s.fd), p)
+	s.wp = p
+	err := s.rc.Control(s.writeFn)
+	n := s.wn
+	if err == nil {
+		err = s.werr
+	}
+	s.wp, s.wn, s.werr = nil, 0, nil
 	if err != nil {
 		return tryBusy, err
 	}
@@ -231,6 +300,37 @@ func (s *socket) writeAll(p []byte) error {
 	return err
 }
 
+// fill reads, without waiting, what the peer sent while the connection was
+// parked into pre (where the next Read finds it), up to readBufferSize
+// bytes. It reports pending when a read must follow whatever the buffers
+// hold: the end of the stream or an error (for that read to report, as
+// before), or a closed connection. Nothing yet (a wake-up without input)
+// is not pending. It needs no lock: only the reader reads pre, and the
+// read runs inside the RawConn's Control, whose reference on the
+// descriptor keeps its number from being reused under the call; a write
+// in progress does not stop it.
+func (s *socket) fill() (pending bool) {
+	if s.rc == nil {
+		return true
+	}
+	var b [readBufferSize]byte
+	var n int
+	var eof bool
+	var err error
+	if rerr := s.rc.Control(func(fd uintptr) {
+		n, eof, err = readNonBlocking(int(fd), b[:])
+	}); rerr != nil {
+		return true // closed
+	}
+	if eof || err != nil {
+		return true
+	}
+	if n > 0 {
+		s.pre = append(s.pre, b[:n]...)
+	}
+	return false
+}
+
 // waitReadable returns once the socket has something to read: bytes, the
 // end of the stream, or an error (a closed socket among them). A
 // connection's reader calls it before each read that would otherwise wait
@@ -241,16 +341,8 @@ func (s *socket) writeAll(p []byte) error {
 // of 4 (see BENCHMARKS.md). It returns at once where tryWrite cannot be
 // used, and on platforms without a way to peek.
 func (s *socket) waitReadable() {
-	if s.fd < 0 {
+	if s.rc == nil {
 		return
 	}
-	sc, ok := s.Conn.(syscall.Conn)
-	if !ok {
-		return
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = rc.Read(readable) // an error (closed) is for the read that follows to report
+	_ = s.rc.Read(readable) // an error (closed) is for the read that follows to report
 }

@@ -339,3 +339,21 @@ func TestWaitReadableReturnsWhenTheSocketCloses(t *testing.T) {
 		t.Fatal("waitReadable kept waiting on a closed socket")
 	}
 }
+
+// A net.Conn closed under the socket (not through Close) fails tryWrite:
+// its descriptor's number may already be another connection's.
+func TestTryWriteFailsOnAConnectionClosedUnderTheSocket(t *testing.T) {
+	t.Parallel()
+	if !canTryWrite {
+		t.Skip("no non-blocking writes on this platform")
+	}
+	server, _ := tcpPair(t)
+	s := newSocket(server, nil)
+	server.Close()
+	if _, err := s.tryWrite([]byte("after the close")); err == nil {
+		t.Fatal("tryWrite on a closed connection succeeded")
+	}
+	if s.fill() != true {
+		t.Fatal("fill on a closed connection found nothing pending")
+	}
+}

@@ -385,20 +385,20 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 // watchSSE is an event stream's reader: the client sends nothing after its
 // request, so it only waits for the end of the connection. Bytes from the
 // client (a pipelined request) end the stream too.
-func (c *conn) watchSSE() {
+func (c *conn) watchSSE(woken bool) (parked bool) {
 	var b [64]byte
-	for {
-		if c.idleRead() {
-			c.sock.waitReadable()
+	for ; ; woken = false {
+		if c.waitInput(woken) {
+			return true
 		}
 		n, err := c.br.Read(b[:])
 		if n > 0 {
 			c.beginClose(protocol.ClosePolicyViolation, "an event stream takes no input", false)
-			return
+			return false
 		}
 		if err != nil {
 			c.beginClose(protocol.CloseAbnormal, "connection lost", false)
-			return
+			return false
 		}
 	}
 }

@@ -192,7 +192,7 @@ func dialRaw(t *testing.T, ctx context.Context, h *Handler, url, room string) (*
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		for _, x := range h.conns {
-			if x.raw != nil && x.raw.name == room {
+			if x.first != nil && x.first.name == room {
 				c = x
 			}
 		}

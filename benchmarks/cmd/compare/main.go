@@ -1,5 +1,5 @@
-// Command compare runs the scenarios against roomcast, melody,
-// centrifuge and a gorilla/websocket hub, one after the other in one run on
+// Command compare runs the issues' scenarios against roomcast, melody,
+// centrifuge, a gorilla/websocket hub and the floor (impl.floor), one after the other in one run on
 // this machine, and prints a markdown report:
 //
 //	cd benchmarks && go run ./cmd/compare -out results.md -profiles profiles
@@ -33,8 +33,8 @@ func main() {
 }
 
 func run() error {
-	impls := flag.String("impls", "roomcast,melody,centrifuge,gorilla", "implementations to run, in order; the first is the reference for ratios")
-	scenarios := flag.String("scenarios", "A,B,C", "scenarios to run")
+	impls := flag.String("impls", "roomcast,melody,centrifuge,gorilla,floor", "implementations to run, in order; the first is the reference for ratios")
+	scenarios := flag.String("scenarios", "A,B,C,D,E", "scenarios to run: A (idle, then a trickle), B (a rate), C (a flood), D (a chat: many small rooms), E (a connect storm)")
 	scale := flag.Float64("scale", 1, "multiply every scenario's connections and messages (for a quick try: 0.1)")
 	per := flag.Int("per-process", 2500, "connections per client process")
 	settle := flag.Duration("settle", 3*time.Second, "wait before the idle measurement")
@@ -61,12 +61,7 @@ func run() error {
 		if !strings.Contains(*scenarios, sc.Name) {
 			continue
 		}
-		if *scale != 1 {
-			sc.Conns = max(1, int(float64(sc.Conns)**scale))
-			sc.Messages = max(1, int(float64(sc.Messages)**scale))
-			sc.Title += fmt.Sprintf(" (scaled by %g)", *scale)
-		}
-		cfg.Scenarios = append(cfg.Scenarios, sc)
+		cfg.Scenarios = append(cfg.Scenarios, sc.Scale(*scale))
 	}
 	if *profiles != "" {
 		if err := os.MkdirAll(*profiles, 0o755); err != nil {

@@ -30,6 +30,8 @@ func tinyScenarios() []Scenario {
 		{Name: "A", Title: "idle then trickle", Conns: 20, Messages: 20, Rate: 200, Size: 128, Idle: true},
 		{Name: "B", Title: "rate", Conns: 20, Messages: 20, Rate: 100, Size: 128},
 		{Name: "C", Title: "flood", Conns: 20, Messages: 20, Rate: 0, Size: 128},
+		{Name: "D", Title: "chat", Conns: 20, Rooms: 4, Messages: 5, Rate: 20, Size: 128},
+		{Name: "E", Title: "connect storm", Conns: 20, InFlight: 4},
 	}
 }
 
@@ -57,8 +59,15 @@ func TestEveryImplementationDeliversEveryMessageInEveryScenario(t *testing.T) {
 				if r.Impl != spec.Name || r.Scenario != sc.Name || r.Conns != sc.Conns {
 					t.Errorf("scenario %s: result for %s/%s with %d connections", sc.Name, r.Impl, r.Scenario, r.Conns)
 				}
+				if sc.Messages == 0 { // the connect storm
+					if r.ConnectCPU <= 0 || r.ConnectTook <= 0 || r.Published != 0 || r.Delivered != 0 {
+						t.Errorf("scenario %s: connect CPU %v over %v, published %d, delivered %d",
+							sc.Name, r.ConnectCPU, r.ConnectTook, r.Published, r.Delivered)
+					}
+					continue
+				}
 				want := int64(sc.Conns * sc.Messages)
-				if r.Published != sc.Messages || r.Expected != want || r.Delivered != want {
+				if r.Published != sc.Messages*max(sc.Rooms, 1) || r.Expected != want || r.Delivered != want {
 					t.Errorf("scenario %s: published %d, delivered %d of %d", sc.Name, r.Published, r.Delivered, r.Expected)
 				}
 				if r.Lost != 0 || r.LostClosed != 0 || r.Reordered != 0 || r.Disconnects != 0 {
@@ -72,9 +81,16 @@ func TestEveryImplementationDeliversEveryMessageInEveryScenario(t *testing.T) {
 					t.Errorf("scenario %s: CPU per delivery %v, throughput %v over %v, %d write syscalls, client CPU %v",
 						sc.Name, r.CPUPerDelivery, r.Throughput, r.DeliverTook, r.WriteSyscalls, r.ClientCPU)
 				}
-				if sc.Idle {
-					// Every implementation keeps at least one goroutine and
-					// some heap or stack per connection.
+				if sc.Idle && spec.Name == "floor" && (r.GoroutinesPerConn > 0.5 || r.IdleRSS <= 0) {
+					t.Errorf("scenario %s: the floor keeps %.2f goroutines per connection, idle RSS %d", sc.Name, r.GoroutinesPerConn, r.IdleRSS)
+				}
+				if sc.Idle && spec.Name == "roomcast" && (r.GoroutinesPerConn > 0.5 || r.IdleRSS <= 0) {
+					// On Linux an idle connection parks with the poller.
+					t.Errorf("scenario %s: roomcast keeps %.2f goroutines per idle connection, idle RSS %d", sc.Name, r.GoroutinesPerConn, r.IdleRSS)
+				}
+				if sc.Idle && spec.Name != "floor" && spec.Name != "roomcast" {
+					// Every library keeps at least one goroutine and some
+					// heap or stack per connection.
 					if r.GoroutinesPerConn < 1 || r.HeapPerConn+r.StackPerConn <= 0 || r.IdleRSS <= 0 {
 						t.Errorf("scenario %s: %.2f goroutines and %.0f B heap per connection, idle RSS %d",
 							sc.Name, r.GoroutinesPerConn, r.HeapPerConn+r.StackPerConn, r.IdleRSS)
@@ -85,7 +101,7 @@ func TestEveryImplementationDeliversEveryMessageInEveryScenario(t *testing.T) {
 				// The server's own counters come through (messages_out
 				// may trail the clients' count by a batch, so only > 0).
 				for _, r := range results {
-					if r.Counters["messages_out"] == 0 {
+					if r.Expected > 0 && r.Counters["messages_out"] == 0 {
 						t.Errorf("scenario %s: roomcast counters %v", r.Scenario, r.Counters)
 					}
 				}
@@ -170,7 +186,7 @@ func TestClientRecordsTheCloseCodeOfAServerDisconnect(t *testing.T) {
 	p.start(1, 5)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := p.dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"))
+	c, err := p.dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), impl.Room)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -335,11 +351,11 @@ func TestIdleMeasuresEveryKindOfConnection(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", kind, err)
 		}
-		// Each kind is one parked goroutine per connection on the server
-		// (the reader; a writer only while something is queued). Memory
-		// figures are too noisy for 20 connections to check here.
-		if r.Kind != kind || r.Conns != 20 || r.Goroutines < 0.9 || r.Goroutines > 1.1 {
-			t.Errorf("%s: %+v, want 20 connections of one goroutine each", kind, r)
+		// On Linux no kind keeps a goroutine while idle: each parks with
+		// the Handler's poller (one goroutine for all). Memory figures are
+		// too noisy for 20 connections to check here.
+		if r.Kind != kind || r.Conns != 20 || r.Goroutines > 0.1 {
+			t.Errorf("%s: %+v, want 20 connections and no goroutine per connection", kind, r)
 		}
 	}
 	if _, err := RunIdle(self, "carrier-pigeon", 1, 0); err == nil || !strings.Contains(err.Error(), "want raw, protocol, sse") {

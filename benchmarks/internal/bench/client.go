@@ -11,6 +11,8 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -94,7 +96,8 @@ var dialer = websocket.Dialer{
 
 // dial opens one connection and, for centrifuge, connects: the server
 // subscribes it to the room before it answers the connect command.
-func (p *pool) dial(ctx context.Context, u string) (*clientConn, error) {
+func (p *pool) dial(ctx context.Context, u, room string) (*clientConn, error) {
+	u = strings.ReplaceAll(u, impl.RoomVar, url.QueryEscape(room))
 	var ws *websocket.Conn
 	var err error
 	for attempt := range 3 {
@@ -108,7 +111,7 @@ func (p *pool) dial(ctx context.Context, u string) (*clientConn, error) {
 		return nil, err
 	}
 	if p.proto == impl.Centrifuge {
-		if err := centrifugeConnect(ws); err != nil {
+		if err := centrifugeConnect(ws, room); err != nil {
 			_ = ws.Close()
 			return nil, err
 		}
@@ -116,9 +119,13 @@ func (p *pool) dial(ctx context.Context, u string) (*clientConn, error) {
 	return &clientConn{ws: ws}, nil
 }
 
-func centrifugeConnect(ws *websocket.Conn) error {
+func centrifugeConnect(ws *websocket.Conn, room string) error {
+	cmd := []byte(`{"id":1,"connect":{}}`)
+	if room != impl.Room {
+		cmd, _ = json.Marshal(map[string]any{"id": 1, "connect": map[string]any{"data": map[string]string{"room": room}}})
+	}
 	_ = ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	if err := ws.WriteMessage(websocket.TextMessage, []byte(`{"id":1,"connect":{}}`)); err != nil {
+	if err := ws.WriteMessage(websocket.TextMessage, cmd); err != nil {
 		return err
 	}
 	_ = ws.SetReadDeadline(time.Now().Add(30 * time.Second))
@@ -269,7 +276,9 @@ func (p *pool) report() ClientReport {
 // ClientMain runs a load client process (see the comment on ClientReport).
 func ClientMain(args []string) error {
 	fs := flag.NewFlagSet("loadclient", flag.ContinueOnError)
-	rawURL := fs.String("url", "", "WebSocket URL to dial, ws://127.0.0.1:port/ws...")
+	rawURL := fs.String("url", "", "WebSocket URL to dial, ws://127.0.0.1:port/ws...; "+impl.RoomVar+" in it stands for the connection's room")
+	rooms := fs.Int("rooms", 1, "with more than 1, connection i (counting from -first) joins room r(i%rooms); otherwise every connection joins \""+impl.Room+"\"")
+	first := fs.Int("first", 0, "the index of this process's first connection among all processes'")
 	n := fs.Int("conns", 100, "connections to open")
 	proto := fs.String("proto", string(impl.Raw), "client protocol: raw or centrifuge")
 	parallel := fs.Int("dial-parallel", 32, "dials in flight at once")
@@ -277,7 +286,7 @@ func ClientMain(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	u, err := url.Parse(*rawURL)
+	u, err := url.Parse(strings.ReplaceAll(*rawURL, impl.RoomVar, impl.Room))
 	if err != nil {
 		return err
 	}
@@ -303,7 +312,11 @@ func ClientMain(args []string) error {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			conns[i], errs[i] = p.dial(ctx, *rawURL)
+			room := impl.Room
+			if *rooms > 1 {
+				room = "r" + strconv.Itoa((*first+i)%*rooms)
+			}
+			conns[i], errs[i] = p.dial(ctx, *rawURL, room)
 		})
 	}
 	wg.Wait()

@@ -17,25 +17,51 @@ import (
 // Scenario is one load pattern, run the same way against every
 // implementation, each time with fresh client connections.
 type Scenario struct {
-	Name     string // "A", "B", "C"
+	Name     string // "A", "B", "C", "D", "E"
 	Title    string
 	Conns    int
-	Messages int
-	Rate     float64 // messages per second; 0 publishes as fast as Publish returns
+	Messages int     // per room; 0 publishes nothing (a connect storm)
+	Rate     float64 // messages per second (per room); 0 publishes as fast as Publish returns
 	Size     int     // payload bytes
+	// Rooms, when more than 1, spreads the connections over rooms r0…
+	// (connection i in room r(i%Rooms)) and publishes Messages into each.
+	Rooms int
+	// InFlight bounds the dials in progress at once over all client
+	// processes; 0 leaves each process's default (32).
+	InFlight int
 	// Idle measures memory and goroutines per connection once every
 	// connection is in the room, before anything is published.
 	Idle bool
 }
 
-// Scenarios are the three: (A) many idle connections then a slow
-// trickle, (B) a steady rate, (C) an unthrottled flood.
+// Scenarios are the issues' five: (A) many idle connections then a slow
+// trickle, (B) a steady rate, (C) an unthrottled flood, (D) a chat: many
+// small rooms at a modest rate each, and (E) a connect storm.
 func Scenarios() []Scenario {
 	return []Scenario{
 		{Name: "A", Title: "10,000 idle connections, then 100 messages at 5/s", Conns: 10_000, Messages: 100, Rate: 5, Size: 128, Idle: true},
 		{Name: "B", Title: "1,000 connections, 1,000 messages at 50/s", Conns: 1_000, Messages: 1_000, Rate: 50, Size: 128},
 		{Name: "C", Title: "flood: 2,000 messages unthrottled to 1,000 connections", Conns: 1_000, Messages: 2_000, Rate: 0, Size: 128},
+		{Name: "D", Title: "chat: 2,000 rooms of 5 connections, 1 message/s in each room for 20 s", Conns: 10_000, Rooms: 2_000, Messages: 20, Rate: 1, Size: 128},
+		{Name: "E", Title: "connect storm: 5,000 connects, 64 in flight", Conns: 5_000, InFlight: 64},
 	}
+}
+
+// Scale multiplies the scenario's connections, messages and rooms by f
+// (rooms keep their size), for a quicker run.
+func (sc Scenario) Scale(f float64) Scenario {
+	if f == 1 {
+		return sc
+	}
+	sc.Conns = max(1, int(float64(sc.Conns)*f))
+	if sc.Messages > 0 {
+		sc.Messages = max(1, int(float64(sc.Messages)*f))
+	}
+	if sc.Rooms > 1 {
+		sc.Rooms = max(1, int(float64(sc.Rooms)*f))
+	}
+	sc.Title += fmt.Sprintf(" (scaled by %g)", f)
+	return sc
 }
 
 // Config is one comparison run.
@@ -63,6 +89,9 @@ type Result struct {
 
 	Conns       int           // connections that joined
 	ConnectTook time.Duration // dialing them all
+	// ConnectCPU is the server's CPU time from before the first dial to
+	// every connection in its room: the handshakes (scenario E).
+	ConnectCPU time.Duration
 	// Idle measurements (scenarios with Idle): deltas from the server's
 	// empty state, per connection. RSS after runtime.GC and
 	// debug.FreeOSMemory; RSSNoGC before them.
@@ -188,10 +217,15 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 			}
 		}
 	}()
+	procs := (sc.Conns + per - 1) / per
 	for i := 0; i < sc.Conns; i += per {
 		n := min(per, sc.Conns-i)
-		c, err := startChild(cfg.Self, "client", fmt.Sprintf("%s client %d", spec.Name, len(clients)),
-			"-url", "ws://"+addr+spec.Path, "-conns", fmt.Sprint(n), "-proto", string(spec.Protocol))
+		args := []string{"-url", "ws://" + addr + spec.Path, "-conns", fmt.Sprint(n), "-proto", string(spec.Protocol),
+			"-rooms", fmt.Sprint(max(sc.Rooms, 1)), "-first", fmt.Sprint(i)}
+		if sc.InFlight > 0 {
+			args = append(args, "-dial-parallel", fmt.Sprint(max(1, sc.InFlight/procs)))
+		}
+		c, err := startChild(cfg.Self, "client", fmt.Sprintf("%s client %d", spec.Name, len(clients)), args...)
 		if err != nil {
 			return failf("start client: %v", err)
 		}
@@ -216,7 +250,17 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 		return failf("%v", err)
 	}
 	r.ConnectTook = time.Since(began)
-	logf(cfg, "%s: %d connections in the room after %v", spec.Name, r.Conns, r.ConnectTook.Round(time.Millisecond))
+	connected, err := ctl.stats(false)
+	if err != nil {
+		return failf("stats: %v", err)
+	}
+	r.ConnectCPU = connected.CPU - base.CPU
+	logf(cfg, "%s: %d connections in their rooms after %v, %v of server CPU per connection", spec.Name, r.Conns,
+		r.ConnectTook.Round(time.Millisecond), (r.ConnectCPU / time.Duration(max(r.Conns, 1))).Round(100*time.Nanosecond))
+	if sc.Messages == 0 {
+		r.Load = loadAverage()
+		return r
+	}
 
 	// Idle cost.
 	if sc.Idle {
@@ -270,7 +314,7 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 		}
 	}
 	var pub PublishResult
-	if err := ctl.post(fmt.Sprintf("/control/publish?run=%d&count=%d&rate=%g&size=%d", run, sc.Messages, sc.Rate, sc.Size), &pub); err != nil {
+	if err := ctl.post(fmt.Sprintf("/control/publish?run=%d&count=%d&rate=%g&size=%d&rooms=%d", run, sc.Messages, sc.Rate, sc.Size, max(sc.Rooms, 1)), &pub); err != nil {
 		return failf("publish: %v", err)
 	}
 	r.Published, r.PublishTook = pub.Sent, pub.Took
@@ -385,11 +429,15 @@ type control struct{ base string }
 var httpClient = &http.Client{Timeout: 10 * time.Minute}
 
 func (c *control) stats(gc bool) (ServerStats, error) {
-	var s ServerStats
-	u := c.base + "/control/stats"
 	if gc {
-		u += "?gc=1"
+		return c.statsPath("/control/stats?gc=1")
 	}
+	return c.statsPath("/control/stats")
+}
+
+func (c *control) statsPath(path string) (ServerStats, error) {
+	var s ServerStats
+	u := c.base + path
 	resp, err := httpClient.Get(u)
 	if err != nil {
 		return s, err
@@ -449,11 +497,18 @@ func (c *control) saveProfile(file string) error {
 	return os.WriteFile(file, b.Bytes(), 0o644)
 }
 
-// waitSubscribers waits until the room has n subscribers.
+// waitSubscribers waits until the rooms have n subscribers. Waiting for 0
+// lets a server that never reads (impl.Pruner) find its closed connections.
 func (c *control) waitSubscribers(n int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		s, err := c.stats(false)
+		var s ServerStats
+		var err error
+		if n == 0 {
+			s, err = c.statsPath("/control/stats?prune=1")
+		} else {
+			s, err = c.stats(false)
+		}
 		if err == nil && s.Subscribers == n {
 			return nil
 		}

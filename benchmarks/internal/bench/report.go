@@ -85,6 +85,17 @@ func dur(v float64) string {
 
 func metrics(sc Scenario) []metric {
 	var ms []metric
+	if sc.Messages == 0 { // a connect storm
+		return []metric{
+			{"server CPU per handshake (lower is better)", func(r Result) (float64, bool) {
+				return float64(r.ConnectCPU) / float64(r.Conns), r.Conns > 0 && r.ConnectCPU > 0
+			}, dur, true},
+			{"connecting took (all of them)", func(r Result) (float64, bool) { return float64(r.ConnectTook), r.Conns > 0 }, dur, true},
+			{"connections", func(r Result) (float64, bool) { return float64(r.Conns), true }, count, false},
+			{"machine load (1-min average) at the end", func(r Result) (float64, bool) { return r.Load, r.Load >= 0 && r.Conns > 0 },
+				func(v float64) string { return fmt.Sprintf("%.1f", v) }, false},
+		}
+	}
 	if sc.Idle {
 		ms = append(ms,
 			metric{"memory per connection, RSS after GC (lower is better)", func(r Result) (float64, bool) { return r.RSSPerConn, r.Conns > 0 }, kib, true},
@@ -94,6 +105,11 @@ func metrics(sc Scenario) []metric {
 			metric{"goroutines per connection", func(r Result) (float64, bool) { return r.GoroutinesPerConn, r.Conns > 0 },
 				func(v float64) string { return fmt.Sprintf("%.2f", v) }, true},
 		)
+	}
+	if sc.Rooms > 1 {
+		ms = append(ms, metric{"server CPU per publish (lower is better)", func(r Result) (float64, bool) {
+			return float64(r.CPU) / float64(r.Published), r.Published > 0 && r.CPU > 0
+		}, dur, true})
 	}
 	ms = append(ms,
 		metric{"server CPU per delivery (lower is better)", func(r Result) (float64, bool) { return float64(r.CPUPerDelivery), r.Delivered > 0 }, dur, true},
@@ -192,8 +208,17 @@ func WriteMarkdown(w io.Writer, h Header, scenarios []Scenario, results []Result
 		if sc.Rate > 0 {
 			rate = fmt.Sprintf("%g/s", sc.Rate)
 		}
-		fmt.Fprintf(w, "\n## %s: %s\n\n%d connections, %d messages of %d B, %s. Ratios are to roomcast.\n\n",
-			sc.Name, sc.Title, sc.Conns, sc.Messages, sc.Size, rate)
+		switch {
+		case sc.Messages == 0:
+			fmt.Fprintf(w, "\n## %s: %s\n\n%d connections, %d dials in flight. Ratios are to %s.\n\n",
+				sc.Name, sc.Title, sc.Conns, sc.InFlight, impls[0])
+		case sc.Rooms > 1:
+			fmt.Fprintf(w, "\n## %s: %s\n\n%d connections in %d rooms, %d messages of %d B into each room, %s per room. Ratios are to %s.\n\n",
+				sc.Name, sc.Title, sc.Conns, sc.Rooms, sc.Messages, sc.Size, rate, impls[0])
+		default:
+			fmt.Fprintf(w, "\n## %s: %s\n\n%d connections, %d messages of %d B, %s. Ratios are to %s.\n\n",
+				sc.Name, sc.Title, sc.Conns, sc.Messages, sc.Size, rate, impls[0])
+		}
 		fmt.Fprintf(w, "| metric | %s |\n|---|%s\n", strings.Join(impls, " | "), strings.Repeat("---:|", len(impls)))
 		for _, mt := range metrics(sc) {
 			ref, refOK := median(mt, byKey[[2]string{impls[0], sc.Name}])

@@ -58,10 +58,14 @@ type server struct {
 
 // newServerMux serves the implementation at /ws and the control endpoints:
 //
-//	GET  /control/stats[?gc=1]     ServerStats; gc=1 first runs runtime.GC and debug.FreeOSMemory
-//	POST /control/publish?run=&count=&rate=&size=
+//	GET  /control/stats[?gc=1][&prune=1]
+//	                              ServerStats; gc=1 first runs runtime.GC and debug.FreeOSMemory,
+//	                              prune=1 first lets an impl.Pruner forget closed connections
+//	POST /control/publish?run=&count=&rate=&size=[&rooms=]
 //	                              publishes count payloads at rate per second (0: as fast as
-//	                              Publish returns) and answers a PublishResult when done
+//	                              Publish returns) into the room "bench", and answers a
+//	                              PublishResult when done; with rooms=R > 1, count payloads into
+//	                              each of rooms r0…r(R-1), round-robin, at rate per second per room
 //	POST /control/cpuprofile/start, /control/cpuprofile/stop (answers the profile)
 //	GET  /debug/pprof/...          net/http/pprof
 func newServerMux(s *server) *http.ServeMux {
@@ -77,6 +81,9 @@ func newServerMux(s *server) *http.ServeMux {
 }
 
 func (s *server) stats(w http.ResponseWriter, r *http.Request) {
+	if p, ok := s.srv.(impl.Pruner); ok && r.URL.Query().Get("prune") == "1" {
+		p.Prune()
+	}
 	if r.URL.Query().Get("gc") == "1" {
 		runtime.GC()
 		debug.FreeOSMemory()
@@ -107,20 +114,29 @@ func (s *server) publish(w http.ResponseWriter, r *http.Request) {
 	count, err2 := strconv.Atoi(q.Get("count"))
 	rate, err3 := strconv.ParseFloat(q.Get("rate"), 64)
 	size, err4 := strconv.Atoi(q.Get("size"))
-	if err := errors.Join(err1, err2, err3, err4); err != nil || count < 0 || rate < 0 || size < 0 {
+	rooms := 1
+	var err5 error
+	if q.Has("rooms") {
+		rooms, err5 = strconv.Atoi(q.Get("rooms"))
+	}
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil || count < 0 || rate < 0 || size < 0 || rooms < 1 {
 		http.Error(w, "bad parameters", http.StatusBadRequest)
 		return
 	}
 	ctx := r.Context()
+	names := []string{impl.Room}
+	if rooms > 1 {
+		names = RoomNames(rooms)
+	}
 	var interval time.Duration
 	if rate > 0 {
-		interval = time.Duration(float64(time.Second) / rate)
+		interval = time.Duration(float64(time.Second) / (rate * float64(rooms)))
 	}
 	res := PublishResult{}
 	buf := make([]byte, 0, size+64)
 	start := time.Now()
 	res.Start = start.UnixNano()
-	for i := range count {
+	for i := range count * rooms {
 		if interval > 0 {
 			if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
 				select {
@@ -132,8 +148,10 @@ func (s *server) publish(w http.ResponseWriter, r *http.Request) {
 		}
 		// Each publish gets its own slice: melody and the gorilla hub keep
 		// the caller's bytes in their queues.
-		buf = AppendPayload(buf[:0], run, int64(i+1), time.Now().UnixNano(), size)
-		if err := s.srv.Publish(ctx, bytes.Clone(buf)); err != nil {
+		// Room i%rooms gets its (i/rooms+1)th message: every room counts
+		// its own messages from 1.
+		buf = AppendPayload(buf[:0], run, int64(i/rooms+1), time.Now().UnixNano(), size)
+		if err := s.srv.Publish(ctx, names[i%rooms], bytes.Clone(buf)); err != nil {
 			res.Errors++
 			s.failed.Add(1)
 			continue
@@ -183,7 +201,7 @@ func writeJSON(w http.ResponseWriter, v any) {
 // standard input ends (the driver closes it, or died) or -maxlife passes.
 func ServerMain(args []string) error {
 	fs := flag.NewFlagSet("benchserver", flag.ContinueOnError)
-	name := fs.String("impl", "roomcast", "implementation: roomcast, melody, centrifuge or gorilla")
+	name := fs.String("impl", "roomcast", "implementation: roomcast, melody, centrifuge, gorilla or floor")
 	addr := fs.String("addr", "127.0.0.1:0", "listen address; loopback only")
 	maxLife := fs.Duration("maxlife", 30*time.Minute, "exit after this long whatever happens")
 	stdinExit := fs.Bool("stdin-exit", true, "exit when standard input ends")
@@ -239,6 +257,15 @@ func ServerMain(args []string) error {
 		fmt.Fprintln(os.Stderr, "benchserver: close took over 10s, exiting anyway")
 	}
 	return nil
+}
+
+// RoomNames are the rooms of a scenario with several: r0, r1, …
+func RoomNames(n int) []string {
+	names := make([]string, n)
+	for i := range names {
+		names[i] = "r" + strconv.Itoa(i)
+	}
+	return names
 }
 
 // checkLoopback refuses any listen or dial address off this machine.

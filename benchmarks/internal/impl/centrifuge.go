@@ -2,6 +2,7 @@ package impl
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"time"
 
@@ -21,10 +22,17 @@ func newCentrifuge() (Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	node.OnConnecting(func(context.Context, centrifuge.ConnectEvent) (centrifuge.ConnectReply, error) {
+	node.OnConnecting(func(_ context.Context, e centrifuge.ConnectEvent) (centrifuge.ConnectReply, error) {
+		room := Room
+		if len(e.Data) > 0 {
+			var d struct{ Room string }
+			if err := json.Unmarshal(e.Data, &d); err == nil && d.Room != "" {
+				room = d.Room
+			}
+		}
 		return centrifuge.ConnectReply{
 			Credentials:   &centrifuge.Credentials{UserID: ""},
-			Subscriptions: map[string]centrifuge.SubscribeOptions{Room: {}},
+			Subscriptions: map[string]centrifuge.SubscribeOptions{room: {}},
 		}, nil
 	})
 	node.OnConnect(func(*centrifuge.Client) {})
@@ -36,12 +44,12 @@ func newCentrifuge() (Server, error) {
 
 func (s *centrifugeServer) Handler() http.Handler { return s.ws }
 
-func (s *centrifugeServer) Publish(_ context.Context, data []byte) error {
-	_, err := s.node.Publish(Room, data)
+func (s *centrifugeServer) Publish(_ context.Context, room string, data []byte) error {
+	_, err := s.node.Publish(room, data)
 	return err
 }
 
-func (s *centrifugeServer) Subscribers() int { return s.node.Hub().NumSubscribers(Room) }
+func (s *centrifugeServer) Subscribers() int { return s.node.Hub().NumSubscriptions() }
 
 func (s *centrifugeServer) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

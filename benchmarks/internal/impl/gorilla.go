@@ -19,11 +19,12 @@ const (
 )
 
 // gorillaHub is the chat example's hub: one goroutine owns the set of
-// clients; register, unregister and broadcast are messages to it.
+// clients (here one set per room); register, unregister and broadcast are
+// messages to it.
 type gorillaHub struct {
 	upgrader   websocket.Upgrader
-	clients    map[*gorillaClient]bool
-	broadcast  chan []byte
+	rooms      map[string]map[*gorillaClient]bool
+	broadcast  chan gorillaMessage
 	register   chan *gorillaClient
 	unregister chan *gorillaClient
 	count      atomic.Int64
@@ -36,14 +37,20 @@ type gorillaHub struct {
 type gorillaClient struct {
 	hub  *gorillaHub
 	conn *websocket.Conn
+	room string
 	send chan []byte
+}
+
+type gorillaMessage struct {
+	room string
+	data []byte
 }
 
 func newGorilla() (Server, error) {
 	h := &gorillaHub{
 		upgrader:   websocket.Upgrader{ReadBufferSize: 1024, WriteBufferSize: 1024},
-		clients:    make(map[*gorillaClient]bool),
-		broadcast:  make(chan []byte),
+		rooms:      make(map[string]map[*gorillaClient]bool),
+		broadcast:  make(chan gorillaMessage),
 		register:   make(chan *gorillaClient),
 		unregister: make(chan *gorillaClient),
 		quit:       make(chan struct{}),
@@ -58,21 +65,28 @@ func (h *gorillaHub) run() {
 	for {
 		select {
 		case c := <-h.register:
-			h.clients[c] = true
+			set := h.rooms[c.room]
+			if set == nil {
+				set = make(map[*gorillaClient]bool)
+				h.rooms[c.room] = set
+			}
+			set[c] = true
 			h.count.Add(1)
 		case c := <-h.unregister:
 			h.remove(c)
 		case m := <-h.broadcast:
-			for c := range h.clients {
+			for c := range h.rooms[m.room] {
 				select {
-				case c.send <- m:
+				case c.send <- m.data:
 				default:
 					h.remove(c) // the example drops a client that cannot keep up
 				}
 			}
 		case <-h.quit:
-			for c := range h.clients {
-				h.remove(c)
+			for _, set := range h.rooms {
+				for c := range set {
+					h.remove(c)
+				}
 			}
 			return
 		}
@@ -80,8 +94,12 @@ func (h *gorillaHub) run() {
 }
 
 func (h *gorillaHub) remove(c *gorillaClient) {
-	if _, ok := h.clients[c]; ok {
-		delete(h.clients, c)
+	set := h.rooms[c.room]
+	if _, ok := set[c]; ok {
+		delete(set, c)
+		if len(set) == 0 {
+			delete(h.rooms, c.room)
+		}
 		close(c.send)
 		h.count.Add(-1)
 	}
@@ -95,7 +113,11 @@ func (h *gorillaHub) Handler() http.Handler {
 		if err != nil {
 			return
 		}
-		c := &gorillaClient{hub: h, conn: conn, send: make(chan []byte, 256)}
+		room := r.URL.Query().Get("room")
+		if room == "" {
+			room = Room
+		}
+		c := &gorillaClient{hub: h, conn: conn, room: room, send: make(chan []byte, 256)}
 		select {
 		case h.register <- c:
 		case <-h.stopped:
@@ -159,9 +181,9 @@ func (c *gorillaClient) writePump() {
 	}
 }
 
-func (h *gorillaHub) Publish(ctx context.Context, data []byte) error {
+func (h *gorillaHub) Publish(ctx context.Context, room string, data []byte) error {
 	select {
-	case h.broadcast <- data:
+	case h.broadcast <- gorillaMessage{room, data}:
 		return nil
 	case <-h.stopped:
 		return http.ErrServerClosed

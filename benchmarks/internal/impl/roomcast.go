@@ -21,11 +21,13 @@ func newRoomcast() (Server, error) {
 
 func (s *roomcast) Handler() http.Handler { return s.h }
 
-func (s *roomcast) Publish(ctx context.Context, data []byte) error {
-	return s.h.Publish(ctx, Room, data)
+func (s *roomcast) Publish(ctx context.Context, room string, data []byte) error {
+	return s.h.Publish(ctx, room, data)
 }
 
-func (s *roomcast) Subscribers() int { return len(s.h.Connections(Room)) }
+// Subscribers counts connections: a raw client joins its room before the
+// upgrade, so every connection is in its room.
+func (s *roomcast) Subscribers() int { return s.h.Stats().Connections }
 
 func (s *roomcast) Close() error { return s.h.Close() }
 
