@@ -37,7 +37,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,6 +49,7 @@ import (
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/client"
 	"github.com/roomcast/pubsub/redisbroker"
+	"github.com/roomcast/pubsub/redisbroker/internal/redistest"
 )
 
 const roleEnv = "ROOMCAST_SCALE_ROLE"
@@ -566,12 +566,12 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stderr, "%s "+format+"\n", append([]any{time.Since(started).Round(100 * time.Millisecond)}, a...)...)
 	}
 
-	srv, err := startRedis()
+	srv, err := redistest.StartWith("--maxclients", "1000")
 	if err != nil {
 		return err
 	}
-	defer srv.stop()
-	admin := redis.NewClient(&redis.Options{Addr: srv.addr})
+	defer srv.Close()
+	admin := redis.NewClient(&redis.Options{Addr: srv.Addr})
 	defer admin.Close()
 	ctx := context.Background()
 
@@ -583,14 +583,14 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 	}()
 	var nodeAddrs []string
 	for i := range *nnodes {
-		n, err := startChild(self, "node", "-redis", srv.addr, "-index", strconv.Itoa(i), "-maxlife", maxlife.String())
+		n, err := startChild(self, "node", "-redis", srv.Addr, "-index", strconv.Itoa(i), "-maxlife", maxlife.String())
 		if err != nil {
 			return err
 		}
 		nodes = append(nodes, n)
 		nodeAddrs = append(nodeAddrs, n.addr)
 	}
-	logf("redis %s, nodes %v", srv.addr, nodeAddrs)
+	logf("redis %s, nodes %v", srv.Addr, nodeAddrs)
 
 	// Deal the connections out to load processes, in order.
 	var slots []string
@@ -894,55 +894,4 @@ func redisCPU(ctx context.Context, c *redis.Client) (time.Duration, error) {
 		}
 	}
 	return time.Duration(total * float64(time.Second)), nil
-}
-
-type redisServer struct {
-	addr string
-	dir  string
-	cmd  *exec.Cmd
-}
-
-func startRedis() (*redisServer, error) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		return nil, errors.New("redis-server not found in PATH (apt-get install redis-server)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	dir, err := os.MkdirTemp("", "roomcast-scale-")
-	if err != nil {
-		return nil, err
-	}
-	s := &redisServer{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), dir: dir}
-	s.cmd = exec.Command(bin, "--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--save", "", "--appendonly", "no",
-		"--daemonize", "no", "--dir", dir, "--logfile", filepath.Join(dir, "redis.log"), "--maxclients", "1000")
-	if err := s.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	c := redis.NewClient(&redis.Options{Addr: s.addr})
-	defer c.Close()
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return s, nil
-		}
-		if time.Now().After(deadline) {
-			s.stop()
-			return nil, fmt.Errorf("redis-server on %s did not answer: %w", s.addr, err)
-		}
-		time.Sleep(20 * time.Millisecond) // a process starting: nothing to wait on but its port
-	}
-}
-
-func (s *redisServer) stop() {
-	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
-	os.RemoveAll(s.dir)
 }

@@ -37,6 +37,10 @@ type Server struct {
 // answers PING.
 func Start() (*Server, error) { return start(nil) }
 
+// StartWith is Start with more redis-server arguments, such as
+// "--maxclients", "1000".
+func StartWith(args ...string) (*Server, error) { return start(args) }
+
 func start(extra []string) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
