@@ -6,7 +6,7 @@
 #   FUZZTIME=1000000x bash scripts/test-all.sh
 #
 # It installs whatever real component the tests need (redis-server,
-# postgresql, prometheus and Chromium from apt, the e2e suite's pinned npm
+# postgresql, prometheus, Chromium and python3-websockets from apt, the e2e suite's pinned npm
 # packages; the tests start their own servers), so it works on a fresh
 # machine with Go, Node and npm.
 set -euo pipefail
@@ -100,9 +100,13 @@ if [ -f e2e/package.json ]; then
   if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium
   fi
+  # The Python terminal client of examples/python (the tutorials' client).
+  if ! /usr/bin/python3 -c 'import websockets' 2>/dev/null; then
+    apt_install python3-websockets
+  fi
   step "e2e: npm ci"
   (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
-  step "e2e: node --test (real Chromium, wscat)"
+  step "e2e: node --test (real Chromium, wscat, Python)"
   (cd e2e && node --test)
 fi
 

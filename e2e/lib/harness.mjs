@@ -181,7 +181,7 @@ export function uniq() {
   return Math.random().toString(36).slice(2, 8);
 }
 
-// ---- wscat ----
+// ---- terminal clients: wscat, Python ----
 
 const wscatBin = path.join(e2eDir, "node_modules", "wscat", "bin", "wscat");
 
@@ -191,7 +191,21 @@ const wscatBin = path.join(e2eDir, "node_modules", "wscat", "bin", "wscat");
  * stdout without terminal escapes, and can wait for text in it.
  */
 export function runWscat(args) {
-  const proc = track(spawn(process.execPath, [wscatBin, ...args], { stdio: ["pipe", "pipe", "pipe"] }));
+  return runTerminal("wscat", process.execPath, [wscatBin, ...args]);
+}
+
+/** The Python chat client of examples/python, run by Debian's python3 (python3-websockets). */
+export function runPythonChat(url) {
+  return runTerminal("the Python client", process.env.PYTHON ?? "/usr/bin/python3", [path.join(repoRoot, "examples", "python", "chat.py"), url]);
+}
+
+/**
+ * Runs a terminal program (name is for messages) with its stdin a pipe,
+ * held open until stop() or end(); collects its stdout without terminal
+ * escapes, and can wait for text in it.
+ */
+function runTerminal(name, bin, args) {
+  const proc = track(spawn(bin, args, { stdio: ["pipe", "pipe", "pipe"] }));
   let out = "";
   let err = "";
   const waiters = new Set();
@@ -221,7 +235,7 @@ export function runWscat(args) {
         const w = { text, resolve };
         w.timer = setTimeout(() => {
           waiters.delete(w);
-          reject(new Error(`wscat did not print ${JSON.stringify(text)} within ${timeout} ms; stdout:\n${out}\nstderr:\n${err}`));
+          reject(new Error(`${name} did not print ${JSON.stringify(text)} within ${timeout} ms; stdout:\n${out}\nstderr:\n${err}`));
         }, timeout);
         waiters.add(w);
         check();
@@ -230,6 +244,11 @@ export function runWscat(args) {
     /** Types a line, as a person at the terminal would. */
     type(line) {
       proc.stdin.write(line + "\n");
+    },
+    /** Ends its input, as Ctrl-D at a terminal does; resolves with its exit code. */
+    end() {
+      proc.stdin.end();
+      return exited;
     },
     /** Ends it: closes stdin, then kills it if it is still running. */
     async stop() {
