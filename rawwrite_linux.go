@@ -42,11 +42,10 @@ func writeNonBlocking(fd int, p []byte) (int, error) {
 // n bytes, or the end of the stream (eof), or nothing yet (0, false, nil).
 func readNonBlocking(fd int, p []byte) (n int, eof bool, err error) {
 	for {
-		r, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd),
-			uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), syscall.MSG_DONTWAIT, 0, 0)
+		r, errno := recvNoWait(uintptr(fd), p, syscall.MSG_DONTWAIT)
 		switch errno {
 		case 0:
-			return int(r), r == 0, nil
+			return r, r == 0, nil
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
@@ -63,8 +62,7 @@ func readNonBlocking(fd int, p []byte) (n int, eof bool, err error) {
 func readable(fd uintptr) bool {
 	var b [1]byte
 	for {
-		_, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd,
-			uintptr(unsafe.Pointer(&b[0])), 1, syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		_, errno := recvNoWait(fd, b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		if errno != syscall.EINTR {
 			return errno != syscall.EAGAIN
 		}
