@@ -1,9 +1,11 @@
 package pubsub_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http/httptest"
 	"strconv"
 	"strings"
@@ -200,4 +202,75 @@ func BenchmarkMemoryBrokerPublish(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkUpgrade measures the server's side of a raw-mode connect: the
+// request checks, admission, the room's join, coder/websocket's Accept,
+// the 101 and the hand-off to the reader, over real loopback TCP. The
+// client is a bare socket that writes one prepared request and reads the
+// 101, so nearly all of ns/op and allocs/op is the server's (with
+// net/http's own). Connections stay open, in rooms of 5 as in the
+// benchmarks module's scenario E, and are closed (untimed) every 500.
+//
+//	go test -run '^$' -bench Upgrade -benchmem .
+func BenchmarkUpgrade(b *testing.B) {
+	h := quietHandler()
+	srv := httptest.NewServer(h)
+	defer func() {
+		h.Close()
+		srv.Close()
+	}()
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	reqs := make([][]byte, 100)
+	for i := range reqs {
+		reqs[i] = []byte("GET /ws?room=r" + strconv.Itoa(i) + " HTTP/1.1\r\nHost: " + addr +
+			"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	}
+	const batch = 500
+	open := make([]net.Conn, 0, batch)
+	closeAll := func() {
+		for _, c := range open {
+			c.Close()
+		}
+		open = open[:0]
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		for h.Stats().Connections > 0 {
+			select {
+			case <-ctx.Done():
+				b.Fatalf("%d connections still open", h.Stats().Connections)
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	buf := make([]byte, 512)
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		open = append(open, c)
+		if _, err := c.Write(reqs[(i/5)%len(reqs)]); err != nil {
+			b.Fatal(err)
+		}
+		n := 0
+		for !bytes.HasSuffix(buf[:n], []byte("\r\n\r\n")) {
+			m, err := c.Read(buf[n:])
+			if err != nil {
+				b.Fatal(err)
+			}
+			n += m
+		}
+		if !bytes.HasPrefix(buf[:n], []byte("HTTP/1.1 101 ")) {
+			b.Fatalf("answer: %q", buf[:n])
+		}
+		if len(open) == batch {
+			b.StopTimer()
+			closeAll()
+			b.StartTimer()
+		}
+	}
+	b.StopTimer()
+	closeAll()
 }

@@ -202,7 +202,14 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 		return failf("stats: %v", err)
 	}
 
-	// Connect.
+	// Connect. A scenario without messages (the connect storm) profiles
+	// this phase, the one it measures.
+	profileConnect := cfg.ProfileDir != "" && sc.Messages == 0
+	if profileConnect {
+		if err := ctl.post("/control/cpuprofile/start", nil); err != nil {
+			logf(cfg, "%s: profile: %v", spec.Name, err)
+		}
+	}
 	per := max(cfg.PerProcess, 1)
 	began := time.Now()
 	var clients []*child
@@ -255,6 +262,11 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 		return failf("stats: %v", err)
 	}
 	r.ConnectCPU = connected.CPU - base.CPU
+	if profileConnect {
+		if err := ctl.saveProfile(profilePath(cfg, spec, sc, "cpu.pb.gz")); err != nil {
+			logf(cfg, "%s: profile: %v", spec.Name, err)
+		}
+	}
 	logf(cfg, "%s: %d connections in their rooms after %v, %v of server CPU per connection", spec.Name, r.Conns,
 		r.ConnectTook.Round(time.Millisecond), (r.ConnectCPU / time.Duration(max(r.Conns, 1))).Round(100*time.Nanosecond))
 	if sc.Messages == 0 {
