@@ -55,7 +55,7 @@ test("the Python client with ?history= first prints what the room said before it
   for (const text of ["first", "second"]) {
     await ann.fill("#text", text);
     await ann.press("#text", "Enter");
-    await ann.locator("#log li", { hasText: text }).waitFor();
+    await ann.locator("#log li.chat", { hasText: text }).waitFor();
   }
   const py = runPythonChat(ws(server, "?room=pyhistory&history=5"));
   t.after(() => py.stop());
