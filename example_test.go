@@ -168,6 +168,8 @@ func ExampleHandler_Shutdown() {
 
 	// A client in room "news", reading until its connection closes. (A
 	// WebSocket client answers the server's close frame while it reads.)
+	// It is in the room before its handshake completes, so it gets every
+	// message published once Dial returns.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c, _, err := websocket.Dial(ctx, "ws://"+ln.Addr().String()+"/ws?room=news", nil)

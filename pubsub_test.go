@@ -1,12 +1,15 @@
 package pubsub_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"slices"
 	"strings"
@@ -15,6 +18,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/coder/websocket"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/protocol"
 	"github.com/roomcast/pubsub/pubsubtest"
@@ -1013,4 +1017,72 @@ func TestNewHandlerStartsNoGoroutine(t *testing.T) {
 	if after > before {
 		t.Fatalf("%d goroutines before NewHandler, %d after; want no new one", before, after)
 	}
+}
+
+// A raw connection joins its room before its handshake completes, so
+// messages can be queued for it while Shutdown begins mid-upgrade: it is
+// flushed before it goes away, like every other connection.
+func TestShutdownFlushesAConnectionWhoseUpgradeWasInFlight(t *testing.T) {
+	t.Parallel()
+	h := pubsub.NewHandler()
+	hijacking, release := make(chan struct{}), make(chan struct{})
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(&heldHijack{ResponseWriter: w, reached: hijacking, release: release}, r)
+	}))
+	srv := pubsubtest.ServeOn(t, h, ts)
+	ctx := pubsubtest.Context(t)
+
+	type result struct {
+		got []string
+		err error
+	}
+	client := make(chan result, 1)
+	go func() {
+		c, _, err := websocket.Dial(ctx, srv.WS("/ws?room=news"), nil)
+		if err != nil {
+			client <- result{err: err}
+			return
+		}
+		defer c.CloseNow()
+		var got []string
+		for {
+			_, msg, err := c.Read(ctx)
+			if err != nil {
+				client <- result{got, err}
+				return
+			}
+			got = append(got, string(msg))
+		}
+	}()
+	pubsubtest.Receive(t, hijacking, "the upgrade to reach its hijack") // in the room by now
+	srv.Publish("news", []byte("queued during the upgrade"))
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(ctx) }()
+	shutdownBegun(t, srv)
+	close(release)
+
+	r := pubsubtest.Receive(t, client, "the client to end")
+	if code := websocket.CloseStatus(r.err); code != websocket.StatusCode(protocol.CloseGoingAway) {
+		t.Fatalf("the client ended with %v, want a 1001 close", r.err)
+	}
+	if !slices.Equal(r.got, []string{"queued during the upgrade"}) {
+		t.Fatalf("the client got %q before going away, want the message queued for it", r.got)
+	}
+	if err := pubsubtest.Receive(t, done, "Shutdown to return"); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// heldHijack holds the upgrade at its hijack until release is closed,
+// closing reached when it gets there.
+type heldHijack struct {
+	http.ResponseWriter
+	reached chan<- struct{}
+	release <-chan struct{}
+}
+
+func (w *heldHijack) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	close(w.reached)
+	<-w.release
+	return http.NewResponseController(w.ResponseWriter).Hijack()
 }

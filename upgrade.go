@@ -232,7 +232,10 @@ func (h *Handler) serve(c *conn) {
 		})))
 	}
 	if !h.register(c) {
-		c.beginClose(protocol.CloseGoingAway, "server shutting down", false)
+		// Shutdown began during the upgrade. A raw connection was in its
+		// room already, so messages may be queued for it: flushed first,
+		// as Shutdown does for every connection.
+		c.beginClose(protocol.CloseGoingAway, "server shutting down", true)
 		c.wg.Wait()
 		c.abandon()
 		return
