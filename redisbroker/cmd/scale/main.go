@@ -26,6 +26,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -292,22 +293,7 @@ func runLoad(args []string) error {
 			return
 		}
 		s := collect(conns, lat, &mu, int(subs.Load()))
-		for _, c := range conns {
-			c.mu.Lock()
-			t := tops[c.room]
-			switch {
-			case c.epoch != t.Epoch || c.last < t.Seq:
-				s.Behind++
-				if c.epoch == t.Epoch {
-					s.BehindMsgs += t.Seq - c.last
-				} else {
-					s.BehindMsgs += t.Seq
-				}
-			case c.last > t.Seq:
-				s.Ahead++
-			}
-			c.mu.Unlock()
-		}
+		countBehind(&s, conns, tops)
 		writeJSON(w, s)
 	})
 	addr, err := serveLoopback(mux)
@@ -535,27 +521,46 @@ func postJSON(url string, body io.Reader, v any) error {
 	return json.NewDecoder(resp.Body).Decode(v)
 }
 
-func runDriver(args []string, stdout, stderr io.Writer) error {
+// driverFlags is the driver's command line.
+type driverFlags struct {
+	roomSpec                         string
+	rooms                            []room
+	nodes, perLoad                   int
+	rate                             float64
+	duration, killAt, drain, maxlife time.Duration
+}
+
+func parseDriverFlags(args []string, stderr io.Writer) (driverFlags, error) {
+	var f driverFlags
 	fs := flag.NewFlagSet("scale", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	roomSpec := fs.String("rooms", "1x5000,10x500,100x50", "rooms: count x subscribers, comma-separated")
-	nnodes := fs.Int("nodes", 3, "Handler processes")
-	perLoad := fs.Int("per-load", 2500, "connections per load process")
-	rate := fs.Float64("rate", 4, "messages per second per room, over all nodes")
-	duration := fs.Duration("duration", 30*time.Second, "publishing time")
-	killAt := fs.Duration("kill-at", 10*time.Second, "SIGKILL node 0 this long into publishing (0: never)")
-	drain := fs.Duration("drain", 30*time.Second, "after publishing, wait at most this long for every connection to have the end")
-	maxlife := fs.Duration("maxlife", 10*time.Minute, "every process exits after this long")
+	fs.StringVar(&f.roomSpec, "rooms", "1x5000,10x500,100x50", "rooms: count x subscribers, comma-separated")
+	fs.IntVar(&f.nodes, "nodes", 3, "Handler processes")
+	fs.IntVar(&f.perLoad, "per-load", 2500, "connections per load process")
+	fs.Float64Var(&f.rate, "rate", 4, "messages per second per room, over all nodes")
+	fs.DurationVar(&f.duration, "duration", 30*time.Second, "publishing time")
+	fs.DurationVar(&f.killAt, "kill-at", 10*time.Second, "SIGKILL node 0 this long into publishing (0: never)")
+	fs.DurationVar(&f.drain, "drain", 30*time.Second, "after publishing, wait at most this long for every connection to have the end")
+	fs.DurationVar(&f.maxlife, "maxlife", 10*time.Minute, "every process exits after this long")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return f, err
 	}
-	rooms, err := parseRooms(*roomSpec)
+	var err error
+	if f.rooms, err = parseRooms(f.roomSpec); err != nil {
+		return f, err
+	}
+	if f.nodes < 2 {
+		return f, errors.New("-nodes: want at least 2, one to kill")
+	}
+	return f, nil
+}
+
+func runDriver(args []string, stdout, stderr io.Writer) error {
+	f, err := parseDriverFlags(args, stderr)
 	if err != nil {
 		return err
 	}
-	if *nnodes < 2 {
-		return errors.New("-nodes: want at least 2, one to kill")
-	}
+	rooms := f.rooms
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -575,247 +580,125 @@ func runDriver(args []string, stdout, stderr io.Writer) error {
 	defer admin.Close()
 	ctx := context.Background()
 
-	var nodes []*child
+	nodes, err := startNodes(self, f.nodes, srv.Addr, f.maxlife)
 	defer func() {
 		for _, n := range nodes {
 			n.stop()
 		}
 	}()
-	var nodeAddrs []string
-	for i := range *nnodes {
-		n, err := startChild(self, "node", "-redis", srv.Addr, "-index", strconv.Itoa(i), "-maxlife", maxlife.String())
-		if err != nil {
-			return err
-		}
-		nodes = append(nodes, n)
-		nodeAddrs = append(nodeAddrs, n.addr)
+	if err != nil {
+		return err
+	}
+	nodeAddrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		nodeAddrs[i] = n.addr
 	}
 	logf("redis %s, nodes %v", srv.Addr, nodeAddrs)
 
-	// Deal the connections out to load processes, in order.
-	var slots []string
-	for _, r := range rooms {
-		for range r.Subs {
-			slots = append(slots, r.Name)
-		}
-	}
-	var loads []*child
+	loads, err := startLoads(self, rooms, f.perLoad, nodeAddrs, f.maxlife)
 	defer func() {
 		for _, l := range loads {
 			l.stop()
 		}
 	}()
-	for first := 0; first < len(slots); first += *perLoad {
-		chunk := slots[first:min(first+*perLoad, len(slots))]
-		var spec []string
-		for i := 0; i < len(chunk); {
-			j := i
-			for j < len(chunk) && chunk[j] == chunk[i] {
-				j++
-			}
-			spec = append(spec, fmt.Sprintf("%s:%d", chunk[i], j-i))
-			i = j
-		}
-		l, err := startChild(self, "load", "-nodes", strings.Join(nodeAddrs, ","), "-rooms", strings.Join(spec, ","),
-			"-first", strconv.Itoa(first), "-maxlife", maxlife.String())
-		if err != nil {
-			return err
-		}
-		loads = append(loads, l)
-	}
-	for i, l := range loads {
-		if _, err := l.wait("READY", 5*time.Minute); err != nil {
-			return fmt.Errorf("load %d: %w", i, err)
-		}
-	}
-	logf("%d connections subscribed in %d rooms over %d load processes", len(slots), len(rooms), len(loads))
-
-	names := make([]string, len(rooms))
-	for i, r := range rooms {
-		names[i] = r.Name
-	}
-	body := strings.Join(names, "\n")
-	nodeStat := func(i int) (nodeStats, error) {
-		var s nodeStats
-		err := getJSON("http://"+nodeAddrs[i]+"/stats", &s)
-		return s, err
-	}
-	before := make([]nodeStats, len(nodes))
-	for i := range nodes {
-		if before[i], err = nodeStat(i); err != nil {
-			return err
-		}
-	}
-	redis0, err := redisCPU(ctx, admin)
 	if err != nil {
 		return err
 	}
-	loadCPU0 := make([]time.Duration, len(loads))
-	for i, l := range loads {
-		var s loadStats
-		if err := getJSON("http://"+l.addr+"/stats", &s); err != nil {
-			return err
-		}
-		loadCPU0[i] = s.CPU
+	conns := 0
+	for _, r := range rooms {
+		conns += r.Subs
 	}
-	if err := admin.ConfigResetStat(ctx).Err(); err != nil {
+	logf("%d connections subscribed in %d rooms over %d load processes", conns, len(rooms), len(loads))
+
+	r, err := measure(ctx, f, admin, nodes, loads, logf)
+	if err != nil {
 		return err
 	}
+	r.started, r.load0 = started, load0
+	return report(stdout, r)
+}
+
+// measure publishes from every node for f.duration, kills node 0 at
+// f.killAt, waits for every connection to have its room's end, and
+// returns what it counted.
+func measure(ctx context.Context, f driverFlags, admin *redis.Client, nodes, loads []*child, logf func(string, ...any)) (run, error) {
+	nodeAddrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		nodeAddrs[i] = n.addr
+	}
+	names := make([]string, len(f.rooms))
+	for i, r := range f.rooms {
+		names[i] = r.Name
+	}
+	body := strings.Join(names, "\n")
+	before, err := statsOfNodes(nodeAddrs, nil)
+	if err != nil {
+		return run{}, err
+	}
+	redis0, err := redisCPU(ctx, admin)
+	if err != nil {
+		return run{}, err
+	}
+	loadCPU0, err := loadsCPU(loads)
+	if err != nil {
+		return run{}, err
+	}
+	if err := admin.ConfigResetStat(ctx).Err(); err != nil {
+		return run{}, err
+	}
 	pubStart := time.Now()
-	for i := range nodes {
-		url := fmt.Sprintf("http://%s/publish?rate=%g&duration=%s&nodes=%d", nodeAddrs[i], *rate, *duration, len(nodes))
+	for _, addr := range nodeAddrs {
+		url := fmt.Sprintf("http://%s/publish?rate=%g&duration=%s&nodes=%d", addr, f.rate, f.duration, len(nodes))
 		if err := postJSON(url, strings.NewReader(body), nil); err != nil {
-			return err
+			return run{}, err
 		}
 	}
-	logf("publishing: %g messages/s per room for %v", *rate, *duration)
+	logf("publishing: %g messages/s per room for %v", f.rate, f.duration)
 
 	var killed time.Time
 	var atKill nodeStats
-	if *killAt > 0 && *killAt < *duration {
-		time.Sleep(*killAt)
-		atKill, _ = nodeStat(0)
+	if f.killAt > 0 && f.killAt < f.duration {
+		time.Sleep(f.killAt)
+		if s, err := statsOfNodes(nodeAddrs[:1], nil); err == nil {
+			atKill = s[0]
+		}
 		killed = time.Now()
 		_ = nodes[0].cmd.Process.Signal(syscall.SIGKILL)
 		logf("SIGKILLed node 0 (%s), which served %d connections", nodeAddrs[0], atKill.Connections)
 	}
-	time.Sleep(time.Until(pubStart.Add(*duration)))
+	time.Sleep(time.Until(pubStart.Add(f.duration)))
 	pubEnd := time.Now()
 	live := 1
 	if killed.IsZero() {
 		live = 0
 	}
-	// Wait for every connection to have its room's last message.
-	var tops map[string]top
-	var final []loadStats
-	deadline := time.Now().Add(*drain)
-	for {
-		time.Sleep(500 * time.Millisecond) // polling other processes: nothing to wait on
-		tops = nil
-		if err := postJSON("http://"+nodeAddrs[live]+"/tops", strings.NewReader(body), &tops); err != nil {
-			return err
-		}
-		final = final[:0]
-		behind := 0
-		for _, l := range loads {
-			var s loadStats
-			b, _ := json.Marshal(tops)
-			if err := postJSON("http://"+l.addr+"/check", strings.NewReader(string(b)), &s); err != nil {
-				return err
-			}
-			final = append(final, s)
-			behind += s.Behind
-		}
-		if behind == 0 || time.Now().After(deadline) {
-			logf("%d connections behind the end, %v after publishing ended", behind, time.Since(pubEnd).Round(100*time.Millisecond))
-			break
-		}
+	tops, final, err := settle(nodeAddrs[live], loads, body, f.drain, pubEnd, logf)
+	if err != nil {
+		return run{}, err
 	}
 	settled := time.Now()
 	redis1, err := redisCPU(ctx, admin)
 	if err != nil {
-		return err
+		return run{}, err
 	}
 	cmdstats, err := admin.Info(ctx, "commandstats").Result()
 	if err != nil {
-		return err
+		return run{}, err
 	}
-	after := make([]nodeStats, len(nodes))
-	for i := range nodes {
-		if !killed.IsZero() && i == 0 {
-			after[i] = atKill
-			continue
-		}
-		if after[i], err = nodeStat(i); err != nil {
-			return err
-		}
+	var gone *nodeStats // node 0's, as it was killed
+	if !killed.IsZero() {
+		gone = &atKill
+	}
+	after, err := statsOfNodes(nodeAddrs, gone)
+	if err != nil {
+		return run{}, err
 	}
 
-	// The report.
-	var publishFailed uint64
-	for i := range nodes {
-		publishFailed += after[i].Failed - before[i].Failed
-	}
-	var sum loadStats
-	lat := make([]uint64, 40)
-	var recovered []int64
-	var loadCPU time.Duration
-	for i, s := range final {
-		sum.Conns += s.Conns
-		sum.Deliveries += s.Deliveries
-		sum.Doubled += s.Doubled
-		sum.Holes += s.Holes
-		sum.EpochChanges += s.EpochChanges
-		sum.Refused += s.Refused
-		sum.Recoveries += s.Recoveries
-		sum.Behind += s.Behind
-		sum.BehindMsgs += s.BehindMsgs
-		sum.Ahead += s.Ahead
-		recovered = append(recovered, s.RecoveredAt...)
-		loadCPU += s.CPU - loadCPU0[i]
-		for b, n := range s.Latency {
-			lat[b] += n
-		}
-	}
-	var expected uint64
-	for _, r := range rooms {
-		expected += tops[r.Name].Seq * uint64(r.Subs)
-	}
-	window := settled.Sub(pubStart)
-	w := stdout
-	fmt.Fprintf(w, "scale: %s UTC, %d nodes on one redis-server, %d connections in %d rooms (%s) over %d load processes; %g messages/s per room for %v; node 0 SIGKILLed at %v\n",
-		started.UTC().Format("2006-01-02 15:04"), len(nodes), sum.Conns, len(rooms), *roomSpec, len(loads), *rate, *duration, *killAt)
-	fmt.Fprintf(w, "load average (1, 5, 15 min): %s at the start, %s at the end; took %v\n\n", load0, loadavg(), time.Since(started).Round(time.Second))
-	fmt.Fprintf(w, "| | |\n|---|---|\n")
-	var sequenced uint64
-	for _, r := range rooms {
-		sequenced += tops[r.Name].Seq
-	}
-	fmt.Fprintf(w, "| messages sequenced (the rooms' last seqs) | %d (publishes that failed: %d) |\n", sequenced, publishFailed)
-	fmt.Fprintf(w, "| deliveries expected (each room's last seq × its subscribers) | %d |\n", expected)
-	fmt.Fprintf(w, "| deliveries counted | %d |\n", sum.Deliveries)
-	fmt.Fprintf(w, "| lost (holes on a subscription, plus connections short of the end) | %d holes; %d connections short by %d messages |\n", sum.Holes, sum.Behind, sum.BehindMsgs)
-	fmt.Fprintf(w, "| doubled | %d |\n", sum.Doubled)
-	fmt.Fprintf(w, "| recoveries | %d, of which refused (reset or epoch changed) %d; epoch changes seen %d |\n", sum.Recoveries, sum.Refused, sum.EpochChanges)
-	fmt.Fprintf(w, "| deliveries/s (publishing start to every connection at the end) | %.0f over %v |\n", float64(sum.Deliveries)/window.Seconds(), window.Round(100*time.Millisecond))
-	p50, p99 := quantile(lat, 0.5), quantile(lat, 0.99)
-	fmt.Fprintf(w, "| latency, publish to receipt (recoveries included) | p50 ≤ %v, p99 ≤ %v (log2 buckets) |\n", p50, p99)
-	if !killed.IsZero() {
-		slices.Sort(recovered)
-		var after []time.Duration
-		for _, t := range recovered {
-			if t > killed.UnixNano() {
-				after = append(after, time.Duration(t-killed.UnixNano()))
-			}
-		}
-		if len(after) > 0 {
-			fmt.Fprintf(w, "| recovery after the kill (resubscribed with the missed messages) | %d connections; p50 %v, p99 %v, last %v |\n",
-				len(after), after[len(after)/2].Round(time.Millisecond), after[len(after)*99/100].Round(time.Millisecond), after[len(after)-1].Round(time.Millisecond))
-		}
-	}
-	redisUsed := redis1 - redis0
-	fmt.Fprintf(w, "| Redis CPU | %v: %.2f µs per delivery, %.1f µs per message sequenced |\n", redisUsed.Round(time.Millisecond),
-		float64(redisUsed.Microseconds())/float64(max(sum.Deliveries, 1)), float64(redisUsed.Microseconds())/float64(max(sequenced, 1)))
-	fmt.Fprintf(w, "| Redis's busiest commands (INFO commandstats: calls, µs) | %s |\n", topCommands(cmdstats, 6))
-	fmt.Fprintf(w, "| load processes' CPU (the clients) | %v: %.2f µs per delivery |\n", loadCPU.Round(time.Millisecond), float64(loadCPU.Microseconds())/float64(max(sum.Deliveries, 1)))
-	fmt.Fprintf(w, "\n| node | connections at the end | deliveries written | CPU | CPU per delivery |\n|---|---:|---:|---:|---:|\n")
-	for i := range nodes {
-		out := after[i].MessagesOut - before[i].MessagesOut
-		cpu := after[i].CPU - before[i].CPU
-		note := ""
-		if !killed.IsZero() && i == 0 {
-			note = " (until SIGKILL)"
-		}
-		fmt.Fprintf(w, "| %d%s | %d | %d | %v | %.2f µs |\n", i, note, after[i].Connections, out, cpu.Round(time.Millisecond),
-			float64(cpu.Microseconds())/float64(max(out, 1)))
-	}
-	if sum.Holes+sum.Doubled+uint64(sum.Behind)+uint64(sum.Ahead) > 0 || sum.Deliveries != expected {
-		fmt.Fprintf(w, "\nNOT EXACT: %d holes, %d doubled, %d connections behind, %d ahead, %d deliveries against %d expected\n",
-			sum.Holes, sum.Doubled, sum.Behind, sum.Ahead, sum.Deliveries, expected)
-		return errors.New("delivery was not exact")
-	}
-	fmt.Fprintln(w, "\nExact: every connection got every message of its room once, in order.")
-	return nil
+	return run{
+		roomSpec: f.roomSpec, rooms: f.rooms, rate: f.rate, duration: f.duration, killAt: f.killAt,
+		nodes: len(nodes), loads: len(loads), before: before, after: after, final: final, loadCPU0: loadCPU0, tops: tops,
+		pubStart: pubStart, settled: settled, killed: killed, redisUsed: redis1 - redis0, cmdstats: cmdstats,
+	}, nil
 }
 
 // topCommands lists the n commands that took Redis the most time.
@@ -894,4 +777,256 @@ func redisCPU(ctx context.Context, c *redis.Client) (time.Duration, error) {
 		}
 	}
 	return time.Duration(total * float64(time.Second)), nil
+}
+
+// dealRooms deals the rooms' connections out to load processes in order,
+// perLoad each: for each process, "room:count" for the rooms it serves.
+func dealRooms(rooms []room, perLoad int) [][]string {
+	var slots []string
+	for _, r := range rooms {
+		for range r.Subs {
+			slots = append(slots, r.Name)
+		}
+	}
+	var specs [][]string
+	for first := 0; first < len(slots); first += perLoad {
+		chunk := slots[first:min(first+perLoad, len(slots))]
+		var spec []string
+		for i := 0; i < len(chunk); {
+			j := i
+			for j < len(chunk) && chunk[j] == chunk[i] {
+				j++
+			}
+			spec = append(spec, fmt.Sprintf("%s:%d", chunk[i], j-i))
+			i = j
+		}
+		specs = append(specs, spec)
+	}
+	return specs
+}
+
+// settle waits, at most drain, for every connection to have its room's
+// last message (as the live node at nodeAddr tells them), and returns the
+// rooms' last positions and each load process's final count.
+func settle(nodeAddr string, loads []*child, body string, drain time.Duration, pubEnd time.Time, logf func(string, ...any)) (map[string]top, []loadStats, error) {
+	deadline := time.Now().Add(drain)
+	for {
+		time.Sleep(500 * time.Millisecond) // polling other processes: nothing to wait on
+		var tops map[string]top
+		if err := postJSON("http://"+nodeAddr+"/tops", strings.NewReader(body), &tops); err != nil {
+			return nil, nil, err
+		}
+		b, _ := json.Marshal(tops)
+		var final []loadStats
+		behind := 0
+		for _, l := range loads {
+			var s loadStats
+			if err := postJSON("http://"+l.addr+"/check", bytes.NewReader(b), &s); err != nil {
+				return nil, nil, err
+			}
+			final = append(final, s)
+			behind += s.Behind
+		}
+		if behind == 0 || time.Now().After(deadline) {
+			logf("%d connections behind the end, %v after publishing ended", behind, time.Since(pubEnd).Round(100*time.Millisecond))
+			return tops, final, nil
+		}
+	}
+}
+
+// run is what the driver measured, for its report.
+type run struct {
+	started           time.Time
+	load0             string
+	roomSpec          string
+	rooms             []room
+	rate              float64
+	duration, killAt  time.Duration
+	nodes, loads      int
+	before, after     []nodeStats // per node; a killed node's after is as it was killed
+	final             []loadStats
+	loadCPU0          []time.Duration
+	tops              map[string]top
+	pubStart, settled time.Time
+	killed            time.Time // zero: no node killed
+	redisUsed         time.Duration
+	cmdstats          string
+}
+
+// report writes the run's table to w, and fails unless every connection
+// got every message of its room exactly once, in order.
+func report(w io.Writer, r run) error {
+	var publishFailed uint64
+	for i := range r.before {
+		publishFailed += r.after[i].Failed - r.before[i].Failed
+	}
+	var sum loadStats
+	lat := make([]uint64, 40)
+	var recovered []int64
+	var loadCPU time.Duration
+	for i, s := range r.final {
+		sum.Conns += s.Conns
+		sum.Deliveries += s.Deliveries
+		sum.Doubled += s.Doubled
+		sum.Holes += s.Holes
+		sum.EpochChanges += s.EpochChanges
+		sum.Refused += s.Refused
+		sum.Recoveries += s.Recoveries
+		sum.Behind += s.Behind
+		sum.BehindMsgs += s.BehindMsgs
+		sum.Ahead += s.Ahead
+		recovered = append(recovered, s.RecoveredAt...)
+		loadCPU += s.CPU - r.loadCPU0[i]
+		for b, n := range s.Latency {
+			lat[b] += n
+		}
+	}
+	var expected uint64
+	for _, room := range r.rooms {
+		expected += r.tops[room.Name].Seq * uint64(room.Subs)
+	}
+	window := r.settled.Sub(r.pubStart)
+	fmt.Fprintf(w, "scale: %s UTC, %d nodes on one redis-server, %d connections in %d rooms (%s) over %d load processes; %g messages/s per room for %v; node 0 SIGKILLed at %v\n",
+		r.started.UTC().Format("2006-01-02 15:04"), r.nodes, sum.Conns, len(r.rooms), r.roomSpec, r.loads, r.rate, r.duration, r.killAt)
+	fmt.Fprintf(w, "load average (1, 5, 15 min): %s at the start, %s at the end; took %v\n\n", r.load0, loadavg(), time.Since(r.started).Round(time.Second))
+	fmt.Fprintf(w, "| | |\n|---|---|\n")
+	var sequenced uint64
+	for _, room := range r.rooms {
+		sequenced += r.tops[room.Name].Seq
+	}
+	fmt.Fprintf(w, "| messages sequenced (the rooms' last seqs) | %d (publishes that failed: %d) |\n", sequenced, publishFailed)
+	fmt.Fprintf(w, "| deliveries expected (each room's last seq × its subscribers) | %d |\n", expected)
+	fmt.Fprintf(w, "| deliveries counted | %d |\n", sum.Deliveries)
+	fmt.Fprintf(w, "| lost (holes on a subscription, plus connections short of the end) | %d holes; %d connections short by %d messages |\n", sum.Holes, sum.Behind, sum.BehindMsgs)
+	fmt.Fprintf(w, "| doubled | %d |\n", sum.Doubled)
+	fmt.Fprintf(w, "| recoveries | %d, of which refused (reset or epoch changed) %d; epoch changes seen %d |\n", sum.Recoveries, sum.Refused, sum.EpochChanges)
+	fmt.Fprintf(w, "| deliveries/s (publishing start to every connection at the end) | %.0f over %v |\n", float64(sum.Deliveries)/window.Seconds(), window.Round(100*time.Millisecond))
+	p50, p99 := quantile(lat, 0.5), quantile(lat, 0.99)
+	fmt.Fprintf(w, "| latency, publish to receipt (recoveries included) | p50 ≤ %v, p99 ≤ %v (log2 buckets) |\n", p50, p99)
+	if !r.killed.IsZero() {
+		slices.Sort(recovered)
+		var after []time.Duration
+		for _, t := range recovered {
+			if t > r.killed.UnixNano() {
+				after = append(after, time.Duration(t-r.killed.UnixNano()))
+			}
+		}
+		if len(after) > 0 {
+			fmt.Fprintf(w, "| recovery after the kill (resubscribed with the missed messages) | %d connections; p50 %v, p99 %v, last %v |\n",
+				len(after), after[len(after)/2].Round(time.Millisecond), after[len(after)*99/100].Round(time.Millisecond), after[len(after)-1].Round(time.Millisecond))
+		}
+	}
+	redisUsed := r.redisUsed
+	fmt.Fprintf(w, "| Redis CPU | %v: %.2f µs per delivery, %.1f µs per message sequenced |\n", redisUsed.Round(time.Millisecond),
+		float64(redisUsed.Microseconds())/float64(max(sum.Deliveries, 1)), float64(redisUsed.Microseconds())/float64(max(sequenced, 1)))
+	fmt.Fprintf(w, "| Redis's busiest commands (INFO commandstats: calls, µs) | %s |\n", topCommands(r.cmdstats, 6))
+	fmt.Fprintf(w, "| load processes' CPU (the clients) | %v: %.2f µs per delivery |\n", loadCPU.Round(time.Millisecond), float64(loadCPU.Microseconds())/float64(max(sum.Deliveries, 1)))
+	nodeTable(w, r)
+	if sum.Holes+sum.Doubled+uint64(sum.Behind)+uint64(sum.Ahead) > 0 || sum.Deliveries != expected {
+		fmt.Fprintf(w, "\nNOT EXACT: %d holes, %d doubled, %d connections behind, %d ahead, %d deliveries against %d expected\n",
+			sum.Holes, sum.Doubled, sum.Behind, sum.Ahead, sum.Deliveries, expected)
+		return errors.New("delivery was not exact")
+	}
+	fmt.Fprintln(w, "\nExact: every connection got every message of its room once, in order.")
+	return nil
+}
+
+// startLoads starts the load processes (perLoad connections each, dealt
+// in room order) and waits until every connection is subscribed. The
+// processes it started are returned even on an error, to be stopped.
+func startLoads(self string, rooms []room, perLoad int, nodeAddrs []string, maxlife time.Duration) ([]*child, error) {
+	var loads []*child
+	for i, spec := range dealRooms(rooms, perLoad) {
+		l, err := startChild(self, "load", "-nodes", strings.Join(nodeAddrs, ","), "-rooms", strings.Join(spec, ","),
+			"-first", strconv.Itoa(i*perLoad), "-maxlife", maxlife.String())
+		if err != nil {
+			return loads, err
+		}
+		loads = append(loads, l)
+	}
+	for i, l := range loads {
+		if _, err := l.wait("READY", 5*time.Minute); err != nil {
+			return loads, fmt.Errorf("load %d: %w", i, err)
+		}
+	}
+	return loads, nil
+}
+
+// loadsCPU is each load process's CPU time so far.
+func loadsCPU(loads []*child) ([]time.Duration, error) {
+	cpu := make([]time.Duration, len(loads))
+	for i, l := range loads {
+		var s loadStats
+		if err := getJSON("http://"+l.addr+"/stats", &s); err != nil {
+			return nil, err
+		}
+		cpu[i] = s.CPU
+	}
+	return cpu, nil
+}
+
+// startNodes starts n Handler processes on the Redis at redisAddr. The
+// processes it started are returned even on an error, to be stopped.
+func startNodes(self string, n int, redisAddr string, maxlife time.Duration) ([]*child, error) {
+	var nodes []*child
+	for i := range n {
+		c, err := startChild(self, "node", "-redis", redisAddr, "-index", strconv.Itoa(i), "-maxlife", maxlife.String())
+		if err != nil {
+			return nodes, err
+		}
+		nodes = append(nodes, c)
+	}
+	return nodes, nil
+}
+
+// statsOfNodes asks each node for its counters; with gone, node 0 was
+// killed and gone is what it said last.
+func statsOfNodes(nodeAddrs []string, gone *nodeStats) ([]nodeStats, error) {
+	stats := make([]nodeStats, len(nodeAddrs))
+	for i, addr := range nodeAddrs {
+		if i == 0 && gone != nil {
+			stats[i] = *gone
+			continue
+		}
+		if err := getJSON("http://"+addr+"/stats", &stats[i]); err != nil {
+			return nil, err
+		}
+	}
+	return stats, nil
+}
+
+// nodeTable writes each node's share of the work.
+func nodeTable(w io.Writer, r run) {
+	fmt.Fprintf(w, "\n| node | connections at the end | deliveries written | CPU | CPU per delivery |\n|---|---:|---:|---:|---:|\n")
+	for i := range r.after {
+		out := r.after[i].MessagesOut - r.before[i].MessagesOut
+		cpu := r.after[i].CPU - r.before[i].CPU
+		note := ""
+		if !r.killed.IsZero() && i == 0 {
+			note = " (until SIGKILL)"
+		}
+		fmt.Fprintf(w, "| %d%s | %d | %d | %v | %.2f µs |\n", i, note, r.after[i].Connections, out, cpu.Round(time.Millisecond),
+			float64(cpu.Microseconds())/float64(max(out, 1)))
+	}
+}
+
+// countBehind counts in s the connections short of their room's last
+// message (tops), and by how many messages, and those past it.
+func countBehind(s *loadStats, conns []*connCount, tops map[string]top) {
+	for _, c := range conns {
+		c.mu.Lock()
+		t := tops[c.room]
+		switch {
+		case c.epoch != t.Epoch || c.last < t.Seq:
+			s.Behind++
+			if c.epoch == t.Epoch {
+				s.BehindMsgs += t.Seq - c.last
+			} else {
+				s.BehindMsgs += t.Seq
+			}
+		case c.last > t.Seq:
+			s.Ahead++
+		}
+		c.mu.Unlock()
+	}
 }
