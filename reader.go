@@ -265,98 +265,127 @@ func (c *conn) handleEnvelope(data []byte) bool {
 // presence request is answered by a presence envelope); otherwise
 // handleEnvelope answers: perr, or an ack when the request has an id.
 func (c *conn) dispatch(in *inbound) (replied bool, perr *protoError) {
-	h := c.h
 	switch in.Type {
 	case "subscribe":
-		if perr := h.checkRoom(in.Room); perr != nil {
-			return false, perr
-		}
-		if r, ok := c.roomOf(in.Room); ok {
-			// Already subscribed: nothing changes, and the ack says where
-			// the subscription stands.
-			if in.ID.set {
-				h.rooms.ackPosition(r, c, func(epoch string, seq uint64) *frame {
-					return newControlFrame(encodeSubscribed(in.ID, subscribed{room: in.Room, epoch: epoch, top: seq, presence: r.opts.Presence}))
-				})
-			}
-			return in.ID.set, nil
-		}
-		if c.roomCount() >= h.cfg.maxRooms {
-			return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
-		}
-		if len(in.Info) > h.cfg.maxInfo {
-			return false, badRequest(`"info" is larger than ` + strconv.Itoa(h.cfg.maxInfo) + " bytes")
-		}
-		if v := c.authorize(ActionSubscribe, in.Room); v != allowed {
-			return false, v.protoError(protocol.CodeForbidden, "not allowed to subscribe in this room")
-		}
-		if _, err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, ackWith(in.ID)); err != nil {
-			h.brokerFailed("subscribe", in.Room, err)
-			return false, &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
-		}
-		return in.ID.set, nil
+		return c.reqSubscribe(in)
 	case "presence":
-		if perr := h.checkRoom(in.Room); perr != nil {
-			return false, perr
-		}
-		r, ok := c.roomOf(in.Room)
-		if !ok {
-			return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
-		}
-		if r.opts.Presence == PresenceOff {
-			return false, &protoError{protocol.CodeNotSupported, "this room does not track presence"}
-		}
-		p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
-		if err != nil {
-			h.brokerFailed("presence", in.Room, err)
-			return false, &protoError{protocol.CodeUnavailable, "could not read presence; try again later"}
-		}
-		c.enqueue(newControlFrame(encodePresence(in.ID, in.Room, p)))
-		return true, nil
+		return c.reqPresence(in)
 	case "unsubscribe":
-		if perr := h.checkRoom(in.Room); perr != nil {
-			return false, perr
-		}
-		r, ok := c.roomOf(in.Room)
-		if !ok {
-			return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
-		}
-		c.forget(in.Room)
-		h.rooms.leave(r, c)
-		return false, nil
+		return c.reqUnsubscribe(in)
 	case "publish":
-		if perr := h.checkRoom(in.Room); perr != nil {
-			return false, perr
-		}
-		if v := c.authorizePublish(in.Room); v != allowed {
-			return false, v.protoError(protocol.CodeForbidden, c.publishDenied())
-		}
-		key := ""
-		if in.Key != nil {
-			key = *in.Key
-		}
-		res, perr := h.publishFromClient(c.ctx, c.client, in.Room, in.payload, key)
-		if perr != nil || !in.ID.set {
-			return false, perr
-		}
-		c.enqueue(newControlFrame(encodePublished(in.ID, in.Room, res)))
-		return true, nil
+		return c.reqPublish(in)
 	case "send":
-		if h.cfg.onMessage == nil {
-			return false, &protoError{protocol.CodeNotSupported, "this server does not handle messages sent to it"}
-		}
-		if in.RoomIn != nil {
-			if perr := h.checkRoom(in.Room); perr != nil {
-				return false, perr
-			}
-		}
-		m := &ClientMessage{Client: c.client, Room: in.Room, Data: in.payload, c: c}
-		if v := verdictOf(h.callOnMessage(c.ctx, m)); v != allowed {
-			return false, v.protoError(protocol.CodeRejected, "the server rejected the message")
-		}
-		return false, nil
+		return c.reqSend(in)
 	}
 	return false, &protoError{protocol.CodeUnknownType, "unknown type"} // unreachable: decodeInbound checked
+}
+
+// reqSubscribe joins a room (or, already in it, acks where the subscription stands).
+func (c *conn) reqSubscribe(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	if perr := h.checkRoom(in.Room); perr != nil {
+		return false, perr
+	}
+	if r, ok := c.roomOf(in.Room); ok {
+		// Already subscribed: nothing changes, and the ack says where
+		// the subscription stands.
+		if in.ID.set {
+			h.rooms.ackPosition(r, c, func(epoch string, seq uint64) *frame {
+				return newControlFrame(encodeSubscribed(in.ID, subscribed{room: in.Room, epoch: epoch, top: seq, presence: r.opts.Presence}))
+			})
+		}
+		return in.ID.set, nil
+	}
+	if c.roomCount() >= h.cfg.maxRooms {
+		return false, &protoError{protocol.CodeTooManyRooms, "this connection is in the maximum number of rooms"}
+	}
+	if len(in.Info) > h.cfg.maxInfo {
+		return false, badRequest(`"info" is larger than ` + strconv.Itoa(h.cfg.maxInfo) + " bytes")
+	}
+	if v := c.authorize(ActionSubscribe, in.Room); v != allowed {
+		return false, v.protoError(protocol.CodeForbidden, "not allowed to subscribe in this room")
+	}
+	if _, err := c.subscribe(in.Room, in.Since, in.History, in.Presence, in.Info, ackWith(in.ID)); err != nil {
+		h.brokerFailed("subscribe", in.Room, err)
+		return false, &protoError{protocol.CodeUnavailable, "could not subscribe; try again later"}
+	}
+	return in.ID.set, nil
+}
+
+// reqPresence answers with the room's members (or counts).
+func (c *conn) reqPresence(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	if perr := h.checkRoom(in.Room); perr != nil {
+		return false, perr
+	}
+	r, ok := c.roomOf(in.Room)
+	if !ok {
+		return false, &protoError{protocol.CodeNotSubscribed, "subscribe to the room to see its presence"}
+	}
+	if r.opts.Presence == PresenceOff {
+		return false, &protoError{protocol.CodeNotSupported, "this room does not track presence"}
+	}
+	p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
+	if err != nil {
+		h.brokerFailed("presence", in.Room, err)
+		return false, &protoError{protocol.CodeUnavailable, "could not read presence; try again later"}
+	}
+	c.enqueue(newControlFrame(encodePresence(in.ID, in.Room, p)))
+	return true, nil
+}
+
+// reqUnsubscribe leaves a room.
+func (c *conn) reqUnsubscribe(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	if perr := h.checkRoom(in.Room); perr != nil {
+		return false, perr
+	}
+	r, ok := c.roomOf(in.Room)
+	if !ok {
+		return false, &protoError{protocol.CodeNotSubscribed, "this connection is not subscribed to that room"}
+	}
+	c.forget(in.Room)
+	h.rooms.leave(r, c)
+	return false, nil
+}
+
+// reqPublish publishes a client's message, acked with its position when it has an id.
+func (c *conn) reqPublish(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	if perr := h.checkRoom(in.Room); perr != nil {
+		return false, perr
+	}
+	if v := c.authorizePublish(in.Room); v != allowed {
+		return false, v.protoError(protocol.CodeForbidden, c.publishDenied())
+	}
+	key := ""
+	if in.Key != nil {
+		key = *in.Key
+	}
+	res, perr := h.publishFromClient(c.ctx, c.client, in.Room, in.payload, key)
+	if perr != nil || !in.ID.set {
+		return false, perr
+	}
+	c.enqueue(newControlFrame(encodePublished(in.ID, in.Room, res)))
+	return true, nil
+}
+
+// reqSend hands a message sent to the server to the host's message hook.
+func (c *conn) reqSend(in *inbound) (replied bool, perr *protoError) {
+	h := c.h
+	if h.cfg.onMessage == nil {
+		return false, &protoError{protocol.CodeNotSupported, "this server does not handle messages sent to it"}
+	}
+	if in.RoomIn != nil {
+		if perr := h.checkRoom(in.Room); perr != nil {
+			return false, perr
+		}
+	}
+	m := &ClientMessage{Client: c.client, Room: in.Room, Data: in.payload, c: c}
+	if v := verdictOf(h.callOnMessage(c.ctx, m)); v != allowed {
+		return false, v.protoError(protocol.CodeRejected, "the server rejected the message")
+	}
+	return false, nil
 }
 
 func (c *conn) isClosing() bool {
