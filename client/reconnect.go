@@ -112,18 +112,7 @@ func (c *Client) waitForSlowHandlers(s *session) bool {
 // of the reader's envelopes and the heartbeat watch. It returns why the
 // connection ended.
 func (c *Client) serve(s *session, first bool) error {
-	c.mu.Lock()
-	c.sess, c.conn = s, s.welcome
-	c.flushing = s // publishes waiting from before go first
-	var subs []*Subscription
-	if !first {
-		for _, sub := range c.subs {
-			if sub.state == subActive {
-				subs = append(subs, sub)
-			}
-		}
-	}
-	c.mu.Unlock()
+	subs := c.adopt(s, first)
 	c.log.Debug("client: connected", "conn_id", s.welcome.connID)
 
 	c.wg.Go(func() { c.read(s) })
@@ -145,17 +134,7 @@ func (c *Client) serve(s *session, first bool) error {
 	for {
 		select {
 		case <-s.done:
-			s.mu.Lock()
-			cause, graceful := s.cause, s.graceful
-			s.mu.Unlock()
-			switch {
-			case graceful && errors.Is(cause, ErrSlowHandler):
-				_ = s.ws.Close(websocket.StatusNormalClosure, "client handler fell behind")
-			case graceful:
-				_ = s.ws.Close(websocket.StatusProtocolError, "protocol violation")
-			default:
-				_ = s.ws.CloseNow()
-			}
+			cause := closeEnded(s)
 			if restored != nil {
 				<-restored // its requests fail now that s is done
 			}
@@ -286,4 +265,39 @@ func (c *Client) setState(st State, err error) {
 	if c.cfg.onState != nil {
 		c.cfg.onState(st, err)
 	}
+}
+
+// adopt makes s the client's session and returns the subscriptions to
+// restore on it (none on the first connection).
+func (c *Client) adopt(s *session, first bool) []*Subscription {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.sess, c.conn = s, s.welcome
+	c.flushing = s // publishes waiting from before go first
+	var subs []*Subscription
+	if !first {
+		for _, sub := range c.subs {
+			if sub.state == subActive {
+				subs = append(subs, sub)
+			}
+		}
+	}
+	return subs
+}
+
+// closeEnded closes the WebSocket of a session that ended, with a close
+// frame saying why when the client ended it, and returns the cause.
+func closeEnded(s *session) error {
+	s.mu.Lock()
+	cause, graceful := s.cause, s.graceful
+	s.mu.Unlock()
+	switch {
+	case graceful && errors.Is(cause, ErrSlowHandler):
+		_ = s.ws.Close(websocket.StatusNormalClosure, "client handler fell behind")
+	case graceful:
+		_ = s.ws.Close(websocket.StatusProtocolError, "protocol violation")
+	default:
+		_ = s.ws.CloseNow()
+	}
+	return cause
 }
