@@ -61,6 +61,7 @@ func main() {
 	conns := flag.Int("publish-conns", pgbroker.DefaultPublishConns, "the broker's WithPublishConns")
 	pubs := flag.String("publishers", "1,16", "the publisher counts to measure")
 	trim := flag.Int("trim", 1000, "messages beyond its bounds per room for the sweep scenario (0 skips it)")
+	breakdown := flag.Bool("breakdown", false, "after each broker scenario, print where PostgreSQL's CPU went: per server process (labelled by node and last query) and per function (pg_stat_user_functions)")
 	profile := flag.String("cpuprofile", "", "write this process's CPU profile (both nodes and the publishers) to the file")
 	flag.Parse()
 	if *profile != "" {
@@ -89,6 +90,9 @@ func main() {
 		fail(err)
 	}
 	defer pool.Close()
+	if *breakdown {
+		breakdownPool = pool
+	}
 	var version string
 	pool.QueryRow(ctx, "SHOW server_version").Scan(&version)
 	var fsync, sync string
@@ -218,11 +222,21 @@ func drive(publishers, rate int, warm, dur time.Duration, lat *recorder, publish
 	lat.measuring.Store(true)
 	measureFrom := time.Now()
 	goFrom, pgFrom := cpuTime()
+	var (
+		tb map[int]int64
+		fb map[string]funcStat
+	)
+	if breakdownPool != nil {
+		tb, fb = pidTicks(), funcStats()
+	}
 	time.Sleep(dur)
 	lat.measuring.Store(false)
 	got := n.Load()
 	elapsed := time.Since(measureFrom)
 	goTo, pgTo := cpuTime()
+	if breakdownPool != nil && got > 0 {
+		printBreakdown(tb, pidTicks(), fb, got)
+	}
 	stop.Store(true)
 	wg.Wait()
 	p50, p99 := lat.quantiles()
@@ -298,11 +312,20 @@ func runFloor(ctx context.Context, pool *pgxpool.Pool, publishers int, warm, dur
 	})
 }
 
+// nodes counts the broker nodes started, to name their connections
+// (application_name node0, node1, ...) for -breakdown.
+var nodes int
+
 func runRoomcast(ctx context.Context, dsn string, publishers, rate, conns int, warm, dur time.Duration) result {
 	schema := fmt.Sprintf("bench_%d", time.Now().UnixNano()%1e9)
 	quiet := slog.New(slog.DiscardHandler)
 	node := func(deliver func(pubsub.Message)) (*pgbroker.Broker, *pgxpool.Pool) {
-		pool, err := pgxpool.New(ctx, dsn+sep(dsn)+"pool_max_conns=20")
+		conf := fmt.Sprintf("pool_max_conns=20&application_name=node%d", nodes)
+		if breakdownPool != nil {
+			conf += "&options=-c%20track_functions%3Dpl" // time each function
+		}
+		nodes++
+		pool, err := pgxpool.New(ctx, dsn+sep(dsn)+conf)
 		if err != nil {
 			fail(err)
 		}
