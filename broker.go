@@ -135,8 +135,10 @@ type Broker interface {
 	// hole: after the first, each message is the next Seq of the same
 	// Epoch, unless a KindReset came first. A repeat is harmless (the
 	// Handler drops it); a hole without a reset is treated as one, so no
-	// subscriber ever sees it. deliver only enqueues; it never blocks on a
-	// socket.
+	// subscriber ever sees it. deliver never blocks on a socket: it
+	// queues (and, for the built-in broker only, whose deliveries run on
+	// the publisher's goroutine, writes a small room's frames without
+	// waiting).
 	Bind(deliver func(Message))
 	// Publish assigns data the room's next sequence number and a unique
 	// ID, appends it to the room's history (bounded by o.History), and

@@ -128,6 +128,13 @@ func (c *conn) abandon() {
 // that overflows the queue under SlowConsumerDisconnect closes the
 // connection as a slow consumer. It reports whether f was queued.
 func (c *conn) enqueue(f *frame) bool {
+	return c.enqueueFor(f, nil)
+}
+
+// enqueueFor is enqueue for a publish that may write f itself: when w has
+// room and no writer has the connection, the connection joins w (its
+// caller then writes it, see inlineWrites) instead of the pool's queue.
+func (c *conn) enqueueFor(f *frame, w *inlineWrites) bool {
 	if f.to&(1<<c.mode) == 0 {
 		return false // not for this mode: raw mode and SSE carry no protocol envelopes
 	}
@@ -137,7 +144,7 @@ func (c *conn) enqueue(f *frame) bool {
 		return false
 	}
 	out := c.q.push(f, c.h.cfg.queue, c)
-	if out == queued {
+	if out == queued && !w.claimLocked(c) {
 		c.startWriterLocked()
 	}
 	c.mu.Unlock()

@@ -176,11 +176,15 @@
 // upgrade, not the connection's life. Hooks run on the connection's reader
 // goroutine, or on the request's goroutine before the upgrade.
 //
-// Writing needs no goroutine per connection. A publish only queues; a pool
-// of at most GOMAXPROCS goroutines, running while something is queued,
+// Writing needs no goroutine per connection. A publish queues; a pool of
+// at most GOMAXPROCS goroutines, running while something is queued,
 // writes each waiting connection's queue with one system call that never
 // waits, each message framed once and its bytes written as they are to
-// every subscriber. A pool goroutine never waits on one connection: a
+// every subscriber. A publish to a room of at most 8 subscribers on this
+// node, with the built-in broker (which delivers on the publisher's
+// goroutine), writes those system calls itself before it returns, for the
+// subscribers no other writer has: a few writes cost less than waking a
+// pool goroutine for them. Neither ever waits on one connection: a
 // connection whose socket is full (its client reads slowly) or held by
 // another write (a pong or close frame waiting on a full socket), one whose
 // net.Conn is not the standard library's own TCP or Unix connection (TLS,
@@ -211,6 +215,11 @@
 //     something queued and fewer are running, ending when no connection
 //     waits; the Handler's writers group, waited for by Shutdown and Close
 //     after the readers.
+//   - No goroutine of its own: a publish that writes a small room's
+//     frames (inlineWrites, writer.go) does so on the publisher's
+//     goroutine, as the pool's stand-in for the connections it claimed
+//     (counted in each one's wg until it is written), after the room's
+//     lock is released.
 //   - A connection's own writer (conn.writeLoop): for a full or busy
 //     socket, TLS or a host's wrapped connection, and the close. Started
 //     by the connection (startWriterLocked, or handOverLocked, which hands

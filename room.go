@@ -44,6 +44,9 @@ type registry struct {
 	options    func(room string) RoomOptions
 	maxPending int // the most live messages a catching-up subscription buffers
 	onErr      func(op, room string, err error)
+	// inline: the broker delivers on the publisher's goroutine (the
+	// built-in one), so a publish to a small room writes it (inlineWrites).
+	inline bool
 }
 
 type shard struct {
@@ -106,6 +109,7 @@ type sub struct {
 
 func newRegistry(b Broker, options func(string) RoomOptions, maxPending int, onErr func(op, room string, err error)) *registry {
 	r := &registry{seed: maphash.MakeSeed(), broker: b, options: options, maxPending: maxPending, onErr: onErr}
+	_, r.inline = b.(*memoryBroker)
 	for i := range r.shards {
 		r.shards[i].rooms = make(map[string]*room)
 		r.shards[i].leaving = make(map[string]*room)
@@ -273,7 +277,8 @@ func (g *registry) release(r *room) {
 }
 
 // deliver fans a broker message out to the room's subscribers on this node.
-// It only enqueues: one shared frame, one enqueue per subscriber.
+// It enqueues one shared frame per subscriber; in a small room, with the
+// built-in broker, it then writes them (inlineWrites), never waiting.
 func (g *registry) deliver(m Message) {
 	s := g.shard(m.Room)
 	s.mu.Lock()
@@ -286,11 +291,17 @@ func (g *registry) deliver(m Message) {
 		r.mu.RLock()
 		defer r.mu.RUnlock()
 		if r.watchers > 0 { // else nobody here asked for presence events: no loop over the room
-			g.fanOut(r, m, newRoomFrame(m, r))
+			g.fanOut(r, m, newRoomFrame(m, r), nil)
 		}
 		return
 	}
-	if hole := g.follow(r, m); hole {
+	var w *inlineWrites
+	if g.inline {
+		w = new(inlineWrites) // on the stack: it does not escape
+	}
+	hole := g.follow(r, m, w)
+	w.write() // after the room's lock: an ack waits for no write
+	if hole {
 		// The one place that keeps a live stream gap-free, whatever the
 		// broker: every subscriber was closed with 4006 before it could see
 		// a message past the hole, so its last position is the one before
@@ -309,7 +320,7 @@ func (g *registry) deliver(m Message) {
 // The room's last position is written under the read lock: deliveries
 // never overlap (the Broker contract), and its other readers hold the
 // write lock.
-func (g *registry) follow(r *room, m Message) (hole bool) {
+func (g *registry) follow(r *room, m Message, w *inlineWrites) (hole bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	if m.Kind == KindReset {
@@ -326,13 +337,18 @@ func (g *registry) follow(r *room, m Message) (hole bool) {
 		g.resetLocked(r)
 		return true
 	}
-	g.fanOut(r, m, newRoomFrame(m, r))
+	g.fanOut(r, m, newRoomFrame(m, r), w)
 	return false
 }
 
 // fanOut queues f, the frame of m, for each subscriber that takes it;
-// the caller holds r's read lock.
-func (g *registry) fanOut(r *room, m Message, f *frame) {
+// the caller holds r's read lock. In a room of at most inlineMax
+// subscribers, w (when not nil) takes the writing of those no writer has:
+// the caller writes them (w.write) once it released the lock.
+func (g *registry) fanOut(r *room, m Message, f *frame, w *inlineWrites) {
+	if len(r.subs) > inlineMax {
+		w = nil
+	}
 	for c, s := range r.subs {
 		if m.Kind != KindMessage && !s.presence {
 			continue
@@ -357,7 +373,7 @@ func (g *registry) fanOut(r *room, m Message, f *frame) {
 			s.pending = append(s.pending, f)
 			continue
 		}
-		c.enqueue(f)
+		c.enqueueFor(f, w)
 	}
 }
 

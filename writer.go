@@ -13,8 +13,8 @@ import (
 	"github.com/coder/websocket"
 )
 
-// Writing. A connection's queue is written by one writer at a time, never
-// by the goroutine that queued: a publish only queues. Two kinds of writer:
+// Writing. A connection's queue is written by one writer at a time. Three
+// kinds of writer:
 //
 //   - The Handler's writer pool: at most GOMAXPROCS goroutines, started
 //     while connections have something queued and ended when none has,
@@ -29,8 +29,12 @@ import (
 //     newSocket), and the close. It writes with WithWriteTimeout as the
 //     socket's deadline, and hands the connection back to the pool once
 //     its queue is empty.
+//   - The publisher, for a small room delivered on its goroutine (see
+//     inlineWrites): it takes the pool's place for the subscribers no
+//     writer has, writes each once without waiting, and leaves what is
+//     left to the pool or the connection's own writer.
 //
-// Both write every frame's bytes as frame.wire built them, several queued
+// All write every frame's bytes as frame.wire built them, several queued
 // frames gathered into one write.
 
 // writerState says who writes a connection's queue; guarded by conn.mu.
@@ -38,7 +42,7 @@ type writerState uint8
 
 const (
 	writerIdle   writerState = iota // nothing to write, or no socket yet
-	writerPooled                    // in the pool's ready queue, or being written by a pool goroutine
+	writerPooled                    // in the pool's ready queue, or being written by a pool goroutine (or a publisher: inlineWrites)
 	writerOwn                       // its own goroutine writes (after the close, none starts again)
 )
 
@@ -67,6 +71,64 @@ func (c *conn) wakeWriter() {
 		c.startWriterLocked()
 	}
 	c.mu.Unlock()
+}
+
+// inlineWrites are the subscribers a publish writes itself. A message to
+// a small room, delivered on the publisher's own goroutine (the built-in
+// broker delivers inside Publish), costs each subscriber one write that
+// never waits (writePooled, as a pool goroutine would); handing the few
+// writes to the pool instead costs a goroutine wake-up and a hand-off per
+// message, more than the writes themselves (BENCHMARKS.md, "a chat").
+// The publisher takes a connection's writing only when no writer has it
+// (claimLocked, under the connection's lock, as the pool would), so its
+// frames keep their order and one writer at a time; what does not go out
+// without waiting goes to the connection's own writer, as from the pool.
+// The rooms are small (inlineMax) so a publish waits for a few
+// non-blocking writes at most; larger rooms, and the brokers that deliver
+// on a goroutine shared by every room, use the pool.
+type inlineWrites struct {
+	conns [inlineMax]*conn
+	n     int
+}
+
+// inlineMax is the largest room whose publishes write it themselves.
+const inlineMax = 8
+
+// claimLocked makes w the writer of c, as the pool would be
+// (writerPooled, counted in c.wg), when w has room, no writer has c and its
+// socket takes writes that never wait. A nil w claims nothing.
+func (w *inlineWrites) claimLocked(c *conn) bool {
+	if w == nil || w.n == len(w.conns) || c.writer != writerIdle || c.sock == nil || c.closing || !c.sock.canTry() {
+		return false
+	}
+	c.wg.Add(1)
+	c.writer = writerPooled
+	w.conns[w.n] = c
+	w.n++
+	return true
+}
+
+// write writes each claimed connection's queue as a pool goroutine would
+// (writePooled), and counts the data frames written. A nil w writes
+// nothing.
+func (w *inlineWrites) write() {
+	if w == nil || w.n == 0 {
+		return
+	}
+	out := w.conns[0].h.writers.out
+	buf := gatherBuffers.Get().(*[]byte)
+	sent := 0
+	for i, c := range w.conns[:w.n] {
+		sent += c.writePooled(buf)
+		w.conns[i] = nil
+	}
+	w.n = 0
+	if cap(*buf) <= gatherLimit {
+		gatherBuffers.Put(buf)
+	}
+	if sent > 0 {
+		out.Add(uint64(sent))
+	}
 }
 
 // handOverLocked gives a pooled connection to its own writer goroutine,

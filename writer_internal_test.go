@@ -200,3 +200,60 @@ func dialRaw(t *testing.T, ctx context.Context, h *Handler, url, room string) (*
 	})
 	return ws, c
 }
+
+// A publish to a small room, with the built-in broker, writes to its
+// subscribers' sockets itself before it returns (inlineWrites): no pool
+// goroutine is woken for a few writes. A room larger than inlineMax goes
+// to the pool, and its publish returns having written nothing itself.
+func TestAPublishToASmallRoomWritesItBeforeReturning(t *testing.T) {
+	t.Parallel()
+	h, url := poolServer(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	small := make([]*websocket.Conn, 3)
+	for i := range small {
+		small[i], _ = dialRaw(t, ctx, h, url, "small")
+	}
+	const n = 50
+	for i := range n {
+		before := h.Stats().MessagesOut
+		if err := h.Publish(ctx, "small", []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+		if got := h.Stats().MessagesOut - before; got != uint64(len(small)) {
+			t.Fatalf("publish %d returned with %d of its %d frames written", i, got, len(small))
+		}
+	}
+	for i, ws := range small {
+		for j := range n {
+			_, b, err := ws.Read(ctx)
+			if err != nil || string(b) != fmt.Sprint(j) {
+				t.Fatalf("client %d, message %d: %q, %v", i, j, b, err)
+			}
+		}
+	}
+
+	// A room of more than inlineMax: its fan-out claims no write for the
+	// publisher, the pool writes every subscriber.
+	large := make([]*websocket.Conn, inlineMax+1)
+	for i := range large {
+		large[i], _ = dialRaw(t, ctx, h, url, "large")
+	}
+	for name, want := range map[string]int{"small": len(small), "large": 0} {
+		r := h.rooms.lookup(name)
+		m := Message{Kind: KindMessage, Room: name, Data: []byte("direct")}
+		w := new(inlineWrites)
+		r.mu.RLock()
+		h.rooms.fanOut(r, m, newRoomFrame(m, r), w)
+		r.mu.RUnlock()
+		if w.n != want {
+			t.Errorf("a fan-out to room %q (%d subscribers) claimed %d writes for its publisher, want %d", name, len(r.subs), w.n, want)
+		}
+		w.write()
+	}
+	for i, ws := range append(small, large...) {
+		if _, b, err := ws.Read(ctx); err != nil || string(b) != "direct" {
+			t.Fatalf("client %d: %q, %v", i, b, err)
+		}
+	}
+}
