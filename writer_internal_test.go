@@ -214,6 +214,10 @@ func TestAPublishToASmallRoomWritesItBeforeReturning(t *testing.T) {
 	for i := range small {
 		small[i], _ = dialRaw(t, ctx, h, url, "small")
 	}
+	// A raw client is in its room before its socket is attached (its frames
+	// wait for it): wait for every socket, so that every subscriber can be
+	// written at once.
+	waitRegistered(t, ctx, h, "small", len(small))
 	const n = 50
 	for i := range n {
 		before := h.Stats().MessagesOut
@@ -239,6 +243,7 @@ func TestAPublishToASmallRoomWritesItBeforeReturning(t *testing.T) {
 	for i := range large {
 		large[i], _ = dialRaw(t, ctx, h, url, "large")
 	}
+	waitRegistered(t, ctx, h, "large", len(large))
 	for name, want := range map[string]int{"small": len(small), "large": 0} {
 		r := h.rooms.lookup(name)
 		m := Message{Kind: KindMessage, Room: name, Data: []byte("direct")}
@@ -256,4 +261,21 @@ func TestAPublishToASmallRoomWritesItBeforeReturning(t *testing.T) {
 			t.Fatalf("client %d: %q, %v", i, b, err)
 		}
 	}
+}
+
+// waitRegistered waits until n connections of room are registered, their
+// sockets attached.
+func waitRegistered(t *testing.T, ctx context.Context, h *Handler, room string, n int) {
+	t.Helper()
+	waitUntil(t, ctx, fmt.Sprint(n, " connections to ", room, " registered"), func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		k := 0
+		for _, x := range h.conns {
+			if x.first != nil && x.first.name == room {
+				k++
+			}
+		}
+		return k == n
+	})
 }
