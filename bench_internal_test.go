@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -374,5 +375,41 @@ func benchmarkJoin(b *testing.B, mode PresenceMode, members int) {
 	p, err := h.cfg.broker.Presence(ctx, room, true)
 	if err != nil || p.Count != members+b.N {
 		b.Fatalf("presence %+v, %v; want %d members", p, err, members+b.N)
+	}
+}
+
+// BenchmarkMemoryBrokerPresenceJoin: what the built-in broker keeps per
+// connection in a room's presence (retained heap after a collection, per
+// join, into one room), for anonymous connections and for connections
+// of distinct users.
+func BenchmarkMemoryBrokerPresenceJoin(b *testing.B) {
+	for _, user := range []bool{false, true} {
+		name := map[bool]string{false: "anonymous", true: "users"}[user]
+		b.Run(name, func(b *testing.B) {
+			mb := NewMemoryBroker().(*memoryBroker)
+			mb.Bind(func(Message) {})
+			members := make([]Member, b.N)
+			for i := range members {
+				members[i].ConnID = fmt.Sprintf("%036d", i)
+				if user {
+					members[i].UserID = fmt.Sprintf("user-%d", i)
+				}
+			}
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			b.ResetTimer()
+			for i := range b.N {
+				if err := mb.Join(context.Background(), "room", members[i], false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/float64(b.N), "retained-B/join")
+			runtime.KeepAlive(members)
+			runtime.KeepAlive(mb)
+		})
 	}
 }

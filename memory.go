@@ -49,7 +49,8 @@ type memoryRoom struct {
 	hist     []Message // oldest first
 	interest bool
 	conns    map[string]Member  // presence: conn id -> member
-	members  map[string]int     // presence: member key -> its connections
+	members  map[string]int     // presence: user id -> its connections (users only)
+	anon     int                // presence: anonymous connections, each a member of its own
 	ttl      time.Duration      // the history TTL the last publish applied
 	expires  time.Time          // when an idle room's state may be reclaimed
 	keys     map[string]Message // idempotency keys -> the message each sequenced (no Data)
@@ -340,9 +341,14 @@ func (b *memoryBroker) Join(ctx context.Context, room string, m Member, events b
 		return nil
 	}
 	r.conns[m.ConnID] = m
-	k := m.key()
-	r.members[k]++
-	if r.members[k] == 1 && events && r.interest {
+	first := true // an anonymous connection is a member of its own
+	if m.UserID == "" {
+		r.anon++
+	} else {
+		r.members[m.UserID]++
+		first = r.members[m.UserID] == 1
+	}
+	if first && events && r.interest {
 		b.deliver(Message{Kind: KindJoin, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
 	}
 	return nil
@@ -359,11 +365,13 @@ func (b *memoryBroker) Leave(ctx context.Context, room string, m Member, events 
 		return nil
 	}
 	delete(r.conns, m.ConnID)
-	k := m.key()
-	if r.members[k]--; r.members[k] > 0 {
+	if m.UserID == "" {
+		r.anon--
+	} else if r.members[m.UserID]--; r.members[m.UserID] > 0 {
 		return nil
+	} else {
+		delete(r.members, m.UserID)
 	}
-	delete(r.members, k)
 	if events && r.interest {
 		b.deliver(Message{Kind: KindLeave, Room: room, Epoch: r.epoch, Time: b.now(), Member: m})
 	}
@@ -376,12 +384,12 @@ func (b *memoryBroker) Presence(ctx context.Context, room string, countsOnly boo
 		return Presence{}, err
 	}
 	defer r.mu.Unlock()
-	p := Presence{Count: len(r.members), Connections: len(r.conns)}
+	p := Presence{Count: len(r.members) + r.anon, Connections: len(r.conns)}
 	if countsOnly {
 		return p, nil
 	}
-	byKey := make(map[string]*PresenceMember, len(r.members))
-	first := make(map[string]string, len(r.members)) // key -> smallest conn id, whose info the member shows
+	byKey := make(map[string]*PresenceMember, p.Count)
+	first := make(map[string]string, p.Count) // key -> smallest conn id, whose info the member shows
 	for id, m := range r.conns {
 		k := m.key()
 		pm := byKey[k]
