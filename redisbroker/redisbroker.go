@@ -90,6 +90,7 @@ type Broker struct {
 	wg     sync.WaitGroup // the reader and the refresher
 
 	cluster bool // a Redis Cluster: one room per batch
+	idle    any  // ms(cfg.roomTTL), boxed once for every batch's arguments
 
 	pmu    sync.Mutex // the publish queue (publish.go); never held with mu
 	queue  []*pubReq
@@ -163,6 +164,7 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 		subs:    make(map[string]*sub),
 		members: make(map[string]map[string]*member),
 		cluster: isCluster(client),
+		idle:    ms(cfg.roomTTL),
 	}
 	for range cfg.batches {
 		b.lanes = append(b.lanes, uuid.NewString())
