@@ -227,8 +227,8 @@ func (b *Broker) Bind(deliver func(pubsub.Message)) {
 		return
 	}
 	b.ps = b.client.Subscribe(b.ctx)
-	ch := b.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024))
-	b.wg.Go(func() { b.readLoop(ch) })
+	ps := b.ps
+	b.wg.Go(func() { b.readLoop(ps) })
 	b.wg.Go(b.refreshLoop)
 }
 
