@@ -45,7 +45,9 @@
 //
 // Publish, History, Join, Leave and Presence return Redis's errors; a
 // publish during an outage fails, it never vanishes. The pub/sub
-// connection reconnects and resubscribes by itself (go-redis). Messages
+// connection reconnects and resubscribes by itself (go-redis); the broker
+// pings it when it has been silent for 3s, so that one that broke without
+// a word is found when the ping cannot be written. Messages
 // published while it was down are not lost for this node's subscribers:
 // the node tracks the last (epoch, seq) it delivered per room, and on a
 // jump (or after resubscribing) it fills the gap from the room's history,
