@@ -151,9 +151,14 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 	if err := c.Write(ctx, websocket.MessageText, []byte(`{"type":"subscribe","id":"1","room":"drain"}`)); err != nil {
 		return nil, err
 	}
-	if ack, err := read(c); err != nil || ack["type"] != "ack" {
+	ack, err := read(c)
+	if err != nil || ack["type"] != "ack" {
 		return nil, fmt.Errorf("subscribe on node A: %v %v", ack, err)
 	}
+	// The ack's position is where the client recovers from if node A
+	// drains it before it delivered any message (as a real client does).
+	epoch, _ = ack["epoch"].(string)
+	seq0, _ := ack["seq"].(float64)
 	subscribed <- struct{}{}
 	for {
 		if _, err := read(c); err != nil {
@@ -169,7 +174,7 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 		return nil, err
 	}
 	defer d.CloseNow()
-	var last uint64
+	last := uint64(seq0)
 	if len(seqs) > 0 {
 		last = seqs[len(seqs)-1]
 	}
