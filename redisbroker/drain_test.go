@@ -37,10 +37,7 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 	results := make(chan result, clients)
 	for i := range clients {
 		go func() {
-			seqs, err := drainClient(a.url(""), b.url(""), subscribed, moved, final)
-			if err != nil {
-				err = fmt.Errorf("client %d: %w", i, err)
-			}
+			seqs, err := drainClient(i, a.url(""), b.url(""), subscribed, moved, final)
 			results <- result{seqs, err}
 		}()
 	}
@@ -97,53 +94,36 @@ func TestDrainedClientsRecoverOnAnotherNodeWithZeroLoss(t *testing.T) {
 		if r.err != nil {
 			t.Fatal(r.err)
 		}
-		if uint64(len(r.seqs)) != last {
-			t.Fatalf("a client saw %d messages, want all %d", len(r.seqs), last)
-		}
-		for i, s := range r.seqs {
-			if s != uint64(i+1) {
-				t.Fatalf("a client saw seq %d at position %d: every message once, in order, is the promise", s, i)
-			}
+		checkAll(t, r.seqs, last)
+	}
+}
+
+// checkAll checks that seqs is every seq from 1 to last, once, in order.
+func checkAll(t *testing.T, seqs []uint64, last uint64) {
+	t.Helper()
+	if uint64(len(seqs)) != last {
+		t.Fatalf("a client saw %d messages, want all %d", len(seqs), last)
+	}
+	for i, s := range seqs {
+		if s != uint64(i+1) {
+			t.Fatalf("a client saw seq %d at position %d: every message once, in order, is the promise", s, i)
 		}
 	}
 }
 
-// drainClient subscribes on node a, reads until a drains it (1001), then
+// drainClient (client i) subscribes on node a, reads until a drains it (1001), then
 // resubscribes on node b from its position and reads until the seq it is
 // given on final. It returns every seq it saw, in order.
-func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-chan uint64) ([]uint64, error) {
+func drainClient(i int, aURL, bURL string, subscribed, moved chan<- struct{}, final <-chan uint64) (_ []uint64, err error) {
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("client %d: %w", i, err)
+		}
+	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var seqs []uint64
-	var epoch string
-	read := func(c *websocket.Conn) (map[string]any, error) {
-		_, b, err := c.Read(ctx)
-		if err != nil {
-			return nil, err
-		}
-		var e map[string]any
-		if err := json.Unmarshal(b, &e); err != nil {
-			return nil, err
-		}
-		if e["type"] == "message" {
-			epoch = e["epoch"].(string)
-			seqs = append(seqs, uint64(e["seq"].(float64)))
-		}
-		return e, nil
-	}
-	dial := func(url string) (*websocket.Conn, error) {
-		c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
-		if err != nil {
-			return nil, err
-		}
-		if _, err := read(c); err != nil { // welcome
-			c.CloseNow()
-			return nil, err
-		}
-		return c, nil
-	}
-
-	c, err := dial(aURL)
+	d := &drained{ctx: ctx}
+	c, err := d.dial(aURL)
 	if err != nil {
 		return nil, err
 	}
@@ -151,12 +131,17 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 	if err := c.Write(ctx, websocket.MessageText, []byte(`{"type":"subscribe","id":"1","room":"drain"}`)); err != nil {
 		return nil, err
 	}
-	if ack, err := read(c); err != nil || ack["type"] != "ack" {
+	ack, err := d.read(c)
+	if err != nil || ack["type"] != "ack" {
 		return nil, fmt.Errorf("subscribe on node A: %v %v", ack, err)
 	}
+	// The ack's position is where the client recovers from if node A
+	// drains it before it delivered any message (as a real client does).
+	d.epoch, _ = ack["epoch"].(string)
+	seq0, _ := ack["seq"].(float64)
 	subscribed <- struct{}{}
 	for {
-		if _, err := read(c); err != nil {
+		if _, err := d.read(c); err != nil {
 			if protocol.CloseCode(websocket.CloseStatus(err)) != protocol.CloseGoingAway {
 				return nil, fmt.Errorf("on node A: %w, want a 1001 drain", err)
 			}
@@ -164,40 +149,89 @@ func drainClient(aURL, bURL string, subscribed, moved chan<- struct{}, final <-c
 		}
 	}
 
-	d, err := dial(bURL)
+	last := uint64(seq0)
+	if len(d.seqs) > 0 {
+		last = d.seqs[len(d.seqs)-1]
+	}
+	b, err := d.resubscribe(bURL, last)
 	if err != nil {
 		return nil, err
 	}
-	defer d.CloseNow()
-	var last uint64
-	if len(seqs) > 0 {
-		last = seqs[len(seqs)-1]
+	defer b.CloseNow()
+	moved <- struct{}{}
+	want := <-final
+	for len(d.seqs) == 0 || d.seqs[len(d.seqs)-1] < want {
+		if _, err := d.read(b); err != nil {
+			return nil, fmt.Errorf("on node B after seq %d of %d: %w", len(d.seqs), want, err)
+		}
+	}
+	return d.seqs, nil
+}
+
+// drained is one drainClient's reading: every seq it saw, and the epoch.
+type drained struct {
+	ctx   context.Context
+	seqs  []uint64
+	epoch string
+}
+
+// read reads one envelope, noting a message's epoch and seq.
+func (d *drained) read(c *websocket.Conn) (map[string]any, error) {
+	_, b, err := c.Read(d.ctx)
+	if err != nil {
+		return nil, err
+	}
+	var e map[string]any
+	if err := json.Unmarshal(b, &e); err != nil {
+		return nil, err
+	}
+	if e["type"] == "message" {
+		d.epoch = e["epoch"].(string)
+		d.seqs = append(d.seqs, uint64(e["seq"].(float64)))
+	}
+	return e, nil
+}
+
+// dial connects in protocol mode and reads the welcome.
+func (d *drained) dial(url string) (*websocket.Conn, error) {
+	c, _, err := websocket.Dial(d.ctx, url, &websocket.DialOptions{Subprotocols: []string{protocol.Subprotocol}})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := d.read(c); err != nil { // welcome
+		c.CloseNow()
+		return nil, err
+	}
+	return c, nil
+}
+
+// resubscribe subscribes on url from (epoch, last) and reads up to the
+// ack, which must say the client recovered.
+func (d *drained) resubscribe(url string, last uint64) (*websocket.Conn, error) {
+	c, err := d.dial(url)
+	if err != nil {
+		return nil, err
 	}
 	sub := `{"type":"subscribe","id":"2","room":"drain"}`
-	if epoch != "" {
-		sub = fmt.Sprintf(`{"type":"subscribe","id":"2","room":"drain","since":{"epoch":%q,"seq":%d}}`, epoch, last)
+	if d.epoch != "" {
+		sub = fmt.Sprintf(`{"type":"subscribe","id":"2","room":"drain","since":{"epoch":%q,"seq":%d}}`, d.epoch, last)
 	}
-	if err := d.Write(ctx, websocket.MessageText, []byte(sub)); err != nil {
+	if err := c.Write(d.ctx, websocket.MessageText, []byte(sub)); err != nil {
+		c.CloseNow()
 		return nil, err
 	}
 	for {
-		e, err := read(d)
+		e, err := d.read(c)
 		if err != nil {
+			c.CloseNow()
 			return nil, fmt.Errorf("on node B: %w", err)
 		}
 		if e["type"] == "ack" {
-			if epoch != "" && e["recovered"] != true {
+			if d.epoch != "" && e["recovered"] != true {
+				c.CloseNow()
 				return nil, fmt.Errorf("resubscribe on node B: %v, want recovered", e)
 			}
-			break
+			return c, nil
 		}
 	}
-	moved <- struct{}{}
-	want := <-final
-	for len(seqs) == 0 || seqs[len(seqs)-1] < want {
-		if _, err := read(d); err != nil {
-			return nil, fmt.Errorf("on node B after seq %d of %d: %w", len(seqs), want, err)
-		}
-	}
-	return seqs, nil
 }

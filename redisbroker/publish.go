@@ -227,52 +227,9 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 	if len(batch) == 0 {
 		return
 	}
-	// Group by room, keeping each room's order.
-	type group struct {
-		room string
-		reqs []*pubReq
-	}
-	var groups []group
-	index := make(map[string]int, len(batch))
-	for _, q := range batch {
-		i, ok := index[q.room]
-		if !ok {
-			i = len(groups)
-			index[q.room] = i
-			groups = append(groups, group{room: q.room})
-		}
-		groups[i].reqs = append(groups[i].reqs, q)
-	}
-	laneKey := b.cfg.prefix + ":l:" + lane
-	if b.cluster {
-		laneKey = b.keys(groups[0].room).base + ":l:" + lane
-	}
-	rkeys := make([]string, 0, 1+2*len(groups)+len(batch))
-	args := make([]any, 0, 3+5*len(groups)+3*len(batch))
-	rkeys = append(rkeys, laneKey)
+	groups := groupByRoom(batch)
 	id := uuid.NewString()
-	args = append(args, id, ms(b.cfg.roomTTL), len(groups))
-	order := make([]*pubReq, 0, len(batch))
-	for _, g := range groups {
-		k := b.keys(g.room)
-		h := g.reqs[0].o.History
-		size := max(h.Size, 0)
-		ttl := int64(0)
-		if size > 0 {
-			ttl = ms(h.TTL)
-		}
-		rkeys = append(rkeys, k.meta, k.hist)
-		args = append(args, len(g.reqs), size, ttl, ms(b.cfg.roomTTL), k.channel)
-		for _, q := range g.reqs {
-			kttl := int64(0)
-			if q.o.Key != "" {
-				rkeys = append(rkeys, k.idempotency+q.o.Key)
-				kttl = max(ms(q.o.KeyTTL), 1)
-			}
-			args = append(args, q.id, q.data, kttl)
-			order = append(order, q)
-		}
-	}
+	rkeys, args := b.batchArgs(lane, id, groups, len(batch))
 	out, err := publishScript.Run(b.ctx, b.client, rkeys, args...).Text()
 	if err == nil {
 		var first string
@@ -281,36 +238,117 @@ func (b *Broker) run(lane string, batch []*pubReq) {
 			err = errMalformed // not this batch's answer
 		}
 	}
-	for _, q := range order {
-		var d pubDone
-		if err == nil {
-			var ok bool
-			d.res, out, ok = parseResult(q, out)
-			if !ok {
-				err = errMalformed
+	for _, g := range groups {
+		for _, q := range g.reqs {
+			var d pubDone
+			if err == nil {
+				var ok bool
+				d.res, out, ok = parseResult(q, out)
+				if !ok {
+					err = errMalformed
+				}
 			}
+			if err != nil {
+				d = pubDone{err: fmt.Errorf("redisbroker: publish to room %q: %w", q.room, err)}
+			}
+			q.done <- d
 		}
-		if err != nil {
-			d = pubDone{err: fmt.Errorf("redisbroker: publish to room %q: %w", q.room, err)}
-		}
-		q.done <- d
 	}
 }
 
-// parseResult reads one message's result off the front of out.
+// group is one room's publishes in a batch, in order.
+type group struct {
+	room string
+	reqs []*pubReq
+}
+
+// groupByRoom groups a batch by room, keeping each room's order. A small
+// batch (the usual one) is grouped without a map.
+func groupByRoom(batch []*pubReq) []group {
+	groups := make([]group, 0, min(len(batch), 8))
+	var index map[string]int
+	for _, q := range batch {
+		i := -1
+		if index != nil {
+			if j, ok := index[q.room]; ok {
+				i = j
+			}
+		} else {
+			for j := range groups {
+				if groups[j].room == q.room {
+					i = j
+					break
+				}
+			}
+		}
+		if i < 0 {
+			i = len(groups)
+			groups = append(groups, group{room: q.room})
+			if index != nil {
+				index[q.room] = i
+			} else if len(groups) > 16 {
+				index = make(map[string]int, len(batch))
+				for j, g := range groups {
+					index[g.room] = j
+				}
+			}
+		}
+		groups[i].reqs = append(groups[i].reqs, q)
+	}
+	return groups
+}
+
+// batchArgs is publishScript's KEYS and ARGV for a batch. Of a room's
+// keys it makes only those the script uses.
+func (b *Broker) batchArgs(lane, id string, groups []group, n int) ([]string, []any) {
+	laneKey := b.cfg.prefix + ":l:" + lane
+	if b.cluster {
+		laneKey = b.cfg.prefix + ":{" + groups[0].room + "}:l:" + lane
+	}
+	rkeys := make([]string, 0, 1+2*len(groups)+n)
+	args := make([]any, 0, 3+5*len(groups)+3*n)
+	rkeys = append(rkeys, laneKey)
+	args = append(args, id, b.idle, len(groups))
+	for _, g := range groups {
+		base := b.cfg.prefix + ":{" + g.room + "}" // the room's channel; see keys
+		h := g.reqs[0].o.History
+		size := max(h.Size, 0)
+		ttl := int64(0)
+		if size > 0 {
+			ttl = ms(h.TTL)
+		}
+		rkeys = append(rkeys, base+":m", base+":h")
+		args = append(args, len(g.reqs), size, ttl, b.idle, base)
+		for _, q := range g.reqs {
+			kttl := int64(0)
+			if q.o.Key != "" {
+				rkeys = append(rkeys, base+":k:"+q.o.Key)
+				kttl = max(ms(q.o.KeyTTL), 1)
+			}
+			args = append(args, q.id, q.data, kttl)
+		}
+	}
+	return rkeys, args
+}
+
+// parseResult reads one message's result, f(epoch) f(seq) f(time) f(dup),
+// off the front of out.
 func parseResult(q *pubReq, out string) (pubsub.PublishResult, string, bool) {
-	f, rest, ok := fields(out, 4)
-	if !ok {
+	epoch, rest, ok1 := field(out)
+	seqS, rest, ok2 := field(rest)
+	ts, rest, ok3 := field(rest)
+	dup, rest, ok4 := field(rest)
+	if !ok1 || !ok2 || !ok3 || !ok4 {
 		return pubsub.PublishResult{}, "", false
 	}
-	seq, err := strconv.ParseUint(f[1], 10, 64)
-	t, tok := parseMicros(f[2])
+	seq, err := strconv.ParseUint(seqS, 10, 64)
+	t, tok := parseMicros(ts)
 	if err != nil || !tok {
 		return pubsub.PublishResult{}, "", false
 	}
-	m := pubsub.Message{Kind: pubsub.KindMessage, Room: q.room, ID: q.id, Epoch: f[0], Seq: seq, Time: t, Data: q.data}
-	if f[3] != "" { // the key's first message
-		m.ID, m.Data = f[3], nil
+	m := pubsub.Message{Kind: pubsub.KindMessage, Room: q.room, ID: q.id, Epoch: epoch, Seq: seq, Time: t, Data: q.data}
+	if dup != "" { // the key's first message
+		m.ID, m.Data = dup, nil
 		return pubsub.PublishResult{Message: m, Duplicate: true}, rest, true
 	}
 	return pubsub.PublishResult{Message: m}, rest, true

@@ -104,3 +104,29 @@ func serverCPU(b *testing.B, c *redis.Client) time.Duration {
 	}
 	return time.Duration(total * float64(time.Second))
 }
+
+// groupByRoom keeps the batch's order within each room and the rooms in
+// the order of their first publish, below and above the size where it
+// switches to a map.
+func TestGroupByRoomKeepsOrder(t *testing.T) {
+	for _, rooms := range []int{1, 3, 16, 17, 40} {
+		var batch []*pubReq
+		for i := range 3 * rooms {
+			batch = append(batch, &pubReq{room: strconv.Itoa(i % rooms), id: strconv.Itoa(i)})
+		}
+		groups := groupByRoom(batch)
+		if len(groups) != rooms {
+			t.Fatalf("%d rooms: %d groups", rooms, len(groups))
+		}
+		for r, g := range groups {
+			if g.room != strconv.Itoa(r) || len(g.reqs) != 3 {
+				t.Fatalf("%d rooms: group %d is room %s with %d publishes", rooms, r, g.room, len(g.reqs))
+			}
+			for j, q := range g.reqs {
+				if want := strconv.Itoa(r + j*rooms); q.id != want {
+					t.Fatalf("%d rooms: room %s's publish %d is %s, want %s", rooms, g.room, j, q.id, want)
+				}
+			}
+		}
+	}
+}

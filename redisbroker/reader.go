@@ -2,6 +2,8 @@ package redisbroker
 
 import (
 	"context"
+	"errors"
+	"net"
 	"time"
 
 	"github.com/google/uuid"
@@ -9,14 +11,46 @@ import (
 	"github.com/roomcast/pubsub"
 )
 
+// Reading the pub/sub connection.
+const (
+	// pingAfter is how long the pub/sub connection may stay silent before
+	// the reader pings Redis: a ping that cannot be written breaks the
+	// connection, and go-redis reconnects and subscribes again.
+	pingAfter   = 3 * time.Second
+	pingTimeout = 5 * time.Second
+	// retryAfter paces the reader when receiving fails twice in a row.
+	retryAfter = 100 * time.Millisecond
+)
+
 // readLoop is the broker's one delivering goroutine: every room's messages
 // are delivered from here, so one room's are in order and never
-// concurrent. It ends when Close closes the pub/sub connection.
-func (b *Broker) readLoop(ch <-chan any) {
-	for msg := range ch {
-		if b.ctx.Err() != nil {
-			continue // closing: drain until go-redis closes ch
+// concurrent. It receives from the pub/sub connection itself (go-redis's
+// Channel would hand each message through a goroutine and a channel of
+// its own, and wake its health check, on every message) and pings
+// Redis when the connection is silent, as Channel would. It ends when
+// Close closes the pub/sub connection.
+func (b *Broker) readLoop(ps *redis.PubSub) {
+	failures := 0
+	for {
+		msg, err := ps.ReceiveTimeout(b.ctx, pingAfter)
+		switch {
+		case b.ctx.Err() != nil || errors.Is(err, redis.ErrClosed):
+			return
+		case err != nil && isTimeout(err):
+			ctx, cancel := context.WithTimeout(b.ctx, pingTimeout)
+			_ = ps.Ping(ctx) // its error, if any, reconnects the connection
+			cancel()
+			continue
+		case err != nil:
+			if failures++; failures > 1 {
+				select {
+				case <-b.ctx.Done():
+				case <-time.After(retryAfter):
+				}
+			}
+			continue
 		}
+		failures = 0
 		switch msg := msg.(type) {
 		case *redis.Subscription:
 			if msg.Kind == "subscribe" {
@@ -26,6 +60,12 @@ func (b *Broker) readLoop(ch <-chan any) {
 			b.onMessage(b.roomOf(msg.Channel), msg.Payload)
 		}
 	}
+}
+
+// isTimeout says whether err is a read that timed out.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // onSubscribed handles Redis's confirmation of a SUBSCRIBE: the first one

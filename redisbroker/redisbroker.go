@@ -45,7 +45,9 @@
 //
 // Publish, History, Join, Leave and Presence return Redis's errors; a
 // publish during an outage fails, it never vanishes. The pub/sub
-// connection reconnects and resubscribes by itself (go-redis). Messages
+// connection reconnects and resubscribes by itself (go-redis); the broker
+// pings it when it has been silent for 3s, so that one that broke without
+// a word is found when the ping cannot be written. Messages
 // published while it was down are not lost for this node's subscribers:
 // the node tracks the last (epoch, seq) it delivered per room, and on a
 // jump (or after resubscribing) it fills the gap from the room's history,
@@ -90,6 +92,7 @@ type Broker struct {
 	wg     sync.WaitGroup // the reader and the refresher
 
 	cluster bool // a Redis Cluster: one room per batch
+	idle    any  // ms(cfg.roomTTL), boxed once for every batch's arguments
 
 	pmu    sync.Mutex // the publish queue (publish.go); never held with mu
 	queue  []*pubReq
@@ -163,6 +166,7 @@ func New(client redis.UniversalClient, opts ...Option) *Broker {
 		subs:    make(map[string]*sub),
 		members: make(map[string]map[string]*member),
 		cluster: isCluster(client),
+		idle:    ms(cfg.roomTTL),
 	}
 	for range cfg.batches {
 		b.lanes = append(b.lanes, uuid.NewString())
@@ -225,8 +229,8 @@ func (b *Broker) Bind(deliver func(pubsub.Message)) {
 		return
 	}
 	b.ps = b.client.Subscribe(b.ctx)
-	ch := b.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024))
-	b.wg.Go(func() { b.readLoop(ch) })
+	ps := b.ps
+	b.wg.Go(func() { b.readLoop(ps) })
 	b.wg.Go(b.refreshLoop)
 }
 

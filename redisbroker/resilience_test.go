@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -240,5 +241,36 @@ func TestCloseReturnsWhileRedisIsDown(t *testing.T) {
 	case <-done:
 	case <-time.After(15 * time.Second):
 		t.Fatal("Close did not return while Redis was down")
+	}
+}
+
+// The reader pings a pub/sub connection that stays silent (a ping that
+// cannot be written breaks the connection, and go-redis reconnects and
+// subscribes again), and the connection delivers on after it.
+func TestASilentPubSubConnectionIsPinged(t *testing.T) {
+	t.Parallel()
+	srv := startRedis(t)
+	a := startNode(t, srv.Addr, uniquePrefix(), nil)
+	admin := newClient(t, srv.Addr)
+	c := pubsubtest.Dial(t, a.url(""))
+	c.Subscribe("room")
+	pings := func() int64 {
+		s, err := admin.Info(pubsubtest.Context(t), "commandstats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.SplitSeq(s, "\n") {
+			if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_ping:calls="); ok {
+				n, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
+				return n
+			}
+		}
+		return 0
+	}
+	before := pings() // the server's start pinged it too
+	pubsubtest.WaitFor(t, "the reader to ping its silent connection", func() bool { return pings() > before })
+	a.Publish("room", []byte("after"))
+	if got := c.Messages("room", 1)[0]; string(got.Payload()) != "after" {
+		t.Fatalf("after the ping the subscriber got %s, want the message published after it", got.Raw)
 	}
 }

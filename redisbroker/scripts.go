@@ -166,36 +166,59 @@ end
 var publishScript = redis.NewScript(publishLua)
 
 const publishLua = `
-local function f(s) return string.format('%d:%s', #s, s) end
+-- f frames s as len ':' s. Lua's string.format, and its own conversion
+-- of a number to a string (printf %.14g), cost Redis about a microsecond
+-- each: lengths under 100 are framed with string.char instead.
+local char, sub, byte = string.char, string.sub, string.byte
+local function f(s)
+  local n = #s
+  if n < 10 then return char(48 + n, 58) .. s end
+  if n < 100 then return char(48 + (n - n % 10) / 10, 48 + n % 10, 58) .. s end
+  return string.format('%d:%s', n, s)
+end
+-- inc returns the decimal string s plus one, without a number's
+-- conversion to a string unless the last digit carries.
+local function inc(s)
+  local n = #s
+  local b = byte(s, n)
+  if b < 57 then return sub(s, 1, n - 1) .. char(b + 1) end
+  return string.format('%d', tonumber(s) + 1)
+end
 local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
--- Every string and table here costs Redis time per publish: numbers
--- reach strings only through string.format's integer path (Lua's own
--- conversion is printf %.14g), messages are read from ARGV twice rather
--- than copied into tables, and what the write phase needs of the read
--- phase is kept by ARGV index. Stream entries keep the fields earlier
--- versions wrote (i, t, d), so nodes of both can share a Redis while a
--- cluster is upgraded.
+-- Stream entries keep the fields earlier versions wrote (i, t, d), so
+-- nodes of both can share a Redis while a cluster is upgraded.
 local t = redis.call('TIME')
-local ts = string.format('%s%06d', t[1], tonumber(t[2]))
+local ts = t[1] .. sub('00000' .. t[2], -6)
 local fts = f(ts)
-local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Now in ms as a string, compared with the room's x as a string when
+-- both have the same number of digits (any time before 2286).
+local nowms = sub(ts, 1, -4)
 local nrooms = tonumber(ARGV[3])
 local fb = f(batch)
-local rooms, out, dup, seqs, fseqs = {}, {fb}, {}, {}, {}
-local ki, ai = 2, 4
+-- Per room: epoch, its framing, seq before the batch, fresh, renew,
+-- resize, KEYS index, ARGV index: 8 slots of rs. Per message: its seq
+-- and framed seq in sqs (false for a duplicate).
+local rs, sqs, out = {}, {}, {fb}
+local ki, ai, m = 2, 4, 0
 -- Read: each room's epoch and sequence, each key's record.
 for r = 1, nrooms do
   local meta, n, ttls = KEYS[ki], tonumber(ARGV[ai]), ARGV[ai + 2]
   local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
-  local e, seq, fresh = st[1], tonumber(st[2] or '0'), false
-  if not e then e, seq, fresh = batch, 0, true end
-  local renew = fresh or not st[4] or nowms >= tonumber(st[4]) or st[3] ~= ttls
+  local e, seq, fresh = st[1], st[2] or '0', false
+  if not e then e, seq, fresh = batch, '0', true end
+  local x = st[4]
+  local renew = fresh or not x or st[3] ~= ttls
+  if not renew then
+    if #x == #nowms then renew = nowms >= x else renew = tonumber(nowms) >= tonumber(x) end
+  end
   local fe = f(e)
-  local room = {e = e, fe = fe, fresh = fresh, renew = renew, resize = st[5] ~= ARGV[ai + 1], ki = ki, ai = ai}
-  rooms[r] = room
+  local j = (r - 1) * 8
+  rs[j + 1], rs[j + 2], rs[j + 3], rs[j + 4] = e, fe, seq, fresh
+  rs[j + 5], rs[j + 6], rs[j + 7], rs[j + 8] = renew, st[5] ~= ARGV[ai + 1], ki, ai
   ki, ai = ki + 2, ai + 5
   local seen
   for _ = 1, n do
+    m = m + 1
     local kttl, d = ARGV[ai + 2], nil
     if kttl ~= '0' then
       local kkey = KEYS[ki]
@@ -210,19 +233,17 @@ for r = 1, nrooms do
         end
       end
       if not d then
-        seen[kkey] = {string.format('%d', seq + 1), ts, ARGV[ai]}
+        seen[kkey] = {inc(seq), ts, ARGV[ai]}
       end
     end
     if d then
-      dup[ai] = true
+      sqs[2 * m - 1], sqs[2 * m] = false, false
       out[#out + 1] = fe .. f(d[1]) .. f(d[2]) .. f(d[3])
     else
-      seq = seq + 1
-      local sq = string.format('%d', seq)
-      local fsq = string.format('%d:%s', #sq, sq)
-      seqs[ai], fseqs[ai] = sq, fsq
+      seq = inc(seq)
+      local fsq = f(seq)
+      sqs[2 * m - 1], sqs[2 * m] = seq, fsq
       out[#out + 1] = fe .. fsq .. fts .. '0:'
-      room.lasts = sq
     end
     ai = ai + 3
   end
@@ -235,57 +256,62 @@ if held and string.find(held, fb, 1, true) == 1 then
   return held
 end
 -- Write.
-for _, room in ipairs(rooms) do
-  local e, fe, ki, ai = room.e, room.fe, room.ki, room.ai
+m = 0
+for r = 1, nrooms do
+  local j = (r - 1) * 8
+  local e, fe, fresh, renew, resize, ki, ai = rs[j + 1], rs[j + 2], rs[j + 4], rs[j + 5], rs[j + 6], rs[j + 7], rs[j + 8]
   local meta, hist = KEYS[ki], KEYS[ki + 1]
-  local n, sizes, ttls, idle, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], tonumber(ARGV[ai + 3]), ARGV[ai + 4]
-  local size = tonumber(sizes)
+  local n, sizes, ttls, idles, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], ARGV[ai + 3], ARGV[ai + 4]
+  local keep = sizes ~= '0'
   ki, ai = ki + 2, ai + 5
-  if room.fresh or size == 0 then redis.call('DEL', hist) end
+  if fresh or not keep then redis.call('DEL', hist) end
+  local last
   for _ = 1, n do
+    m = m + 1
     local mid, data, kttl = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
     local kkey
     if kttl ~= '0' then
       kkey = KEYS[ki]
       ki = ki + 1
     end
-    if not dup[ai] then
-      local sq = seqs[ai]
-      if size > 0 then
+    local sq = sqs[2 * m - 1]
+    if sq then
+      last = sq
+      if keep then
         local id = '0-' .. sq
         if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data) then
           -- A new stream: it needs its expiry.
           redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data)
-          room.renew = true
+          renew = true
         end
       end
-      redis.call('PUBLISH', channel, 'm' .. fe .. fseqs[ai] .. f(mid) .. fts .. data)
+      redis.call('PUBLISH', channel, 'm' .. fe .. sqs[2 * m] .. f(mid) .. fts .. data)
       if kkey then
         redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. mid .. ' ' .. ts, 'PX', kttl)
       end
     end
     ai = ai + 3
   end
-  local last = room.lasts
   if not last then
     -- Only duplicates: the room's sequence is unchanged.
-  elseif not room.renew and not room.fresh and not room.resize then
-    redis.call('HSET', meta, 's', last, 'h', ttls)
+  elseif not renew and not resize then
+    -- Not fresh, the same history TTL and size: only the sequence moved.
+    redis.call('HSET', meta, 's', last)
   else
     local hset = {'HSET', meta, 's', last, 'h', ttls, 'n', sizes}
-    if room.fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
-    if room.renew then
+    if fresh then hset[#hset + 1], hset[#hset + 2] = 'e', e end
+    if renew then
       -- Each key lives a tenth longer than it must, so that the room's
       -- next publishes, for that tenth, need not extend it again.
-      local ttl = tonumber(ttls)
+      local ttl, idle = tonumber(ttls), tonumber(idles)
       local life, hl = idle, ttl
       if ttl > life then life = ttl end
       if hl == 0 then hl = idle end
       local due = life
-      if size > 0 and hl < due then due = hl end
-      hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', nowms + math.floor(due / 10))
+      if keep and hl < due then due = hl end
+      hset[#hset + 1], hset[#hset + 2] = 'x', string.format('%d', tonumber(nowms) + math.floor(due / 10))
       redis.call(unpack(hset))
-      if size > 0 then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
+      if keep then redis.call('PEXPIRE', hist, string.format('%d', hl + math.floor(hl / 10))) end
       redis.call('PEXPIRE', meta, string.format('%d', life + math.floor(life / 10)))
     else
       redis.call(unpack(hset))

@@ -15,9 +15,11 @@
 // -size bytes to the next of -rooms rooms, one after the other, with
 // history kept (-history messages, -history-ttl). It reports publishes
 // per second, the publish call's p50 and p99, Redis's CPU per publish
-// (used_cpu_sys + used_cpu_user from INFO cpu), Redis's calls per
-// publish (INFO commandstats, scripts' inner calls included), and this
-// process's CPU per publish. The database is flushed between runs.
+// (used_cpu_sys + used_cpu_user from INFO cpu), Redis's time in scripts
+// per publish (INFO commandstats' usec of EVALSHA and EVAL, which both
+// implementations publish with), Redis's calls per publish (INFO
+// commandstats, scripts' inner calls included), and this process's CPU
+// per publish. The database is flushed between runs.
 package main
 
 import (
@@ -70,43 +72,10 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("redisbench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var c config
-	fs.StringVar(&c.addr, "redis", "", "measure this Redis (host:port; it is flushed) instead of starting one")
-	fs.DurationVar(&c.duration, "duration", 5*time.Second, "measured time per run")
-	fs.DurationVar(&c.warmup, "warmup", time.Second, "unmeasured publishing before each run")
-	fs.IntVar(&c.rounds, "rounds", 2, "runs of each implementation per publisher count, alternating")
-	pubs := fs.String("publishers", "1,16", "concurrent publishers, comma-separated")
-	fs.IntVar(&c.rooms, "rooms", 100, "rooms published to in turn")
-	fs.IntVar(&c.size, "size", 128, "payload bytes")
-	fs.IntVar(&c.history, "history", 100, "messages kept per room")
-	fs.DurationVar(&c.historyTTL, "history-ttl", 10*time.Minute, "how long messages are kept")
-	fs.IntVar(&c.batches, "batches", redisbroker.DefaultPublishBatches, "roomcast's WithPublishBatches")
-	impls := fs.String("impls", "roomcast,centrifuge", "implementations, in the order of each round")
-	out := fs.String("out", "", "also write the report to this file")
-	cpuprofile := fs.String("cpuprofile", "", "write this process's CPU profile of the whole run here")
-	if err := fs.Parse(args); err != nil {
+	c, out, cpuprofile, err := parseFlags(args, stderr)
+	if err != nil {
 		return err
 	}
-	for p := range strings.SplitSeq(*pubs, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(p))
-		if err != nil || n < 1 {
-			return fmt.Errorf("-publishers %q: want positive numbers", *pubs)
-		}
-		c.publishers = append(c.publishers, n)
-	}
-	for name := range strings.SplitSeq(*impls, ",") {
-		name = strings.TrimSpace(name)
-		if _, ok := implementations[name]; !ok {
-			return fmt.Errorf("-impls: unknown %q", name)
-		}
-		c.impls = append(c.impls, name)
-	}
-	if c.rounds < 1 || c.rooms < 1 || c.size < 1 || c.history < 1 {
-		return errors.New("-rounds, -rooms, -size and -history must be positive")
-	}
-
 	if *cpuprofile != "" {
 		f, err := os.Create(*cpuprofile)
 		if err != nil {
@@ -158,6 +127,47 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return os.WriteFile(*out, []byte(b.String()), 0o644)
 	}
 	return nil
+}
+
+// parseFlags reads the command line: the run's config, the -out file
+// and the -cpuprofile file.
+func parseFlags(args []string, stderr io.Writer) (c config, out, cpuprofile *string, err error) {
+	fs := flag.NewFlagSet("redisbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.addr, "redis", "", "measure this Redis (host:port; it is flushed) instead of starting one")
+	fs.DurationVar(&c.duration, "duration", 5*time.Second, "measured time per run")
+	fs.DurationVar(&c.warmup, "warmup", time.Second, "unmeasured publishing before each run")
+	fs.IntVar(&c.rounds, "rounds", 2, "runs of each implementation per publisher count, alternating")
+	pubs := fs.String("publishers", "1,16", "concurrent publishers, comma-separated")
+	fs.IntVar(&c.rooms, "rooms", 100, "rooms published to in turn")
+	fs.IntVar(&c.size, "size", 128, "payload bytes")
+	fs.IntVar(&c.history, "history", 100, "messages kept per room")
+	fs.DurationVar(&c.historyTTL, "history-ttl", 10*time.Minute, "how long messages are kept")
+	fs.IntVar(&c.batches, "batches", redisbroker.DefaultPublishBatches, "roomcast's WithPublishBatches")
+	impls := fs.String("impls", "roomcast,centrifuge", "implementations, in the order of each round")
+	out = fs.String("out", "", "also write the report to this file")
+	cpuprofile = fs.String("cpuprofile", "", "write this process's CPU profile of the whole run here")
+	if err := fs.Parse(args); err != nil {
+		return c, nil, nil, err
+	}
+	for p := range strings.SplitSeq(*pubs, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(p))
+		if err != nil || n < 1 {
+			return c, nil, nil, fmt.Errorf("-publishers %q: want positive numbers", *pubs)
+		}
+		c.publishers = append(c.publishers, n)
+	}
+	for name := range strings.SplitSeq(*impls, ",") {
+		name = strings.TrimSpace(name)
+		if _, ok := implementations[name]; !ok {
+			return c, nil, nil, fmt.Errorf("-impls: unknown %q", name)
+		}
+		c.impls = append(c.impls, name)
+	}
+	if c.rounds < 1 || c.rooms < 1 || c.size < 1 || c.history < 1 {
+		return c, nil, nil, errors.New("-rounds, -rooms, -size and -history must be positive")
+	}
+	return c, out, cpuprofile, nil
 }
 
 // publisher is one implementation's broker, subscribed to the rooms.
@@ -271,6 +281,7 @@ type result struct {
 	redisCPU_  time.Duration
 	goCPU      time.Duration
 	calls      map[string]int64
+	scriptTime time.Duration // Redis's own time in EVALSHA and EVAL, their inner calls included
 	load       string
 }
 
@@ -279,6 +290,9 @@ func (r result) redisCPU() float64 {
 	return float64(r.redisCPU_.Microseconds()) / float64(max(r.n, 1))
 }
 func (r result) goCPUPer() float64 { return float64(r.goCPU.Microseconds()) / float64(max(r.n, 1)) }
+func (r result) scriptPer() float64 {
+	return float64(r.scriptTime.Nanoseconds()) / 1e3 / float64(max(r.n, 1))
+}
 func (r result) callsPer() float64 {
 	var total int64
 	for _, v := range r.calls {
@@ -350,7 +364,7 @@ func measure(ctx context.Context, admin *redis.Client, c config, name string, p 
 	took := time.Since(start)
 	cpu1, err1 := redisCPU(ctx, admin)
 	go1 := processCPU()
-	calls, err2 := commandStats(ctx, admin)
+	calls, scriptTime, err2 := commandStats(ctx, admin)
 	stop.Store(true)
 	wg.Wait()
 	if e := failed.Load(); e != nil {
@@ -366,7 +380,7 @@ func measure(ctx context.Context, admin *redis.Client, c config, name string, p 
 	slices.Sort(all)
 	return result{impl: name, publishers: p, n: int64(len(all)), took: took,
 		p50: all[len(all)/2], p99: all[len(all)*99/100],
-		redisCPU_: cpu1 - cpu0, goCPU: go1 - go0, calls: calls, load: uptime()}, nil
+		redisCPU_: cpu1 - cpu0, goCPU: go1 - go0, calls: calls, scriptTime: scriptTime, load: uptime()}, nil
 }
 
 func infoField(ctx context.Context, c *redis.Client, section, key string) (string, error) {
@@ -400,13 +414,17 @@ func redisCPU(ctx context.Context, c *redis.Client) (time.Duration, error) {
 }
 
 // commandStats is INFO commandstats' calls per command, without the
-// benchmark's own INFO and CONFIG.
-func commandStats(ctx context.Context, c *redis.Client) (map[string]int64, error) {
+// benchmark's own INFO and CONFIG, and the time Redis spent running
+// scripts (usec of evalsha and eval: the scripts' own work, without the
+// event loop and the sockets, which is much steadier than used_cpu on a
+// busy machine).
+func commandStats(ctx context.Context, c *redis.Client) (map[string]int64, time.Duration, error) {
 	s, err := c.Info(ctx, "commandstats").Result()
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	out := make(map[string]int64)
+	var scripts time.Duration
 	for line := range strings.SplitSeq(s, "\n") {
 		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_")
 		if !ok {
@@ -420,9 +438,13 @@ func commandStats(ctx context.Context, c *redis.Client) (map[string]int64, error
 			if v, ok := strings.CutPrefix(kv, "calls="); ok {
 				out[name], _ = strconv.ParseInt(v, 10, 64)
 			}
+			if v, ok := strings.CutPrefix(kv, "usec="); ok && (name == "evalsha" || name == "eval") {
+				us, _ := strconv.ParseInt(v, 10, 64)
+				scripts += time.Duration(us) * time.Microsecond
+			}
 		}
 	}
-	return out, nil
+	return out, scripts, nil
 }
 
 func processCPU() time.Duration {
@@ -457,20 +479,20 @@ func report(w io.Writer, c config, rs []result, version, load0, load1 string, st
 	fmt.Fprintf(w, "redisbench: %s UTC, redis-server %s, %d rooms, %d-byte payloads, history %d messages / %v, %v per run after %v warm-up, %d rounds, roomcast with %d publish batches in flight\n",
 		started.UTC().Format("2006-01-02 15:04"), version, c.rooms, c.size, c.history, c.historyTTL, c.duration, c.warmup, c.rounds, c.batches)
 	fmt.Fprintf(w, "load average (1, 5, 15 min): %s before, %s after; took %v\n\n", load0, load1, time.Since(started).Round(time.Second))
-	fmt.Fprintln(w, "| implementation | publishers | round | publishes/s | p50 | p99 | Redis CPU µs/publish | Redis calls/publish | Go CPU µs/publish | load |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+	fmt.Fprintln(w, "| implementation | publishers | round | publishes/s | p50 | p99 | Redis CPU µs/publish | Redis script µs/publish | Redis calls/publish | Go CPU µs/publish | load |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 	for _, r := range rs {
-		fmt.Fprintf(w, "| %s | %d | %d | %.0f | %v | %v | %.1f | %.1f | %.1f | %s |\n",
+		fmt.Fprintf(w, "| %s | %d | %d | %.0f | %v | %v | %.1f | %.1f | %.1f | %.1f | %s |\n",
 			r.impl, r.publishers, r.round, r.rate(), r.p50.Round(time.Microsecond), r.p99.Round(time.Microsecond),
-			r.redisCPU(), r.callsPer(), r.goCPUPer(), r.load)
+			r.redisCPU(), r.scriptPer(), r.callsPer(), r.goCPUPer(), r.load)
 	}
 	if len(c.impls) < 2 {
 		return
 	}
 	ref := c.impls[len(c.impls)-1]
 	fmt.Fprintf(w, "\nMedians over the rounds, and ratios to %s:\n\n", ref)
-	fmt.Fprintln(w, "| implementation | publishers | publishes/s | × rate | p50 | p99 | Redis CPU µs/publish | × Redis CPU |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "| implementation | publishers | publishes/s | × rate | p50 | p99 | Redis CPU µs/publish | × Redis CPU | Redis script µs/publish | × script |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, p := range c.publishers {
 		med := func(name string, f func(result) float64) float64 {
 			var xs []float64
@@ -481,13 +503,13 @@ func report(w io.Writer, c config, rs []result, version, load0, load1 string, st
 			}
 			return median(xs)
 		}
-		refRate, refCPU := med(ref, result.rate), med(ref, result.redisCPU)
+		refRate, refCPU, refScript := med(ref, result.rate), med(ref, result.redisCPU), med(ref, result.scriptPer)
 		for _, name := range c.impls {
-			rate, cpu := med(name, result.rate), med(name, result.redisCPU)
+			rate, cpu, script := med(name, result.rate), med(name, result.redisCPU), med(name, result.scriptPer)
 			p50 := time.Duration(med(name, func(r result) float64 { return float64(r.p50) }))
 			p99 := time.Duration(med(name, func(r result) float64 { return float64(r.p99) }))
-			fmt.Fprintf(w, "| %s | %d | %.0f | %.2f× | %v | %v | %.1f | %.2f× |\n",
-				name, p, rate, rate/refRate, p50.Round(time.Microsecond), p99.Round(time.Microsecond), cpu, cpu/refCPU)
+			fmt.Fprintf(w, "| %s | %d | %.0f | %.2f× | %v | %v | %.1f | %.2f× | %.1f | %.2f× |\n",
+				name, p, rate, rate/refRate, p50.Round(time.Microsecond), p99.Round(time.Microsecond), cpu, cpu/refCPU, script, script/refScript)
 		}
 	}
 	fmt.Fprintln(w, "\nRedis calls per publish, by command (last round):")

@@ -14,7 +14,7 @@ func TestShortRun(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
-	for _, want := range []string{"| roomcast | 1 | 1 |", "| centrifuge | 4 | 1 |", "× Redis CPU", "- roomcast, 4 publishers: evalsha", "- centrifuge, 1 publishers: evalsha"} {
+	for _, want := range []string{"| roomcast | 1 | 1 |", "| centrifuge | 4 | 1 |", "× Redis CPU", "× script", "- roomcast, 4 publishers: evalsha", "- centrifuge, 1 publishers: evalsha"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("the report lacks %q:\n%s", want, out.String())
 		}
