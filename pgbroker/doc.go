@@ -153,10 +153,15 @@
 // New installs the schema, or upgrades it, in one transaction under an
 // advisory lock, so nodes starting at once install it once; a
 // schema_version table records SchemaVersion, and New refuses a database
-// whose schema is newer than it knows. Teams whose migrations own every DDL
-// statement pass WithoutSchemaInstall and apply SchemaSQL's SQL themselves
-// (schema.sql is SchemaSQL(DefaultSchema)); New then only checks the
-// version. The SQL is idempotent.
+// whose schema is newer than it knows (so, in a rolling upgrade to a new
+// SchemaVersion, start no node of the old version once one of the new has
+// started). Version 2 upgrades version 1 in place: it drops the foreign
+// key from messages to rooms, whose check cost a query per message (a
+// trigger on rooms deletes a deleted room's messages, as the key's
+// cascade did). Teams whose migrations own every DDL statement pass
+// WithoutSchemaInstall and apply SchemaSQL's SQL themselves (schema.sql is
+// SchemaSQL(DefaultSchema), and upgrades version 1 too); New then only
+// checks the version. The SQL is idempotent.
 //
 // # Connection poolers
 //
