@@ -42,11 +42,14 @@
 // no idempotency key is one statement (the publish_batch function: lock
 // the rooms' rows in name order, insert every message, update every room);
 // one with keys also looks each key up, after the rows are locked. The
-// other nodes are woken after the commit, by the notifier, in a
-// transaction of its own: a transaction that NOTIFYs holds a lock that
-// serializes every notifying commit of the database until its commit is
-// flushed to disk, so notifying inside the publishes' transactions would
-// make their commits (and fsyncs) take turns instead of sharing one.
+// other nodes are woken after the commit, in a transaction of its own
+// that does not wait for the disk: a transaction that NOTIFYs holds a lock
+// that serializes every notifying commit of the database until its commit
+// is flushed, so notifying inside the publishes' transactions would make
+// their commits (and fsyncs) take turns instead of sharing one. A batch
+// without keys sends that transaction in its own round trip, right after
+// its Sync, on its connection (when the pool prepares statements, pgx's
+// default); other batches hand their rooms to the notifier.
 //
 // A room whose row another transaction holds (a host's PublishTx that has
 // not committed yet) does not hold up the batch: its publishes are left out

@@ -528,7 +528,9 @@ END $$;
 -- nothing that must survive a crash, so it does not wait for the flush,
 -- and the publishes' own commits (which do) are free to share one.
 -- The rooms share notifications: 'm' then, per room, its name's length in
--- bytes, ':' and the name, up to about 7,900 bytes each.
+-- bytes, ':' and the name, up to about 7,900 bytes each. (Nodes since
+-- version 2 make the same notifications in Go and send them with a plain
+-- statement, cheaper than this call.)
 CREATE OR REPLACE FUNCTION {{schema}}.notify(p_rooms text[]) RETURNS void
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE

@@ -1,0 +1,4 @@
+package pgbroker
+
+// NotifyPayloads exports notifyPayloads to the tests.
+var NotifyPayloads = notifyPayloads
