@@ -47,9 +47,10 @@
 // that serializes every notifying commit of the database until its commit
 // is flushed, so notifying inside the publishes' transactions would make
 // their commits (and fsyncs) take turns instead of sharing one. A batch
-// without keys sends that transaction in its own round trip, right after
-// its Sync, on its connection (when the pool prepares statements, pgx's
-// default); other batches hand their rooms to the notifier.
+// without keys sends that transaction in the batch's own round trip, on
+// its connection, right after the batch's Sync (when the pool prepares
+// statements, pgx's default); other batches, and a notification that
+// failed, hand their rooms to the notifier.
 //
 // A room whose row another transaction holds (a host's PublishTx that has
 // not committed yet) does not hold up the batch: its publishes are left out

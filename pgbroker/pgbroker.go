@@ -316,12 +316,13 @@ func us(d time.Duration) int64 {
 // statements are the broker's SQL, in its schema.
 type statements struct {
 	publish, publishBatch, wake, history, position, read string
+	pipelinedWake                                        string // wake, as a batch's pipeline sends it (tests break it alone)
 	join, leave, presence, presenceCounts                string
 	refresh, touch, sweep                                string
 }
 
 func newStatements(s string) statements {
-	return statements{
+	st := statements{
 		publish: `SELECT o_item, o_epoch, o_seq, o_id::text, o_at, o_duplicate, o_busy FROM ` + s +
 			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9, $10)`,
 		publishBatch: `SELECT o_room, o_epoch, o_base, o_at FROM ` + s +
@@ -346,4 +347,6 @@ RETURNING u.room, u.conn`,
     SELECT id FROM ` + s + `.rooms WHERE name = ANY($1::text[]) FOR NO KEY UPDATE SKIP LOCKED)`,
 		sweep: `SELECT o_rooms, o_trimmed, o_reclaimed, o_keys, o_events, o_expired FROM ` + s + `.sweep($1, $2, $3)`,
 	}
+	st.pipelinedWake = st.wake
+	return st
 }

@@ -45,7 +45,7 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string)
 	if err != nil {
 		return nil, false, err
 	}
-	wakeSD, err := b.prepare(ctx, conn, b.sql.wake, &wake, []any{notifyPayloads(rooms)})
+	wakeSD, err := b.prepare(ctx, conn, b.sql.pipelinedWake, &wake, []any{notifyPayloads(rooms)})
 	if err != nil {
 		return nil, false, err
 	}

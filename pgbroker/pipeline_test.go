@@ -63,3 +63,35 @@ func TestBatchesWakeTheOtherNodes(t *testing.T) {
 		}
 	}
 }
+
+// When the notification a batch sends in its round trip fails (the batch
+// committed), the notifier sends it: with polling every minute, the
+// other node still delivers at once.
+func TestAFailedBatchNotificationGoesToTheNotifier(t *testing.T) {
+	t.Parallel()
+	s := uniqueSchema()
+	slow := []pgbroker.Option{pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute)}
+	a, b := newBroker(t, shared.DSN, s, slow...), newBroker(t, shared.DSN, s, slow...)
+	pgbroker.BreakPipelinedWake(a)
+	got := make(chan pubsub.Message, 10)
+	a.Bind(func(pubsub.Message) {})
+	b.Bind(func(m pubsub.Message) { got <- m })
+	t.Cleanup(func() { a.Close(); b.Close() })
+	waitListening(t, shared.DSN, s, 2)
+	if err := b.Subscribe(pubsubtest.Context(t), "room"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Publish(pubsubtest.Context(t), "room", []byte("hi"), pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 10}}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case m := <-got:
+			if m.Kind == pubsub.KindMessage && string(m.Data) == "hi" {
+				return
+			}
+		case <-pubsubtest.Context(t).Done():
+			t.Fatal("node B did not deliver the message before the test's deadline")
+		}
+	}
+}
