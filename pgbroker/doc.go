@@ -42,11 +42,15 @@
 // no idempotency key is one statement (the publish_batch function: lock
 // the rooms' rows in name order, insert every message, update every room);
 // one with keys also looks each key up, after the rows are locked. The
-// other nodes are woken after the commit, by the notifier, in a
-// transaction of its own: a transaction that NOTIFYs holds a lock that
-// serializes every notifying commit of the database until its commit is
-// flushed to disk, so notifying inside the publishes' transactions would
-// make their commits (and fsyncs) take turns instead of sharing one.
+// other nodes are woken after the commit, in a transaction of its own
+// that does not wait for the disk: a transaction that NOTIFYs holds a lock
+// that serializes every notifying commit of the database until its commit
+// is flushed, so notifying inside the publishes' transactions would make
+// their commits (and fsyncs) take turns instead of sharing one. A batch
+// without keys sends that transaction in the batch's own round trip, on
+// its connection, right after the batch's Sync (when the pool prepares
+// statements, pgx's default); other batches, and a notification that
+// failed, hand their rooms to the notifier.
 //
 // A room whose row another transaction holds (a host's PublishTx that has
 // not committed yet) does not hold up the batch: its publishes are left out
@@ -153,10 +157,15 @@
 // New installs the schema, or upgrades it, in one transaction under an
 // advisory lock, so nodes starting at once install it once; a
 // schema_version table records SchemaVersion, and New refuses a database
-// whose schema is newer than it knows. Teams whose migrations own every DDL
-// statement pass WithoutSchemaInstall and apply SchemaSQL's SQL themselves
-// (schema.sql is SchemaSQL(DefaultSchema)); New then only checks the
-// version. The SQL is idempotent.
+// whose schema is newer than it knows (so, in a rolling upgrade to a new
+// SchemaVersion, start no node of the old version once one of the new has
+// started). Version 2 upgrades version 1 in place: it drops the foreign
+// key from messages to rooms, whose check cost a query per message (a
+// trigger on rooms deletes a deleted room's messages, as the key's
+// cascade did). Teams whose migrations own every DDL statement pass
+// WithoutSchemaInstall and apply SchemaSQL's SQL themselves (schema.sql is
+// SchemaSQL(DefaultSchema), and upgrades version 1 too); New then only
+// checks the version. The SQL is idempotent.
 //
 // # Connection poolers
 //

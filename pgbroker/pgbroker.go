@@ -315,18 +315,22 @@ func us(d time.Duration) int64 {
 
 // statements are the broker's SQL, in its schema.
 type statements struct {
-	publish, publishBatch, notify, history, position, read string
-	join, leave, presence, presenceCounts                  string
-	refresh, touch, sweep                                  string
+	publish, publishBatch, wake, history, position, read string
+	pipelinedWake                                        string // wake, as a batch's pipeline sends it (tests break it alone)
+	join, leave, presence, presenceCounts                string
+	refresh, touch, sweep                                string
 }
 
 func newStatements(s string) statements {
-	return statements{
+	st := statements{
 		publish: `SELECT o_item, o_epoch, o_seq, o_id::text, o_at, o_duplicate, o_busy FROM ` + s +
 			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9, $10)`,
 		publishBatch: `SELECT o_room, o_epoch, o_base, o_at FROM ` + s +
 			`.publish_batch($1::text[], $2::uuid[], $3::integer[], $4::bytea[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[], $9, $10)`,
-		notify:   `SELECT ` + s + `.notify($1::text[])`,
+		// The notify function's notifications, their payloads made by
+		// notifyPayloads, in a plain statement (a function call costs the
+		// server more than the notifications).
+		wake:     `SELECT set_config('synchronous_commit', 'off', true), pg_notify('` + s + `', p) FROM unnest($1::text[]) AS p`,
 		history:  `SELECT o_epoch, o_top, o_seq, o_id::text, o_at, o_data FROM ` + s + `.read_history($1, $2, $3, $4)`,
 		position: `SELECT o_epoch, o_seq, o_id, o_ev FROM ` + s + `.position($1)`,
 		read: `SELECT o_room, o_kind, o_epoch, o_seq, o_ev, o_id::text, o_at, o_data, o_conn, o_user FROM ` + s +
@@ -343,4 +347,6 @@ RETURNING u.room, u.conn`,
     SELECT id FROM ` + s + `.rooms WHERE name = ANY($1::text[]) FOR NO KEY UPDATE SKIP LOCKED)`,
 		sweep: `SELECT o_rooms, o_trimmed, o_reclaimed, o_keys, o_events, o_expired FROM ` + s + `.sweep($1, $2, $3)`,
 	}
+	st.pipelinedWake = st.wake
+	return st
 }

@@ -1,11 +1,14 @@
 package pgbroker_test
 
 import (
+	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pubsubtest"
@@ -66,4 +69,45 @@ func TestPublishBeforeBindReachesTheNodes(t *testing.T) {
 	}
 	got := w.waitMessages(1)
 	checkStream(t, got, res.Epoch, 1, "from a worker")
+}
+
+// The notifications a node sends for its batches are the very ones the
+// schema's notify function sends (nodes of schema version 1 call it, and
+// the readers of both parse them): a LISTENing session gets the same
+// payloads, split at the same place.
+func TestNotifyPayloadsAreTheNotifyFunctions(t *testing.T) {
+	t.Parallel()
+	ctx := pubsubtest.Context(t)
+	s := uniqueSchema()
+	if _, err := pgbroker.New(ctx, newPool(t, shared.DSN), pgbroker.WithSchema(s)); err != nil {
+		t.Fatal(err)
+	}
+	rooms := []string{"a", "ü", "with:colon", "m12:x"}
+	for i := range 12 {
+		rooms = append(rooms, fmt.Sprint(i)+strings.Repeat("y", 990))
+	}
+	conn, err := pgx.Connect(ctx, shared.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "LISTEN "+s); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newPool(t, shared.DSN).Exec(ctx, `SELECT `+s+`.notify($1::text[])`, rooms); err != nil {
+		t.Fatal(err)
+	}
+	want := pgbroker.NotifyPayloads(rooms)
+	if len(want) < 2 {
+		t.Fatalf("%d payloads for rooms of 12,000 bytes, want them split", len(want))
+	}
+	for i, w := range want {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Payload != w {
+			t.Fatalf("notification %d: the notify function sent %q, NotifyPayloads makes %q", i, n.Payload, w)
+		}
+	}
 }

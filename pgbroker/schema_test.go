@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pubsubtest"
 )
@@ -105,6 +107,8 @@ func catalog(t *testing.T, dsn string) string {
 		`SELECT 'function ' || p.proname || ' ' || pg_get_functiondef(p.oid) FROM pg_proc p
 		 WHERE p.pronamespace = 'roomcast'::regnamespace ORDER BY p.proname`,
 		`SELECT 'view ' || viewname || ' ' || definition FROM pg_views WHERE schemaname = 'roomcast' ORDER BY 1`,
+		`SELECT 'trigger ' || t.tgname || ' ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+		 WHERE c.relnamespace = 'roomcast'::regnamespace AND NOT t.tgisinternal ORDER BY 1`,
 		`SELECT 'version ' || version FROM roomcast.schema_version ORDER BY 1`,
 	} {
 		rows, err := conn.Query(pubsubtest.Context(t), q)
@@ -123,6 +127,77 @@ func catalog(t *testing.T, dsn string) string {
 		}
 	}
 	return b.String()
+}
+
+// A database whose schema is at version 1 (testdata/schema_v1.sql, as
+// that version shipped it) is upgraded by New in place to the very
+// catalog a fresh install has, its messages kept.
+func TestNewUpgradesVersion1InPlace(t *testing.T) {
+	t.Parallel()
+	ctx := pubsubtest.Context(t)
+	v1, err := os.ReadFile("testdata/schema_v1.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, fresh := newDatabase(t), newDatabase(t)
+	oldPool := newPool(t, shared.DSNFor(old))
+	if _, err := oldPool.Exec(ctx, string(v1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oldPool.Exec(ctx, `SELECT count(*) FROM roomcast.publish(ARRAY['lobby', 'lobby'], ARRAY['\x01', '\x02']::bytea[],
+		ARRAY['', ''], ARRAY[1, 1]::bigint[], ARRAY[10, 10], ARRAY[0, 0]::bigint[], ARRAY[false, false], 1000000, 2, false)`); err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgbroker.New(ctx, oldPool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pgbroker.New(ctx, newPool(t, shared.DSNFor(fresh))); err != nil {
+		t.Fatal(err)
+	}
+	upgraded, want := catalog(t, shared.DSNFor(old)), catalog(t, shared.DSNFor(fresh))
+	if !strings.Contains(upgraded, "version 1\nversion 2\n") {
+		t.Fatalf("the upgraded schema's versions:\n%s", upgraded)
+	}
+	if strings.Replace(upgraded, "version 1\n", "", 1) != want {
+		t.Fatalf("the schema upgraded from version 1 differs from a fresh install:\n--- upgraded\n%s\n--- fresh\n%s", upgraded, want)
+	}
+	h, err := b.History(ctx, "lobby", pubsub.HistoryQuery{Limit: 10})
+	if err != nil || len(h.Messages) != 2 || h.Messages[1].Seq != 2 {
+		t.Fatalf("the history kept across the upgrade: %+v, %v", h, err)
+	}
+}
+
+// Deleting a room's row (by hand: the broker's sweep deletes only rooms
+// with no messages) deletes its messages, as the foreign key's ON DELETE
+// CASCADE of version 1 did; other rooms' messages stay.
+func TestDeletingARoomDeletesItsMessages(t *testing.T) {
+	t.Parallel()
+	ctx := pubsubtest.Context(t)
+	s := uniqueSchema()
+	pool := newPool(t, shared.DSN)
+	b, err := pgbroker.New(ctx, pool, pgbroker.WithSchema(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 10}}
+	for _, room := range []string{"a", "a", "b", "c"} {
+		if _, err := b.Publish(ctx, room, []byte("x"), h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := pool.Exec(ctx, `DELETE FROM `+s+`.rooms WHERE name IN ('a', 'b')`); err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	rows, err := pool.Query(ctx, `SELECT coalesce(r.name, '(none)') FROM `+s+`.messages m LEFT JOIN `+s+`.rooms r ON r.id = m.room_id ORDER BY 1`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	left, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || !slices.Equal(left, []string{"c"}) {
+		t.Fatalf("messages left after deleting rooms a and b: %v, %v; want [c]", left, err)
+	}
 }
 
 // Nodes starting at once install the schema once, under the advisory

@@ -1,0 +1,143 @@
+package pgbroker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// position is where a batch left one of its rooms: its epoch, its seq
+// before the batch, and the time of the batch's messages.
+type position struct {
+	epoch string
+	base  int64
+	at    time.Time
+}
+
+// pipelines reports whether a publisher sends its batches' notifications
+// on the batch's own connection (see queryPipelined): when the nodes
+// listen, and the pool prepares its statements (pgx's default mode; the
+// others are for poolers that do not keep prepared statements).
+func (b *Broker) pipelines() bool {
+	return !b.cfg.pollOnly && b.pool.Config().ConnConfig.DefaultQueryExecMode == pgx.QueryExecModeCacheStatement
+}
+
+// queryPipelined runs publish_batch with args and, in the same round trip,
+// right after the batch's Sync, the notification of rooms, in a
+// transaction of its own: the server runs it once the batch committed
+// (or failed: a notification only wakes), and neither this node's
+// notifier nor a second round trip is needed. notified is false when the
+// notification failed: the caller hands the rooms to the notifier.
+func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string) (got map[string]position, notified bool, err error) {
+	conn, err := b.pool.Acquire(ctx)
+	if err != nil {
+		return nil, false, err
+	}
+	defer conn.Release()
+	var batch, wake pgx.ExtendedQueryBuilder
+	batchSD, err := b.prepare(ctx, conn, b.sql.publishBatch, &batch, args)
+	if err != nil {
+		return nil, false, err
+	}
+	wakeSD, err := b.prepare(ctx, conn, b.sql.pipelinedWake, &wake, []any{notifyPayloads(rooms)})
+	if err != nil {
+		return nil, false, err
+	}
+	p := conn.Conn().PgConn().StartPipeline(ctx)
+	p.SendQueryStatement(batchSD, batch.ParamValues, batch.ParamFormats, batch.ResultFormats)
+	p.SendPipelineSync()
+	p.SendQueryStatement(wakeSD, wake.ParamValues, wake.ParamFormats, wake.ResultFormats)
+	p.SendPipelineSync()
+	if err := p.Flush(); err != nil {
+		p.Close()
+		return nil, false, err
+	}
+	got, err = b.batchResult(conn, p)
+	notified = pipelineStep(p, func(rr *pgconn.ResultReader) error { _, err := rr.Close(); return err }) == nil
+	if p.Close() != nil {
+		notified = false
+	}
+	if err != nil {
+		return nil, notified, err
+	}
+	return got, notified, nil
+}
+
+// prepare prepares sql on conn (once per connection: pgx keeps it) and
+// encodes args for it into qb.
+func (b *Broker) prepare(ctx context.Context, conn *pgxpool.Conn, sql string, qb *pgx.ExtendedQueryBuilder, args []any) (*pgconn.StatementDescription, error) {
+	sd, err := conn.Conn().Prepare(ctx, sql, sql)
+	if err != nil {
+		return nil, err
+	}
+	if err := qb.Build(conn.Conn().TypeMap(), sd, args); err != nil {
+		return nil, err
+	}
+	return sd, nil
+}
+
+// batchResult reads publish_batch's rows, one per room it published to,
+// and the Sync after them.
+func (b *Broker) batchResult(conn *pgxpool.Conn, p *pgconn.Pipeline) (map[string]position, error) {
+	got := make(map[string]position)
+	m := conn.Conn().TypeMap()
+	err := pipelineStep(p, func(rr *pgconn.ResultReader) error {
+		fields := rr.FieldDescriptions()
+		if len(fields) != 4 {
+			rr.Close()
+			return fmt.Errorf("publish_batch returned %d columns, want 4", len(fields))
+		}
+		for rr.NextRow() {
+			var (
+				room string
+				pos  position
+			)
+			for i, dst := range []any{&room, &pos.epoch, &pos.base, &pos.at} {
+				if err := m.Scan(fields[i].DataTypeOID, fields[i].Format, rr.Values()[i], dst); err != nil {
+					rr.Close()
+					return fmt.Errorf("publish_batch's column %s: %w", strconv.Quote(fields[i].Name), err)
+				}
+			}
+			got[room] = pos
+		}
+		_, err := rr.Close()
+		return err
+	})
+	return got, err
+}
+
+// pipelineStep reads the next query's result with read, then the Sync
+// that follows it (an error at the commit comes before it), and returns
+// the first error.
+func pipelineStep(p *pgconn.Pipeline, read func(*pgconn.ResultReader) error) error {
+	res, err := p.GetResults()
+	if err == nil {
+		if rr, ok := res.(*pgconn.ResultReader); ok {
+			err = read(rr)
+		} else {
+			err = fmt.Errorf("pipeline: got %T, want a query's result", res)
+		}
+	}
+	for {
+		res, serr := p.GetResults()
+		if _, ok := res.(*pgconn.PipelineSync); ok && serr == nil {
+			return err
+		}
+		if serr == nil {
+			serr = fmt.Errorf("pipeline: got %T, want the Sync", res)
+		}
+		if err == nil {
+			err = serr
+		}
+		var pgErr *pgconn.PgError
+		if !errors.As(serr, &pgErr) {
+			return err // the connection broke
+		}
+	}
+}
