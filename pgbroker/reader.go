@@ -75,6 +75,9 @@ func (b *Broker) listenLoop() {
 				return
 			}
 			if !failing {
+				// Not listening is an outage too, even before the first
+				// LISTEN: what it misses is read strictly (see lost).
+				b.lost()
 				b.log.Error("pgbroker: cannot open the listening connection; retrying", "err", err)
 				failing = true
 			}

@@ -18,8 +18,8 @@ import (
 // its processes and its functions' times.
 var breakdownPool *pgxpool.Pool
 
-// pidTicks is the CPU time, in clock ticks, of each of the server's
-// processes.
+// pidTicks is the CPU time (user and system), in clock ticks, of each of
+// the server's processes, read from /proc (Linux).
 func pidTicks() map[int]int64 {
 	out := map[int]int64{}
 	entries, _ := os.ReadDir("/proc")
@@ -32,8 +32,12 @@ func pidTicks() map[int]int64 {
 		if err != nil {
 			continue
 		}
+		// pid (comm) state ppid ... utime(14) stime(15): fields after the ")".
 		rest := string(stat[strings.LastIndexByte(string(stat), ')')+2:])
 		f := strings.Fields(rest)
+		if len(f) < 13 {
+			continue
+		}
 		ppid, _ := strconv.Atoi(f[1])
 		if pid != postmaster && ppid != postmaster {
 			continue
