@@ -63,7 +63,10 @@ type conn struct {
 	pingAt  int64       // when that ping was queued, unix nanoseconds
 	writer  writerState // who writes the queue, if anyone
 	rest    []*frame    // frames a pool writer took but left to the connection's own writer
-	beat    *time.Timer // the heartbeat; nil until the connection is served
+	// beatAt and beatIdx are the connection's next heartbeat and its place
+	// in the Handler's heartbeats (-1: none), guarded by the heartbeats' mu.
+	beatAt  int64
+	beatIdx int32
 
 	// wg counts the connection's other goroutines: its writer (pooled or
 	// its own), a raw-mode ping, a running heartbeat. No Add once closing
@@ -77,8 +80,9 @@ func newConn(h *Handler, cl Client) *conn {
 	c := &conn{
 		h: h, client: cl, mode: cl.Mode,
 		ctx: ctx, cancel: cancel,
-		tokens: float64(h.cfg.rateBurst),
-		refill: time.Now(),
+		tokens:  float64(h.cfg.rateBurst),
+		refill:  time.Now(),
+		beatIdx: -1,
 	}
 	c.lastSeen.Store(time.Now().UnixNano())
 	c.lastApp.Store(time.Now().UnixNano())
@@ -214,9 +218,7 @@ func (c *conn) beginCloseLocked(code protocol.CloseCode, reason string, flush bo
 		return false
 	}
 	c.closing, c.code, c.reason, c.flush = true, code, truncateReason(reason), flush
-	if c.beat != nil {
-		c.beat.Stop()
-	}
+	c.h.beats.cancel(c)
 	c.cancel()
 	if c.sock != nil {
 		// A parked connection gets its reader back, which reads the peer's
@@ -259,21 +261,23 @@ func (c *conn) closeStatus() (protocol.CloseCode, string) {
 	return c.code, c.reason
 }
 
-// startHeartbeat arms the heartbeat timer once the connection is served.
+// startHeartbeat schedules the first heartbeat once the connection is
+// served.
 func (c *conn) startHeartbeat() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.closing {
-		c.beat = time.AfterFunc(c.h.cfg.heartbeat, c.heartbeat)
+		c.h.beats.schedule(c, c.h.cfg.heartbeat)
 	}
 }
 
 // pingFrame is the heartbeat envelope, shared by every connection.
 var pingFrame = newControlFrame(pingEnvelope)
 
-// heartbeat runs on the timer's goroutine every interval: it checks the
-// peer's liveness and asks for a sign of life. The connection owns that
-// goroutine while it runs: it counts in c.wg, unless closing began.
+// heartbeat runs on the Handler's heartbeats goroutine every interval
+// (heartbeat.go): it checks the peer's liveness, asks for a sign of life
+// and schedules the next. While it runs it counts in c.wg, unless closing
+// began (then it does nothing, and schedules nothing).
 func (c *conn) heartbeat() {
 	cfg := &c.h.cfg
 	silent := time.Since(time.Unix(0, c.lastSeen.Load()))
@@ -284,7 +288,7 @@ func (c *conn) heartbeat() {
 	}
 	c.wg.Add(1)
 	defer c.wg.Done()
-	c.beat.Reset(cfg.heartbeat)
+	c.h.beats.schedule(c, cfg.heartbeat)
 	if cfg.idleTimeout > 0 && time.Since(time.Unix(0, c.lastApp.Load())) > cfg.idleTimeout {
 		c.beginCloseLocked(protocol.CloseIdleTimeout, "idle timeout", false)
 		return
@@ -320,7 +324,7 @@ func (c *conn) heartbeat() {
 	if c.pinging {
 		if c.lastSeen.Load() < c.pingAt {
 			if left := time.Duration(c.pingAt + int64(cfg.heartbeatWait) - now); left > 0 {
-				c.beat.Reset(min(cfg.heartbeat, left)) // the ping's time is not up
+				c.h.beats.schedule(c, min(cfg.heartbeat, left)) // the ping's time is not up
 				return
 			}
 			c.beginCloseLocked(protocol.CloseHeartbeatTimeout, "heartbeat timeout", false)
@@ -331,7 +335,7 @@ func (c *conn) heartbeat() {
 	if silent >= cfg.heartbeat && c.q.pushIfRoom(rawPingFrame, c.h.cfg.queue) {
 		c.pinging, c.pingAt = true, now
 		c.startWriterLocked()
-		c.beat.Reset(min(cfg.heartbeat, cfg.heartbeatWait))
+		c.h.beats.schedule(c, min(cfg.heartbeat, cfg.heartbeatWait))
 	}
 }
 

@@ -160,7 +160,7 @@
 // connection is upgraded: net/http then frees the request's buffers and
 // stack, which would otherwise live as long as the connection. The
 // connection is served by a reader goroutine that the Handler owns, and
-// heartbeats are a timer. On Linux an idle connection has no goroutine at
+// its heartbeats by one goroutine for all connections. On Linux an idle connection has no goroutine at
 // all: when nothing is left to read, its reader parks the connection with
 // the Handler's poller (one epoll instance and one goroutine for every
 // connection, through the standard library's syscall package) and ends;
@@ -225,10 +225,13 @@
 //     by the connection (startWriterLocked, or handOverLocked, which hands
 //     the pool's count over); counted in the connection's wg; waited for
 //     by its reader.
-//   - The heartbeat (conn.heartbeat), a time.AfterFunc timer armed by
-//     conn.start and stopped by beginClose; while its callback runs it
-//     counts in the connection's wg (unless closing began), so it never
-//     outlives the connection.
+//   - The heartbeats (heartbeats.run, heartbeat.go): one goroutine per
+//     Handler, started by the first connection's heartbeat (scheduled by
+//     conn.start, cancelled by beginClose), stopped and waited for by the
+//     Handler once every connection has ended. It runs each connection's
+//     heartbeat (conn.heartbeat) when due, which counts in the
+//     connection's wg while it runs (unless closing began) and schedules
+//     the next, so no heartbeat outlives its connection.
 //   - Shutdown's waiter: Shutdown starts one goroutine that waits for the
 //     groups above and closes a channel, and returns only after receiving
 //     from it.

@@ -51,7 +51,8 @@ type Handler struct {
 	serving   sync.WaitGroup // running ServeHTTP calls
 	live      sync.WaitGroup // served connections: their reader goroutine, or their park (conn.serveRead)
 	writers   writerPool
-	poll      poller // where idle connections wait for input without a goroutine (Linux)
+	poll      poller     // where idle connections wait for input without a goroutine (Linux)
+	beats     heartbeats // runs every connection's heartbeat, from one goroutine
 
 	closeBroker sync.Once
 	brokerErr   error
@@ -390,6 +391,7 @@ func (h *Handler) wait() {
 	h.live.Wait()
 	h.writers.wg.Wait() // ends soon: with no connection left, nothing is queued
 	h.poll.stop()       // no connection is left to park
+	h.beats.stop()      // nor one with a heartbeat
 }
 
 func (h *Handler) beginShutdown() []*conn {

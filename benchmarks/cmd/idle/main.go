@@ -87,7 +87,7 @@ func run() error {
 		for _, r := range rs {
 			loads = append(loads, fmt.Sprintf("%.1f", r.Load))
 		}
-		fmt.Fprintf(w, "| %s | %.1f KiB | %.1f KiB | %.1f KiB | %.2f | %s |\n", k,
+		fmt.Fprintf(w, "| %s | %.2f KiB | %.2f KiB | %.2f KiB | %.2f | %s |\n", k,
 			med(func(r bench.IdleResult) float64 { return r.RSS })/1024,
 			med(func(r bench.IdleResult) float64 { return r.Heap })/1024,
 			med(func(r bench.IdleResult) float64 { return r.Stack })/1024,
