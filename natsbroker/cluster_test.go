@@ -52,7 +52,18 @@ func testServerLoss(t *testing.T, cluster *natstest.Cluster, stop func(cluster *
 	history := pubsub.WithHistory(10_000, time.Hour)
 	// Node A creates the stream; node B prefers the server that leads it,
 	// node A another. Each fails over to the others.
-	first := newBrokerOn(t, connect(t, cluster.URLs()), p, r3...)
+	// The cluster has just formed: its first replicated stream elects a
+	// leader of its own, which on a loaded machine (-race, the other
+	// subtest's cluster beside it) has taken longer than one call's test
+	// timeout; give it a minute.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	first, err := natsbroker.New(ctx, connect(t, cluster.URLs()), append([]natsbroker.Option{
+		natsbroker.WithPrefix(p), natsbroker.WithLogger(pubsubtest.Logger()),
+	}, r3...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
 	leader := cluster.StreamLeader(p)
 	if leader == nil {
 		t.Fatal("the stream has no leader")
