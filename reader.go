@@ -179,8 +179,8 @@ func (c *conn) readFailed(err error) {
 // allow takes a token from the connection's rate-limit bucket.
 func (c *conn) allow() bool {
 	cfg := &c.h.cfg
-	now := time.Now()
-	c.tokens += now.Sub(c.refill).Seconds() * cfg.rateLimit
+	now := sinceStart()
+	c.tokens += time.Duration(now-c.refill).Seconds() * cfg.rateLimit
 	c.refill = now
 	if max := float64(cfg.rateBurst); c.tokens > max {
 		c.tokens = max

@@ -40,10 +40,11 @@ var errReadWhileParked = errors.New("pubsub: read from a parked connection")
 
 // hijacker wraps the ResponseWriter given to websocket.Accept: its Hijack
 // returns the connection with our small buffers instead of net/http's 4 KiB
-// ones, and keeps the socket for the Handler's own writes.
+// ones, and sets up sock (the connection's own, in its allocation) for the
+// Handler's own writes.
 type hijacker struct {
 	http.ResponseWriter
-	sock *socket
+	sock *socket       // zero until Hijack
 	br   *bufio.Reader // coder/websocket's reader over sock
 }
 
@@ -62,7 +63,7 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return nil, nil, err
 		}
 	}
-	w.sock = newSocket(nc, pre)
+	w.sock.init(nc, pre)
 	w.br = bufio.NewReaderSize(w.sock, readBufferSize)
 	return w.sock, bufio.NewReadWriter(w.br, bufio.NewWriterSize(w.sock, writeBufferSize)), nil
 }
@@ -89,21 +90,23 @@ func (w *hijacker) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // socket closing and closes the connection only while holding mu, which
 // tryWrite holds.
 type socket struct {
-	net.Conn
-	pre  []byte          // read before the connection, or by fill; only the reader goroutine reads
-	rest []byte          // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
-	rc   syscall.RawConn // for tryWrite, fill and the poller; nil unless the connection is a plain *net.TCPConn or *net.UnixConn
+	// What tryWrite touches comes first (see conn's layout).
+	mu sync.Mutex
+	// closing is set when Close begins: writes waiting on the network end
+	// then, and tryWrite (holding mu, which Close takes before closing the
+	// descriptor) writes no more.
+	closing atomic.Bool
+	rest    []byte          // the unwritten tail of a tryWrite, the next bytes on the wire; guarded by mu
+	rc      syscall.RawConn // for tryWrite, fill and the poller; nil unless the connection is a plain *net.TCPConn or *net.UnixConn
 	// tryWrite's system call, set once (a method value: no allocation per
 	// write), with its argument and results; guarded by mu.
 	writeFn func(fd uintptr)
 	wp      []byte
 	wn      int
 	werr    error
-	// closing is set when Close begins: writes waiting on the network end
-	// then, and tryWrite (holding mu, which Close takes before closing the
-	// descriptor) writes no more.
-	closing atomic.Bool
-	mu      sync.Mutex
+
+	net.Conn
+	pre []byte // read before the connection, or by fill; only the reader goroutine reads
 	// owner is the connection on this socket, set by conn.attach: closing
 	// the socket takes it back from the poller first (poller.unpark).
 	owner *conn
@@ -113,10 +116,19 @@ type socket struct {
 	pollTok uint64
 }
 
+// newSocket returns a socket on nc (a connection's own is its sockMem,
+// set up by init instead).
 func newSocket(nc net.Conn, pre []byte) *socket {
-	s := &socket{Conn: nc, pre: pre}
+	s := new(socket)
+	s.init(nc, pre)
+	return s
+}
+
+// init sets up a zero socket on nc, with pre as the bytes read before it.
+func (s *socket) init(nc net.Conn, pre []byte) {
+	s.Conn, s.pre = nc, pre
 	if !canTryWrite {
-		return s
+		return
 	}
 	// Only the standard library's own connections: a wrapper (metering,
 	// PROXY protocol, TLS) may do something in its Write that writing to
@@ -129,13 +141,12 @@ func newSocket(nc net.Conn, pre []byte) *socket {
 	case *net.UnixConn:
 		sc = c
 	default:
-		return s
+		return
 	}
 	if rc, err := sc.SyscallConn(); err == nil {
 		s.rc = rc
 		s.writeFn = s.writeNow
 	}
-	return s
 }
 
 // canTry reports whether tryWrite may be used on this socket.

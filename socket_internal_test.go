@@ -243,7 +243,7 @@ func TestHijackHandsOverSmallBuffersAndBufferedBytes(t *testing.T) {
 	}
 	got := make(chan result, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hw := &hijacker{ResponseWriter: w}
+		hw := &hijacker{ResponseWriter: w, sock: new(socket)}
 		_, brw, err := hw.Hijack()
 		if err != nil {
 			t.Error(err)

@@ -416,7 +416,8 @@ func (h *Handler) streamSSE(w http.ResponseWriter, r *http.Request, c *conn) {
 		return
 	}
 	c.sse.headed = true
-	sock := newSocket(sc, nil)
+	sock := &c.sockMem
+	sock.init(sc, nil)
 	c.attach(nil, sock, bufio.NewReaderSize(sock, readBufferSize))
 	h.serve(c)
 	<-sc.done // closed with the connection

@@ -179,7 +179,7 @@ func (c *conn) joinRawRoom(r *http.Request) *refusal {
 // abandons it.
 func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 	if c.mode == ModeSSE {
-		hw := &hijacker{ResponseWriter: w}
+		hw := &hijacker{ResponseWriter: w, sock: &c.sockMem}
 		if _, _, err := hw.Hijack(); err != nil {
 			// HTTP/2 (and any writer that cannot be hijacked) streams
 			// through the ResponseWriter instead, on this goroutine.
@@ -202,7 +202,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 	if c.mode == ModeProtocol {
 		opts.Subprotocols = []string{protocol.Subprotocol}
 	}
-	hw := &hijacker{ResponseWriter: w}
+	hw := &hijacker{ResponseWriter: w, sock: &c.sockMem}
 	ws, err := websocket.Accept(hw, r, opts)
 	if err != nil {
 		h.log.Debug("pubsub: upgrade failed", "err", err, "remote", r.RemoteAddr)

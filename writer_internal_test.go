@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/coder/websocket"
 )
@@ -278,4 +279,53 @@ func waitRegistered(t *testing.T, ctx context.Context, h *Handler, room string, 
 		}
 		return k == n
 	})
+}
+
+// TestConnLayout: what a delivery touches of a connection (its lock,
+// queue, writer state, wait group, and its socket's lock, rest, descriptor
+// and write arguments) lies in four adjacent cache lines of the
+// connection's allocation, so that a message to a room of 10,000 touches
+// four lines of each connection, not a dozen scattered ones
+// (BENCHMARKS.md, "Fewer cache lines a delivery").
+func TestConnLayout(t *testing.T) {
+	const line, most = 64, 4
+	var c conn
+	sock := unsafe.Offsetof(c.sockMem)
+	hot := []struct {
+		name      string
+		off, size uintptr
+	}{
+		{"mu", unsafe.Offsetof(c.mu), unsafe.Sizeof(c.mu)},
+		{"writer", unsafe.Offsetof(c.writer), unsafe.Sizeof(c.writer)},
+		{"closing", unsafe.Offsetof(c.closing), unsafe.Sizeof(c.closing)},
+		{"mode", unsafe.Offsetof(c.mode), unsafe.Sizeof(c.mode)},
+		{"q", unsafe.Offsetof(c.q), unsafe.Sizeof(c.q)},
+		{"wg", unsafe.Offsetof(c.wg), unsafe.Sizeof(c.wg)},
+		{"h", unsafe.Offsetof(c.h), unsafe.Sizeof(c.h)},
+		{"sock", unsafe.Offsetof(c.sock), unsafe.Sizeof(c.sock)},
+		{"sse", unsafe.Offsetof(c.sse), unsafe.Sizeof(c.sse)},
+		{"sockMem.mu", sock + unsafe.Offsetof(c.sockMem.mu), unsafe.Sizeof(c.sockMem.mu)},
+		{"sockMem.closing", sock + unsafe.Offsetof(c.sockMem.closing), unsafe.Sizeof(c.sockMem.closing)},
+		{"sockMem.rest", sock + unsafe.Offsetof(c.sockMem.rest), unsafe.Sizeof(c.sockMem.rest)},
+		{"sockMem.rc", sock + unsafe.Offsetof(c.sockMem.rc), unsafe.Sizeof(c.sockMem.rc)},
+		{"sockMem.writeFn", sock + unsafe.Offsetof(c.sockMem.writeFn), unsafe.Sizeof(c.sockMem.writeFn)},
+		{"sockMem.wp", sock + unsafe.Offsetof(c.sockMem.wp), unsafe.Sizeof(c.sockMem.wp)},
+		{"sockMem.wn", sock + unsafe.Offsetof(c.sockMem.wn), unsafe.Sizeof(c.sockMem.wn)},
+		{"sockMem.werr", sock + unsafe.Offsetof(c.sockMem.werr), unsafe.Sizeof(c.sockMem.werr)},
+	}
+	var end uintptr
+	for _, f := range hot {
+		end = max(end, f.off+f.size)
+	}
+	// Where the allocator puts a connection decides the lines: an object of
+	// this size (a 576-byte size class, 9 lines) starts a line, or 8 bytes
+	// after (Go's allocation header for objects over 512 bytes).
+	keep := make([]*conn, 64)
+	for i := range keep {
+		keep[i] = new(conn)
+		p := uintptr(unsafe.Pointer(keep[i]))
+		if n := (p+end-1)/line - p/line + 1; n > most {
+			t.Fatalf("a delivery touches bytes 0 to %d of a connection (%d bytes), allocated at %#x: %d cache lines, want at most %d", end, unsafe.Sizeof(c), p, n, most)
+		}
+	}
 }

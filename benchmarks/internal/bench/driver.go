@@ -113,6 +113,7 @@ type Result struct {
 
 	CPU            time.Duration // server CPU from the publish to the last delivery
 	CPUPerDelivery time.Duration
+	UserCPU        time.Duration // the user-space part of CPU
 	WriteSyscalls  int64         // the server's write system calls over the same span
 	ClientCPU      time.Duration // every client process's CPU over the same span
 	PublishTook    time.Duration
@@ -364,6 +365,7 @@ func runScenario(cfg Config, spec impl.Spec, sc Scenario, ctl *control, addr str
 	}
 	r.P50, r.P99, r.Max = lat.Quantile(0.5), lat.Quantile(0.99), lat.Max
 	r.CPU = s1.CPU - s0.CPU
+	r.UserCPU = s1.UserCPU - s0.UserCPU
 	r.WriteSyscalls = s1.WriteSyscalls - s0.WriteSyscalls
 	for k, v := range s1.Counters {
 		if r.Counters == nil {

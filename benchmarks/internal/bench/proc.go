@@ -57,6 +57,17 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// userCPUTime is the user-space CPU time the process has used: what the
+// implementation's own code costs, the kernel's work (system calls, the
+// network stack) aside.
+func userCPUTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return -1
+	}
+	return time.Duration(ru.Utime.Nano())
+}
+
 // loadAverage is the machine's 1-minute load average: with 2 CPUs, a value
 // well above what the benchmark itself runs means other work shared the
 // machine and the numbers are noisier.

@@ -113,6 +113,9 @@ func metrics(sc Scenario) []metric {
 	}
 	ms = append(ms,
 		metric{"server CPU per delivery (lower is better)", func(r Result) (float64, bool) { return float64(r.CPUPerDelivery), r.Delivered > 0 }, dur, true},
+		metric{"of which user space (the kernel's work aside)", func(r Result) (float64, bool) {
+			return float64(r.UserCPU) / float64(r.Delivered), r.Delivered > 0 && r.UserCPU >= 0
+		}, dur, true},
 		metric{"server write syscalls per delivery", func(r Result) (float64, bool) {
 			return float64(r.WriteSyscalls) / float64(r.Delivered), r.Delivered > 0 && r.WriteSyscalls > 0
 		}, func(v float64) string { return fmt.Sprintf("%.3f", v) }, true},

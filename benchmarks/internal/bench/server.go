@@ -30,6 +30,7 @@ type ServerStats struct {
 	StackInuse    uint64        `json:"stack_inuse"` // goroutine stacks, bytes
 	Goroutines    int           `json:"goroutines"`
 	CPU           time.Duration `json:"cpu"`            // user+system CPU time since start
+	UserCPU       time.Duration `json:"user_cpu"`       // the user-space part of CPU
 	WriteSyscalls int64         `json:"write_syscalls"` // write system calls since start
 	Subscribers   int           `json:"subscribers"`
 	Published     uint64        `json:"published"`
@@ -101,6 +102,7 @@ func (s *server) stats(w http.ResponseWriter, r *http.Request) {
 		StackInuse:    ms.StackInuse,
 		Goroutines:    runtime.NumGoroutine(),
 		CPU:           cpuTime(),
+		UserCPU:       userCPUTime(),
 		WriteSyscalls: writeSyscalls(),
 		Subscribers:   s.srv.Subscribers(),
 		Published:     s.published.Load(),
