@@ -56,7 +56,9 @@ type conn struct {
 	ws     *websocket.Conn // set once, before the writer may start
 	br     *bufio.Reader   // ws's reader over sock
 	client Client
-	ctx    context.Context // ends when the connection is closing
+	// ctx and cancel are the context behind context(), made at its first
+	// use (see connContext); nil until then. Guarded by mu.
+	ctx    context.Context
 	cancel context.CancelFunc
 
 	// reader: the connection's rooms. The first in a field (raw mode's
@@ -95,10 +97,8 @@ var processStart = time.Now()
 func sinceStart() int64 { return int64(time.Since(processStart)) }
 
 func newConn(h *Handler, cl Client) *conn {
-	ctx, cancel := context.WithCancel(h.ctx)
 	c := &conn{
 		h: h, client: cl, mode: cl.Mode,
-		ctx: ctx, cancel: cancel,
 		tokens:  float64(h.cfg.rateBurst),
 		refill:  sinceStart(),
 		beatIdx: -1,
@@ -142,7 +142,9 @@ func (c *conn) serveRead(woken bool) {
 // it leaves the room a raw client joined and gives the slot back.
 func (c *conn) abandon() {
 	c.leaveAll()
-	c.cancel()
+	c.mu.Lock()
+	c.cancelLocked()
+	c.mu.Unlock()
 	c.h.release(c.client.UserID)
 }
 
@@ -238,7 +240,7 @@ func (c *conn) beginCloseLocked(code protocol.CloseCode, reason string, flush bo
 	}
 	c.closing, c.code, c.reason, c.flush = true, code, truncateReason(reason), flush
 	c.h.beats.cancel(c)
-	c.cancel()
+	c.cancelLocked()
 	if c.sock != nil {
 		// A parked connection gets its reader back, which reads the peer's
 		// side of the close (or the closed socket) and ends the connection;
@@ -411,4 +413,70 @@ func truncateReason(s string) string {
 		s = s[:len(s)-1]
 	}
 	return s
+}
+
+// context is the connection's context: it ends when the connection begins
+// closing, or the Handler closes. Hooks and broker calls made for the
+// connection get it.
+func (c *conn) context() context.Context { return connContext{c} }
+
+// connContext is a connection's context.Context. The context behind it
+// (context.WithCancel of the Handler's) is made only when something needs
+// one: a Done channel, or a context derived from this one (which asks for
+// Done). Most connections never need one (a raw client that only listens;
+// the built-in broker's calls), and a connection should not keep one for
+// its whole life for nothing (about 120 bytes: the context, its cancel
+// func, its entry among the Handler's context's children). Err and Value
+// answer without making it, as it would. Its methods may be called from
+// any goroutine.
+type connContext struct{ c *conn }
+
+func (x connContext) Deadline() (time.Time, bool) { return x.c.h.ctx.Deadline() }
+
+func (x connContext) Done() <-chan struct{} {
+	c := x.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ctx == nil {
+		c.ctx, c.cancel = context.WithCancel(c.h.ctx)
+		if c.closing {
+			c.cancel()
+		}
+	}
+	return c.ctx.Done()
+}
+
+func (x connContext) Err() error {
+	c := x.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.ctx != nil:
+		return c.ctx.Err()
+	case c.closing:
+		return context.Canceled
+	}
+	return c.h.ctx.Err()
+}
+
+// Value answers from the context behind, once made: context.WithCancel
+// finds its parent's cancelation that way, with no goroutine of its own.
+func (x connContext) Value(key any) any {
+	c := x.c
+	c.mu.Lock()
+	ctx := c.ctx
+	c.mu.Unlock()
+	if ctx == nil {
+		ctx = c.h.ctx
+	}
+	return ctx.Value(key)
+}
+
+func (x connContext) String() string { return "pubsub connection context" }
+
+// cancelLocked ends the connection's context, if one was made.
+func (c *conn) cancelLocked() {
+	if c.cancel != nil {
+		c.cancel()
+	}
 }

@@ -2,12 +2,14 @@ package pubsub_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"reflect"
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/protocol"
@@ -298,4 +300,51 @@ func TestRawAuthorizePanicRefusesUpgradeWith500AndServerKeepsServing(t *testing.
 	c := srv.DialRaw("/ws?room=fine")
 	srv.Publish("fine", []byte("still serving"))
 	c.ExpectText("still serving")
+}
+
+// A hook gets a context that lives as long as the connection: it ends when
+// the server closes the connection, or the Handler closes, and so does a
+// context derived from it; until then it is live. (A client that leaves
+// while its own message's hook runs is noticed by the connection's reader,
+// which is in the hook: when the hook returns.)
+func TestAHookContextEndsWithItsConnection(t *testing.T) {
+	t.Parallel()
+	ends := map[string]func(srv *pubsubtest.Server, c *pubsubtest.RawConn, cl pubsub.Client){
+		"the server disconnects the client": func(srv *pubsubtest.Server, _ *pubsubtest.RawConn, cl pubsub.Client) {
+			if err := srv.Handler.Disconnect(cl.ID, "bye"); err != nil {
+				t.Errorf("Disconnect: %v", err)
+			}
+		},
+		"the Handler closes": func(srv *pubsubtest.Server, _ *pubsubtest.RawConn, _ pubsub.Client) {
+			_ = srv.Handler.Close()
+		},
+	}
+	for name, end := range ends {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			type outcome struct{ before, after, derived error }
+			entered := make(chan pubsub.Client, 1)
+			done := make(chan outcome, 1)
+			srv := pubsubtest.Start(t, pubsub.WithOnMessage(func(ctx context.Context, m *pubsub.ClientMessage) error {
+				before := ctx.Err()
+				derived, cancel := context.WithTimeout(ctx, time.Hour)
+				defer cancel()
+				entered <- m.Client
+				<-derived.Done()
+				done <- outcome{before, ctx.Err(), derived.Err()}
+				return nil
+			}))
+			c := srv.DialRaw("/ws?room=hooks")
+			c.Send("wait for me")
+			cl := pubsubtest.Receive(t, entered, "the hook's start")
+			end(srv, c, cl)
+			got := pubsubtest.Receive(t, done, "the hook's end")
+			if got.before != nil {
+				t.Errorf("the hook's context had ended (%v) before the connection did", got.before)
+			}
+			if !errors.Is(got.after, context.Canceled) || !errors.Is(got.derived, context.Canceled) {
+				t.Errorf("after the end: the hook's context says %v, the one derived from it %v; want both context.Canceled", got.after, got.derived)
+			}
+		})
+	}
 }

@@ -203,7 +203,7 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 	}
 	if c.h.cfg.onMessage != nil {
 		m := &ClientMessage{Client: c.client, Room: c.rawRoomName(), Data: data, Binary: binary, c: c}
-		if v := verdictOf(c.h.callOnMessage(c.ctx, m)); v != allowed {
+		if v := verdictOf(c.h.callOnMessage(c.context(), m)); v != allowed {
 			c.beginClose(v.closeCode(), v.reason("message rejected"), false)
 			return false
 		}
@@ -218,7 +218,7 @@ func (c *conn) handleRaw(data []byte, binary bool) bool {
 		c.beginClose(v.closeCode(), v.reason("publish not allowed"), false)
 		return false
 	}
-	if _, perr := c.h.publishFromClient(c.ctx, c.client, room, data, ""); perr != nil {
+	if _, perr := c.h.publishFromClient(c.context(), c.client, room, data, ""); perr != nil {
 		c.beginClose(protocol.CloseTryAgainLater, "publish failed, try again later", false)
 		return false
 	}
@@ -325,7 +325,7 @@ func (c *conn) reqPresence(in *inbound) (replied bool, perr *protoError) {
 	if r.opts.Presence == PresenceOff {
 		return false, &protoError{protocol.CodeNotSupported, "this room does not track presence"}
 	}
-	p, err := h.cfg.broker.Presence(c.ctx, in.Room, r.opts.Presence == PresenceCounts)
+	p, err := h.cfg.broker.Presence(c.context(), in.Room, r.opts.Presence == PresenceCounts)
 	if err != nil {
 		h.brokerFailed("presence", in.Room, err)
 		return false, &protoError{protocol.CodeUnavailable, "could not read presence; try again later"}
@@ -362,7 +362,7 @@ func (c *conn) reqPublish(in *inbound) (replied bool, perr *protoError) {
 	if in.Key != nil {
 		key = *in.Key
 	}
-	res, perr := h.publishFromClient(c.ctx, c.client, in.Room, in.payload, key)
+	res, perr := h.publishFromClient(c.context(), c.client, in.Room, in.payload, key)
 	if perr != nil || !in.ID.set {
 		return false, perr
 	}
@@ -382,7 +382,7 @@ func (c *conn) reqSend(in *inbound) (replied bool, perr *protoError) {
 		}
 	}
 	m := &ClientMessage{Client: c.client, Room: in.Room, Data: in.payload, c: c}
-	if v := verdictOf(h.callOnMessage(c.ctx, m)); v != allowed {
+	if v := verdictOf(h.callOnMessage(c.context(), m)); v != allowed {
 		return false, v.protoError(protocol.CodeRejected, "the server rejected the message")
 	}
 	return false, nil
@@ -414,7 +414,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 		member:    Member{ConnID: c.client.ID, UserID: c.client.UserID, Info: info},
 		buffering: catchUp,
 	}
-	r, err := h.rooms.join(c.ctx, room, c, s)
+	r, err := h.rooms.join(c.context(), room, c, s)
 	if err != nil {
 		return subscribed{}, err
 	}
@@ -434,7 +434,7 @@ func (c *conn) subscribe(room string, since *position, history int, presence boo
 	case history > 0:
 		q = HistoryQuery{Limit: min(history, capacity), Latest: true}
 	}
-	res, err := h.cfg.broker.History(c.ctx, room, q)
+	res, err := h.cfg.broker.History(c.context(), room, q)
 	if err != nil {
 		c.forget(room)
 		h.rooms.leave(r, c)
@@ -487,7 +487,7 @@ func (c *conn) authorize(a Action, room string) verdict {
 	if c.h.cfg.authorize == nil {
 		return allowed
 	}
-	return verdictOf(c.h.callAuthorize(c.ctx, c.client, a, room))
+	return verdictOf(c.h.callAuthorize(c.context(), c.client, a, room))
 }
 
 // authorizePublish applies the publish policy: the authorize hook when
