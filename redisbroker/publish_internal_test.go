@@ -2,7 +2,7 @@ package redisbroker
 
 import (
 	"context"
-
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -45,8 +45,8 @@ func BenchmarkPublishPaths(b *testing.B) {
 	perMessage := func(s redis.Scripter, prefix, lane, room string) error {
 		base := prefix + ":{" + room + "}"
 		return publishScript.Run(ctx, s, []string{prefix + ":l:" + lane, base + ":m", base + ":h"},
-			uuid.NewString(), 3600000, 1, 1, h.Size, ms(h.TTL), 3600000, base,
-			uuid.NewString(), data, 0).Err()
+			uuid.NewString(), 3600000, 1, 1, h.Size, ms(h.TTL), 0,
+			uuid.NewString(), data).Err()
 	}
 	run := func(b *testing.B, publish func(lane, room string) error) {
 		if err := c.FlushAll(ctx).Err(); err != nil {
@@ -221,6 +221,67 @@ func TestGroupByRoomKeepsOrder(t *testing.T) {
 					t.Fatalf("%d rooms: room %s's publish %d is %s, want %s", rooms, g.room, j, q.id, want)
 				}
 			}
+		}
+	}
+}
+
+// One batch of several rooms, keyed and unkeyed publishes mixed in a room
+// (whose arguments then carry a key ttl per message) and not in another
+// (whose arguments carry none): each message gets its room's next seq, a
+// key seen before in the batch answers as a duplicate, and the history
+// holds what was sequenced, in order.
+func TestABatchMixesKeyedAndUnkeyedPublishes(t *testing.T) {
+	t.Parallel()
+	srv, err := redistest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	t.Cleanup(func() { c.Close() })
+	br := New(c, WithPrefix("mixed"))
+	t.Cleanup(func() { br.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	h := pubsub.HistoryOptions{Size: 100, TTL: time.Minute}
+	req := func(room, data, key string) *pubReq {
+		return &pubReq{ctx: ctx, room: room, data: []byte(data), id: "id-" + data, done: make(chan pubDone, 1),
+			o: pubsub.PublishOptions{History: h, Key: key, KeyTTL: time.Minute}}
+	}
+	batch := []*pubReq{
+		req("a", "a1", "k1"), req("b", "b1", ""), req("a", "a2", ""), req("c", "c1", "k2"),
+		req("a", "a3", "k1"), req("b", "b2", ""), req("a", "a4", ""), req("c", "c2", "k2"),
+	}
+	br.run("lane", batch)
+	type want struct {
+		seq uint64
+		dup string // the id of the message the key sequenced
+	}
+	wants := []want{{1, ""}, {1, ""}, {2, ""}, {1, ""}, {1, "id-a1"}, {2, ""}, {3, ""}, {1, "id-c1"}}
+	for i, q := range batch {
+		d := <-q.done
+		if d.err != nil {
+			t.Fatalf("%s: %v", q.data, d.err)
+		}
+		w := wants[i]
+		if d.res.Seq != w.seq || d.res.Duplicate != (w.dup != "") || (w.dup != "" && d.res.ID != w.dup) {
+			t.Fatalf("%s: %+v, want seq %d, duplicate of %q", q.data, d.res, w.seq, w.dup)
+		}
+	}
+	for room, want := range map[string][]string{"a": {"a1", "a2", "a4"}, "b": {"b1", "b2"}, "c": {"c1"}} {
+		res, err := br.History(ctx, room, pubsub.HistoryQuery{Limit: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for i, m := range res.Messages {
+			if m.Seq != uint64(i+1) {
+				t.Fatalf("room %s: history entry %d has seq %d", room, i, m.Seq)
+			}
+			got = append(got, string(m.Data))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("room %s: history %q, want %q", room, got, want)
 		}
 	}
 }

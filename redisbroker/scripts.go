@@ -136,10 +136,14 @@ end
 //
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
-// ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
-// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
-// key). A room with no state starts its new life with the batch id as its
-// epoch (unique per room life, which is all an epoch must be).
+// ARGV: batch id, idle ms (the room's state and the lane record live that
+// long), rooms; then per room: messages, size, ttl ms, keyed (1 when any
+// of its messages has a key, else 0); then per message: id, data and, in
+// a keyed room only, key ttl ms (0: no key). The room's channel is its
+// meta key without ":m". Every argument costs Redis a string made twice
+// (the request's, then Lua's), so there are as few as that allows. A room
+// with no state starts its new life with the batch id as its epoch
+// (unique per room life, which is all an epoch must be).
 //
 // It returns f(batch id), then, per message in order, f(epoch) f(seq)
 // f(time) f(dup), where dup is empty for a message it sequenced and, for
@@ -185,7 +189,7 @@ local function inc(s)
   if b < 57 then return sub(s, 1, n - 1) .. char(b + 1) end
   return string.format('%d', tonumber(s) + 1)
 end
-local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
+local lane, batch, idles = KEYS[1], ARGV[1], ARGV[2]
 -- The result, which starts with the batch id, is also the lane's record.
 local fb = f(batch)
 local held = redis.call('GET', lane)
@@ -202,8 +206,10 @@ local out = {fb}
 local ki, ai = 2, 4
 for _ = 1, tonumber(ARGV[3]) do
   local meta, hist = KEYS[ki], KEYS[ki + 1]
-  local n, sizes, ttls, idles, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], ARGV[ai + 3], ARGV[ai + 4]
-  ki, ai = ki + 2, ai + 5
+  local n, sizes, ttls, step = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], 2
+  if ARGV[ai + 3] == '1' then step = 3 end
+  local channel = sub(meta, 1, -3)
+  ki, ai = ki + 2, ai + 4
   local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
   local e, seq, fresh = st[1], st[2] or '0', false
   if not e then e, seq, fresh = batch, '0', true end
@@ -219,9 +225,9 @@ for _ = 1, tonumber(ARGV[3]) do
   -- comes twice in a fresh room (whose key records are not read).
   local seen, last
   for _ = 1, n do
-    local mid, data, kttl = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
+    local mid, data = ARGV[ai], ARGV[ai + 1]
     local kkey, d
-    if kttl ~= '0' then
+    if step == 3 and ARGV[ai + 2] ~= '0' then
       kkey = KEYS[ki]
       ki = ki + 1
       seen = seen or {}
@@ -250,12 +256,12 @@ for _ = 1, tonumber(ARGV[3]) do
       end
       redis.call('PUBLISH', channel, 'm' .. fe .. fsq .. f(mid) .. fts .. data)
       if kkey then
-        redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. mid .. ' ' .. ts, 'PX', kttl)
+        redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. mid .. ' ' .. ts, 'PX', ARGV[ai + 2])
         seen[kkey] = {seq, ts, mid}
       end
       out[#out + 1] = fe .. fsq .. fts .. '0:'
     end
-    ai = ai + 3
+    ai = ai + step
   end
   if not last then
     -- Only duplicates: the room's sequence is unchanged.
@@ -284,7 +290,7 @@ for _ = 1, tonumber(ARGV[3]) do
   end
 end
 local result = table.concat(out)
-redis.call('SET', lane, result, 'PX', lttl)
+redis.call('SET', lane, result, 'PX', idles)
 return result
 `
 
