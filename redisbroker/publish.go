@@ -306,7 +306,7 @@ func (b *Broker) batchArgs(lane, id string, groups []group, n int) ([]string, []
 		laneKey = b.cfg.prefix + ":{" + groups[0].room + "}:l:" + lane
 	}
 	rkeys := make([]string, 0, 1+2*len(groups)+n)
-	args := make([]any, 0, 3+5*len(groups)+3*n)
+	args := make([]any, 0, 3+4*len(groups)+3*n)
 	rkeys = append(rkeys, laneKey)
 	args = append(args, id, b.idle, len(groups))
 	for _, g := range groups {
@@ -317,15 +317,26 @@ func (b *Broker) batchArgs(lane, id string, groups []group, n int) ([]string, []
 		if size > 0 {
 			ttl = ms(h.TTL)
 		}
-		rkeys = append(rkeys, base+":m", base+":h")
-		args = append(args, len(g.reqs), size, ttl, b.idle, base)
+		keyed := 0
 		for _, q := range g.reqs {
+			if q.o.Key != "" {
+				keyed = 1
+				break
+			}
+		}
+		rkeys = append(rkeys, base+":m", base+":h")
+		args = append(args, len(g.reqs), size, ttl, keyed)
+		for _, q := range g.reqs {
+			args = append(args, q.id, q.data)
+			if keyed == 0 {
+				continue
+			}
 			kttl := int64(0)
 			if q.o.Key != "" {
 				rkeys = append(rkeys, base+":k:"+q.o.Key)
 				kttl = max(ms(q.o.KeyTTL), 1)
 			}
-			args = append(args, q.id, q.data, kttl)
+			args = append(args, kttl)
 		}
 	}
 	return rkeys, args

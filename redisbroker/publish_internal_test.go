@@ -2,7 +2,7 @@ package redisbroker
 
 import (
 	"context"
-
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -45,8 +45,8 @@ func BenchmarkPublishPaths(b *testing.B) {
 	perMessage := func(s redis.Scripter, prefix, lane, room string) error {
 		base := prefix + ":{" + room + "}"
 		return publishScript.Run(ctx, s, []string{prefix + ":l:" + lane, base + ":m", base + ":h"},
-			uuid.NewString(), 3600000, 1, 1, h.Size, ms(h.TTL), 3600000, base,
-			uuid.NewString(), data, 0).Err()
+			uuid.NewString(), 3600000, 1, 1, h.Size, ms(h.TTL), 0,
+			uuid.NewString(), data).Err()
 	}
 	run := func(b *testing.B, publish func(lane, room string) error) {
 		if err := c.FlushAll(ctx).Err(); err != nil {
@@ -105,6 +105,100 @@ func serverCPU(b *testing.B, c *redis.Client) time.Duration {
 	return time.Duration(total * float64(time.Second))
 }
 
+// The publish script's own cost in Redis, without the queue in front of
+// it: batches of 1 and of 8 messages, each message in a room of its own
+// (of 100, in turn), run by GOMAXPROCS goroutines as Publish runs a batch
+// (its arguments, the script, the parsing of the result), history kept
+// (100 messages, 10 minutes), 128-byte payloads, every room subscribed by
+// a listening broker.
+// script-µs/msg is Redis's time in the script per message (INFO
+// commandstats, usec of EVALSHA and EVAL), far steadier on a busy machine
+// than redis-cpu-µs/msg (used_cpu_sys + used_cpu_user, which also counts
+// the event loop and the sockets); see BENCHMARKS.md, issue 16's third
+// pass.
+//
+//	go test -run '^$' -bench PublishScript -benchtime 20000x .
+func BenchmarkPublishScript(b *testing.B) {
+	srv, err := redistest.Start()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Close()
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	defer c.Close()
+	ctx := context.Background()
+	br := New(c, WithPrefix("script"))
+	br.Bind(func(pubsub.Message) {})
+	defer br.Close()
+	rooms := make([]string, 100)
+	for i := range rooms {
+		rooms[i] = "room-" + strconv.Itoa(i)
+		if err := br.Subscribe(ctx, rooms[i]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	data := []byte(strings.Repeat("x", 128))
+	o := pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100, TTL: 10 * time.Minute}}
+	for _, size := range []int{1, 8} {
+		b.Run("batch="+strconv.Itoa(size), func(b *testing.B) {
+			if err := c.ConfigResetStat(ctx).Err(); err != nil {
+				b.Fatal(err)
+			}
+			cpu0 := serverCPU(b, c)
+			var n atomic.Int64
+			b.SetParallelism(1)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				lane := uuid.NewString()
+				for pb.Next() {
+					batch := make([]*pubReq, size)
+					for i := range batch {
+						room := rooms[n.Add(1)%int64(len(rooms))]
+						batch[i] = &pubReq{ctx: ctx, room: room, data: data, o: o, id: uuid.NewString(), done: make(chan pubDone, 1)}
+					}
+					br.run(lane, batch)
+					for _, q := range batch {
+						if d := <-q.done; d.err != nil {
+							b.Error(d.err)
+							return
+						}
+					}
+				}
+			})
+			b.StopTimer()
+			msgs := float64(b.N * size)
+			b.ReportMetric(float64((serverCPU(b, c)-cpu0).Microseconds())/msgs, "redis-cpu-µs/msg")
+			b.ReportMetric(scriptMicros(b, c)/msgs, "script-µs/msg")
+		})
+	}
+}
+
+// scriptMicros is Redis's time in scripts (EVALSHA and EVAL) since the
+// last CONFIG RESETSTAT, in µs.
+func scriptMicros(b *testing.B, c *redis.Client) float64 {
+	s, err := c.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total float64
+	for line := range strings.SplitSeq(s, "\n") {
+		stats, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_evalsha:")
+		if !ok {
+			stats, ok = strings.CutPrefix(strings.TrimSpace(line), "cmdstat_eval:")
+		}
+		if !ok {
+			continue
+		}
+		for kv := range strings.SplitSeq(stats, ",") {
+			if v, ok := strings.CutPrefix(kv, "usec="); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				total += f
+			}
+		}
+	}
+	return total
+}
+
 // groupByRoom keeps the batch's order within each room and the rooms in
 // the order of their first publish, below and above the size where it
 // switches to a map.
@@ -127,6 +221,67 @@ func TestGroupByRoomKeepsOrder(t *testing.T) {
 					t.Fatalf("%d rooms: room %s's publish %d is %s, want %s", rooms, g.room, j, q.id, want)
 				}
 			}
+		}
+	}
+}
+
+// One batch of several rooms, keyed and unkeyed publishes mixed in a room
+// (whose arguments then carry a key ttl per message) and not in another
+// (whose arguments carry none): each message gets its room's next seq, a
+// key seen before in the batch answers as a duplicate, and the history
+// holds what was sequenced, in order.
+func TestABatchMixesKeyedAndUnkeyedPublishes(t *testing.T) {
+	t.Parallel()
+	srv, err := redistest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	t.Cleanup(func() { c.Close() })
+	br := New(c, WithPrefix("mixed"))
+	t.Cleanup(func() { br.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	h := pubsub.HistoryOptions{Size: 100, TTL: time.Minute}
+	req := func(room, data, key string) *pubReq {
+		return &pubReq{ctx: ctx, room: room, data: []byte(data), id: "id-" + data, done: make(chan pubDone, 1),
+			o: pubsub.PublishOptions{History: h, Key: key, KeyTTL: time.Minute}}
+	}
+	batch := []*pubReq{
+		req("a", "a1", "k1"), req("b", "b1", ""), req("a", "a2", ""), req("c", "c1", "k2"),
+		req("a", "a3", "k1"), req("b", "b2", ""), req("a", "a4", ""), req("c", "c2", "k2"),
+	}
+	br.run("lane", batch)
+	type want struct {
+		seq uint64
+		dup string // the id of the message the key sequenced
+	}
+	wants := []want{{1, ""}, {1, ""}, {2, ""}, {1, ""}, {1, "id-a1"}, {2, ""}, {3, ""}, {1, "id-c1"}}
+	for i, q := range batch {
+		d := <-q.done
+		if d.err != nil {
+			t.Fatalf("%s: %v", q.data, d.err)
+		}
+		w := wants[i]
+		if d.res.Seq != w.seq || d.res.Duplicate != (w.dup != "") || (w.dup != "" && d.res.ID != w.dup) {
+			t.Fatalf("%s: %+v, want seq %d, duplicate of %q", q.data, d.res, w.seq, w.dup)
+		}
+	}
+	for room, want := range map[string][]string{"a": {"a1", "a2", "a4"}, "b": {"b1", "b2"}, "c": {"c1"}} {
+		res, err := br.History(ctx, room, pubsub.HistoryQuery{Limit: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for i, m := range res.Messages {
+			if m.Seq != uint64(i+1) {
+				t.Fatalf("room %s: history entry %d has seq %d", room, i, m.Seq)
+			}
+			got = append(got, string(m.Data))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("room %s: history %q, want %q", room, got, want)
 		}
 	}
 }

@@ -39,7 +39,7 @@
 // NewSharded spreads rooms over several Redis servers, each room wholly on
 // one of them, so everything above holds per room unchanged.
 //
-// The broker needs Redis 6.2 or later (SET … GET, XADD NOMKSTREAM).
+// The broker needs Redis 6.2 or later (XADD NOMKSTREAM, XTRIM MINID).
 //
 // # Failures
 //

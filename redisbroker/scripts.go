@@ -136,23 +136,28 @@ end
 //
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
-// ARGV: batch id, lane ttl ms, rooms; then per room: messages, size,
-// ttl ms, idle ms, channel; then per message: id, data, key ttl ms (0: no
-// key). A room with no state starts its new life with the batch id as its
-// epoch (unique per room life, which is all an epoch must be).
+// ARGV: batch id, idle ms (the room's state and the lane record live that
+// long), rooms; then per room: messages, size, ttl ms, keyed (1 when any
+// of its messages has a key, else 0); then per message: id, data and, in
+// a keyed room only, key ttl ms (0: no key). The room's channel is its
+// meta key without ":m". Every argument costs Redis a string made twice
+// (the request's, then Lua's), so there are as few as that allows. A room
+// with no state starts its new life with the batch id as its epoch
+// (unique per room life, which is all an epoch must be).
 //
 // It returns f(batch id), then, per message in order, f(epoch) f(seq)
 // f(time) f(dup), where dup is empty for a message it sequenced and, for
 // a key seen before, the id of the message that key sequenced (seq and
 // time are that message's).
 //
-// It reads first (each room's epoch and sequence, each key's record), then
-// records the result in the lane key with SET … GET, which also returns
-// what the lane held: when that was this very batch, Redis ran it
-// already (go-redis resent it after losing the reply), so it puts the
-// record back and returns the first run's result without writing
-// anything. Only then does it write: one HSET and the expiries per room,
-// an XADD and a PUBLISH (and a SET for a key) per message.
+// It first reads what the lane holds: when that is this very batch, Redis
+// ran it already (go-redis resent it after losing the reply), and it
+// returns the first run's result without writing anything. Otherwise it
+// goes through the rooms once, each room's reads (its epoch and sequence,
+// each key's record) then its writes (an XADD and a PUBLISH, and a SET for
+// a key, per message; one HSET and the expiries per room), building the
+// result as it goes, and records the result in the lane key last. The
+// script is atomic, so nothing sees a room between its reads and writes.
 //
 // Messages are kept by count (XADD MAXLEN ~, whole stream nodes at a
 // time) and expire with the whole stream (PEXPIRE); the exact count bound
@@ -184,7 +189,11 @@ local function inc(s)
   if b < 57 then return sub(s, 1, n - 1) .. char(b + 1) end
   return string.format('%d', tonumber(s) + 1)
 end
-local lane, batch, lttl = KEYS[1], ARGV[1], ARGV[2]
+local lane, batch, idles = KEYS[1], ARGV[1], ARGV[2]
+-- The result, which starts with the batch id, is also the lane's record.
+local fb = f(batch)
+local held = redis.call('GET', lane)
+if held and string.find(held, fb, 1, true) == 1 then return held end
 -- Stream entries keep the fields earlier versions wrote (i, t, d), so
 -- nodes of both can share a Redis while a cluster is upgraded.
 local t = redis.call('TIME')
@@ -193,16 +202,14 @@ local fts = f(ts)
 -- Now in ms as a string, compared with the room's x as a string when
 -- both have the same number of digits (any time before 2286).
 local nowms = sub(ts, 1, -4)
-local nrooms = tonumber(ARGV[3])
-local fb = f(batch)
--- Per room: epoch, its framing, seq before the batch, fresh, renew,
--- resize, KEYS index, ARGV index: 8 slots of rs. Per message: its seq
--- and framed seq in sqs (false for a duplicate).
-local rs, sqs, out = {}, {}, {fb}
-local ki, ai, m = 2, 4, 0
--- Read: each room's epoch and sequence, each key's record.
-for r = 1, nrooms do
-  local meta, n, ttls = KEYS[ki], tonumber(ARGV[ai]), ARGV[ai + 2]
+local out = {fb}
+local ki, ai = 2, 4
+for _ = 1, tonumber(ARGV[3]) do
+  local meta, hist = KEYS[ki], KEYS[ki + 1]
+  local n, sizes, ttls, step = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], 2
+  if ARGV[ai + 3] == '1' then step = 3 end
+  local channel = sub(meta, 1, -3)
+  ki, ai = ki + 2, ai + 4
   local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
   local e, seq, fresh = st[1], st[2] or '0', false
   if not e then e, seq, fresh = batch, '0', true end
@@ -211,17 +218,17 @@ for r = 1, nrooms do
   if not renew then
     if #x == #nowms then renew = nowms >= x else renew = tonumber(nowms) >= tonumber(x) end
   end
+  local keep = sizes ~= '0'
+  if fresh or not keep then redis.call('DEL', hist) end
   local fe = f(e)
-  local j = (r - 1) * 8
-  rs[j + 1], rs[j + 2], rs[j + 3], rs[j + 4] = e, fe, seq, fresh
-  rs[j + 5], rs[j + 6], rs[j + 7], rs[j + 8] = renew, st[5] ~= ARGV[ai + 1], ki, ai
-  ki, ai = ki + 2, ai + 5
-  local seen
+  -- seen: the keys this batch sequenced in this room, for a key that
+  -- comes twice in a fresh room (whose key records are not read).
+  local seen, last
   for _ = 1, n do
-    m = m + 1
-    local kttl, d = ARGV[ai + 2], nil
-    if kttl ~= '0' then
-      local kkey = KEYS[ki]
+    local mid, data = ARGV[ai], ARGV[ai + 1]
+    local kkey, d
+    if step == 3 and ARGV[ai + 2] ~= '0' then
+      kkey = KEYS[ki]
       ki = ki + 1
       seen = seen or {}
       d = seen[kkey]
@@ -232,69 +239,33 @@ for r = 1, nrooms do
           if pe == e then d = {ps, pt, pi} end
         end
       end
-      if not d then
-        seen[kkey] = {inc(seq), ts, ARGV[ai]}
-      end
     end
     if d then
-      sqs[2 * m - 1], sqs[2 * m] = false, false
       out[#out + 1] = fe .. f(d[1]) .. f(d[2]) .. f(d[3])
     else
       seq = inc(seq)
+      last = seq
       local fsq = f(seq)
-      sqs[2 * m - 1], sqs[2 * m] = seq, fsq
-      out[#out + 1] = fe .. fsq .. fts .. '0:'
-    end
-    ai = ai + 3
-  end
-end
--- The result, which starts with the batch id, is also the lane's record.
-local result = table.concat(out)
-local held = redis.call('SET', lane, result, 'PX', lttl, 'GET')
-if held and string.find(held, fb, 1, true) == 1 then
-  redis.call('SET', lane, held, 'PX', lttl)
-  return held
-end
--- Write.
-m = 0
-for r = 1, nrooms do
-  local j = (r - 1) * 8
-  local e, fe, fresh, renew, resize, ki, ai = rs[j + 1], rs[j + 2], rs[j + 4], rs[j + 5], rs[j + 6], rs[j + 7], rs[j + 8]
-  local meta, hist = KEYS[ki], KEYS[ki + 1]
-  local n, sizes, ttls, idles, channel = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], ARGV[ai + 3], ARGV[ai + 4]
-  local keep = sizes ~= '0'
-  ki, ai = ki + 2, ai + 5
-  if fresh or not keep then redis.call('DEL', hist) end
-  local last
-  for _ = 1, n do
-    m = m + 1
-    local mid, data, kttl = ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]
-    local kkey
-    if kttl ~= '0' then
-      kkey = KEYS[ki]
-      ki = ki + 1
-    end
-    local sq = sqs[2 * m - 1]
-    if sq then
-      last = sq
       if keep then
-        local id = '0-' .. sq
+        local id = '0-' .. seq
         if not redis.call('XADD', hist, 'NOMKSTREAM', 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data) then
           -- A new stream: it needs its expiry.
           redis.call('XADD', hist, 'MAXLEN', '~', sizes, id, 'i', mid, 't', ts, 'd', data)
           renew = true
         end
       end
-      redis.call('PUBLISH', channel, 'm' .. fe .. sqs[2 * m] .. f(mid) .. fts .. data)
+      redis.call('PUBLISH', channel, 'm' .. fe .. fsq .. f(mid) .. fts .. data)
       if kkey then
-        redis.call('SET', kkey, e .. ' ' .. sq .. ' ' .. mid .. ' ' .. ts, 'PX', kttl)
+        redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. mid .. ' ' .. ts, 'PX', ARGV[ai + 2])
+        seen[kkey] = {seq, ts, mid}
       end
+      out[#out + 1] = fe .. fsq .. fts .. '0:'
     end
-    ai = ai + 3
+    ai = ai + step
   end
   if not last then
     -- Only duplicates: the room's sequence is unchanged.
-  elseif not renew and not resize then
+  elseif not renew and st[5] == sizes then
     -- Not fresh, the same history TTL and size: only the sequence moved.
     redis.call('HSET', meta, 's', last)
   else
@@ -318,6 +289,8 @@ for r = 1, nrooms do
     end
   end
 end
+local result = table.concat(out)
+redis.call('SET', lane, result, 'PX', idles)
 return result
 `
 
