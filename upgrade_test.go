@@ -1,15 +1,20 @@
 package pubsub_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/protocol"
@@ -431,3 +436,105 @@ func TestDefaultPerUserLimitIs100Connections(t *testing.T) {
 	}
 	srv.Refused("/ws", http.StatusTooManyRequests, asUser("ann")) // the 101st
 }
+
+// The 101 Switching Protocols: the Handler writes it itself when it has
+// net/http's own ResponseWriter (see hijacker), and it says what net/http
+// would have said, the host's own header fields included, as the same 101
+// written by net/http through a middleware's wrapper (which sees the
+// status) shows: the same fields, a value with a line break of its own
+// made harmless, an invalid field name left out. The connection works
+// after it.
+func TestThe101IsWhatNetHTTPWouldWrite(t *testing.T) {
+	t.Parallel()
+	h := pubsub.NewHandler(pubsub.WithLogger(pubsubtest.Logger()))
+	hostHeaders := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Frame-Options", "DENY")
+			w.Header().Add("Set-Cookie", "a=1; HttpOnly")
+			w.Header().Add("Set-Cookie", "b=2")
+			w.Header().Set("X-Injected", "x\r\nEvil: 1")
+			w.Header()["Bad Key"] = []string{"dropped"}
+			next.ServeHTTP(w, r)
+		})
+	}
+	var status atomic.Int64
+	recordStatus := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			next.ServeHTTP(&statusRecorder{ResponseWriter: w, status: &status}, r)
+		})
+	}
+	direct := pubsubtest.Serve(t, h, hostHeaders(h))
+	wrapped := httptest.NewServer(hostHeaders(recordStatus(h)))
+	t.Cleanup(wrapped.Close)
+
+	read101 := func(base string) (*http.Response, net.Conn, *bufio.Reader) {
+		t.Helper()
+		c, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		req, _ := http.NewRequest(http.MethodGet, base+"/ws?room=head", nil)
+		req.Header.Set("Upgrade", "websocket")
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		if err := req.Write(c); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, req)
+		if err != nil {
+			t.Fatalf("reading the 101: %v", err)
+		}
+		return resp, c, br
+	}
+	ours, c, br := read101(direct.URL)
+	theirs, _, _ := read101(wrapped.URL)
+	if ours.StatusCode != http.StatusSwitchingProtocols || theirs.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d (the Handler's) and %d (net/http's), want 101", ours.StatusCode, theirs.StatusCode)
+	}
+	if got := status.Load(); got != http.StatusSwitchingProtocols {
+		t.Errorf("the wrapper saw status %d, want 101", got)
+	}
+	if ours.Header.Get("Date") != "" {
+		t.Error("the direct 101 has a Date: net/http wrote it, not the Handler")
+	}
+	theirs.Header.Del("Date") // net/http's own addition, which a 101 does not need
+	if !reflect.DeepEqual(ours.Header, theirs.Header) {
+		t.Errorf("the Handler's 101 header:\n%v\nnet/http's:\n%v", ours.Header, theirs.Header)
+	}
+	if got := ours.Header.Get("Sec-WebSocket-Accept"); got != "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" {
+		t.Errorf("Sec-WebSocket-Accept %q, want RFC 6455's example answer", got)
+	}
+	if ours.Header.Get("Evil") != "" || ours.Header.Get("Bad Key") != "" {
+		t.Errorf("a field the host did not set as such: %v", ours.Header)
+	}
+
+	pubsubtest.WaitFor(t, "the client in its room", func() bool { return len(h.Connections("head")) == 2 })
+	if err := h.Publish(pubsubtest.Context(t), "head", []byte("after the 101")); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	frame := make([]byte, 2+len("after the 101"))
+	if _, err := io.ReadFull(br, frame); err != nil {
+		t.Fatalf("reading the message after the 101: %v", err)
+	}
+	if frame[0] != 0x81 || int(frame[1]) != len("after the 101") || string(frame[2:]) != "after the 101" {
+		t.Fatalf("read % x, want a text frame of %q", frame, "after the 101")
+	}
+}
+
+// statusRecorder is a host middleware's ResponseWriter wrapper that
+// records the status.
+type statusRecorder struct {
+	http.ResponseWriter
+	status *atomic.Int64
+}
+
+func (w *statusRecorder) WriteHeader(code int) {
+	w.status.Store(int64(code))
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
