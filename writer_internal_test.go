@@ -317,6 +317,11 @@ func TestConnLayout(t *testing.T) {
 	for _, f := range hot {
 		end = max(end, f.off+f.size)
 	}
+	// A connection's subscription to a room, one per room joined, stays
+	// in the allocator's 112-byte class.
+	if n := unsafe.Sizeof(sub{}); n > 112 {
+		t.Errorf("a sub is %d bytes, past the 112-byte size class (the next is 128)", n)
+	}
 	// Where the allocator puts a connection decides the lines: an object of
 	// this size (a 576-byte size class, 9 lines) starts a line, or 8 bytes
 	// after (Go's allocation header for objects over 512 bytes).

@@ -298,7 +298,7 @@ func TestReportShowsMediansOfRounds(t *testing.T) {
 	for _, want := range []string{
 		"ran 3 times",
 		"| delivered | 20 of 20 / 20 of 20 / 20 of 20 |",
-		"| memory per connection, RSS after GC (lower is better) | 20.0 KiB |",
+		"| memory per connection, RSS after GC (lower is better) | 20.00 KiB |",
 		"roomcast (round 2): 2 connections never got the last message",
 	} {
 		if !strings.Contains(out, want) {
@@ -325,7 +325,7 @@ func TestReportShowsEveryImplementationWithRatiosToTheFirst(t *testing.T) {
 		"github.com/roomcast/pubsub (this repository, commit abc1234)",
 		"2 CPUs (X)",
 		"| metric | roomcast | other |",
-		"| memory per connection, RSS after GC (lower is better) | 10.0 KiB | 25.0 KiB (2.50×) |",
+		"| memory per connection, RSS after GC (lower is better) | 10.00 KiB | 25.00 KiB (2.50×) |",
 		"| goroutines per connection | 1.00 | 2.00 (2.00×) |",
 		"| latency p50 | 1.00 ms | 3.00 ms (3.00×) |",
 		"| delivered | 20 of 20 | 18 of 20 |",

@@ -69,7 +69,7 @@ type metric struct {
 	ratio bool // show value / roomcast's value
 }
 
-func kib(v float64) string   { return fmt.Sprintf("%.1f KiB", v/1024) }
+func kib(v float64) string   { return fmt.Sprintf("%.2f KiB", v/1024) }
 func count(v float64) string { return fmt.Sprintf("%.0f", v) }
 func dur(v float64) string {
 	d := time.Duration(v)
