@@ -316,6 +316,7 @@ func us(d time.Duration) int64 {
 // statements are the broker's SQL, in its schema.
 type statements struct {
 	publish, publishBatch, wake, history, position, read string
+	planSettings, publishPlain, readPlain                string // publish_batch's statement with p_mode 0, read's, and their settings (see queryPipelined)
 	pipelinedWake                                        string // wake, as a batch's pipeline sends it (tests break it alone)
 	join, leave, presence, presenceCounts                string
 	refresh, touch, sweep                                string
@@ -327,6 +328,56 @@ func newStatements(s string) statements {
 			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9, $10)`,
 		publishBatch: `SELECT o_room, o_epoch, o_base, o_at FROM ` + s +
 			`.publish_batch($1::text[], $2::uuid[], $3::integer[], $4::bytea[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[], $9, $10)`,
+		// The function's settings, for this transaction only: the host's
+		// pool keeps its own.
+		planSettings: `SELECT set_config('plan_cache_mode', 'force_generic_plan', true), ` +
+			`set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)`,
+		// publish_batch's statement with p_mode 0, without the function.
+		publishPlain: `WITH c AS (SELECT clock_timestamp() AS now), locked AS (
+    SELECT * FROM ` + s + `.rooms WHERE name = ANY ($1::text[]) ORDER BY name FOR NO KEY UPDATE SKIP LOCKED
+), ins AS (
+    INSERT INTO ` + s + `.messages (room_id, seq, id, published_at, data)
+    SELECT r.id, r.seq + u.k, u.id, greatest(c.now, r.last_at), u.data
+    FROM c, unnest($1::text[], $2::uuid[], $3::integer[], $4::bytea[]) AS u (room, id, k, data) JOIN locked r ON r.name = u.room
+), upd AS (
+    UPDATE ` + s + `.rooms AS t SET
+        seq = r.seq + g.k, keep_size = g.size, keep_ttl = g.ttl * interval '1 microsecond', archive = g.archive,
+        last_at = greatest(c.now, r.last_at), touched_at = greatest(c.now, r.last_at),
+        due = CASE
+            WHEN g.archive THEN t.due
+            WHEN r.seq + g.k > g.size THEN least(t.due, greatest(c.now, r.last_at) + $9::bigint * interval '1 microsecond')
+            WHEN g.ttl > 0 THEN least(t.due, greatest(c.now, r.last_at) + greatest(g.ttl * interval '1 microsecond', $9::bigint * interval '1 microsecond'))
+            ELSE t.due END
+    FROM c, unnest($1::text[], $3::integer[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[]) AS g (room, k, last, size, ttl, archive)
+    JOIN locked r ON r.name = g.room
+    WHERE g.last AND t.id = r.id
+)
+SELECT r.name, r.epoch, r.seq, greatest(c.now, r.last_at) FROM c, locked r`,
+		// read's statement, without the function.
+		readPlain: `WITH q AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[]) AS q (name, after_seq, after_ev, strict)
+), r AS (
+    SELECT q.name, q.after_seq, q.after_ev, q.strict, rm.id, rm.epoch, rm.seq, rm.ev, rm.keep_size, rm.keep_ttl
+    FROM q CROSS JOIN LATERAL (SELECT * FROM ` + s + `.rooms WHERE rooms.name = q.name) rm
+)
+SELECT r.name, 'r'::text, r.epoch, r.seq, r.ev, NULL::text, NULL::timestamptz, NULL::bytea, NULL::text, NULL::text FROM r
+UNION ALL
+SELECT r.name, 'c', NULL, r.after_seq, NULL, c.id::text, NULL, NULL, NULL, NULL
+FROM r CROSS JOIN LATERAL (
+    SELECT msg.id FROM ` + s + `.messages msg WHERE msg.room_id = r.id AND msg.seq = r.after_seq) c
+UNION ALL
+SELECT r.name, 'm', NULL, m.seq, NULL, m.id::text, m.published_at, m.data, NULL, NULL
+FROM r CROSS JOIN LATERAL (
+    SELECT msg.seq, msg.id, msg.published_at, msg.data FROM ` + s + `.messages msg
+    WHERE msg.room_id = r.id AND msg.seq > r.after_seq AND msg.seq <= r.seq
+      AND (NOT r.strict OR (msg.seq > r.seq - r.keep_size
+                            AND (r.keep_ttl = interval '0' OR msg.published_at >= clock_timestamp() - r.keep_ttl)))
+    ORDER BY msg.seq LIMIT $5::integer) m
+UNION ALL
+SELECT r.name, e.kind, NULL, e.after_seq, e.ev, NULL, e.at, e.info, e.conn_id, e.user_id
+FROM r CROSS JOIN LATERAL (
+    SELECT * FROM ` + s + `.events ev WHERE ev.room_id = r.id AND ev.ev > r.after_ev AND ev.ev <= r.ev
+    ORDER BY ev.ev LIMIT $5::integer) e`,
 		// The notify function's notifications, their payloads made by
 		// notifyPayloads, in a plain statement (a function call costs the
 		// server more than the notifications).

@@ -25,23 +25,47 @@ type position struct {
 // listen, and the pool prepares its statements (pgx's default mode; the
 // others are for poolers that do not keep prepared statements).
 func (b *Broker) pipelines() bool {
-	return !b.cfg.pollOnly && b.pool.Config().ConnConfig.DefaultQueryExecMode == pgx.QueryExecModeCacheStatement
+	return !b.cfg.pollOnly && b.prepares()
 }
 
-// queryPipelined runs publish_batch with args and, in the same round trip,
-// right after the batch's Sync, the notification of rooms, in a
-// transaction of its own: the server runs it once the batch committed
-// (or failed: a notification only wakes), and neither this node's
-// notifier nor a second round trip is needed. notified is false when the
-// notification failed: the caller hands the rooms to the notifier.
-func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string) (got map[string]position, notified bool, err error) {
+// prepares reports whether the pool prepares its statements and keeps
+// them (pgx's default mode; the others are for poolers that do not keep
+// prepared statements). Then a statement sent after the plan settings in
+// the same implicit transaction runs with a generic plan.
+func (b *Broker) prepares() bool {
+	return b.pool.Config().ConnConfig.DefaultQueryExecMode == pgx.QueryExecModeCacheStatement
+}
+
+// queryPipelined publishes a batch with args (publish_batch's, mode
+// last) and, in the same round trip, right after the batch's Sync, sends
+// the notification of rooms, in a transaction of its own: the server runs
+// it once the batch committed (or failed: a notification only wakes), and
+// neither this node's notifier nor a second round trip is needed. notified
+// is false when the notification failed: the caller hands the rooms to the
+// notifier.
+//
+// With p_mode 0 (lockFree, the batches of rooms nobody holds) it sends
+// the function's statement itself rather than calling the function (a
+// call costs the server more than a statement), after the function's plan
+// settings made for this transaction only (set_config's is_local): the
+// host's pool sessions keep their own.
+func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms []string) (got map[string]position, notified bool, err error) {
 	conn, err := b.pool.Acquire(ctx)
 	if err != nil {
 		return nil, false, err
 	}
 	defer conn.Release()
-	var batch, wake pgx.ExtendedQueryBuilder
-	batchSD, err := b.prepare(ctx, conn, b.sql.publishBatch, &batch, args)
+	plain := mode == lockFree
+	var batch, settings, wake pgx.ExtendedQueryBuilder
+	var batchSD, settingsSD *pgconn.StatementDescription
+	if plain {
+		if settingsSD, err = b.prepare(ctx, conn, b.sql.planSettings, &settings, nil); err != nil {
+			return nil, false, err
+		}
+		batchSD, err = b.prepare(ctx, conn, b.sql.publishPlain, &batch, args[:len(args)-1])
+	} else {
+		batchSD, err = b.prepare(ctx, conn, b.sql.publishBatch, &batch, args)
+	}
 	if err != nil {
 		return nil, false, err
 	}
@@ -50,6 +74,9 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string)
 		return nil, false, err
 	}
 	p := conn.Conn().PgConn().StartPipeline(ctx)
+	if plain {
+		p.SendQueryStatement(settingsSD, settings.ParamValues, settings.ParamFormats, settings.ResultFormats)
+	}
 	p.SendQueryStatement(batchSD, batch.ParamValues, batch.ParamFormats, batch.ResultFormats)
 	p.SendPipelineSync()
 	p.SendQueryStatement(wakeSD, wake.ParamValues, wake.ParamFormats, wake.ResultFormats)
@@ -57,6 +84,12 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string)
 	if err := p.Flush(); err != nil {
 		p.Close()
 		return nil, false, err
+	}
+	if plain {
+		if err := discardResult(p); err != nil {
+			p.Close() // reads up to each Sync: nothing was published
+			return nil, false, err
+		}
 	}
 	got, err = b.batchResult(conn, p)
 	notified = pipelineStep(p, func(rr *pgconn.ResultReader) error { _, err := rr.Close(); return err }) == nil
@@ -67,6 +100,21 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, rooms []string)
 		return nil, notified, err
 	}
 	return got, notified, nil
+}
+
+// discardResult reads the next query's result, which comes before the
+// next Sync, and returns its error.
+func discardResult(p *pgconn.Pipeline) error {
+	res, err := p.GetResults()
+	if err != nil {
+		return err
+	}
+	rr, ok := res.(*pgconn.ResultReader)
+	if !ok {
+		return fmt.Errorf("pipeline: got %T, want a query's result", res)
+	}
+	_, err = rr.Close()
+	return err
 }
 
 // prepare prepares sql on conn (once per connection: pgx keeps it) and
@@ -82,7 +130,7 @@ func (b *Broker) prepare(ctx context.Context, conn *pgxpool.Conn, sql string, qb
 	return sd, nil
 }
 
-// batchResult reads publish_batch's rows, one per room it published to,
+// batchResult reads publish_batch's rows (or its statement's), one per room it published to,
 // and the Sync after them.
 func (b *Broker) batchResult(conn *pgxpool.Conn, p *pgconn.Pipeline) (map[string]position, error) {
 	got := make(map[string]position)

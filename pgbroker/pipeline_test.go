@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/pgbroker"
 	"github.com/roomcast/pubsub/pubsubtest"
@@ -94,4 +95,96 @@ func TestAFailedBatchNotificationGoesToTheNotifier(t *testing.T) {
 			t.Fatal("node B did not deliver the message before the test's deadline")
 		}
 	}
+}
+
+// A node's batches and reads run as plain statements with the publish
+// and read functions' plan settings (a generic plan, no hash or merge
+// joins) made for their own transaction only: on the host's pool, the
+// sessions keep their settings, and the statements never got a custom
+// plan (PostgreSQL's default would plan the first five runs afresh).
+func TestPlainStatementsKeepTheHostsSettings(t *testing.T) {
+	t.Parallel()
+	s := uniqueSchema()
+	pool := newPool(t, shared.DSN)
+	b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan pubsub.Message, 100)
+	b.Bind(func(m pubsub.Message) { got <- m })
+	t.Cleanup(func() { b.Close() })
+	if err := b.Subscribe(pubsubtest.Context(t), "room"); err != nil {
+		t.Fatal(err)
+	}
+	const n = 20
+	for i := range n {
+		if _, err := b.Publish(pubsubtest.Context(t), "room", fmt.Append(nil, i), pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for seen := 0; seen < n; {
+		select {
+		case m := <-got:
+			if m.Kind == pubsub.KindMessage {
+				seen++
+			}
+		case <-pubsubtest.Context(t).Done():
+			t.Fatalf("delivered %d of %d messages before the test's deadline", seen, n)
+		}
+	}
+	// The reader and the keeper may hold a connection a while: look at
+	// the idle ones until both statements were seen.
+	var plans map[string][2]int64 // generic, custom, per statement
+	pubsubtest.WaitFor(t, "both statements on idle connections", func() bool {
+		plans = idlePlans(t, pool)
+		return plans["WITH c AS"][0]+plans["WITH c AS"][1] > 0 && plans["WITH q AS"][0]+plans["WITH q AS"][1] > 0
+	})
+	for _, stmt := range []string{"WITH c AS", "WITH q AS"} {
+		if p := plans[stmt]; p[0] == 0 || p[1] != 0 {
+			t.Errorf("statement %q: %d generic plans and %d custom ones on the idle connections; want generic ones only", stmt, p[0], p[1])
+		}
+	}
+}
+
+// idlePlans checks that the pool's idle sessions have PostgreSQL's
+// default plan settings, and returns how many generic and custom plans
+// the broker's plain statements had on them.
+func idlePlans(t *testing.T, pool *pgxpool.Pool) map[string][2]int64 {
+	plans := map[string][2]int64{}
+	conns := pool.AcquireAllIdle(pubsubtest.Context(t))
+	defer func() {
+		for _, c := range conns {
+			c.Release()
+		}
+	}()
+	for _, c := range conns {
+		var mode, hash, merge string
+		if err := c.QueryRow(pubsubtest.Context(t), `SELECT current_setting('plan_cache_mode'),
+			current_setting('enable_hashjoin'), current_setting('enable_mergejoin')`).Scan(&mode, &hash, &merge); err != nil {
+			t.Fatal(err)
+		}
+		if mode != "auto" || hash != "on" || merge != "on" {
+			t.Fatalf("a pool session has plan_cache_mode %s, enable_hashjoin %s, enable_mergejoin %s; want the defaults", mode, hash, merge)
+		}
+		rows, err := c.Query(pubsubtest.Context(t), `SELECT left(statement, 9), generic_plans, custom_plans
+			FROM pg_prepared_statements WHERE statement LIKE 'WITH c AS%' OR statement LIKE 'WITH q AS%'`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var (
+				stmt            string
+				generic, custom int64
+			)
+			if err := rows.Scan(&stmt, &generic, &custom); err != nil {
+				t.Fatal(err)
+			}
+			p := plans[stmt]
+			plans[stmt] = [2]int64{p[0] + generic, p[1] + custom}
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return plans
 }

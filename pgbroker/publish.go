@@ -597,7 +597,7 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 		notified bool
 	)
 	if _, onPool := q.(*pgxpool.Pool); onPool && b.pipelines() {
-		got, notified, err = b.queryPipelined(ctx, args, woken)
+		got, notified, err = b.queryPipelined(ctx, args, mode, woken)
 	} else {
 		got, err = queryBatch(ctx, q, b.sql.publishBatch, args)
 	}
