@@ -33,7 +33,9 @@
 // room it serves when its listening connection comes back, and every poll
 // interval (WithPollInterval) in case a wake-up was lost, so nothing
 // committed is ever skipped. A node's own publishes wake its own reader
-// at once.
+// at once; their notifications, when they come back to the node's
+// listening connection (known by the sending session's process id and
+// the payload), are not read again.
 //
 // # Publishing in batches
 //

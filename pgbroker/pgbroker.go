@@ -48,6 +48,9 @@ type Broker struct {
 	notifyTo map[string]bool // rooms whose publishes committed, for the notifier to announce
 	notifyUp chan struct{}   // capacity 1: the notifier has work
 
+	omu sync.Mutex
+	own map[ownWake][]time.Time // this node's batches' notifications on their way back to its listener (see sentOwn)
+
 	mu      sync.Mutex
 	deliver func(pubsub.Message)
 	closed  bool
@@ -114,6 +117,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Broker, erro
 		waiting:  make(map[string]*waitingRoom),
 		ready:    make(chan string, 4096),
 		notifyTo: make(map[string]bool),
+		own:      make(map[ownWake][]time.Time),
 		notifyUp: make(chan struct{}, 1),
 		subs:     make(map[string]*sub),
 		dirty:    make(map[string]bool),

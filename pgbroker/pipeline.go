@@ -69,10 +69,18 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms
 	if err != nil {
 		return nil, false, err
 	}
-	wakeSD, err := b.prepare(ctx, conn, b.sql.pipelinedWake, &wake, []any{notifyPayloads(rooms)})
+	payloads := notifyPayloads(rooms)
+	wakeSD, err := b.prepare(ctx, conn, b.sql.pipelinedWake, &wake, []any{payloads})
 	if err != nil {
 		return nil, false, err
 	}
+	pid := conn.Conn().PgConn().PID()
+	b.sentOwn(pid, payloads)
+	defer func() {
+		if !notified {
+			b.forgetOwn(pid, payloads)
+		}
+	}()
 	p := conn.Conn().PgConn().StartPipeline(ctx)
 	if plain {
 		p.SendQueryStatement(settingsSD, settings.ParamValues, settings.ParamFormats, settings.ResultFormats)
@@ -188,4 +196,85 @@ func pipelineStep(p *pgconn.Pipeline, read func(*pgconn.ResultReader) error) err
 			return err // the connection broke
 		}
 	}
+}
+
+// ownWake is a notification as the listening connection receives it: the
+// process id of the session that sent it, and its payload.
+type ownWake struct {
+	pid     uint32
+	payload string
+}
+
+// ownWakeTTL bounds how long a notification this node sent is looked for
+// on its listening connection; ownWakesMax bounds how many are.
+const (
+	ownWakeTTL  = 10 * time.Second
+	ownWakesMax = 4096
+)
+
+// sentOwn records notifications this node is about to send from the
+// session pid, after a batch whose rooms it marks for its own reader once
+// the batch committed: when they come back to its listening connection,
+// reading those rooms again would find nothing new (tookOwn). A foreign
+// notification is never taken for one: PostgreSQL delivers a session's
+// notifications in its commit order, so another broker's notification
+// from the same pooled session with the same payload arrives after this
+// one's. A notification that did not go out is forgotten (forgetOwn); one
+// that was lost (the listener was reconnecting) expires.
+func (b *Broker) sentOwn(pid uint32, payloads []string) {
+	now := time.Now()
+	b.omu.Lock()
+	defer b.omu.Unlock()
+	if len(b.own) >= ownWakesMax {
+		clear(b.own) // then a few rooms are read twice
+	}
+	for _, p := range payloads {
+		k := ownWake{pid, p}
+		b.own[k] = append(b.own[k], now)
+	}
+}
+
+// forgetOwn undoes sentOwn for notifications that did not go out.
+func (b *Broker) forgetOwn(pid uint32, payloads []string) {
+	b.omu.Lock()
+	defer b.omu.Unlock()
+	for _, p := range payloads {
+		k := ownWake{pid, p}
+		if ts := b.own[k]; len(ts) > 1 {
+			b.own[k] = ts[:len(ts)-1]
+		} else {
+			delete(b.own, k)
+		}
+	}
+}
+
+// tookOwn reports whether the notification the listening connection
+// received from the session pid is one this node sent (see sentOwn), and
+// no longer looks for it.
+func (b *Broker) tookOwn(pid uint32, payload string) bool {
+	k := ownWake{pid, payload}
+	b.omu.Lock()
+	defer b.omu.Unlock()
+	ts := b.own[k]
+	for len(ts) > 0 && time.Since(ts[0]) > ownWakeTTL {
+		ts = ts[1:]
+	}
+	if len(ts) == 0 {
+		delete(b.own, k)
+		return false
+	}
+	if len(ts) == 1 {
+		delete(b.own, k)
+	} else {
+		b.own[k] = ts[1:]
+	}
+	return true
+}
+
+// clearOwn forgets every notification sent, when the listening
+// connection (re)connects: those not received are lost.
+func (b *Broker) clearOwn() {
+	b.omu.Lock()
+	clear(b.own)
+	b.omu.Unlock()
 }

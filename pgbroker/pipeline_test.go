@@ -188,3 +188,113 @@ func idlePlans(t *testing.T, pool *pgxpool.Pool) map[string][2]int64 {
 	}
 	return plans
 }
+
+// A node that serves the rooms it publishes to reads them once per batch:
+// its own reader is marked when the batch commits, and the batch's
+// notification, back on the node's listening connection, is not read
+// again. (Each read runs the read statement with a generic plan once, so
+// the idle sessions' generic plans count the reads.)
+func TestANodeDoesNotReadItsOwnBatchesTwice(t *testing.T) {
+	t.Parallel()
+	s := uniqueSchema()
+	pool := newPool(t, shared.DSN)
+	b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()),
+		pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan pubsub.Message, 100)
+	b.Bind(func(m pubsub.Message) { got <- m })
+	t.Cleanup(func() { b.Close() })
+	waitListening(t, shared.DSN, s, 1)
+	if err := b.Subscribe(pubsubtest.Context(t), "room"); err != nil {
+		t.Fatal(err)
+	}
+	const n = 30
+	for i := range n {
+		if _, err := b.Publish(pubsubtest.Context(t), "room", fmt.Append(nil, i), pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100}}); err != nil {
+			t.Fatal(err)
+		}
+		// Delivered before the next publish: each batch has its read.
+		select {
+		case <-got:
+		case <-pubsubtest.Context(t).Done():
+			t.Fatalf("message %d not delivered before the test's deadline", i)
+		}
+	}
+	// Then another node publishes to a room of its own: delivered through
+	// the listening connection, which got the batches' notifications
+	// before it, and read with any room they marked, it comes after every
+	// read they caused.
+	other := newBroker(t, shared.DSN, s)
+	other.Bind(func(pubsub.Message) {})
+	t.Cleanup(func() { other.Close() })
+	if err := b.Subscribe(pubsubtest.Context(t), "end"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Publish(pubsubtest.Context(t), "end", []byte("end"), pubsub.PublishOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for end := false; !end; {
+		select {
+		case m := <-got:
+			end = m.Room == "end"
+		case <-pubsubtest.Context(t).Done():
+			t.Fatal("the other node's message was not delivered before the test's deadline")
+		}
+	}
+	var reads int64
+	pubsubtest.WaitFor(t, "the reads on idle connections", func() bool {
+		reads = idlePlans(t, pool)["WITH q AS"][0]
+		return reads >= n+1
+	})
+	t.Logf("%d reads for %d batches and the other node's message", reads, n)
+	if reads > n+5 { // subscribing reads too
+		t.Fatalf("%d reads for %d batches, each delivered before the next, and the other node's message: want one each", reads, n)
+	}
+}
+
+// Two brokers on one pool of one session: each one's notifications come
+// from the session the other's come from too, with the same payload, and
+// each still delivers the other's messages at once (polling every minute),
+// the last one included.
+func TestNodesOnOneSessionTakeOnlyTheirOwnNotifications(t *testing.T) {
+	t.Parallel()
+	s := uniqueSchema()
+	pool := newPool(t, shared.DSN, func(c *pgxpool.Config) { c.MaxConns = 1 })
+	nodes := make([]*pgbroker.Broker, 2)
+	gots := make([]chan pubsub.Message, 2)
+	for i := range nodes {
+		b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()),
+			pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan pubsub.Message, 100)
+		b.Bind(func(m pubsub.Message) { got <- m })
+		t.Cleanup(func() { b.Close() })
+		nodes[i], gots[i] = b, got
+	}
+	waitListening(t, shared.DSN, s, 2)
+	for _, b := range nodes {
+		if err := b.Subscribe(pubsubtest.Context(t), "room"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const n = 20
+	for i := range n {
+		if _, err := nodes[i%2].Publish(pubsubtest.Context(t), "room", fmt.Append(nil, i), pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 100}}); err != nil {
+			t.Fatal(err)
+		}
+		for j, got := range gots {
+			select {
+			case m := <-got:
+				if m.Kind != pubsub.KindMessage || m.Seq != uint64(i+1) {
+					t.Fatalf("node %d delivered %+v, want message %d", j, m, i+1)
+				}
+			case <-pubsubtest.Context(t).Done():
+				t.Fatalf("node %d did not deliver message %d (published by node %d) before the test's deadline", j, i+1, i%2)
+			}
+		}
+	}
+}
