@@ -45,11 +45,11 @@
 // the rooms' rows in name order, insert every message, update every room);
 // one with keys also looks each key up, after the rows are locked. When
 // the pool prepares statements (pgx's default), a batch of rooms that
-// exist, and a node's reads, send the publish_batch and read functions'
-// statements themselves rather than calling the functions (a call costs
-// the server more than its statement), with the functions' plan settings
-// (a generic plan; no hash or merge joins) made by set_config for that
-// transaction only: the host's pool sessions keep their own settings. The
+// exist sends the publish_batch function's statement itself rather than
+// calling the function (a call costs the server more than its
+// statement), with the function's plan settings (a generic plan; no hash
+// or merge joins) made by set_config for that transaction only: the
+// host's pool sessions keep their own settings. The
 // other nodes are woken after the commit, in a transaction of its own
 // that does not wait for the disk: a transaction that NOTIFYs holds a lock
 // that serializes every notifying commit of the database until its commit

@@ -320,7 +320,7 @@ func us(d time.Duration) int64 {
 // statements are the broker's SQL, in its schema.
 type statements struct {
 	publish, publishBatch, wake, history, position, read string
-	planSettings, publishPlain, readPlain                string // publish_batch's statement with p_mode 0, read's, and their settings (see queryPipelined)
+	planSettings, publishPlain                           string // publish_batch's statement with p_mode 0, and its settings (see queryPipelined)
 	pipelinedWake                                        string // wake, as a batch's pipeline sends it (tests break it alone)
 	join, leave, presence, presenceCounts                string
 	refresh, touch, sweep                                string
@@ -357,31 +357,6 @@ func newStatements(s string) statements {
     WHERE g.last AND t.id = r.id
 )
 SELECT r.name, r.epoch, r.seq, greatest(c.now, r.last_at) FROM c, locked r`,
-		// read's statement, without the function.
-		readPlain: `WITH q AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[]) AS q (name, after_seq, after_ev, strict)
-), r AS (
-    SELECT q.name, q.after_seq, q.after_ev, q.strict, rm.id, rm.epoch, rm.seq, rm.ev, rm.keep_size, rm.keep_ttl
-    FROM q CROSS JOIN LATERAL (SELECT * FROM ` + s + `.rooms WHERE rooms.name = q.name) rm
-)
-SELECT r.name, 'r'::text, r.epoch, r.seq, r.ev, NULL::text, NULL::timestamptz, NULL::bytea, NULL::text, NULL::text FROM r
-UNION ALL
-SELECT r.name, 'c', NULL, r.after_seq, NULL, c.id::text, NULL, NULL, NULL, NULL
-FROM r CROSS JOIN LATERAL (
-    SELECT msg.id FROM ` + s + `.messages msg WHERE msg.room_id = r.id AND msg.seq = r.after_seq) c
-UNION ALL
-SELECT r.name, 'm', NULL, m.seq, NULL, m.id::text, m.published_at, m.data, NULL, NULL
-FROM r CROSS JOIN LATERAL (
-    SELECT msg.seq, msg.id, msg.published_at, msg.data FROM ` + s + `.messages msg
-    WHERE msg.room_id = r.id AND msg.seq > r.after_seq AND msg.seq <= r.seq
-      AND (NOT r.strict OR (msg.seq > r.seq - r.keep_size
-                            AND (r.keep_ttl = interval '0' OR msg.published_at >= clock_timestamp() - r.keep_ttl)))
-    ORDER BY msg.seq LIMIT $5::integer) m
-UNION ALL
-SELECT r.name, e.kind, NULL, e.after_seq, e.ev, NULL, e.at, e.info, e.conn_id, e.user_id
-FROM r CROSS JOIN LATERAL (
-    SELECT * FROM ` + s + `.events ev WHERE ev.room_id = r.id AND ev.ev > r.after_ev AND ev.ev <= r.ev
-    ORDER BY ev.ev LIMIT $5::integer) e`,
 		// The notify function's notifications, their payloads made by
 		// notifyPayloads, in a plain statement (a function call costs the
 		// server more than the notifications).

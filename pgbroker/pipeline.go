@@ -30,8 +30,7 @@ func (b *Broker) pipelines() bool {
 
 // prepares reports whether the pool prepares its statements and keeps
 // them (pgx's default mode; the others are for poolers that do not keep
-// prepared statements). Then a statement sent after the plan settings in
-// the same implicit transaction runs with a generic plan.
+// prepared statements).
 func (b *Broker) prepares() bool {
 	return b.pool.Config().ConnConfig.DefaultQueryExecMode == pgx.QueryExecModeCacheStatement
 }

@@ -379,29 +379,9 @@ func (b *Broker) readChunk(rooms []string) error {
 func (b *Broker) query(names []string, seqs, evs []int64, strict []bool) (map[string]*roomRead, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 	defer cancel()
-	var rows pgx.Rows
-	if b.prepares() {
-		// read's statement itself (a function call costs the server more
-		// than the statement), after the function's plan settings, made
-		// for this implicit transaction only: one round trip, and the
-		// host's pool sessions keep their own settings.
-		batch := &pgx.Batch{}
-		batch.Queue(b.sql.planSettings)
-		batch.Queue(b.sql.readPlain, names, seqs, evs, strict, readLimit)
-		br := b.pool.SendBatch(ctx, batch)
-		defer br.Close()
-		if _, err := br.Exec(); err != nil {
-			return nil, err
-		}
-		var err error
-		if rows, err = br.Query(); err != nil {
-			return nil, err
-		}
-	} else {
-		var err error
-		if rows, err = b.pool.Query(ctx, b.sql.read, names, seqs, evs, strict, readLimit); err != nil {
-			return nil, err
-		}
+	rows, err := b.pool.Query(ctx, b.sql.read, names, seqs, evs, strict, readLimit)
+	if err != nil {
+		return nil, err
 	}
 	defer rows.Close()
 	reads := make(map[string]*roomRead, len(names))
