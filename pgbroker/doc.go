@@ -33,15 +33,23 @@
 // room it serves when its listening connection comes back, and every poll
 // interval (WithPollInterval) in case a wake-up was lost, so nothing
 // committed is ever skipped. A node's own publishes wake its own reader
-// at once.
+// at once; their notifications, when they come back to the node's
+// listening connection (known by the sending session's process id and
+// the payload), are not read again.
 //
 // # Publishing in batches
 //
-// Concurrent publishes on a node share a batch: one function call, one
+// Concurrent publishes on a node share a batch: one call, one
 // transaction, one commit (WithPublishConns, WithMaxBatch). A batch with
-// no idempotency key is one statement (the publish_batch function: lock
+// no idempotency key is one statement (the publish_batch function's: lock
 // the rooms' rows in name order, insert every message, update every room);
-// one with keys also looks each key up, after the rows are locked. The
+// one with keys also looks each key up, after the rows are locked. When
+// the pool prepares statements (pgx's default), a batch of rooms that
+// exist sends the publish_batch function's statement itself rather than
+// calling the function (a call costs the server more than its
+// statement), with the function's plan settings (a generic plan; no hash
+// or merge joins) made by set_config for that transaction only: the
+// host's pool sessions keep their own settings. The
 // other nodes are woken after the commit, in a transaction of its own
 // that does not wait for the disk: a transaction that NOTIFYs holds a lock
 // that serializes every notifying commit of the database until its commit

@@ -81,8 +81,11 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 		}
 	}()
 	carl.waitMessages(20)
-	lb.point(b)
+	// The node dies first, then the balancer sends its clients elsewhere:
+	// cut first, node a would see carl's connection close and say he left
+	// (a leave, then his join on node b), as a live node does.
 	a.kill(t)
+	lb.point(b)
 	carl.waitUntil("a recovery on node b", func(items []item) bool { return len(recoveries(items)) > 0 })
 	carl.waitMessages(len(carl.items) + 20) // live again, on node b
 	close(stop)

@@ -48,6 +48,9 @@ type Broker struct {
 	notifyTo map[string]bool // rooms whose publishes committed, for the notifier to announce
 	notifyUp chan struct{}   // capacity 1: the notifier has work
 
+	omu sync.Mutex
+	own map[ownWake][]time.Time // this node's batches' notifications on their way back to its listener (see sentOwn)
+
 	mu      sync.Mutex
 	deliver func(pubsub.Message)
 	closed  bool
@@ -114,6 +117,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Broker, erro
 		waiting:  make(map[string]*waitingRoom),
 		ready:    make(chan string, 4096),
 		notifyTo: make(map[string]bool),
+		own:      make(map[ownWake][]time.Time),
 		notifyUp: make(chan struct{}, 1),
 		subs:     make(map[string]*sub),
 		dirty:    make(map[string]bool),
@@ -316,6 +320,7 @@ func us(d time.Duration) int64 {
 // statements are the broker's SQL, in its schema.
 type statements struct {
 	publish, publishBatch, wake, history, position, read string
+	planSettings, publishPlain                           string // publish_batch's statement with p_mode 0, and its settings (see queryPipelined)
 	pipelinedWake                                        string // wake, as a batch's pipeline sends it (tests break it alone)
 	join, leave, presence, presenceCounts                string
 	refresh, touch, sweep                                string
@@ -327,6 +332,31 @@ func newStatements(s string) statements {
 			`.publish($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[], $7::boolean[], $8, $9, $10)`,
 		publishBatch: `SELECT o_room, o_epoch, o_base, o_at FROM ` + s +
 			`.publish_batch($1::text[], $2::uuid[], $3::integer[], $4::bytea[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[], $9, $10)`,
+		// The function's settings, for this transaction only: the host's
+		// pool keeps its own.
+		planSettings: `SELECT set_config('plan_cache_mode', 'force_generic_plan', true), ` +
+			`set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)`,
+		// publish_batch's statement with p_mode 0, without the function.
+		publishPlain: `WITH c AS (SELECT clock_timestamp() AS now), locked AS (
+    SELECT * FROM ` + s + `.rooms WHERE name = ANY ($1::text[]) ORDER BY name FOR NO KEY UPDATE SKIP LOCKED
+), ins AS (
+    INSERT INTO ` + s + `.messages (room_id, seq, id, published_at, data)
+    SELECT r.id, r.seq + u.k, u.id, greatest(c.now, r.last_at), u.data
+    FROM c, unnest($1::text[], $2::uuid[], $3::integer[], $4::bytea[]) AS u (room, id, k, data) JOIN locked r ON r.name = u.room
+), upd AS (
+    UPDATE ` + s + `.rooms AS t SET
+        seq = r.seq + g.k, keep_size = g.size, keep_ttl = g.ttl * interval '1 microsecond', archive = g.archive,
+        last_at = greatest(c.now, r.last_at), touched_at = greatest(c.now, r.last_at),
+        due = CASE
+            WHEN g.archive THEN t.due
+            WHEN r.seq + g.k > g.size THEN least(t.due, greatest(c.now, r.last_at) + $9::bigint * interval '1 microsecond')
+            WHEN g.ttl > 0 THEN least(t.due, greatest(c.now, r.last_at) + greatest(g.ttl * interval '1 microsecond', $9::bigint * interval '1 microsecond'))
+            ELSE t.due END
+    FROM c, unnest($1::text[], $3::integer[], $5::boolean[], $6::integer[], $7::bigint[], $8::boolean[]) AS g (room, k, last, size, ttl, archive)
+    JOIN locked r ON r.name = g.room
+    WHERE g.last AND t.id = r.id
+)
+SELECT r.name, r.epoch, r.seq, greatest(c.now, r.last_at) FROM c, locked r`,
 		// The notify function's notifications, their payloads made by
 		// notifyPayloads, in a plain statement (a function call costs the
 		// server more than the notifications).

@@ -568,7 +568,7 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 	n := len(calls)
 	var (
 		rooms   = make([]string, n)
-		ids     = make([]uuid.UUID, n) // bytes: pgx encodes a string for uuid[] only after failing to in binary
+		ids     = make([][16]byte, n) // plain arrays: pgx encodes a string, or a uuid.UUID (a driver.Valuer, giving a string), for uuid[] only after failing to in binary
 		ks      = make([]int32, n)
 		data    = make([][]byte, n)
 		last    = make([]bool, n)
@@ -578,7 +578,7 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 		woken   []string
 	)
 	for i, c := range calls {
-		rooms[i], ids[i], data[i], sizes[i], ttls[i], archive[i] = c.room, uuid.New(), c.data, c.size, c.ttl, c.archive
+		rooms[i], ids[i], data[i], sizes[i], ttls[i], archive[i] = c.room, [16]byte(uuid.New()), c.data, c.size, c.ttl, c.archive
 		if data[i] == nil {
 			data[i] = []byte{} // NULL is not an empty payload
 		}
@@ -597,7 +597,7 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 		notified bool
 	)
 	if _, onPool := q.(*pgxpool.Pool); onPool && b.pipelines() {
-		got, notified, err = b.queryPipelined(ctx, args, woken)
+		got, notified, err = b.queryPipelined(ctx, args, mode, woken)
 	} else {
 		got, err = queryBatch(ctx, q, b.sql.publishBatch, args)
 	}
@@ -616,7 +616,7 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 			woken = append(woken, c.room)
 		}
 		c.finish(pubsub.PublishResult{Message: pubsub.Message{
-			Kind: pubsub.KindMessage, Room: c.room, ID: ids[i].String(), Epoch: p.epoch, Seq: uint64(p.base) + uint64(ks[i]), Time: p.at, Data: c.data,
+			Kind: pubsub.KindMessage, Room: c.room, ID: uuid.UUID(ids[i]).String(), Epoch: p.epoch, Seq: uint64(p.base) + uint64(ks[i]), Time: p.at, Data: c.data,
 		}}, nil)
 	}
 	b.mark(woken...)

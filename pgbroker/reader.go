@@ -94,6 +94,7 @@ func (b *Broker) listenLoop() {
 			failing = false
 		}
 		backoff = backoffMin
+		b.clearOwn()
 		b.mu.Lock()
 		b.markAllLocked() // what committed before the LISTEN took effect
 		b.mu.Unlock()
@@ -157,7 +158,9 @@ func (b *Broker) listen(conn *pgx.Conn) error {
 		cancel()
 		switch {
 		case err == nil:
-			b.notified(n.Payload)
+			if !b.tookOwn(n.PID, n.Payload) {
+				b.notified(n.Payload)
+			}
 			continue
 		case b.ctx.Err() != nil:
 			return err

@@ -398,6 +398,9 @@ END $$;
 -- updates the rooms, and returns, per room it could lock, its epoch, its
 -- seq before the batch (item k's seq is that plus k) and the messages'
 -- time. The items of the other rooms are busy (see publish's p_mode).
+-- (Nodes whose pool prepares statements send the p_mode 0 statement
+-- themselves, after this function's plan settings made with set_config
+-- for the transaction only: a call costs the server more.)
 CREATE OR REPLACE FUNCTION roomcast.publish_batch(
     p_rooms text[], p_ids uuid[], p_ks integer[], p_data bytea[], p_last boolean[],
     p_sizes integer[], p_ttls bigint[], p_archive boolean[], p_window bigint, p_mode integer)

@@ -61,6 +61,7 @@ func main() {
 	pubs := flag.String("publishers", "1,16", "the publisher counts to measure")
 	trim := flag.Int("trim", 1000, "messages beyond its bounds per room for the sweep scenario (0 skips it)")
 	breakdown := flag.Bool("breakdown", false, "after each broker scenario, print where PostgreSQL's CPU went: per server process (labelled by node and last query) and per function (pg_stat_user_functions)")
+	flag.BoolVar(&selfSubscribe, "self", false, "node A, which publishes, also subscribes to every room (a node serving the rooms it publishes to)")
 	profile := flag.String("cpuprofile", "", "write this process's CPU profile (both nodes and the publishers) to the file")
 	flag.Parse()
 	if *profile != "" {
@@ -290,6 +291,9 @@ func runFloor(ctx context.Context, pool *pgxpool.Pool, publishers int, warm, dur
 	})
 }
 
+// selfSubscribe: node A subscribes to every room too (-self).
+var selfSubscribe bool
+
 // nodes counts the broker nodes started, to name their connections
 // (application_name node0, node1, ...) for -breakdown.
 var nodes int
@@ -334,6 +338,12 @@ func runRoomcast(ctx context.Context, dsn string, publishers, rate, conns int, w
 	}()
 	for r := range rooms {
 		if err := b.Subscribe(ctx, fmt.Sprint("room-", r)); err != nil {
+			fail(err)
+		}
+		if !selfSubscribe {
+			continue
+		}
+		if err := a.Subscribe(ctx, fmt.Sprint("room-", r)); err != nil {
 			fail(err)
 		}
 	}
