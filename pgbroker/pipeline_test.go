@@ -299,3 +299,78 @@ func TestNodesOnOneSessionTakeOnlyTheirOwnNotifications(t *testing.T) {
 		}
 	}
 }
+
+// A batch of existing rooms goes to PostgreSQL as publish_batch's own
+// statement, sent by the node (queryPipelined); a poll-only node calls the
+// function for every batch. The statement repeats the function's body, so
+// the two must write the same: the same publishes through each (new rooms,
+// existing ones, history bounds that change on the way, a room that keeps
+// none) leave the same rooms and the same messages.
+func TestTheBatchStatementWritesWhatTheFunctionWrites(t *testing.T) {
+	t.Parallel()
+	ctx := pubsubtest.Context(t)
+	histories := [][]pubsub.HistoryOptions{
+		{{Size: 3}, {Size: 3, TTL: time.Hour}},                     // the age bound comes later
+		{{Size: 100, TTL: time.Hour}, {Size: 5, TTL: time.Minute}}, // both bounds shrink
+		{{}, {}}, // keeps none
+	}
+	write := func(opts ...pgbroker.Option) (schema string, pool *pgxpool.Pool) {
+		schema = uniqueSchema()
+		pool = newPool(t, shared.DSN)
+		b, err := pgbroker.New(ctx, pool, append([]pgbroker.Option{pgbroker.WithSchema(schema), pgbroker.WithLogger(pubsubtest.Logger()),
+			pgbroker.WithDeliveryWindow(time.Hour)}, opts...)...) // nothing swept while the test compares
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.Bind(func(pubsub.Message) {}) // a bound broker's publishers batch (before Bind, each publish waits for its room alone)
+		t.Cleanup(func() { b.Close() })
+		for i := range 30 {
+			r := i % len(histories)
+			h := histories[r][min(i/15, 1)]
+			if _, err := b.Publish(ctx, fmt.Sprintf("room-%d", r), fmt.Append(nil, "message ", i), pubsub.PublishOptions{History: h}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return schema, pool
+	}
+	written := func(schema string, pool *pgxpool.Pool) string {
+		var out strings.Builder
+		rows, err := pool.Query(ctx, `SELECT 'room', r.name, r.seq, r.keep_size, r.keep_ttl::text, r.archive::text, '' FROM `+schema+`.rooms r
+			UNION ALL SELECT 'message', r.name, m.seq, 0, '', '', convert_from(m.data, 'UTF8') FROM `+schema+`.messages m JOIN `+schema+`.rooms r ON r.id = m.room_id
+			ORDER BY 1, 2, 3`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var kind, name, ttl, archive, data string
+			var seq, size int64
+			if err := rows.Scan(&kind, &name, &seq, &size, &ttl, &archive, &data); err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(&out, "%s %s seq %d size %d ttl %s archive %s %s\n", kind, name, seq, size, ttl, archive, data)
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return out.String()
+	}
+	stmtSchema, stmtPool := write()
+	funcSchema, funcPool := write(pgbroker.WithPollOnly(100 * time.Millisecond))
+	byStatement, byFunction := written(stmtSchema, stmtPool), written(funcSchema, funcPool)
+	if byStatement != byFunction {
+		t.Errorf("the statement wrote:\n%s\nthe function wrote:\n%s", byStatement, byFunction)
+	}
+	if n := strings.Count(byStatement, "message room-"); n != 30 {
+		t.Errorf("%d messages in the table, want all 30:\n%s", n, byStatement)
+	}
+	// And the first node did send the statement (the second never does).
+	var plans map[string][2]int64
+	pubsubtest.WaitFor(t, "the statement on idle connections", func() bool {
+		plans = idlePlans(t, stmtPool)
+		return plans["batch"][0]+plans["batch"][1] > 0
+	})
+	if p := idlePlans(t, funcPool)["batch"]; p[0]+p[1] != 0 {
+		t.Errorf("the poll-only node sent the statement %d times; want the function only", p[0]+p[1])
+	}
+}
