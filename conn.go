@@ -55,6 +55,7 @@ type conn struct {
 
 	ws     *websocket.Conn // set once, before the writer may start
 	br     *bufio.Reader   // ws's reader over sock
+	bw     *bufio.Writer   // ws's writer over sock (control frames); nil for an event stream
 	client Client
 	// ctx and cancel are the context behind context(), made at its first
 	// use (see connContext); nil until then. Guarded by mu.
@@ -109,10 +110,10 @@ func newConn(h *Handler, cl Client) *conn {
 }
 
 // attach gives the connection its WebSocket, once the upgrade succeeded.
-func (c *conn) attach(ws *websocket.Conn, sock *socket, br *bufio.Reader) {
+func (c *conn) attach(ws *websocket.Conn, sock *socket, br *bufio.Reader, bw *bufio.Writer) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.ws, c.sock, c.br = ws, sock, br
+	c.ws, c.sock, c.br, c.bw = ws, sock, br, bw
 	sock.owner = c
 }
 

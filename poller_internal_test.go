@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"net"
 	"net/http"
 	"strings"
@@ -307,5 +308,34 @@ func TestAParkedEventStreamSeesItsEnd(t *testing.T) {
 				t.Fatalf("closed with %d, want %d", code, want)
 			}
 		})
+	}
+}
+
+// A parked connection lends its read buffer and its control frames' write
+// buffer back to the heap (they are most of what a connection would
+// otherwise keep while idle), and gets fresh ones before anything reads or
+// writes: a ping from the client wakes it, and coder/websocket answers
+// with a pong through the write buffer. (Closing a parked connection,
+// whose close frame goes through it too: TestClosingAParkedConnection.)
+func TestAParkedConnectionLendsItsBuffersAndAnswersAPing(t *testing.T) {
+	t.Parallel()
+	h, url := parkServer(t)
+	ctx := testContext(t)
+	ws, c := dialRaw(t, ctx, h, url, "lend")
+	lent := func() bool {
+		h.poll.mu.Lock() // what park and takeLocked swap the buffers under
+		defer h.poll.mu.Unlock()
+		return c.br.Size() == parkedReader.Size() && c.bw.Size() == parkedWriter.Size()
+	}
+	waitUntil(t, ctx, "parked, its buffers lent", func() bool { return c.isParked() && lent() })
+	go func() { _, _, _ = ws.Read(ctx) }() // reads the pong for Ping
+	if err := ws.Ping(ctx); err != nil {
+		t.Fatalf("a ping to a parked connection: %v", err)
+	}
+	if lent() {
+		t.Fatal("the connection answered a ping with its buffers lent")
+	}
+	if n, err := parkedWriter.Write([]byte("x")); n != 0 || !errors.Is(err, errWriteWhileParked) {
+		t.Fatalf("a write to the parked writer: %d, %v; want 0 and errWriteWhileParked (and its buffer untouched)", n, err)
 	}
 }

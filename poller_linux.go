@@ -75,6 +75,9 @@ func (p *poller) park(c *conn) parkResult {
 	if s.closing.Load() {
 		return notHere // the descriptor may be closed already: never arm it
 	}
+	if c.bw != nil && c.bw.Buffered() > 0 {
+		return notHere // not expected: coder/websocket flushes each frame it writes
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !p.startLocked() {
@@ -93,16 +96,25 @@ func (p *poller) park(c *conn) parkResult {
 	}
 	s.polled, s.pollTok = true, tok
 	p.parked[tok] = c
-	*c.br = *parkedReader // the read buffer goes back to the heap while parked
+	// The read buffer and the control frames' write buffer go back to the
+	// heap while parked.
+	*c.br = *parkedReader
+	if c.bw != nil {
+		*c.bw = *parkedWriter
+	}
 	return parked
 }
 
 // takeLocked removes the parked c (by its token) and gives it its read
-// buffer back, before any reader, coder/websocket's close handshake
-// included, can read: each starts after this, under p.mu or c.mu.
+// and write buffers back, before any reader, coder/websocket's close
+// handshake included, can read or write: each starts after this, under
+// p.mu or c.mu.
 func (p *poller) takeLocked(tok uint64, c *conn) {
 	delete(p.parked, tok)
 	*c.br = *bufio.NewReaderSize(c.sock, readBufferSize)
+	if c.bw != nil {
+		*c.bw = *bufio.NewWriterSize(c.sock, writeBufferSize)
+	}
 }
 
 // unpark takes c back from the poller, if it is parked, and starts its

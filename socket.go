@@ -40,6 +40,23 @@ func (parkedSource) Read([]byte) (int, error) { return 0, errReadWhileParked }
 
 var errReadWhileParked = errors.New("pubsub: read from a parked connection")
 
+// parkedWriter is what a parked connection's control-frame writer (the
+// bufio.Writer coder/websocket writes pongs and close frames through)
+// holds: no buffer of its own, and an error, so that a write to it fails
+// before touching any buffer; none is made: coder/websocket writes only
+// from the connection's reader (a pong, the answer to a close) and from
+// its close, and a parked connection has no reader, and is taken back
+// from the poller (with a fresh buffer) before its close.
+var parkedWriter = func() *bufio.Writer {
+	w := bufio.NewWriterSize(parkedSource{}, 16)
+	_, _ = w.Write(make([]byte, 32)) // larger than the buffer: written through, and the error stays
+	return w
+}()
+
+func (parkedSource) Write([]byte) (int, error) { return 0, errWriteWhileParked }
+
+var errWriteWhileParked = errors.New("pubsub: write to a parked connection")
+
 // hijacker wraps the ResponseWriter given to websocket.Accept: its Hijack
 // returns the connection with our small buffers instead of net/http's 4 KiB
 // ones, and sets up sock (the connection's own, in its allocation) for the
@@ -58,6 +75,7 @@ type hijacker struct {
 	http.ResponseWriter
 	sock      *socket       // zero until Hijack
 	br        *bufio.Reader // coder/websocket's reader over sock
+	bw        *bufio.Writer // and its writer
 	switching bool          // a 101 held for Hijack to write
 }
 
@@ -101,7 +119,8 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	w.sock.init(nc, pre)
 	w.br = bufio.NewReaderSize(w.sock, readBufferSize)
-	return w.sock, bufio.NewReadWriter(w.br, bufio.NewWriterSize(w.sock, writeBufferSize)), nil
+	w.bw = bufio.NewWriterSize(w.sock, writeBufferSize)
+	return w.sock, bufio.NewReadWriter(w.br, w.bw), nil
 }
 
 // switchingHead is a 101 Switching Protocols response with header h, as

@@ -418,7 +418,7 @@ func (h *Handler) streamSSE(w http.ResponseWriter, r *http.Request, c *conn) {
 	c.sse.headed = true
 	sock := &c.sockMem
 	sock.init(sc, nil)
-	c.attach(nil, sock, bufio.NewReaderSize(sock, readBufferSize))
+	c.attach(nil, sock, bufio.NewReaderSize(sock, readBufferSize), nil)
 	h.serve(c)
 	<-sc.done // closed with the connection
 }

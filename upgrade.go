@@ -187,7 +187,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 			return
 		}
 		c.sse.head = sseHead(w.Header(), c.sse.origin)
-		c.attach(nil, hw.sock, hw.br)
+		c.attach(nil, hw.sock, hw.br, nil)
 		h.serve(c)
 		return
 	}
@@ -210,7 +210,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, c *conn) {
 		return
 	}
 	ws.SetReadLimit(h.cfg.maxMessageBytes)
-	c.attach(ws, hw.sock, hw.br)
+	c.attach(ws, hw.sock, hw.br, hw.bw)
 	h.serve(c)
 }
 
