@@ -341,7 +341,7 @@ func (c *conn) heartbeat() {
 	// apart. The Handler writes the ping itself, rather than
 	// coder/websocket's Ping: a pong then needs no reader waiting inside
 	// coder/websocket for it, and a parked connection reads it and parks
-	// again (conn.takePongs).
+	// again (conn.takeControl).
 	now := time.Now().UnixNano()
 	if c.pinging {
 		if c.lastSeen.Load() < c.pingAt {

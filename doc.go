@@ -165,9 +165,10 @@
 // the Handler's poller (one epoll instance and one goroutine for every
 // connection, through the standard library's syscall package) and ends;
 // the poller starts a new reader when input arrives or the connection
-// closes. Pongs to raw mode's heartbeat pings are taken without waking
-// coder/websocket, so an idle raw connection parks again right after
-// answering one. Elsewhere an idle connection keeps its one reader
+// closes. Pongs to raw mode's heartbeat pings are taken, and a client's
+// own pings answered, without waking coder/websocket, so an idle
+// connection parks again right after either (a client that pings, as
+// Python's websockets does every 20 seconds, keeps no goroutine). Elsewhere an idle connection keeps its one reader
 // goroutine, waiting for input. What an idle connection costs is in
 // BENCHMARKS.md ("Idle connections of each kind"). Consequences of returning early: the
 // request's context ends at the upgrade (hooks get a context that lives as

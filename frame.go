@@ -71,6 +71,16 @@ func newControlFrame(env []byte) *frame {
 }
 
 // wire is the frame as it goes on the wire to a connection of mode.
+// newPongFrame is a pong with payload, the answer to a client's ping,
+// for a WebSocket of either mode.
+func newPongFrame(payload []byte) *frame {
+	w := wireFrame(opPong, payload)
+	f := &frame{size: len(w), to: toRaw | toProtocol, protoWire: w, rawWire: w}
+	f.protoOnce.Do(func() {})
+	f.rawOnce.Do(func() {})
+	return f
+}
+
 func (f *frame) wire(mode Mode) []byte {
 	switch mode {
 	case ModeProtocol:
@@ -99,9 +109,10 @@ func (f *frame) policy() SlowConsumerPolicy {
 }
 
 // WebSocket opcodes of the frames the Handler writes or reads itself (RFC
-// 6455, section 5.2): messages, raw mode's heartbeat ping, and the pongs a
-// connection's reader takes between messages (conn.takePongs). Other
-// control frames (a pong to a client's ping, close) are coder/websocket's.
+// 6455, section 5.2): messages, raw mode's heartbeat ping, and the pings
+// and pongs a connection's reader takes between messages, with the pongs
+// that answer those pings (conn.takeControl). Other control frames (close,
+// a ping inside a fragmented message) are coder/websocket's.
 const (
 	opText   = 0x1
 	opBinary = 0x2

@@ -421,24 +421,26 @@ func FuzzSSELastEventID(f *testing.F) {
 	})
 }
 
-// FuzzPongSize: the frames a connection's reader takes itself between
-// messages (conn.takePongs) are exactly whole, final, masked pongs with
-// no reserved bit and at most 125 bytes of payload, within the bytes given.
-func FuzzPongSize(f *testing.F) {
+// FuzzControlSize: the frames a connection's reader takes itself between
+// messages (conn.takeControl) are exactly whole, final, masked pings and
+// pongs with no reserved bit and at most 125 bytes of payload, within the
+// bytes given.
+func FuzzControlSize(f *testing.F) {
 	f.Add([]byte{0x8A, 0x80, 1, 2, 3, 4})
 	f.Add([]byte{0x8A, 0x82, 1, 2, 3, 4, 'h', 'b', 0x81})
 	f.Add([]byte{0x8A, 0x00})
 	f.Add([]byte{0x89, 0x80, 1, 2, 3, 4})
+	f.Add([]byte{0x89, 0x84, 1, 2, 3, 4, 'a', 'b', 'c', 'd'})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		n, ok := pongSize(b)
+		n, op, ok := controlSize(b)
 		if !ok {
-			if n != 0 {
-				t.Fatalf("not a pong, size %d", n)
+			if n != 0 || op != 0 {
+				t.Fatalf("not a ping or a pong, size %d, opcode %#x", n, op)
 			}
 			return
 		}
-		if n > len(b) || b[0] != 0x8A || b[1]&0x80 == 0 || int(b[1]&0x7f) > 125 || n != 6+int(b[1]&0x7f) {
-			t.Fatalf("pongSize(% x) = %d", b, n)
+		if n > len(b) || (b[0] != 0x8A && b[0] != 0x89) || op != b[0]&0x0f || b[1]&0x80 == 0 || int(b[1]&0x7f) > 125 || n != 6+int(b[1]&0x7f) {
+			t.Fatalf("controlSize(% x) = %d, %#x", b, n, op)
 		}
 	})
 }

@@ -102,7 +102,7 @@ func TestAParkedConnectionAnswersItsHeartbeatAndParksAgain(t *testing.T) {
 	})
 	waitUntil(t, ctx, "three pings", func() bool { return pings.Load() >= 3 })
 	// Parked with a pong of the third ping (or later) counted: the pong was
-	// taken by the Handler (takePongs). Had coder/websocket read it, its
+	// taken by the Handler (takeControl). Had coder/websocket read it, its
 	// reader would still wait inside Read for a message, not parked.
 	waitUntil(t, ctx, "parked after a pong", func() bool {
 		return c.isParked() && c.lastSeen.Load() >= third.Load()
@@ -236,29 +236,36 @@ func maskedFrame(b0 byte, payload []byte) []byte {
 	return f
 }
 
-func TestPongSize(t *testing.T) {
+func TestControlSize(t *testing.T) {
 	t.Parallel()
 	pong := maskedFrame(0x8A, []byte("hb"))
+	ping := maskedFrame(0x89, []byte("1234"))
 	for _, tt := range []struct {
 		name string
 		b    []byte
 		want int
+		op   byte
 	}{
-		{"a pong", pong, len(pong)},
-		{"a pong and more", append(append([]byte(nil), pong...), 0x81), len(pong)},
-		{"an empty pong", maskedFrame(0x8A, nil), 6},
-		{"a partial pong", pong[:len(pong)-1], 0},
-		{"unmasked", []byte{0x8A, 0x00}, 0},
-		{"not final", append([]byte{0x0A}, pong[1:]...), 0},
-		{"a reserved bit", append([]byte{0xCA}, pong[1:]...), 0},
-		{"a ping", maskedFrame(0x89, nil), 0},
-		{"a text frame", maskedFrame(0x81, []byte("x")), 0},
-		{"a 126-byte length", []byte{0x8A, 0x80 | 126, 0, 126, 1, 2, 3, 4}, 0},
-		{"nothing", nil, 0},
+		{"a pong", pong, len(pong), opPong},
+		{"a pong and more", append(append([]byte(nil), pong...), 0x81), len(pong), opPong},
+		{"an empty pong", maskedFrame(0x8A, nil), 6, opPong},
+		{"a ping", ping, len(ping), opPing},
+		{"an empty ping", maskedFrame(0x89, nil), 6, opPing},
+		{"a ping and more", append(append([]byte(nil), ping...), 0x8A), len(ping), opPing},
+		{"a partial pong", pong[:len(pong)-1], 0, 0},
+		{"a partial ping", ping[:len(ping)-1], 0, 0},
+		{"unmasked", []byte{0x8A, 0x00}, 0, 0},
+		{"an unmasked ping", []byte{0x89, 0x00}, 0, 0},
+		{"not final", append([]byte{0x0A}, pong[1:]...), 0, 0},
+		{"a reserved bit", append([]byte{0xCA}, pong[1:]...), 0, 0},
+		{"a close", maskedFrame(0x88, nil), 0, 0},
+		{"a text frame", maskedFrame(0x81, []byte("x")), 0, 0},
+		{"a 126-byte length", []byte{0x8A, 0x80 | 126, 0, 126, 1, 2, 3, 4}, 0, 0},
+		{"nothing", nil, 0, 0},
 	} {
-		got, ok := pongSize(tt.b)
-		if got != tt.want || ok != (tt.want > 0) {
-			t.Errorf("%s: %d %v, want %d", tt.name, got, ok, tt.want)
+		got, op, ok := controlSize(tt.b)
+		if got != tt.want || op != tt.op || ok != (tt.want > 0) {
+			t.Errorf("%s: %d, opcode %#x, %v; want %d, %#x", tt.name, got, op, ok, tt.want, tt.op)
 		}
 	}
 }
@@ -314,10 +321,13 @@ func TestAParkedEventStreamSeesItsEnd(t *testing.T) {
 // A parked connection lends its read buffer and its control frames' write
 // buffer back to the heap (they are most of what a connection would
 // otherwise keep while idle), and gets fresh ones before anything reads or
-// writes: a ping from the client wakes it, and coder/websocket answers
-// with a pong through the write buffer. (Closing a parked connection,
-// whose close frame goes through it too: TestClosingAParkedConnection.)
-func TestAParkedConnectionLendsItsBuffersAndAnswersAPing(t *testing.T) {
+// writes. A client's ping wakes it; the Handler answers with a pong (the
+// ping's payload, which coder/websocket's Ping checks) and the connection
+// parks again, lending both again: a client that pings, as Python's
+// websockets does every 20 s, keeps no goroutine. (Closing a parked
+// connection, whose close frame goes through the write buffer:
+// TestClosingAParkedConnection.)
+func TestAParkedConnectionAnswersPingsAndParksAgain(t *testing.T) {
 	t.Parallel()
 	h, url := parkServer(t)
 	ctx := testContext(t)
@@ -328,14 +338,41 @@ func TestAParkedConnectionLendsItsBuffersAndAnswersAPing(t *testing.T) {
 		return c.br.Size() == parkedReader.Size() && c.bw.Size() == parkedWriter.Size()
 	}
 	waitUntil(t, ctx, "parked, its buffers lent", func() bool { return c.isParked() && lent() })
-	go func() { _, _, _ = ws.Read(ctx) }() // reads the pong for Ping
-	if err := ws.Ping(ctx); err != nil {
-		t.Fatalf("a ping to a parked connection: %v", err)
+	go func() { _, _, _ = ws.Read(ctx) }() // reads the pongs for Ping
+	for i := range 3 {
+		if err := ws.Ping(ctx); err != nil {
+			t.Fatalf("ping %d to a parked connection: %v", i+1, err)
+		}
+		waitUntil(t, ctx, "parked again, its buffers lent", func() bool { return c.isParked() && lent() })
 	}
-	if lent() {
-		t.Fatal("the connection answered a ping with its buffers lent")
+	if err := h.Publish(ctx, "lend", []byte("still there")); err != nil {
+		t.Fatal(err)
 	}
 	if n, err := parkedWriter.Write([]byte("x")); n != 0 || !errors.Is(err, errWriteWhileParked) {
 		t.Fatalf("a write to the parked writer: %d, %v; want 0 and errWriteWhileParked (and its buffer untouched)", n, err)
 	}
+}
+
+// A ping whose pong does not fit in the connection's queue is left to
+// coder/websocket, which answers it as before: a client's ping is always
+// answered.
+func TestAPingWhosePongDoesNotFitIsAnsweredByCoder(t *testing.T) {
+	t.Parallel()
+	h, url := parkServer(t, WithQueueLimits(1, 1<<20))
+	ctx := testContext(t)
+	ws, c := dialRaw(t, ctx, h, url, "full")
+	waitUntil(t, ctx, "parked", c.isParked)
+	c.mu.Lock()
+	held := c.q.pushIfRoom(newDirectFrame([]byte("queued")), c.h.cfg.queue) // the queue's one slot, and no writer for it yet
+	c.mu.Unlock()
+	if !held {
+		t.Fatal("could not fill the queue")
+	}
+	go func() { _, _, _ = ws.Read(ctx) }()
+	if err := ws.Ping(ctx); err != nil {
+		t.Fatalf("a ping with the queue full: %v", err)
+	}
+	c.mu.Lock()
+	c.startWriterLocked()
+	c.mu.Unlock()
 }

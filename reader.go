@@ -66,7 +66,7 @@ func (c *conn) readLoop(woken bool) (parked bool) {
 //
 // woken: the poller found the socket readable. What arrived is read
 // without waiting (socket.fill), and pongs at the head of it are taken
-// (takePongs), so an idle raw connection answering its heartbeat parks
+// (takeControl), so an idle raw connection answering its heartbeat parks
 // again at once; anything else, the end of the stream or an error is left
 // for the read that follows.
 //
@@ -86,7 +86,7 @@ func (c *conn) waitInput(woken bool) (isParked bool) {
 		pending := woken && c.sock.fill()
 		woken = false
 		if c.sse == nil {
-			c.takePongs()
+			c.takeControl()
 		}
 		if pending || c.br.Buffered() > 0 || len(c.sock.pre) > 0 {
 			c.mu.Unlock()
@@ -113,34 +113,36 @@ func (c *conn) waitInput(woken bool) (isParked bool) {
 	}
 }
 
-// takePongs takes the whole pong frames at the head of what is buffered
-// (coder/websocket's reader, or else what the handshake or a wake-up left)
-// and counts them as signs of life. It runs between messages, where
+// takeControl takes the whole ping and pong frames at the head of what is
+// buffered (coder/websocket's reader, or else what the handshake or a
+// wake-up left) and counts them as signs of life; it answers each ping
+// with its pong, queued like any frame. It runs between messages, where
 // coder/websocket's reader is at a frame boundary, so a frame there is a
-// frame of its own; a pong must be exactly that (FIN, no reserved bits,
-// masked as a client's frames are, a control frame's at most 125 bytes of
-// payload), and anything else, a partial pong too, is left to
-// coder/websocket, which answers it or fails the connection as before.
-// Caller holds mu, not closing.
-func (c *conn) takePongs() {
+// frame of its own; a ping or a pong must be exactly that (FIN, no
+// reserved bits, masked as a client's frames are, a control frame's at
+// most 125 bytes of payload), and anything else, a partial one too, or a
+// ping whose pong does not fit in the queue, is left to coder/websocket,
+// which answers it or fails the connection as before. So an idle
+// connection whose client pings it (Python's websockets does, every 20 s
+// by default) or answers raw mode's heartbeat parks again at once, where a
+// ping read by coder/websocket would have kept its reader waiting inside
+// coder/websocket for the next message. Caller holds mu, not closing.
+func (c *conn) takeControl() {
 	took := false
 	for {
-		if n := c.br.Buffered(); n > 0 {
-			b, _ := c.br.Peek(n) // what is buffered: no read
-			size, ok := pongSize(b)
-			if !ok {
-				break
-			}
+		fromBuf := c.br.Buffered() > 0
+		b := c.sock.pre
+		if fromBuf {
+			b, _ = c.br.Peek(c.br.Buffered()) // what is buffered: no read
+		}
+		size, op, ok := controlSize(b)
+		if !ok || (op == opPing && !c.answerPingLocked(b[:size])) {
+			break
+		}
+		if fromBuf {
 			_, _ = c.br.Discard(size)
-		} else {
-			size, ok := pongSize(c.sock.pre)
-			if !ok {
-				break
-			}
-			c.sock.pre = c.sock.pre[size:]
-			if len(c.sock.pre) == 0 {
-				c.sock.pre = nil
-			}
+		} else if c.sock.pre = c.sock.pre[size:]; len(c.sock.pre) == 0 {
+			c.sock.pre = nil
 		}
 		took = true
 	}
@@ -149,17 +151,33 @@ func (c *conn) takePongs() {
 	}
 }
 
-// pongSize is the length of the whole client pong frame b starts with, if
-// it does (see takePongs).
-func pongSize(b []byte) (int, bool) {
-	if len(b) < 2 || b[0] != 0x80|opPong || b[1]&0x80 == 0 {
-		return 0, false
+// answerPingLocked queues the pong to the client's ping frame p (whole and
+// masked: see controlSize), with the ping's payload as RFC 6455 (5.5.3)
+// asks, and reports whether it fit in the queue. Caller holds mu.
+func (c *conn) answerPingLocked(p []byte) bool {
+	mask, masked := p[2:6], p[6:]
+	payload := make([]byte, len(masked))
+	for i, b := range masked {
+		payload[i] = b ^ mask[i%4]
+	}
+	if !c.q.pushIfRoom(newPongFrame(payload), c.h.cfg.queue) {
+		return false
+	}
+	c.startWriterLocked()
+	return true
+}
+
+// controlSize is the length and the opcode of the whole client ping or
+// pong frame b starts with, if it does (see takeControl).
+func controlSize(b []byte) (size int, op byte, ok bool) {
+	if len(b) < 2 || (b[0] != 0x80|opPong && b[0] != 0x80|opPing) || b[1]&0x80 == 0 {
+		return 0, 0, false
 	}
 	n := int(b[1] & 0x7f)
 	if n > 125 || len(b) < 2+4+n {
-		return 0, false
+		return 0, 0, false
 	}
-	return 2 + 4 + n, true
+	return 2 + 4 + n, b[0] & 0x0f, true
 }
 
 // readFailed records why reading ended: the peer's close frame, an
