@@ -3,6 +3,7 @@
 // chat page in the same room, both ways, with no roomcast library.
 
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { after, before, test } from "node:test";
 import { launchBrowser, openPage, removeBuilds, runPythonChat, startExample } from "./lib/harness.mjs";
 
@@ -73,4 +74,40 @@ test("a chat server shutting down closes the Python client with 1001, and it exi
   assert.equal(await other.stop(), 0, "the second chat server did not shut down cleanly");
   assert.equal(await py.exited, 0, `the Python client failed:\n${py.stderr}`);
   assert.match(py.stderr, /closed: 1001/);
+});
+
+test("a Python client's pings are answered with their own payload, and the connection still delivers after them", async (t) => {
+  // websockets pings every 20 s by default and closes the connection when
+  // a pong is late or does not carry its ping's payload; the Handler
+  // answers pings between messages itself (the connection then parks
+  // again), so its pongs must be exactly right.
+  const ann = await openRoom(t, "ann", "pyping");
+  const script = `
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], ping_interval=None) as ws:
+        for i in range(3):
+            waiter = await ws.ping(b"roomcast-%d" % i)
+            await asyncio.wait_for(waiter, 10)
+            print("pong", i, flush=True)
+            await asyncio.sleep(0.3)
+        print(await asyncio.wait_for(ws.recv(), 10), flush=True)
+asyncio.run(main())
+`;
+  const py = spawn(process.env.PYTHON ?? "/usr/bin/python3", ["-c", script, ws(server, "?room=pyping")], { stdio: ["ignore", "pipe", "pipe"] });
+  t.after(() => py.kill());
+  let out = "";
+  let err = "";
+  py.stdout.setEncoding("utf8").on("data", (s) => { out += s; });
+  py.stderr.setEncoding("utf8").on("data", (s) => { err += s; });
+  const exited = new Promise((resolve) => py.once("exit", (code) => resolve(code)));
+  await ann.locator("#members li", { hasText: "anonymous" }).waitFor(); // in the room
+  while (!out.includes("pong 2")) {
+    if (py.exitCode !== null) assert.fail(`the Python client ended early:\n${out}\n${err}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await ann.fill("#text", "after the pings");
+  await ann.press("#text", "Enter");
+  assert.equal(await exited, 0, `the Python client failed:\n${out}\n${err}`);
+  assert.match(out, /pong 0\npong 1\npong 2\n.*after the pings/s);
 });
