@@ -198,14 +198,7 @@ func TestANodeDoesNotReadItsOwnBatchesTwice(t *testing.T) {
 	t.Parallel()
 	s := uniqueSchema()
 	pool := newPool(t, shared.DSN)
-	b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()),
-		pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute))
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make(chan pubsub.Message, 100)
-	b.Bind(func(m pubsub.Message) { got <- m })
-	t.Cleanup(func() { b.Close() })
+	b, got := quietNode(t, pool, s)
 	waitListening(t, shared.DSN, s, 1)
 	if err := b.Subscribe(pubsubtest.Context(t), "room"); err != nil {
 		t.Fatal(err)
@@ -266,15 +259,7 @@ func TestNodesOnOneSessionTakeOnlyTheirOwnNotifications(t *testing.T) {
 	nodes := make([]*pgbroker.Broker, 2)
 	gots := make([]chan pubsub.Message, 2)
 	for i := range nodes {
-		b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()),
-			pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute))
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := make(chan pubsub.Message, 100)
-		b.Bind(func(m pubsub.Message) { got <- m })
-		t.Cleanup(func() { b.Close() })
-		nodes[i], gots[i] = b, got
+		nodes[i], gots[i] = quietNode(t, pool, s)
 	}
 	waitListening(t, shared.DSN, s, 2)
 	for _, b := range nodes {
@@ -373,4 +358,21 @@ func TestTheBatchStatementWritesWhatTheFunctionWrites(t *testing.T) {
 	if p := idlePlans(t, funcPool)["batch"]; p[0]+p[1] != 0 {
 		t.Errorf("the poll-only node sent the statement %d times; want the function only", p[0]+p[1])
 	}
+}
+
+// quietNode is a broker on pool in schema s that polls and sweeps only
+// once a minute (so what it reads is what notifications and its own
+// batches make it read), bound to a channel of what it delivers, and
+// closed at the test's cleanup.
+func quietNode(t *testing.T, pool *pgxpool.Pool, s string) (*pgbroker.Broker, chan pubsub.Message) {
+	t.Helper()
+	b, err := pgbroker.New(pubsubtest.Context(t), pool, pgbroker.WithSchema(s), pgbroker.WithLogger(pubsubtest.Logger()),
+		pgbroker.WithDeliveryWindow(time.Minute), pgbroker.WithPollInterval(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan pubsub.Message, 100)
+	b.Bind(func(m pubsub.Message) { got <- m })
+	t.Cleanup(func() { b.Close() })
+	return b, got
 }
