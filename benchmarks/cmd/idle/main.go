@@ -1,7 +1,9 @@
 // Command idle measures what an idle connection costs the roomcast server,
 // for each kind of connection it serves: a raw WebSocket in a room, a
-// protocol-mode WebSocket subscribed to a room, and an event stream
-// (Server-Sent Events) of a room. It prints a markdown table:
+// protocol-mode WebSocket subscribed to a room, an event stream
+// (Server-Sent Events) of a room, and a raw WebSocket whose client sent one
+// ping of its own (raw-ping: Python's websockets pings every 20 s). It
+// prints a markdown table:
 //
 //	cd benchmarks && go run ./cmd/idle -conns 5000 -rounds 3
 //

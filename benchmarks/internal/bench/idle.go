@@ -20,8 +20,10 @@ import (
 // against a fresh roomcast server process (cmd/benchserver's), so nothing
 // of one kind's run is left in the next one's figures.
 
-// IdleKinds are the kinds of connection RunIdle can open.
-var IdleKinds = []string{"raw", "protocol", "sse"}
+// IdleKinds are the kinds of connection RunIdle can open. raw-ping is a
+// raw WebSocket whose client has sent one ping of its own, as Python's
+// websockets does every 20 s (and browsers never do).
+var IdleKinds = []string{"raw", "protocol", "sse", "raw-ping"}
 
 // IdleResult is one kind's cost per connection, from the server's
 // measurements after a garbage collection, minus the same before any
@@ -99,10 +101,16 @@ type idleConn interface {
 
 func dialIdle(ctx context.Context, kind, addr string) (idleConn, error) {
 	switch kind {
-	case "raw":
+	case "raw", "raw-ping":
 		ws, _, err := dialer.DialContext(ctx, "ws://"+addr+"/ws?room=bench", nil)
 		if err != nil {
 			return nil, err
+		}
+		if kind == "raw-ping" {
+			if err := ws.WriteControl(websocket.PingMessage, []byte("idle"), time.Now().Add(30*time.Second)); err != nil {
+				ws.Close()
+				return nil, err
+			}
 		}
 		return wsIdle{ws}, nil
 	case "protocol":
