@@ -96,7 +96,7 @@ func FuzzRawQuery(f *testing.F) {
 		}
 		q := r.URL.Query()
 
-		room, err := h.rawRoom(r)
+		room, err := h.rawRoom(r, q)
 		var named string // the room the request names, by the documented order
 		switch {
 		case q.Has("room"):
@@ -126,7 +126,7 @@ func FuzzRawQuery(f *testing.F) {
 			t.Fatalf("rawRoom accepted the invalid room %q", room)
 		}
 
-		n, err := rawHistory(r)
+		n, err := rawHistory(q)
 		v := q.Get("history")
 		want, convErr := strconv.Atoi(v)
 		switch {

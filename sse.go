@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -216,8 +217,7 @@ func (s *sseStream) appendEvent(b []byte, f *frame) []byte {
 // payload an event named after its room, the default) or "events=message"
 // (unnamed events, which EventSource's onmessage gets and htmx swaps). A
 // request from htmx (HX-Request: true) that names neither gets "message".
-func sseUnnamed(r *http.Request) (bool, error) {
-	q := r.URL.Query()
+func sseUnnamed(r *http.Request, q url.Values) (bool, error) {
 	if !q.Has("events") {
 		return r.Header.Get("HX-Request") == "true", nil
 	}
@@ -280,17 +280,17 @@ func parseLastEventID(id string, rooms int) (pos []ssePos, ok bool) {
 // order, duplicates once; else the path below WithPath; else
 // WithDefaultRoom. Each must pass the room validator and be a valid event
 // name (no line break).
-func (h *Handler) sseRooms(r *http.Request) ([]string, error) {
+func (h *Handler) sseRooms(r *http.Request, q url.Values) ([]string, error) {
 	var rooms []string
 	seen := make(map[string]bool)
-	if q := r.URL.Query(); q.Has("room") {
+	if q.Has("room") {
 		for _, room := range q["room"] {
 			if !seen[room] {
 				seen[room] = true
 				rooms = append(rooms, room)
 			}
 		}
-	} else if room, err := h.rawRoom(r); err != nil {
+	} else if room, err := h.rawRoom(r, q); err != nil {
 		return nil, err
 	} else if room != "" {
 		rooms = []string{room}
@@ -323,15 +323,16 @@ func (h *Handler) sseRooms(r *http.Request) ([]string, error) {
 // reconnects where it started.
 func (c *conn) joinSSERooms(r *http.Request) *refusal {
 	h := c.h
-	rooms, err := h.sseRooms(r)
+	q := r.URL.Query()
+	rooms, err := h.sseRooms(r, q)
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
-	history, err := rawHistory(r)
+	history, err := rawHistory(q)
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
-	unnamed, err := sseUnnamed(r)
+	unnamed, err := sseUnnamed(r, q)
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
@@ -339,7 +340,7 @@ func (c *conn) joinSSERooms(r *http.Request) *refusal {
 	// (another set of rooms) passes positions in the query instead.
 	lastID := r.Header.Get("Last-Event-ID")
 	if lastID == "" {
-		lastID = r.URL.Query().Get("last_event_id")
+		lastID = q.Get("last_event_id")
 	}
 	last, resuming := parseLastEventID(lastID, len(rooms))
 	s := &sseStream{rooms: rooms, unnamed: unnamed, pos: make([]ssePos, len(rooms)), next: make([]ssePos, len(rooms))}

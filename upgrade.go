@@ -153,11 +153,12 @@ func (h *Handler) authenticate(r *http.Request) (Identity, *refusal) {
 // upgrade: the room must be valid and the client allowed in it.
 func (c *conn) joinRawRoom(r *http.Request) *refusal {
 	h := c.h
-	room, err := h.rawRoom(r)
+	q := r.URL.Query() // parsed once: each parse is a map and its strings
+	room, err := h.rawRoom(r, q)
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
-	history, err := rawHistory(r)
+	history, err := rawHistory(q)
 	if err != nil {
 		return &refusal{status: http.StatusBadRequest, msg: err.Error()}
 	}
@@ -391,10 +392,9 @@ func (h *Handler) originAllowed(r *http.Request) bool {
 // rawRoom finds a raw-mode client's room: the "room" query parameter, else
 // a {room...} path wildcard of the route, else the path below WithPath,
 // else WithDefaultRoom. No room at all is allowed: the client then only
-// gets direct messages.
-func (h *Handler) rawRoom(r *http.Request) (string, error) {
+// gets direct messages. q is r's query.
+func (h *Handler) rawRoom(r *http.Request, q url.Values) (string, error) {
 	room := ""
-	q := r.URL.Query()
 	switch {
 	case q.Has("room"):
 		room = q.Get("room")
@@ -428,12 +428,13 @@ func isJSONObject(b []byte) bool {
 }
 
 // rawHistory reads a raw-mode client's "history" query parameter: how
-// many of the room's last messages to replay before live ones.
-func rawHistory(r *http.Request) (int, error) {
-	v := r.URL.Query().Get("history")
-	if !r.URL.Query().Has("history") {
+// many of the room's last messages to replay before live ones. q is the
+// request's query.
+func rawHistory(q url.Values) (int, error) {
+	if !q.Has("history") {
 		return 0, nil
 	}
+	v := q.Get("history")
 	n, err := strconv.Atoi(v)
 	if err != nil || n < 0 || n > maxHistorySize {
 		return 0, fmt.Errorf("the history query parameter must be a number from 0 to %d", maxHistorySize)
