@@ -102,7 +102,14 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	if w.switching {
-		if _, err := nc.Write(switchingHead(w.Header())); err != nil {
+		// Written through net/http's writer (4 KiB, already made for this
+		// connection and let go once hijacked), into its free space.
+		bw := brw.Writer
+		if _, err := bw.Write(switchingHead(bw.AvailableBuffer(), w.Header())); err != nil {
+			nc.Close()
+			return nil, nil, err
+		}
+		if err := bw.Flush(); err != nil {
 			nc.Close()
 			return nil, nil, err
 		}
@@ -123,12 +130,11 @@ func (w *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return w.sock, bufio.NewReadWriter(w.br, w.bw), nil
 }
 
-// switchingHead is a 101 Switching Protocols response with header h, as
-// net/http writes one: every field whose name is a valid token, values
-// with their line breaks turned to spaces and trimmed (so no value can add
-// a line of its own), no body's framing fields.
-func switchingHead(h http.Header) []byte {
-	b := make([]byte, 0, 256)
+// switchingHead appends to b a 101 Switching Protocols response with
+// header h, as net/http writes one: every field whose name is a valid
+// token, values with their line breaks turned to spaces and trimmed (so no
+// value can add a line of its own), no body's framing fields.
+func switchingHead(b []byte, h http.Header) []byte {
 	b = append(b, "HTTP/1.1 101 Switching Protocols\r\n"...)
 	for k, vs := range h {
 		if !validFieldName(k) || k == "Content-Length" || k == "Transfer-Encoding" {
@@ -425,23 +431,37 @@ func (s *socket) fill() (pending bool) {
 	if s.rc == nil {
 		return true
 	}
-	var b [readBufferSize]byte
-	var n int
-	var eof bool
-	var err error
-	if rerr := s.rc.Control(func(fd uintptr) {
-		n, eof, err = readNonBlocking(int(fd), b[:])
-	}); rerr != nil {
+	r := fillReads.Get().(*fillRead)
+	defer fillReads.Put(r)
+	if err := s.rc.Control(r.readFn); err != nil {
 		return true // closed
 	}
-	if eof || err != nil {
+	if r.eof || r.err != nil {
 		return true
 	}
-	if n > 0 {
-		s.pre = append(s.pre, b[:n]...)
+	if r.n > 0 {
+		s.pre = append(s.pre, r.b[:r.n]...)
 	}
 	return false
 }
+
+// fillRead is one fill's read: its buffer, its outcome and the RawConn
+// callback that reads into them, made once. A callback closing over
+// fill's own variables would move them all to the heap at every call
+// (about 300 bytes, at every wake-up of a parked connection).
+type fillRead struct {
+	b      [readBufferSize]byte
+	n      int
+	eof    bool
+	err    error
+	readFn func(fd uintptr)
+}
+
+var fillReads = sync.Pool{New: func() any {
+	r := &fillRead{}
+	r.readFn = func(fd uintptr) { r.n, r.eof, r.err = readNonBlocking(int(fd), r.b[:]) }
+	return r
+}}
 
 // waitReadable returns once the socket has something to read: bytes, the
 // end of the stream, or an error (a closed socket among them). A
