@@ -2,7 +2,10 @@ package pubsub
 
 import (
 	"errors"
+	"runtime"
 	"testing"
+
+	"github.com/coder/websocket"
 )
 
 // A parked connection lends its read buffer and its control frames' write
@@ -37,5 +40,30 @@ func TestAParkedConnectionAnswersPingsAndParksAgain(t *testing.T) {
 	}
 	if n, err := parkedWriter.Write([]byte("x")); n != 0 || !errors.Is(err, errWriteWhileParked) {
 		t.Fatalf("a write to the parked writer: %d, %v; want 0 and errWriteWhileParked (and its buffer untouched)", n, err)
+	}
+}
+
+// BenchmarkParkedWakeUp: a parked raw connection's message, from the
+// client's write until the connection is parked again (the reader started
+// by the poller, the message published to the room's other connection,
+// the park). What a chat's connection costs per message it sends.
+func BenchmarkParkedWakeUp(b *testing.B) {
+	h, url := parkServer(b, WithClientPublish(true), WithRateLimit(1e9, 1<<30))
+	ctx := testContext(b)
+	wsA, a := dialRaw(b, ctx, h, url, "wake")
+	wsB, _ := dialRaw(b, ctx, h, url, "wake")
+	waitUntil(b, ctx, "parked", a.isParked)
+	msg := []byte("a line of chat")
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := wsA.Write(ctx, websocket.MessageText, msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, _, err := wsB.Read(ctx); err != nil {
+			b.Fatal(err)
+		}
+		for !a.isParked() {
+			runtime.Gosched()
+		}
 	}
 }

@@ -24,7 +24,7 @@ import (
 func (c *conn) isParked() bool { return c.h.poll.has(c) }
 
 // parkServer is poolServer for the poller: skipped where nothing parks.
-func parkServer(t *testing.T, opts ...Option) (*Handler, string) {
+func parkServer(t testing.TB, opts ...Option) (*Handler, string) {
 	t.Helper()
 	if !parkable {
 		t.Skip("connections do not park on this platform")
@@ -32,7 +32,7 @@ func parkServer(t *testing.T, opts ...Option) (*Handler, string) {
 	return poolServer(t, nil, opts...)
 }
 
-func testContext(t *testing.T) context.Context {
+func testContext(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx

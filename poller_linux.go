@@ -45,7 +45,32 @@ type poller struct {
 	wake    [2]int           // a pipe; a byte in it ends the goroutine
 	parked  map[uint64]*conn // by the token the socket was armed with
 	next    uint64           // the last token handed out; 0 is the pipe's
+	ctl     epollCall        // the epoll_ctl being made, under mu
 	wg      sync.WaitGroup
+}
+
+// epollCall is one epoll_ctl of a parked socket's descriptor, made through
+// the socket's RawConn (socket.control) with a callback made once: a
+// callback closing over park's own variables would move them to the heap
+// at every park and unpark.
+type epollCall struct {
+	op  int
+	ev  syscall.EpollEvent
+	err error
+	fn  func(fd uintptr)
+}
+
+// epollCtl makes the epoll_ctl op, with ev, on s's descriptor. The caller
+// holds p.mu.
+func (p *poller) epollCtl(s *socket, op int, ev syscall.EpollEvent) error {
+	if p.ctl.fn == nil {
+		p.ctl.fn = func(fd uintptr) { p.ctl.err = syscall.EpollCtl(p.epfd, p.ctl.op, int(fd), &p.ctl.ev) }
+	}
+	p.ctl.op, p.ctl.ev, p.ctl.err = op, ev, nil
+	if err := s.control(p.ctl.fn); err != nil {
+		return err
+	}
+	return p.ctl.err
 }
 
 // parkable reports whether this platform parks idle connections.
@@ -90,8 +115,7 @@ func (p *poller) park(c *conn) parkResult {
 	if s.polled {
 		op = syscall.EPOLL_CTL_MOD // registered by an earlier park, disabled since its report
 	}
-	var err error
-	if cerr := s.control(func(fd uintptr) { err = syscall.EpollCtl(p.epfd, op, int(fd), &ev) }); cerr != nil || err != nil {
+	if p.epollCtl(s, op, ev) != nil {
 		return notHere
 	}
 	s.polled, s.pollTok = true, tok
@@ -131,7 +155,7 @@ func (p *poller) unpark(c *conn) bool {
 	// Through control: once the net.Conn is closed (by whoever), the
 	// descriptor left the epoll set with it, and its number may be
 	// another connection's, whose registration must stay.
-	_ = s.control(func(fd uintptr) { _ = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_DEL, int(fd), nil) })
+	_ = p.epollCtl(s, syscall.EPOLL_CTL_DEL, syscall.EpollEvent{})
 	s.polled = false
 	p.mu.Unlock()
 	go c.serveRead(true) // the connection's count in h.live goes with it

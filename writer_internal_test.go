@@ -114,7 +114,7 @@ func TestWriterPoolRunsAtMostItsBoundAndVisitsEveryConnection(t *testing.T) {
 	})
 }
 
-func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
+func waitUntil(t testing.TB, ctx context.Context, what string, cond func() bool) {
 	t.Helper()
 	for !cond() {
 		select {
@@ -161,7 +161,7 @@ func TestAPoolWriterNeverWaitsForABusySocket(t *testing.T) {
 // adjusted it before any connection) for a test of the writer pool, which
 // it skips where there is no pool. It returns the Handler and the
 // WebSocket URL of its endpoint.
-func poolServer(t *testing.T, setup func(*Handler), opts ...Option) (*Handler, string) {
+func poolServer(t testing.TB, setup func(*Handler), opts ...Option) (*Handler, string) {
 	t.Helper()
 	if !canTryWrite {
 		t.Skip("no writer pool on this platform")
@@ -181,7 +181,7 @@ func poolServer(t *testing.T, setup func(*Handler), opts ...Option) (*Handler, s
 // dialRaw connects a raw-mode client to room and returns it with the
 // server's side of it, found once registered (under h.mu, after its socket
 // is set, so reading c.sock needs no lock).
-func dialRaw(t *testing.T, ctx context.Context, h *Handler, url, room string) (*websocket.Conn, *conn) {
+func dialRaw(t testing.TB, ctx context.Context, h *Handler, url, room string) (*websocket.Conn, *conn) {
 	t.Helper()
 	ws, _, err := websocket.Dial(ctx, url+"?room="+room, nil)
 	if err != nil {
