@@ -306,9 +306,9 @@ func (b *Broker) batchArgs(lane, id string, groups []group, n int) ([]string, []
 		laneKey = b.cfg.prefix + ":{" + groups[0].room + "}:l:" + lane
 	}
 	rkeys := make([]string, 0, 1+2*len(groups)+n)
-	args := make([]any, 0, 3+4*len(groups)+3*n)
+	args := make([]any, 0, 2+3*len(groups)+3*n)
 	rkeys = append(rkeys, laneKey)
-	args = append(args, id, b.idle, len(groups))
+	args = append(args, id, b.idle)
 	for _, g := range groups {
 		base := b.cfg.prefix + ":{" + g.room + "}" // the room's channel; see keys
 		h := g.reqs[0].o.History
@@ -317,18 +317,22 @@ func (b *Broker) batchArgs(lane, id string, groups []group, n int) ([]string, []
 		if size > 0 {
 			ttl = ms(h.TTL)
 		}
-		keyed := 0
+		keyed := false
 		for _, q := range g.reqs {
 			if q.o.Key != "" {
-				keyed = 1
+				keyed = true
 				break
 			}
 		}
 		rkeys = append(rkeys, base+":m", base+":h")
-		args = append(args, len(g.reqs), size, ttl, keyed)
+		msgs := len(g.reqs)
+		if keyed {
+			msgs = -msgs // a keyed room: each message carries a key ttl
+		}
+		args = append(args, msgs, size, ttl)
 		for _, q := range g.reqs {
 			args = append(args, q.id, q.data)
-			if keyed == 0 {
+			if !keyed {
 				continue
 			}
 			kttl := int64(0)

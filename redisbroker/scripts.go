@@ -137,13 +137,14 @@ end
 // KEYS: the lane, then per room: meta, hist, then the idempotency keys of
 // that room's keyed messages, in order.
 // ARGV: batch id, idle ms (the room's state and the lane record live that
-// long), rooms; then per room: messages, size, ttl ms, keyed (1 when any
-// of its messages has a key, else 0); then per message: id, data and, in
-// a keyed room only, key ttl ms (0: no key). The room's channel is its
-// meta key without ":m". Every argument costs Redis a string made twice
-// (the request's, then Lua's), so there are as few as that allows. A room
-// with no state starts its new life with the batch id as its epoch
-// (unique per room life, which is all an epoch must be).
+// long); then per room, until the arguments end: messages (negated when
+// any of its messages has a key: a keyed room), size, ttl ms; then per
+// message: id, data and, in a keyed room only, key ttl ms (0: no key).
+// The room's channel is its meta key without ":m". Every argument costs
+// Redis a string made twice (the request's, then Lua's), so there are as
+// few as that allows. A room with no state starts its new life with the
+// batch id as its epoch (unique per room life, which is all an epoch must
+// be).
 //
 // It returns f(batch id), then, per message in order, f(epoch) f(seq)
 // f(time) f(dup), where dup is empty for a message it sequenced and, for
@@ -174,13 +175,15 @@ const publishLua = `
 -- f frames s as len ':' s. Lua's string.format, and its own conversion
 -- of a number to a string (printf %.14g), cost Redis about a microsecond
 -- each: lengths under 100 are framed with string.char instead.
+-- lp is f's prefix alone, so that a longer concatenation can frame a
+-- string in place instead of making the framed string first.
 local char, sub, byte = string.char, string.sub, string.byte
-local function f(s)
-  local n = #s
-  if n < 10 then return char(48 + n, 58) .. s end
-  if n < 100 then return char(48 + (n - n % 10) / 10, 48 + n % 10, 58) .. s end
-  return string.format('%d:%s', n, s)
+local function lp(n)
+  if n < 10 then return char(48 + n, 58) end
+  if n < 100 then return char(48 + (n - n % 10) / 10, 48 + n % 10, 58) end
+  return string.format('%d:', n)
 end
+local function f(s) return lp(#s) .. s end
 -- inc returns the decimal string s plus one, without a number's
 -- conversion to a string unless the last digit carries.
 local function inc(s)
@@ -197,19 +200,20 @@ if held and string.find(held, fb, 1, true) == 1 then return held end
 -- Stream entries keep the fields earlier versions wrote (i, t, d), so
 -- nodes of both can share a Redis while a cluster is upgraded.
 local t = redis.call('TIME')
-local ts = t[1] .. sub('00000' .. t[2], -6)
+local pad = {'00000', '0000', '000', '00', '0', ''}
+local ts = t[1] .. pad[#t[2]] .. t[2]
 local fts = f(ts)
 -- Now in ms as a string, compared with the room's x as a string when
 -- both have the same number of digits (any time before 2286).
 local nowms = sub(ts, 1, -4)
 local out = {fb}
-local ki, ai = 2, 4
-for _ = 1, tonumber(ARGV[3]) do
+local ki, ai, nargs = 2, 3, #ARGV
+while ai <= nargs do
   local meta, hist = KEYS[ki], KEYS[ki + 1]
   local n, sizes, ttls, step = tonumber(ARGV[ai]), ARGV[ai + 1], ARGV[ai + 2], 2
-  if ARGV[ai + 3] == '1' then step = 3 end
+  if n < 0 then n, step = -n, 3 end
   local channel = sub(meta, 1, -3)
-  ki, ai = ki + 2, ai + 4
+  ki, ai = ki + 2, ai + 3
   local st = redis.call('HMGET', meta, 'e', 's', 'h', 'x', 'n')
   local e, seq, fresh = st[1], st[2] or '0', false
   if not e then e, seq, fresh = batch, '0', true end
@@ -254,7 +258,7 @@ for _ = 1, tonumber(ARGV[3]) do
           renew = true
         end
       end
-      redis.call('PUBLISH', channel, 'm' .. fe .. fsq .. f(mid) .. fts .. data)
+      redis.call('PUBLISH', channel, 'm' .. fe .. fsq .. lp(#mid) .. mid .. fts .. data)
       if kkey then
         redis.call('SET', kkey, e .. ' ' .. seq .. ' ' .. mid .. ' ' .. ts, 'PX', ARGV[ai + 2])
         seen[kkey] = {seq, ts, mid}
@@ -289,7 +293,8 @@ for _ = 1, tonumber(ARGV[3]) do
     end
   end
 end
-local result = table.concat(out)
+local result
+if #out == 2 then result = fb .. out[2] else result = table.concat(out) end
 redis.call('SET', lane, result, 'PX', idles)
 return result
 `
