@@ -39,22 +39,19 @@ func (b *Broker) prepares() bool {
 // last) and, in the same round trip, right after the batch's Sync, sends
 // the notification of rooms, in a transaction of its own: the server runs
 // it once the batch committed (or failed: a notification only wakes), and
-// neither this node's notifier nor a second round trip is needed. Once the
-// batch committed it calls committed with its rows, before it reads the
-// notification's outcome: the batch's publishers go on while the server
-// runs the notification. notified is false when the notification failed:
-// the caller hands the rooms to the notifier. With an error, committed was
-// not called.
+// neither this node's notifier nor a second round trip is needed. notified
+// is false when the notification failed: the caller hands the rooms to the
+// notifier.
 //
 // With p_mode 0 (lockFree, the batches of rooms nobody holds) it sends
 // the function's statement itself rather than calling the function (a
 // call costs the server more than a statement), after the function's plan
 // settings made for this transaction only (set_config's is_local): the
 // host's pool sessions keep their own.
-func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms []string, committed func(map[string]position)) (notified bool, err error) {
+func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms []string) (got map[string]position, notified bool, err error) {
 	conn, err := b.pool.Acquire(ctx)
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
 	defer conn.Release()
 	plain := mode == lockFree
@@ -62,19 +59,19 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms
 	var batchSD, settingsSD *pgconn.StatementDescription
 	if plain {
 		if settingsSD, err = b.prepare(ctx, conn, b.sql.planSettings, &settings, nil); err != nil {
-			return false, err
+			return nil, false, err
 		}
 		batchSD, err = b.prepare(ctx, conn, b.sql.publishPlain, &batch, args[:len(args)-1])
 	} else {
 		batchSD, err = b.prepare(ctx, conn, b.sql.publishBatch, &batch, args)
 	}
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
 	payloads := notifyPayloads(rooms)
 	wakeSD, err := b.prepare(ctx, conn, b.sql.pipelinedWake, &wake, []any{payloads})
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
 	pid := conn.Conn().PgConn().PID()
 	b.sentOwn(pid, payloads)
@@ -93,23 +90,23 @@ func (b *Broker) queryPipelined(ctx context.Context, args []any, mode int, rooms
 	p.SendPipelineSync()
 	if err := p.Flush(); err != nil {
 		p.Close()
-		return false, err
+		return nil, false, err
 	}
 	if plain {
 		if err := discardResult(p); err != nil {
 			p.Close() // reads up to each Sync: nothing was published
-			return false, err
+			return nil, false, err
 		}
 	}
-	got, err := b.batchResult(conn, p)
-	if err == nil {
-		committed(got)
-	}
+	got, err = b.batchResult(conn, p)
 	notified = pipelineStep(p, func(rr *pgconn.ResultReader) error { _, err := rr.Close(); return err }) == nil
 	if p.Close() != nil {
 		notified = false
 	}
-	return notified, err
+	if err != nil {
+		return nil, notified, err
+	}
+	return got, notified, nil
 }
 
 // discardResult reads the next query's result, which comes before the

@@ -592,37 +592,36 @@ func (b *Broker) execBatch(ctx context.Context, q querier, calls []*publishCall,
 		}
 	}
 	args := []any{rooms, ids, ks, data, last, sizes, ttls, archive, us(b.cfg.window), mode}
-	var published []string // the rooms of the batch that committed
-	committed := func(got map[string]position) {
-		for i, c := range calls {
-			p, ok := got[c.room]
-			if !ok {
-				busy = append(busy, c)
-				continue
-			}
-			if last[i] {
-				published = append(published, c.room)
-			}
-			c.finish(pubsub.PublishResult{Message: pubsub.Message{
-				Kind: pubsub.KindMessage, Room: c.room, ID: uuid.UUID(ids[i]).String(), Epoch: p.epoch, Seq: uint64(p.base) + uint64(ks[i]), Time: p.at, Data: c.data,
-			}}, nil)
-		}
-		b.mark(published...)
-	}
-	notified := false
+	var (
+		got      map[string]position
+		notified bool
+	)
 	if _, onPool := q.(*pgxpool.Pool); onPool && b.pipelines() {
-		notified, err = b.queryPipelined(ctx, args, mode, woken, committed)
+		got, notified, err = b.queryPipelined(ctx, args, mode, woken)
 	} else {
-		var got map[string]position
-		if got, err = queryBatch(ctx, q, b.sql.publishBatch, args); err == nil {
-			committed(got)
-		}
+		got, err = queryBatch(ctx, q, b.sql.publishBatch, args)
 	}
 	if err != nil {
 		return nil, err
 	}
+	// Only now is it committed.
+	woken = woken[:0]
+	for i, c := range calls {
+		p, ok := got[c.room]
+		if !ok {
+			busy = append(busy, c)
+			continue
+		}
+		if last[i] {
+			woken = append(woken, c.room)
+		}
+		c.finish(pubsub.PublishResult{Message: pubsub.Message{
+			Kind: pubsub.KindMessage, Room: c.room, ID: uuid.UUID(ids[i]).String(), Epoch: p.epoch, Seq: uint64(p.base) + uint64(ks[i]), Time: p.at, Data: c.data,
+		}}, nil)
+	}
+	b.mark(woken...)
 	if !notified {
-		b.notify(published)
+		b.notify(woken)
 	}
 	return busy, nil
 }
