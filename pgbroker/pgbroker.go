@@ -363,8 +363,8 @@ SELECT r.name, r.epoch, r.seq, greatest(c.now, r.last_at) FROM c, locked r`,
 		wake:     `SELECT set_config('synchronous_commit', 'off', true), pg_notify('` + s + `', p) FROM unnest($1::text[]) AS p`,
 		history:  `SELECT o_epoch, o_top, o_seq, o_id::text, o_at, o_data FROM ` + s + `.read_history($1, $2, $3, $4)`,
 		position: `SELECT o_epoch, o_seq, o_id, o_ev FROM ` + s + `.position($1)`,
-		read: `SELECT o_room, o_kind, o_epoch, o_seq, o_ev, o_id::text, o_at, o_data, o_conn, o_user FROM ` + s +
-			`.read($1::text[], $2::bigint[], $3::bigint[], $4::boolean[], $5)`,
+		read: `SELECT o_room, o_kind, o_epoch, o_top, o_evtop, o_seq, o_ev, o_id, o_at, o_data, o_conn, o_user FROM ` + s +
+			`.read_rooms($1::text[], $2::bigint[], $3::bigint[], $4::boolean[], $5)`,
 		join:           `SELECT ` + s + `.presence_join($1, $2, $3, $4, $5, $6, $7, $8)`,
 		leave:          `SELECT ` + s + `.presence_leave($1, $2, $3)`,
 		presence:       `SELECT o_conn, o_user, o_info FROM ` + s + `.presence_list($1)`,

@@ -10,8 +10,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/roomcast/pubsub"
 )
 
@@ -375,7 +377,10 @@ func (b *Broker) readChunk(rooms []string) error {
 	return nil
 }
 
-// query runs the read statement.
+// query runs the read statement (the read_rooms function): one row per
+// message from each room's position on (the one at the position is its
+// check), or per event, or for a room with neither, each with the room's
+// epoch and newest seq and event.
 func (b *Broker) query(names []string, seqs, evs []int64, strict []bool) (map[string]*roomRead, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, b.timeout())
 	defer cancel()
@@ -384,33 +389,38 @@ func (b *Broker) query(names []string, seqs, evs []int64, strict []bool) (map[st
 		return nil, err
 	}
 	defer rows.Close()
+	after := make(map[string]int64, len(names))
+	for i, name := range names {
+		after[name] = seqs[i]
+	}
 	reads := make(map[string]*roomRead, len(names))
 	for rows.Next() {
 		var (
-			room, kind            string
-			epoch, id, conn, user *string
-			seq, ev               *int64
-			at                    *time.Time
-			data                  []byte
+			room, epoch      string
+			kind, conn, user *string
+			top, evTop       int64
+			seq, ev          *int64
+			id               pgtype.UUID
+			at               *time.Time
+			data             []byte
 		)
-		if err := rows.Scan(&room, &kind, &epoch, &seq, &ev, &id, &at, &data, &conn, &user); err != nil {
+		if err := rows.Scan(&room, &kind, &epoch, &top, &evTop, &seq, &ev, &id, &at, &data, &conn, &user); err != nil {
 			return nil, err
 		}
 		rr := reads[room]
 		if rr == nil {
-			rr = &roomRead{}
+			rr = &roomRead{found: true, epoch: epoch, top: uint64(top), evTop: evTop}
 			reads[room] = rr
 		}
-		switch kind {
-		case "r":
-			rr.found, rr.epoch, rr.top, rr.evTop = true, *epoch, uint64(*seq), *ev
-		case "c":
-			rr.check = *id
-		case "m":
-			rr.msgs = append(rr.msgs, pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: *id, Seq: uint64(*seq), Time: *at, Data: data})
-		case "join", "leave":
+		switch {
+		case kind == nil:
+		case *kind == "m" && *seq == after[room]:
+			rr.check = uuid.UUID(id.Bytes).String()
+		case *kind == "m":
+			rr.msgs = append(rr.msgs, pubsub.Message{Kind: pubsub.KindMessage, Room: room, ID: uuid.UUID(id.Bytes).String(), Seq: uint64(*seq), Time: *at, Data: data})
+		case *kind == "join", *kind == "leave":
 			m := pubsub.Message{Kind: pubsub.KindJoin, Room: room, Time: *at, Member: pubsub.Member{ConnID: *conn, UserID: *user}}
-			if kind == "leave" {
+			if *kind == "leave" {
 				m.Kind = pubsub.KindLeave
 			}
 			if len(data) > 0 {

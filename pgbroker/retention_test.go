@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/roomcast/pubsub"
 	"github.com/roomcast/pubsub/pgbroker"
@@ -289,6 +290,41 @@ func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 		if err := n.Handler.Publish(context.Background(), "room", fmt.Appendf(nil, "new %d", i)); err != nil {
 			t.Fatal(err)
 		}
+	}
+	w.waitUntil("a reset", func(items []item) bool { return len(recoveries(items)) > 0 })
+	if !logs.Find(slog.LevelError, "history was rewritten", "room", "room") {
+		t.Fatal("the rewritten history was not logged at Error")
+	}
+}
+
+// When the rewritten room is back at the node's position by its next read
+// (the backup's seqs refilled in the transaction that restored it), only
+// the message at the position tells: its id is not the one delivered.
+func TestHistoryRewrittenToTheSameSeqResetsTheRoom(t *testing.T) {
+	t.Parallel()
+	s := uniqueSchema()
+	logs := &pubsubtest.Logs{}
+	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
+	w := watch(t, n.url(""), "room", false)
+	for i := 1; i <= 5; i++ {
+		n.Publish("room", []byte(fmt.Sprint(i)))
+	}
+	w.waitMessages(5)
+	ctx := pubsubtest.Context(t)
+	err := pgx.BeginFunc(ctx, newPool(t, shared.DSN), func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `WITH r AS (UPDATE `+s+`.rooms SET seq = 2, last_at = now() WHERE name = 'room' RETURNING id)
+			DELETE FROM `+s+`.messages m USING r WHERE m.room_id = r.id AND m.seq > 2`); err != nil {
+			return err
+		}
+		for i := 3; i <= 5; i++ {
+			if _, err := n.b.PublishTx(ctx, tx, "room", fmt.Appendf(nil, "new %d", i)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	w.waitUntil("a reset", func(items []item) bool { return len(recoveries(items)) > 0 })
 	if !logs.Find(slog.LevelError, "history was rewritten", "room", "room") {

@@ -1,4 +1,4 @@
--- The PostgreSQL schema of roomcast's pgbroker, version 2.
+-- The PostgreSQL schema of roomcast's pgbroker, version 3.
 --
 -- pgbroker.New installs it (under an advisory lock, idempotently) unless
 -- the broker is given WithoutSchemaInstall; then apply this file yourself.
@@ -7,9 +7,11 @@
 -- The tables are a stable, documented layout: read them with plain SQL.
 -- Write to them only through the broker (or its functions below).
 --
--- Applied to a schema of version 1 it upgrades it in place. What version 2
--- changed: messages has no foreign key to rooms any more; the trigger
--- rooms_deleted deletes a deleted room's messages instead (see messages).
+-- Applied to a schema of version 1 or 2 it upgrades it in place. What
+-- version 2 changed: messages has no foreign key to rooms any more; the
+-- trigger rooms_deleted deletes a deleted room's messages instead (see
+-- messages). What version 3 changed: the function read_rooms, which the
+-- nodes read with instead of read (kept for nodes of version 2).
 
 CREATE SCHEMA IF NOT EXISTS roomcast;
 
@@ -357,7 +359,8 @@ END $$;
 -- event), a row 'c' (the id of the message at the position, while it is
 -- in the table), then rows 'm' (its messages after the position, at most
 -- p_limit) and 'join' or 'leave' (its events after the position, at most
--- p_limit). One statement, so one snapshot.
+-- p_limit). One statement, so one snapshot. (Nodes of version 3 read with
+-- read_rooms below; read stays for nodes of version 2.)
 CREATE OR REPLACE FUNCTION roomcast.read(p_rooms text[], p_seqs bigint[], p_evs bigint[], p_strict boolean[], p_limit integer)
 RETURNS TABLE (o_room text, o_kind text, o_epoch text, o_seq bigint, o_ev bigint, o_id uuid, o_at timestamptz,
                o_data bytea, o_conn text, o_user text)
@@ -388,6 +391,39 @@ BEGIN
     FROM r CROSS JOIN LATERAL (
         SELECT * FROM roomcast.events ev WHERE ev.room_id = r.id AND ev.ev > r.after_ev AND ev.ev <= r.ev
         ORDER BY ev.ev LIMIT p_limit) e;
+END $$;
+
+-- read_rooms is read in fewer rows, each a cheaper part of one join (since
+-- version 3): for each room that exists, with its epoch, newest seq and
+-- newest event (o_top, o_evtop) on every row, its messages from the
+-- position on (o_kind 'm': the one at the position itself, while it is in
+-- the table, with no data, then at most p_limit after it) and its events
+-- after the position (o_kind 'join' or 'leave', at most p_limit; looked
+-- for only when the room has any); a room with neither is one row with
+-- o_kind NULL. One statement, so one snapshot.
+CREATE OR REPLACE FUNCTION roomcast.read_rooms(p_rooms text[], p_seqs bigint[], p_evs bigint[], p_strict boolean[], p_limit integer)
+RETURNS TABLE (o_room text, o_epoch text, o_top bigint, o_evtop bigint, o_kind text, o_seq bigint, o_ev bigint,
+               o_id uuid, o_at timestamptz, o_data bytea, o_conn text, o_user text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    RETURN QUERY
+    SELECT q.name, r.epoch, r.seq, r.ev, x.kind, x.seq, x.ev, x.id, x.at, x.data, x.conn_id, x.user_id
+    FROM unnest(p_rooms, p_seqs, p_evs, p_strict) AS q (name, after_seq, after_ev, strict)
+    JOIN roomcast.rooms r ON r.name = q.name
+    LEFT JOIN LATERAL (
+        (SELECT 'm'::text AS kind, msg.seq, NULL::bigint AS ev, msg.id, msg.published_at AS at,
+                CASE WHEN msg.seq = q.after_seq THEN NULL ELSE msg.data END AS data, NULL::text AS conn_id, NULL::text AS user_id
+         FROM roomcast.messages msg
+         WHERE msg.room_id = r.id AND msg.seq >= q.after_seq AND msg.seq <= r.seq
+           AND (msg.seq = q.after_seq OR NOT q.strict OR (msg.seq > r.seq - r.keep_size
+                AND (r.keep_ttl = interval '0' OR msg.published_at >= clock_timestamp() - r.keep_ttl)))
+         ORDER BY msg.seq LIMIT p_limit + 1)
+        UNION ALL
+        (SELECT e.kind, e.after_seq, e.ev, NULL, e.at, e.info, e.conn_id, e.user_id
+         FROM roomcast.events e
+         WHERE r.ev > q.after_ev AND e.room_id = r.id AND e.ev > q.after_ev AND e.ev <= r.ev
+         ORDER BY e.ev LIMIT p_limit)
+    ) x ON true;
 END $$;
 
 -- publish_batch is publish for a batch with no idempotency key, as each
@@ -774,4 +810,4 @@ BEGIN
     RETURN NEXT;
 END $$;
 
-INSERT INTO roomcast.schema_version (version) VALUES (2) ON CONFLICT (version) DO NOTHING;
+INSERT INTO roomcast.schema_version (version) VALUES (3) ON CONFLICT (version) DO NOTHING;

@@ -129,19 +129,29 @@ func catalog(t *testing.T, dsn string) string {
 	return b.String()
 }
 
-// A database whose schema is at version 1 (testdata/schema_v1.sql, as
-// that version shipped it) is upgraded by New in place to the very
-// catalog a fresh install has, its messages kept.
+// A database whose schema is at version 1 or 2 (testdata/schema_v1.sql,
+// schema_v2.sql, as those versions shipped) is upgraded by New in place to
+// the very catalog a fresh install has, its messages kept, and the
+// upgraded node reads them.
 func TestNewUpgradesVersion1InPlace(t *testing.T) {
 	t.Parallel()
+	for _, v := range []int{1, 2} {
+		t.Run(fmt.Sprint("version ", v), func(t *testing.T) {
+			t.Parallel()
+			upgradeInPlace(t, v)
+		})
+	}
+}
+
+func upgradeInPlace(t *testing.T, v int) {
 	ctx := pubsubtest.Context(t)
-	v1, err := os.ReadFile("testdata/schema_v1.sql")
+	sql, err := os.ReadFile(fmt.Sprintf("testdata/schema_v%d.sql", v))
 	if err != nil {
 		t.Fatal(err)
 	}
 	old, fresh := newDatabase(t), newDatabase(t)
 	oldPool := newPool(t, shared.DSNFor(old))
-	if _, err := oldPool.Exec(ctx, string(v1)); err != nil {
+	if _, err := oldPool.Exec(ctx, string(sql)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := oldPool.Exec(ctx, `SELECT count(*) FROM roomcast.publish(ARRAY['lobby', 'lobby'], ARRAY['\x01', '\x02']::bytea[],
@@ -156,15 +166,29 @@ func TestNewUpgradesVersion1InPlace(t *testing.T) {
 		t.Fatal(err)
 	}
 	upgraded, want := catalog(t, shared.DSNFor(old)), catalog(t, shared.DSNFor(fresh))
-	if !strings.Contains(upgraded, "version 1\nversion 2\n") {
+	was, is := fmt.Sprintf("version %d\n", v), fmt.Sprintf("version %d\n", pgbroker.SchemaVersion)
+	if !strings.Contains(upgraded, was+is) {
 		t.Fatalf("the upgraded schema's versions:\n%s", upgraded)
 	}
-	if strings.Replace(upgraded, "version 1\n", "", 1) != want {
-		t.Fatalf("the schema upgraded from version 1 differs from a fresh install:\n--- upgraded\n%s\n--- fresh\n%s", upgraded, want)
+	if strings.Replace(upgraded, was, "", 1) != want {
+		t.Fatalf("the schema upgraded from version %d differs from a fresh install:\n--- upgraded\n%s\n--- fresh\n%s", v, upgraded, want)
 	}
 	h, err := b.History(ctx, "lobby", pubsub.HistoryQuery{Limit: 10})
 	if err != nil || len(h.Messages) != 2 || h.Messages[1].Seq != 2 {
 		t.Fatalf("the history kept across the upgrade: %+v, %v", h, err)
+	}
+	got := make(chan pubsub.Message, 10)
+	b.Bind(func(m pubsub.Message) { got <- m })
+	t.Cleanup(func() { b.Close() })
+	if err := b.Subscribe(ctx, "lobby"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Publish(ctx, "lobby", []byte("after"), pubsub.PublishOptions{History: pubsub.HistoryOptions{Size: 10}}); err != nil {
+		t.Fatal(err)
+	}
+	m := pubsubtest.Receive(t, got, "the message published after the upgrade")
+	if m.Seq != 3 || string(m.Data) != "after" {
+		t.Fatalf("delivered after the upgrade: %+v", m)
 	}
 }
 
