@@ -271,14 +271,7 @@ func TestWholeClusterRestartRecoversExactly(t *testing.T) {
 // delivered, logs it and resets the room rather than going on silently.
 func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 	t.Parallel()
-	s := uniqueSchema()
-	logs := &pubsubtest.Logs{}
-	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
-	w := watch(t, n.url(""), "room", false)
-	for i := 1; i <= 5; i++ {
-		n.Publish("room", []byte(fmt.Sprint(i)))
-	}
-	w.waitMessages(5)
+	s, logs, n, w := fiveDelivered(t)
 	db := newPool(t, shared.DSN)
 	ctx := pubsubtest.Context(t)
 	// The backup had the room at seq 2.
@@ -291,10 +284,7 @@ func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	w.waitUntil("a reset", func(items []item) bool { return len(recoveries(items)) > 0 })
-	if !logs.Find(slog.LevelError, "history was rewritten", "room", "room") {
-		t.Fatal("the rewritten history was not logged at Error")
-	}
+	waitRewriteReset(t, logs, w)
 }
 
 // When the rewritten room is back at the node's position by its next read
@@ -302,14 +292,7 @@ func TestHistoryRewrittenUnderANodeResetsTheRoom(t *testing.T) {
 // the message at the position tells: its id is not the one delivered.
 func TestHistoryRewrittenToTheSameSeqResetsTheRoom(t *testing.T) {
 	t.Parallel()
-	s := uniqueSchema()
-	logs := &pubsubtest.Logs{}
-	n := newNode(t, shared.DSN, s, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
-	w := watch(t, n.url(""), "room", false)
-	for i := 1; i <= 5; i++ {
-		n.Publish("room", []byte(fmt.Sprint(i)))
-	}
-	w.waitMessages(5)
+	s, logs, n, w := fiveDelivered(t)
 	ctx := pubsubtest.Context(t)
 	err := pgx.BeginFunc(ctx, newPool(t, shared.DSN), func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `WITH r AS (UPDATE `+s+`.rooms SET seq = 2, last_at = now() WHERE name = 'room' RETURNING id)
@@ -326,6 +309,28 @@ func TestHistoryRewrittenToTheSameSeqResetsTheRoom(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	waitRewriteReset(t, logs, w)
+}
+
+// fiveDelivered is a node in a schema of its own, logging to logs, whose
+// room "room" has five messages that w, a subscriber, has received.
+func fiveDelivered(t *testing.T) (schema string, logs *pubsubtest.Logs, n *node, w *watcher) {
+	t.Helper()
+	schema = uniqueSchema()
+	logs = &pubsubtest.Logs{}
+	n = newNode(t, shared.DSN, schema, []pgbroker.Option{pgbroker.WithLogger(logs.Logger())})
+	w = watch(t, n.url(""), "room", false)
+	for i := 1; i <= 5; i++ {
+		n.Publish("room", []byte(fmt.Sprint(i)))
+	}
+	w.waitMessages(5)
+	return schema, logs, n, w
+}
+
+// waitRewriteReset waits for w to be reset and checks that the node
+// logged the rewritten history at Error.
+func waitRewriteReset(t *testing.T, logs *pubsubtest.Logs, w *watcher) {
+	t.Helper()
 	w.waitUntil("a reset", func(items []item) bool { return len(recoveries(items)) > 0 })
 	if !logs.Find(slog.LevelError, "history was rewritten", "room", "room") {
 		t.Fatal("the rewritten history was not logged at Error")
