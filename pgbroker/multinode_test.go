@@ -87,13 +87,13 @@ func TestANodeKilledMidStreamLosesNothing(t *testing.T) {
 	a.kill(t)
 	lb.point(b)
 	carl.waitUntil("a recovery on node b", func(items []item) bool { return len(recoveries(items)) > 0 })
-	carl.waitMessages(len(carl.items) + 20) // live again, on node b
+	carl.waitMessages(len(carl.received()) + 20) // live again, on node b
 	close(stop)
 	n := <-published
 
 	got := carl.waitMessages(n)
 	checkStream(t, got, got[0].Epoch, 1, numbered(1, n)...)
-	if r := recoveries(carl.items); len(r) != 1 || !r[0].Recovered {
+	if r := recoveries(carl.received()); len(r) != 1 || !r[0].Recovered {
 		t.Fatalf("carl's recoveries %+v, want one, recovered", r)
 	}
 	leave := watcher.waitUntil("dave's leave", func(items []item) bool {

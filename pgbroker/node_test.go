@@ -153,6 +153,13 @@ func (w *watcher) add(i item) {
 	w.changed = make(chan struct{})
 }
 
+// received is everything w has received so far.
+func (w *watcher) received() []item {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.items)
+}
+
 // waitUntil waits until cond holds for everything received, and returns it.
 func (w *watcher) waitUntil(what string, cond func([]item) bool) []item {
 	w.t.Helper()
